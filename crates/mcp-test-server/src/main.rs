@@ -1,0 +1,224 @@
+//! A small MCP server for Switchboard's tests and demo.
+//!
+//! It speaks Streamable HTTP (both protocol eras, through rmcp) or stdio, reports who it is
+//! (the tool slug and deployment id Switchboard put in its environment), and has knobs that make
+//! it misbehave the ways real servers do: exit early, start slowly, never answer, ignore SIGTERM,
+//! leave grandchildren behind (some of which escape the process group with `setsid()`).
+
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use rmcp::{
+    ServerHandler,
+    handler::server::{router::tool::ToolRouter, wrapper::Parameters},
+    model::{Implementation, ServerCapabilities, ServerConfig},
+    schemars, tool, tool_handler, tool_router,
+    transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+    },
+};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+struct Args {
+    /// Port for Streamable HTTP (Switchboard sets PORT).
+    #[arg(long, env = "PORT", default_value_t = 8000)]
+    port: u16,
+    /// MCP endpoint path.
+    #[arg(long, default_value = "/mcp")]
+    path: String,
+    /// Serve MCP over stdin/stdout instead of HTTP.
+    #[arg(long)]
+    stdio: bool,
+    /// Exit with status 3 after this many milliseconds.
+    #[arg(long)]
+    exit_after_ms: Option<u64>,
+    /// Wait this long before listening.
+    #[arg(long, default_value_t = 0)]
+    startup_delay_ms: u64,
+    /// Accept connections but never answer a request.
+    #[arg(long)]
+    never_ready: bool,
+    /// Keep running on SIGTERM (only SIGKILL ends it).
+    #[arg(long)]
+    ignore_sigterm: bool,
+    /// Spawn a grandchild that ignores SIGTERM.
+    #[arg(long)]
+    grandchild: bool,
+    /// Spawn a grandchild that ignores SIGTERM and leaves the process group with setsid().
+    #[arg(long)]
+    setsid_grandchild: bool,
+    /// Append this process's pid and every grandchild's pid to this file, one per line.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Internal: run as a grandchild that sleeps until SIGKILL.
+    #[arg(long, hide = true)]
+    sleeper: bool,
+    /// Internal: the sleeper calls setsid() first.
+    #[arg(long, hide = true)]
+    setsid: bool,
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct EchoRequest {
+    /// Text to send back.
+    text: String,
+}
+
+#[derive(Debug, Clone)]
+struct TestServer {
+    port: Option<u16>,
+    #[allow(dead_code, reason = "read by the code #[tool_handler] generates")]
+    tool_router: ToolRouter<Self>,
+}
+
+#[tool_router]
+impl TestServer {
+    fn new(port: Option<u16>) -> Self {
+        Self {
+            port,
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    /// The identity Switchboard gave this process, so tests can check where a request landed.
+    #[tool(description = "Report the tool slug, deployment id, pid and port of this server")]
+    fn whoami(&self) -> String {
+        serde_json::json!({
+            "tool": std::env::var("SWITCHBOARD_TOOL").ok(),
+            "deployment": std::env::var("SWITCHBOARD_DEPLOYMENT_ID").ok(),
+            "pid": std::process::id(),
+            "port": self.port,
+        })
+        .to_string()
+    }
+
+    #[tool(description = "Send the text back")]
+    fn echo(&self, Parameters(EchoRequest { text }): Parameters<EchoRequest>) -> String {
+        text
+    }
+}
+
+#[tool_handler]
+impl ServerHandler for TestServer {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_server_info(
+            Implementation::new("switchboard-test-server", env!("CARGO_PKG_VERSION")),
+        )
+    }
+}
+
+fn record_pid(file: &Option<PathBuf>, pid: u32) -> anyhow::Result<()> {
+    if let Some(path) = file {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening pid file {}", path.display()))?;
+        writeln!(f, "{pid}")?;
+    }
+    Ok(())
+}
+
+/// Holding a SIGTERM listener replaces the default action (terminate), so the process lives on.
+fn ignore_sigterm() -> anyhow::Result<tokio::signal::unix::Signal> {
+    signal(SignalKind::terminate()).context("installing SIGTERM handler")
+}
+
+async fn run_sleeper(args: &Args) -> anyhow::Result<()> {
+    if args.setsid {
+        nix::unistd::setsid().context("setsid")?;
+    }
+    let _term = ignore_sigterm()?;
+    loop {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
+fn spawn_grandchild(args: &Args, setsid: bool) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating own executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--sleeper");
+    if setsid {
+        cmd.arg("--setsid");
+    }
+    cmd.stdin(std::process::Stdio::null());
+    let child = cmd.spawn().context("spawning grandchild")?;
+    record_pid(&args.pid_file, child.id())?;
+    // Deliberately never waited for: the point is a descendant the supervisor must find.
+    std::mem::forget(child);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.sleeper {
+        return run_sleeper(&args).await;
+    }
+    record_pid(&args.pid_file, std::process::id())?;
+    let _term = if args.ignore_sigterm {
+        Some(ignore_sigterm()?)
+    } else {
+        None
+    };
+    if args.grandchild {
+        spawn_grandchild(&args, false)?;
+    }
+    if args.setsid_grandchild {
+        spawn_grandchild(&args, true)?;
+    }
+    if let Some(ms) = args.exit_after_ms {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            eprintln!("mcp-test-server: exiting after {ms} ms as asked");
+            std::process::exit(3);
+        });
+    }
+    if args.startup_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(args.startup_delay_ms)).await;
+    }
+
+    if args.stdio {
+        use rmcp::ServiceExt as _;
+        let service = TestServer::new(None)
+            .serve(rmcp::transport::stdio())
+            .await
+            .context("starting stdio server")?;
+        service.waiting().await.context("stdio server")?;
+        return Ok(());
+    }
+
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    eprintln!("mcp-test-server: listening on http://{addr}{}", args.path);
+
+    if args.never_ready {
+        // Accept and hold every connection without reading it: alive, listening, useless.
+        let mut held = Vec::new();
+        loop {
+            let (sock, _) = listener.accept().await.context("accept")?;
+            held.push(sock);
+        }
+    }
+
+    let port = args.port;
+    let service: StreamableHttpService<TestServer, LocalSessionManager> =
+        StreamableHttpService::new(
+            move || Ok(TestServer::new(Some(port))),
+            Default::default(),
+            StreamableHttpServerConfig::default(),
+        );
+    let router = axum::Router::new().nest_service(&args.path, service);
+    axum::serve(listener, router).await.context("serving")?;
+    Ok(())
+}

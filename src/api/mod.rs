@@ -1,0 +1,328 @@
+//! The REST API, JSON under `/api/v1`.
+//!
+//! ```text
+//! GET    /healthz                               liveness of Switchboard itself (no auth)
+//! GET    /api/v1/openapi.json                   this API, generated from the handlers below
+//! GET    /api/v1/tools                          list tools
+//! POST   /api/v1/tools                          register a tool (201)
+//! GET    /api/v1/tools/{slug}                   one tool
+//! PUT    /api/v1/tools/{slug}                   replace a tool's definition
+//! DELETE /api/v1/tools/{slug}                   delete (409 while it has live deployments)
+//! POST   /api/v1/tools/{slug}/deployments       deploy (201; ?wait=true answers when RUNNING/FAILED)
+//! GET    /api/v1/deployments                    list (?tool=SLUG&status=RUNNING,STARTING)
+//! GET    /api/v1/deployments/{id}               one deployment
+//! POST   /api/v1/deployments/{id}/stop          stop (idempotent)
+//! ```
+//!
+//! Handlers are thin: they parse, call the [`Manager`], and map its errors through
+//! [`error::ApiError`]. Routes and the OpenAPI document come from the same `routes!` calls, so
+//! the document cannot drift from the router.
+
+pub mod error;
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+use utoipa::{IntoParams, OpenApi};
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+use self::error::{ApiError, Body, ErrorBody, Query};
+use crate::{
+    deployment::{Deployment, DeploymentStatus},
+    manager::Manager,
+    registry::{Tool, ToolSpec},
+    store::DeploymentFilter,
+};
+
+/// The bearer token, kept only as a digest so comparison is constant-time whatever the length.
+#[derive(Clone)]
+pub struct ApiToken([u8; 32]);
+
+impl ApiToken {
+    pub fn new(token: &str) -> ApiToken {
+        ApiToken(Sha256::digest(token.as_bytes()).into())
+    }
+    fn matches(&self, presented: &str) -> bool {
+        let d: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        bool::from(self.0.ct_eq(&d))
+    }
+}
+
+impl std::fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiToken(<redacted>)")
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub manager: Arc<Manager>,
+    pub token: Option<ApiToken>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Switchboard", description = "MCP server manager API"),
+    components(schemas(ErrorBody))
+)]
+struct ApiDoc;
+
+/// The whole HTTP surface of Switchboard's control plane.
+pub fn router(state: AppState) -> Router {
+    let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(list_tools, create_tool))
+        .routes(routes!(get_tool, update_tool, delete_tool))
+        .routes(routes!(deploy))
+        .routes(routes!(list_deployments))
+        .routes(routes!(get_deployment))
+        .routes(routes!(stop_deployment))
+        .split_for_parts();
+    let doc = Arc::new(doc);
+    let api = api
+        .route(
+            "/api/v1/openapi.json",
+            axum::routing::get(move || {
+                let doc = Arc::clone(&doc);
+                async move { Json(doc.as_ref().clone()) }
+            }),
+        )
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", axum::routing::get(healthz))
+        .merge(api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
+}
+
+async fn require_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let Some(token) = &state.token else {
+        return next.run(req).await;
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(p) if token.matches(p.trim()) => next.run(req).await,
+        _ => {
+            let mut resp = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong API token: send 'Authorization: Bearer <token>'",
+            )
+            .into_response();
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            resp
+        }
+    }
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error (this is a bug in Switchboard; its log has details)",
+    )
+    .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}
+
+#[derive(Serialize)]
+struct Healthz {
+    status: &'static str,
+    version: &'static str,
+}
+
+async fn healthz() -> Json<Healthz> {
+    Json(Healthz {
+        status: "ok",
+        version: env!("CARGO_PKG_VERSION"),
+    })
+}
+
+// ----- tools -----
+
+#[utoipa::path(get, path = "/api/v1/tools", tag = "tools",
+    responses((status = 200, body = Vec<Tool>)))]
+async fn list_tools(State(s): State<AppState>) -> Result<Json<Vec<Tool>>, ApiError> {
+    Ok(Json(s.manager.list_tools().await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/tools", tag = "tools", request_body = ToolSpec,
+    responses((status = 201, body = Tool), (status = 409, body = ErrorBody),
+              (status = 422, body = ErrorBody)))]
+async fn create_tool(
+    State(s): State<AppState>,
+    Body(spec): Body<ToolSpec>,
+) -> Result<(StatusCode, Json<Tool>), ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(s.manager.create_tool(spec).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/tools/{slug}", tag = "tools",
+    params(("slug" = String, Path)),
+    responses((status = 200, body = Tool), (status = 404, body = ErrorBody)))]
+async fn get_tool(
+    State(s): State<AppState>,
+    Path(slug): Path<String>,
+) -> Result<Json<Tool>, ApiError> {
+    Ok(Json(s.manager.get_tool(&slug).await?))
+}
+
+/// The body may omit `slug`; when present it must equal the one in the path.
+#[utoipa::path(put, path = "/api/v1/tools/{slug}", tag = "tools", request_body = ToolSpec,
+    params(("slug" = String, Path)),
+    responses((status = 200, body = Tool), (status = 404, body = ErrorBody),
+              (status = 422, body = ErrorBody)))]
+async fn update_tool(
+    State(s): State<AppState>,
+    Path(slug): Path<String>,
+    Body(mut spec): Body<ToolSpec>,
+) -> Result<Json<Tool>, ApiError> {
+    if spec.slug.is_empty() {
+        spec.slug = slug.clone();
+    } else if spec.slug != slug {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_tool",
+            format!(
+                "slug: the body says '{}' but the URL says '{slug}'; a slug cannot be renamed",
+                spec.slug
+            ),
+        ));
+    }
+    Ok(Json(s.manager.update_tool(spec).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/tools/{slug}", tag = "tools",
+    params(("slug" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_tool(
+    State(s): State<AppState>,
+    Path(slug): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    s.manager.delete_tool(&slug).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ----- deployments -----
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct DeployParams {
+    /// Answer only once the deployment is RUNNING or FAILED.
+    #[serde(default)]
+    wait: bool,
+}
+
+#[utoipa::path(post, path = "/api/v1/tools/{slug}/deployments", tag = "deployments",
+    params(("slug" = String, Path), DeployParams),
+    responses((status = 201, body = Deployment), (status = 404, body = ErrorBody),
+              (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn deploy(
+    State(s): State<AppState>,
+    Path(slug): Path<String>,
+    Query(p): Query<DeployParams>,
+) -> Result<(StatusCode, Json<Deployment>), ApiError> {
+    let d = if p.wait {
+        s.manager.deploy_and_wait(&slug).await?
+    } else {
+        s.manager.deploy(&slug).await?
+    };
+    Ok((StatusCode::CREATED, Json(d)))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    /// Only deployments of this tool.
+    tool: Option<String>,
+    /// Comma-separated statuses, e.g. `STARTING,RUNNING`.
+    status: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/v1/deployments", tag = "deployments", params(ListParams),
+    responses((status = 200, body = Vec<Deployment>), (status = 400, body = ErrorBody)))]
+async fn list_deployments(
+    State(s): State<AppState>,
+    Query(p): Query<ListParams>,
+) -> Result<Json<Vec<Deployment>>, ApiError> {
+    let statuses = match p.status.as_deref() {
+        None | Some("") => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(|s| s.parse::<DeploymentStatus>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.to_string()))?,
+    };
+    let filter = DeploymentFilter {
+        tool_slug: p.tool,
+        statuses,
+    };
+    Ok(Json(s.manager.list_deployments(&filter).await?))
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "deployment_not_found",
+            format!("no deployment with id '{id}' (ids are UUIDs)"),
+        )
+    })
+}
+
+#[utoipa::path(get, path = "/api/v1/deployments/{id}", tag = "deployments",
+    params(("id" = String, Path)),
+    responses((status = 200, body = Deployment), (status = 404, body = ErrorBody)))]
+async fn get_deployment(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Deployment>, ApiError> {
+    Ok(Json(s.manager.get_deployment(parse_id(&id)?).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/stop", tag = "deployments",
+    params(("id" = String, Path)),
+    responses((status = 200, body = Deployment), (status = 404, body = ErrorBody)))]
+async fn stop_deployment(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Deployment>, ApiError> {
+    Ok(Json(s.manager.stop(parse_id(&id)?).await?))
+}

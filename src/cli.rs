@@ -1,0 +1,556 @@
+//! The command line. `serve` runs Switchboard; every other command is a thin client of the REST
+//! API (`--url`, `SWITCHBOARD_URL`, `SWITCHBOARD_TOKEN`), printing tables for people and the
+//! API's JSON with `--json`.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, anyhow, bail};
+use chrono::Utc;
+use clap::{Args, Parser, Subcommand};
+use comfy_table::{Table, presets::NOTHING};
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
+
+use crate::{config::Overrides, deployment::Deployment, ports::PortRange, registry::Tool};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "Run and route MCP servers",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Switchboard API address (client commands).
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHBOARD_URL",
+        default_value = "http://127.0.0.1:7300"
+    )]
+    pub url: String,
+    /// API token (client commands).
+    #[arg(long, global = true, env = "SWITCHBOARD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the Switchboard server.
+    Serve(ServeArgs),
+    /// Manage the tool registry.
+    #[command(subcommand)]
+    Tool(ToolCommand),
+    /// Deploy a tool.
+    Deploy {
+        slug: String,
+        /// Return once the deployment is RUNNING or FAILED.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List deployments (live ones unless --all or --status).
+    Ps {
+        /// Only this tool's deployments.
+        #[arg(long)]
+        tool: Option<String>,
+        /// Only these statuses, comma-separated (e.g. RUNNING,FAILED).
+        #[arg(long)]
+        status: Option<String>,
+        /// Include stopped and failed deployments.
+        #[arg(long, short)]
+        all: bool,
+    },
+    /// Stop a deployment (an id or a unique prefix of one).
+    Stop { id: String },
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, short, env = "SWITCHBOARD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address for the API [default: 127.0.0.1:7300].
+    #[arg(long, env = "SWITCHBOARD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Where the database and logs live [default: $XDG_DATA_HOME/switchboard].
+    #[arg(long, env = "SWITCHBOARD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Ports for deployments, LOW-HIGH [default: 8100-8200].
+    #[arg(long, env = "SWITCHBOARD_PORT_RANGE")]
+    pub port_range: Option<PortRange>,
+    /// File holding the API token (SWITCHBOARD_API_TOKEN also works).
+    #[arg(long, env = "SWITCHBOARD_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    pub fn overrides(self) -> Overrides {
+        Overrides {
+            config: self.config,
+            listen: self.listen,
+            data_dir: self.data_dir,
+            port_range: self.port_range,
+            // Only from the environment: a flag would show the token in `ps`.
+            api_token: std::env::var("SWITCHBOARD_API_TOKEN").ok(),
+            api_token_file: self.api_token_file,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ToolCommand {
+    /// Register a tool: `switchboard tool add SLUG -- COMMAND [ARGS...]`, or `--file spec.toml`.
+    Add(Box<ToolAddArgs>),
+    /// List registered tools.
+    List,
+    /// Show one tool.
+    Show { slug: String },
+    /// Delete a tool (refused while it has live deployments).
+    Rm { slug: String },
+}
+
+#[derive(Args, Debug)]
+pub struct ToolAddArgs {
+    /// The tool's slug (or in the file).
+    pub slug: Option<String>,
+    /// A tool definition, TOML or JSON (by extension); flags override its fields.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Environment for the server, KEY=VALUE; repeatable.
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    #[arg(long)]
+    pub working_dir: Option<PathBuf>,
+    #[arg(long, value_parser = ["streamable-http", "stdio"])]
+    pub transport: Option<String>,
+    #[arg(long)]
+    pub endpoint_path: Option<String>,
+    /// Variable that receives the port [default: PORT].
+    #[arg(long)]
+    pub port_env: Option<String>,
+    /// Set no port variable (pass the port with {port} in the args instead).
+    #[arg(long, conflicts_with = "port_env")]
+    pub no_port_env: bool,
+    #[arg(long)]
+    pub startup_timeout_ms: Option<u64>,
+    #[arg(long)]
+    pub stop_grace_period_ms: Option<u64>,
+    #[arg(long)]
+    pub replicas: Option<u32>,
+    /// Deploy it whenever Switchboard starts.
+    #[arg(long)]
+    pub autostart: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// A client of the REST API.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn new(args: &ClientArgs) -> anyhow::Result<Client> {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Client {
+            http,
+            base: args.url.trim_end_matches('/').to_owned(),
+            token: args.token.clone(),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| {
+            if e.is_connect() {
+                anyhow!("cannot reach Switchboard at {}: is `switchboard serve` running? (set --url or SWITCHBOARD_URL)", self.base)
+            } else {
+                anyhow!("request to {url} failed: {e}")
+            }
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.context("reading the response")?;
+        if status.is_success() {
+            if text.is_empty() {
+                return Ok(Value::Null);
+            }
+            return serde_json::from_str(&text)
+                .with_context(|| format!("the API sent invalid JSON: {text}"));
+        }
+        let parsed: Option<Value> = serde_json::from_str(&text).ok();
+        match parsed.as_ref().and_then(|v| v.get("error")) {
+            Some(err) => bail!(
+                "{} ({}, HTTP {})",
+                err.get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error"),
+                err.get("code").and_then(Value::as_str).unwrap_or("?"),
+                status.as_u16()
+            ),
+            None => bail!("HTTP {status}: {text}"),
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<(T, Value)> {
+        let v = self.call(reqwest::Method::GET, path, None).await?;
+        Ok((serde_json::from_value(v.clone())?, v))
+    }
+
+    async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(T, Value)> {
+        let v = self.call(reqwest::Method::POST, path, body).await?;
+        Ok((serde_json::from_value(v.clone())?, v))
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(NOTHING).set_header(header.iter().copied());
+    t
+}
+
+fn short(id: &uuid::Uuid) -> String {
+    id.simple().to_string()[..12].to_owned()
+}
+
+fn age(d: &Deployment) -> String {
+    let end = d.stopped_at.unwrap_or_else(Utc::now);
+    let secs = (end - d.deployed_at).num_seconds().max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn print_deployments(ds: &[Deployment]) {
+    let mut t = table(&[
+        "ID", "TOOL", "STATUS", "HEALTH", "PORT", "PID", "AGE", "ENDPOINT",
+    ]);
+    for d in ds {
+        t.add_row(vec![
+            short(&d.id),
+            d.tool_slug.clone(),
+            d.status.to_string(),
+            d.health_status.to_string(),
+            d.port.map(|p| p.to_string()).unwrap_or_default(),
+            d.pid.map(|p| p.to_string()).unwrap_or_default(),
+            age(d),
+            d.endpoint_url.clone(),
+        ]);
+    }
+    println!("{t}");
+}
+
+fn print_deployment(d: &Deployment) {
+    print_deployments(std::slice::from_ref(d));
+    if let Some(e) = &d.error {
+        println!("\nerror: {e}");
+    }
+}
+
+fn tool_body(a: ToolAddArgs) -> anyhow::Result<Value> {
+    let mut body: Map<String, Value> = match &a.file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let v: Value = if path.extension().is_some_and(|e| e == "json") {
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not valid JSON", path.display()))?
+            } else {
+                let t: toml::Value = toml::from_str(&text)
+                    .with_context(|| format!("{} is not valid TOML", path.display()))?;
+                serde_json::to_value(t)?
+            };
+            match v {
+                Value::Object(m) => m,
+                _ => bail!(
+                    "{} must hold one tool definition (a table/object)",
+                    path.display()
+                ),
+            }
+        }
+        None => Map::new(),
+    };
+    let mut set = |k: &str, v: Value| {
+        body.insert(k.to_owned(), v);
+    };
+    if let Some(s) = a.slug {
+        set("slug", json!(s));
+    }
+    if let Some((cmd, args)) = a.command.split_first() {
+        set("command", json!(cmd));
+        set("args", json!(args));
+    }
+    if let Some(v) = a.name {
+        set("name", json!(v));
+    }
+    if let Some(v) = a.description {
+        set("description", json!(v));
+    }
+    if !a.env.is_empty() {
+        let mut env = BTreeMap::new();
+        for kv in &a.env {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--env '{kv}' must be KEY=VALUE"))?;
+            env.insert(k.to_owned(), v.to_owned());
+        }
+        set("env", json!(env));
+    }
+    if let Some(v) = a.working_dir {
+        set("working_dir", json!(v));
+    }
+    if let Some(v) = a.transport {
+        set("transport", json!(v));
+    }
+    if let Some(v) = a.endpoint_path {
+        set("endpoint_path", json!(v));
+    }
+    if let Some(v) = a.port_env {
+        set("port_env", json!(v));
+    }
+    if a.no_port_env {
+        set("port_env", Value::Null);
+    }
+    if let Some(v) = a.startup_timeout_ms {
+        set("startup_timeout_ms", json!(v));
+    }
+    if let Some(v) = a.stop_grace_period_ms {
+        set("stop_grace_period_ms", json!(v));
+    }
+    if let Some(v) = a.replicas {
+        set("replicas", json!(v));
+    }
+    if a.autostart {
+        set("autostart", json!(true));
+    }
+    if !body.contains_key("slug") {
+        bail!("give the tool a slug: `switchboard tool add SLUG -- COMMAND [ARGS...]`");
+    }
+    if !body.contains_key("command") {
+        bail!(
+            "give the tool a command after `--`: `switchboard tool add SLUG -- COMMAND [ARGS...]`"
+        );
+    }
+    Ok(Value::Object(body))
+}
+
+fn print_tool(t: &Tool) {
+    let s = &t.spec;
+    let env_keys: Vec<&str> = s.env.keys().map(String::as_str).collect();
+    let rows = [
+        ("slug", s.slug.clone()),
+        ("name", s.name.clone()),
+        ("description", s.description.clone()),
+        ("command", s.command.clone()),
+        ("args", s.args.join(" ")),
+        ("env", env_keys.join(", ")),
+        (
+            "working_dir",
+            s.working_dir
+                .as_ref()
+                .map(|w| w.display().to_string())
+                .unwrap_or_default(),
+        ),
+        ("transport", s.transport.as_str().to_owned()),
+        ("endpoint_path", s.endpoint_path.clone()),
+        (
+            "port_env",
+            s.port_env.clone().unwrap_or_else(|| "(none)".into()),
+        ),
+        ("startup_timeout", format!("{} ms", s.startup_timeout_ms)),
+        (
+            "stop_grace_period",
+            format!("{} ms", s.stop_grace_period_ms),
+        ),
+        ("replicas", s.replicas.to_string()),
+        ("autostart", s.autostart.to_string()),
+        ("id", t.id.to_string()),
+    ];
+    for (k, v) in rows {
+        println!("{k:<18} {v}");
+    }
+}
+
+/// Resolves a full id or a unique prefix of one (as `ps` prints them).
+async fn resolve_id(client: &Client, id: &str) -> anyhow::Result<String> {
+    if uuid::Uuid::parse_str(id).is_ok() {
+        return Ok(id.to_owned());
+    }
+    let needle = id.replace('-', "").to_ascii_lowercase();
+    if needle.is_empty() {
+        bail!("give a deployment id");
+    }
+    let (all, _): (Vec<Deployment>, _) = client.get("/api/v1/deployments").await?;
+    let hits: Vec<&Deployment> = all
+        .iter()
+        .filter(|d| d.id.simple().to_string().starts_with(&needle))
+        .collect();
+    match hits.as_slice() {
+        [d] => Ok(d.id.to_string()),
+        [] => bail!("no deployment with id '{id}'"),
+        _ => bail!(
+            "'{id}' matches {} deployments; give more of the id",
+            hits.len()
+        ),
+    }
+}
+
+/// Runs a client command.
+pub async fn run_client(command: Command, args: &ClientArgs) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    match command {
+        Command::Serve(_) => unreachable!("serve is handled by main"),
+        Command::Tool(ToolCommand::Add(a)) => {
+            let body = tool_body(*a)?;
+            let (t, raw): (Tool, _) = client.post("/api/v1/tools", Some(&body)).await?;
+            if args.json {
+                print_json(&raw);
+            } else {
+                println!("Registered tool '{}'", t.spec.slug);
+            }
+        }
+        Command::Tool(ToolCommand::List) => {
+            let (tools, raw): (Vec<Tool>, _) = client.get("/api/v1/tools").await?;
+            if args.json {
+                print_json(&raw);
+            } else {
+                let mut t = table(&[
+                    "SLUG",
+                    "NAME",
+                    "TRANSPORT",
+                    "REPLICAS",
+                    "AUTOSTART",
+                    "COMMAND",
+                ]);
+                for tool in &tools {
+                    let s = &tool.spec;
+                    let cmd = std::iter::once(s.command.as_str())
+                        .chain(s.args.iter().map(String::as_str))
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    t.add_row(vec![
+                        s.slug.clone(),
+                        s.name.clone(),
+                        s.transport.as_str().to_owned(),
+                        s.replicas.to_string(),
+                        s.autostart.to_string(),
+                        cmd,
+                    ]);
+                }
+                println!("{t}");
+            }
+        }
+        Command::Tool(ToolCommand::Show { slug }) => {
+            let (t, raw): (Tool, _) = client.get(&format!("/api/v1/tools/{slug}")).await?;
+            if args.json {
+                print_json(&raw);
+            } else {
+                print_tool(&t);
+            }
+        }
+        Command::Tool(ToolCommand::Rm { slug }) => {
+            client
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/api/v1/tools/{slug}"),
+                    None,
+                )
+                .await?;
+            if !args.json {
+                println!("Deleted tool '{slug}'");
+            }
+        }
+        Command::Deploy { slug, wait } => {
+            if wait && !args.json {
+                eprintln!("Deploying '{slug}' and waiting for it to answer MCP requests...");
+            }
+            let path = format!(
+                "/api/v1/tools/{slug}/deployments{}",
+                if wait { "?wait=true" } else { "" }
+            );
+            let (d, raw): (Deployment, _) = client.post(&path, None).await?;
+            if args.json {
+                print_json(&raw);
+            } else {
+                print_deployment(&d);
+            }
+            if d.status == crate::deployment::DeploymentStatus::Failed {
+                bail!("deployment {} failed", d.id);
+            }
+        }
+        Command::Ps { tool, status, all } => {
+            let mut q = Vec::new();
+            if let Some(t) = tool {
+                q.push(format!("tool={t}"));
+            }
+            match (status, all) {
+                (Some(s), _) => q.push(format!("status={s}")),
+                (None, false) => q.push("status=STARTING,RUNNING".into()),
+                (None, true) => {}
+            }
+            let path = format!("/api/v1/deployments?{}", q.join("&"));
+            let (ds, raw): (Vec<Deployment>, _) = client.get(&path).await?;
+            if args.json {
+                print_json(&raw);
+            } else {
+                print_deployments(&ds);
+            }
+        }
+        Command::Stop { id } => {
+            let id = resolve_id(&client, &id).await?;
+            let (d, raw): (Deployment, _) = client
+                .post(&format!("/api/v1/deployments/{id}/stop"), None)
+                .await?;
+            if args.json {
+                print_json(&raw);
+            } else {
+                print_deployment(&d);
+            }
+        }
+    }
+    Ok(())
+}

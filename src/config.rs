@@ -1,0 +1,258 @@
+//! Configuration: an optional TOML file, overridden by command-line flags and environment
+//! variables (clap's `env`), with defaults for everything.
+//!
+//! Relative paths in the file (`data_dir`, `api_token_file`, a tool's `command` when it contains
+//! a `/`, and `working_dir`) are resolved against the file's own directory, so a config works
+//! the same from any current directory.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::{ports::PortRange, registry::ToolSpec};
+
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("cannot read the API token file {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the API token file {0} is empty")]
+    EmptyToken(PathBuf),
+    #[error(
+        "refusing to listen on {0} without an API token: a non-loopback address exposes the API \
+         (which starts processes) to the network. Set SWITCHBOARD_API_TOKEN or api_token_file, \
+         or listen on 127.0.0.1"
+    )]
+    TokenRequired(SocketAddr),
+}
+
+/// The file's shape.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub ports: PortsSection,
+    #[serde(default)]
+    pub tools: Vec<ToolSpec>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub api_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortsSection {
+    pub range: Option<PortRange>,
+}
+
+/// Values given on the command line or in the environment; each wins over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub port_range: Option<PortRange>,
+    pub api_token: Option<String>,
+    pub api_token_file: Option<PathBuf>,
+}
+
+/// Everything `serve` needs, resolved.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub port_range: PortRange,
+    /// Never logged; see [`crate::api::ApiToken`].
+    pub api_token: Option<String>,
+    pub tools: Vec<ToolSpec>,
+    /// The executable that implements the launch shim; `None` means this one.
+    pub launcher: Option<PathBuf>,
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("switchboard");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h).join(".local/share/switchboard");
+    }
+    PathBuf::from("switchboard-data")
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn read_token_file(path: &Path) -> Result<String, ConfigError> {
+    let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::TokenFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let t = raw.trim().to_owned();
+    if t.is_empty() {
+        return Err(ConfigError::EmptyToken(path.to_path_buf()));
+    }
+    Ok(t)
+}
+
+impl Config {
+    pub fn load(o: Overrides) -> Result<Config, ConfigError> {
+        let (file, base) = match &o.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                let base = path
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("."));
+                (file, base)
+            }
+            None => (FileConfig::default(), PathBuf::from(".")),
+        };
+        let listen = o.listen.or(file.server.listen).unwrap_or(DEFAULT_LISTEN);
+        let data_dir = match (o.data_dir, file.server.data_dir) {
+            (Some(d), _) => d,
+            (None, Some(d)) => resolve(&base, &d),
+            (None, None) => default_data_dir(),
+        };
+        let api_token = match (
+            o.api_token.filter(|t| !t.trim().is_empty()),
+            o.api_token_file,
+        ) {
+            (Some(t), _) => Some(t.trim().to_owned()),
+            (None, Some(f)) => Some(read_token_file(&f)?),
+            (None, None) => match file.server.api_token_file {
+                Some(f) => Some(read_token_file(&resolve(&base, &f))?),
+                None => None,
+            },
+        };
+        if !listen.ip().is_loopback() && api_token.is_none() {
+            return Err(ConfigError::TokenRequired(listen));
+        }
+        let tools = file
+            .tools
+            .into_iter()
+            .map(|mut t| {
+                if t.command.contains('/') {
+                    t.command = resolve(&base, Path::new(&t.command))
+                        .to_string_lossy()
+                        .into_owned();
+                }
+                t.working_dir = t.working_dir.map(|w| resolve(&base, &w));
+                t
+            })
+            .collect();
+        Ok(Config {
+            listen,
+            data_dir,
+            port_range: o.port_range.or(file.ports.range).unwrap_or_default(),
+            api_token,
+            tools,
+            launcher: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("sb.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn file_paths_resolve_against_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            r#"
+            [server]
+            data_dir = "data"
+            [ports]
+            range = "9000-9010"
+            [[tools]]
+            slug = "demo"
+            command = "bin/server"
+            args = ["--port", "{port}"]
+            "#,
+        );
+        let c = Config::load(Overrides {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.data_dir, dir.path().join("data"));
+        assert_eq!(c.port_range.to_string(), "9000-9010");
+        assert_eq!(
+            c.tools[0].command,
+            dir.path().join("bin/server").to_string_lossy()
+        );
+        assert_eq!(c.listen, DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "[server]\nlisten_on = \"x\"\n");
+        let e = Config::load(Overrides {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("listen_on"), "{e}");
+    }
+
+    #[test]
+    fn public_bind_needs_a_token() {
+        let e = Config::load(Overrides {
+            listen: Some("0.0.0.0:7300".parse().unwrap()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::TokenRequired(_)));
+        let ok = Config::load(Overrides {
+            listen: Some("0.0.0.0:7300".parse().unwrap()),
+            api_token: Some("s3cret".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(ok.api_token.as_deref(), Some("s3cret"));
+        assert!(!format!("{:?}", ok.listen).contains("s3cret"));
+    }
+}

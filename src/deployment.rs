@@ -1,0 +1,157 @@
+//! What a deployment record is: its states and the record itself.
+//!
+//! The record is the unit of truth shared by the store, the manager and the API. Status moves
+//! STARTING → RUNNING → STOPPED/FAILED (or STARTING → FAILED/STOPPED); STOPPED and FAILED are
+//! final, and every write the manager makes is conditioned on the current status so that a late
+//! event (an exit noticed after a stop) can never move a record backwards.
+
+use std::{fmt, str::FromStr};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum DeploymentStatus {
+    Starting,
+    Running,
+    Stopped,
+    Failed,
+}
+
+impl DeploymentStatus {
+    pub const ALL: [DeploymentStatus; 4] = [
+        DeploymentStatus::Starting,
+        DeploymentStatus::Running,
+        DeploymentStatus::Stopped,
+        DeploymentStatus::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeploymentStatus::Starting => "STARTING",
+            DeploymentStatus::Running => "RUNNING",
+            DeploymentStatus::Stopped => "STOPPED",
+            DeploymentStatus::Failed => "FAILED",
+        }
+    }
+
+    /// A live deployment owns a port and (normally) a process.
+    pub fn is_live(self) -> bool {
+        matches!(self, DeploymentStatus::Starting | DeploymentStatus::Running)
+    }
+}
+
+impl fmt::Display for DeploymentStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("'{0}' is not a status: use one of STARTING, RUNNING, STOPPED, FAILED")]
+pub struct ParseStatusError(String);
+
+impl FromStr for DeploymentStatus {
+    type Err = ParseStatusError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DeploymentStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| ParseStatusError(s.to_owned()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HealthStatus {
+    Healthy,
+    Unhealthy,
+    Unknown,
+}
+
+impl HealthStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthStatus::Healthy => "HEALTHY",
+            HealthStatus::Unhealthy => "UNHEALTHY",
+            HealthStatus::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+impl FromStr for HealthStatus {
+    type Err = ParseStatusError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            HealthStatus::Healthy,
+            HealthStatus::Unhealthy,
+            HealthStatus::Unknown,
+        ]
+        .into_iter()
+        .find(|st| st.as_str().eq_ignore_ascii_case(s))
+        .ok_or_else(|| ParseStatusError(s.to_owned()))
+    }
+}
+
+impl fmt::Display for HealthStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One deployment of a tool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Deployment {
+    pub id: Uuid,
+    pub tool_id: Uuid,
+    pub tool_slug: String,
+    /// Where the deployment's MCP endpoint answers.
+    pub endpoint_url: String,
+    pub port: Option<u16>,
+    pub status: DeploymentStatus,
+    pub health_status: HealthStatus,
+    pub last_health_check: Option<DateTime<Utc>>,
+    pub deployed_at: DateTime<Utc>,
+    pub stopped_at: Option<DateTime<Utc>>,
+    pub pid: Option<u32>,
+    /// Exit code of the server process, when it exited normally.
+    pub exit_code: Option<i32>,
+    /// Signal that ended the server process, when a signal did.
+    pub exit_signal: Option<i32>,
+    /// Why the deployment failed, with the last lines of its log.
+    pub error: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExitInfo {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl From<std::process::ExitStatus> for ExitInfo {
+    fn from(status: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt as _;
+        ExitInfo {
+            code: status.code(),
+            signal: status.signal(),
+        }
+    }
+}
+
+impl fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (Some(c), _) => write!(f, "exit status {c}"),
+            (None, Some(s)) => match nix::sys::signal::Signal::try_from(s) {
+                Ok(sig) => write!(f, "killed by {sig}"),
+                Err(_) => write!(f, "killed by signal {s}"),
+            },
+            (None, None) => f.write_str("unknown exit status"),
+        }
+    }
+}

@@ -1,0 +1,453 @@
+//! MCP-level health probes.
+//!
+//! A TCP connect or a `GET /mcp` says nothing about an MCP server (healthy servers answer GET
+//! with 400 or 405), so a probe is a real MCP exchange, following the spec's era rule:
+//! first the modern (2026-07-28) `server/discover`; on anything that is not a valid discover
+//! result, the legacy handshake (`initialize`, `notifications/initialized`, `ping`), after which
+//! the probe DELETEs the session it created, because every `initialize` costs the server state.
+//!
+//! The probe is hand-written over reqwest rather than done with rmcp's client because it must see
+//! the raw HTTP status and body to apply the fallback rule (rmcp's Auto mode accepts a bogus `{}`
+//! discover result from some legacy servers as modern) and must never call a tool.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt as _;
+use reqwest::{StatusCode, header::HeaderMap};
+use serde::Serialize;
+use serde_json::{Value, json};
+use utoipa::ToSchema;
+
+use crate::deployment::HealthStatus;
+
+pub const MODERN_VERSION: &str = "2026-07-28";
+pub const LEGACY_VERSION: &str = "2025-11-25";
+/// A probe reply larger than this is not a health answer.
+const MAX_REPLY_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Era {
+    /// 2026-07-28 and later: stateless, `server/discover`.
+    Modern,
+    /// 2025-11-25 and earlier: `initialize` handshake and sessions.
+    Legacy,
+}
+
+/// The outcome of one health check.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct HealthCheckResult {
+    pub status: HealthStatus,
+    pub era: Option<Era>,
+    pub protocol_version: Option<String>,
+    pub server_name: Option<String>,
+    pub server_version: Option<String>,
+    pub latency_ms: f64,
+    pub error: Option<String>,
+    pub checked_at: DateTime<Utc>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("connection failed: {0}")]
+    Connect(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl ProbeError {
+    fn from_reqwest(e: reqwest::Error, timeout: Duration) -> ProbeError {
+        if e.is_timeout() {
+            ProbeError::Timeout(timeout)
+        } else if e.is_connect() {
+            // The source chain says "Connection refused" and the like; the top level does not.
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg = s.to_string();
+                src = s.source();
+            }
+            ProbeError::Connect(msg)
+        } else {
+            ProbeError::Protocol(e.to_string())
+        }
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    /// The JSON-RPC response whose id matched ours, if one came.
+    message: Option<Value>,
+}
+
+struct Success {
+    era: Era,
+    protocol_version: Option<String>,
+    server_name: Option<String>,
+    server_version: Option<String>,
+}
+
+/// Sends MCP health probes. Cheap to clone; share one per process.
+#[derive(Clone, Debug)]
+pub struct Prober {
+    client: reqwest::Client,
+}
+
+impl Default for Prober {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Prober {
+    pub fn new() -> Prober {
+        let client = reqwest::Client::builder()
+            // Probes go to loopback servers we started; an HTTP_PROXY in the environment must
+            // not capture them.
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
+        Prober { client }
+    }
+
+    /// One full check of the MCP endpoint at `url`, bounded by `timeout` per request.
+    pub async fn check(&self, url: &str, timeout: Duration) -> HealthCheckResult {
+        let started = Instant::now();
+        let outcome = self.probe(url, timeout).await;
+        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let checked_at = Utc::now();
+        match outcome {
+            Ok(s) => HealthCheckResult {
+                status: HealthStatus::Healthy,
+                era: Some(s.era),
+                protocol_version: s.protocol_version,
+                server_name: s.server_name,
+                server_version: s.server_version,
+                latency_ms,
+                error: None,
+                checked_at,
+            },
+            Err(e) => HealthCheckResult {
+                status: HealthStatus::Unhealthy,
+                era: None,
+                protocol_version: None,
+                server_name: None,
+                server_version: None,
+                latency_ms,
+                error: Some(e.to_string()),
+                checked_at,
+            },
+        }
+    }
+
+    async fn probe(&self, url: &str, timeout: Duration) -> Result<Success, ProbeError> {
+        match self.modern(url, timeout).await {
+            Ok(s) => return Ok(s),
+            // Nothing listens: no point trying the other era.
+            Err(e @ ProbeError::Connect(_)) => return Err(e),
+            Err(e) => tracing::trace!(%url, error = %e, "Modern probe failed; trying legacy"),
+        }
+        self.legacy(url, timeout).await
+    }
+
+    async fn modern(&self, url: &str, timeout: Duration) -> Result<Success, ProbeError> {
+        let body = json!({
+            "jsonrpc": "2.0", "id": 1, "method": "server/discover",
+            "params": {"_meta": {
+                "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
+                "io.modelcontextprotocol/clientInfo": client_info(),
+                "io.modelcontextprotocol/clientCapabilities": {},
+            }}
+        });
+        let reply = self
+            .rpc(
+                url,
+                &body,
+                &[
+                    ("mcp-protocol-version", MODERN_VERSION),
+                    ("mcp-method", "server/discover"),
+                ],
+                timeout,
+            )
+            .await?;
+        let result = expect_result(&reply, "server/discover")?;
+        let versions = result
+            .get("supportedVersions")
+            .and_then(Value::as_array)
+            .ok_or_else(|| {
+                ProbeError::Protocol("server/discover result has no supportedVersions".into())
+            })?;
+        let version = if versions.iter().any(|v| v == MODERN_VERSION) {
+            Some(MODERN_VERSION.to_owned())
+        } else {
+            versions.first().and_then(Value::as_str).map(str::to_owned)
+        };
+        let info = result
+            .pointer("/_meta/io.modelcontextprotocol~1serverInfo")
+            .or_else(|| result.get("serverInfo"));
+        Ok(Success {
+            era: Era::Modern,
+            protocol_version: version,
+            server_name: info
+                .and_then(|i| i.get("name"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            server_version: info
+                .and_then(|i| i.get("version"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        })
+    }
+
+    async fn legacy(&self, url: &str, timeout: Duration) -> Result<Success, ProbeError> {
+        let init = json!({
+            "jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {
+                "protocolVersion": LEGACY_VERSION,
+                "capabilities": {},
+                "clientInfo": client_info(),
+            }
+        });
+        let reply = self.rpc(url, &init, &[], timeout).await?;
+        let result = expect_result(&reply, "initialize")?;
+        let version = result
+            .get("protocolVersion")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ProbeError::Protocol("initialize result has no protocolVersion".into()))?
+            .to_owned();
+        let info = result.get("serverInfo");
+        let success = Success {
+            era: Era::Legacy,
+            protocol_version: Some(version.clone()),
+            server_name: info
+                .and_then(|i| i.get("name"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            server_version: info
+                .and_then(|i| i.get("version"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        };
+        let session = reply
+            .headers
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut headers: Vec<(&str, &str)> = vec![("mcp-protocol-version", &version)];
+        if let Some(s) = &session {
+            headers.push(("mcp-session-id", s));
+        }
+        let outcome = async {
+            let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+            let r = self.rpc(url, &initialized, &headers, timeout).await?;
+            if !r.status.is_success() {
+                return Err(ProbeError::Protocol(format!(
+                    "notifications/initialized answered HTTP {}",
+                    r.status
+                )));
+            }
+            let ping = json!({"jsonrpc": "2.0", "id": 2, "method": "ping"});
+            let r = self.rpc(url, &ping, &headers, timeout).await?;
+            expect_result(&r, "ping")?;
+            Ok(())
+        }
+        .await;
+        if let Some(s) = &session {
+            // Best effort: a server that keeps sessions forever should not pay for our probes.
+            let _ = self
+                .client
+                .delete(url)
+                .header("mcp-session-id", s)
+                .header("mcp-protocol-version", &version)
+                .timeout(timeout)
+                .send()
+                .await;
+        }
+        outcome.map(|()| success)
+    }
+
+    /// POSTs one JSON-RPC message and reads the reply (JSON or SSE) until the response with the
+    /// same id arrives; the rest of an SSE stream is not read.
+    async fn rpc(
+        &self,
+        url: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<Reply, ProbeError> {
+        let fut = async {
+            let mut req = self
+                .client
+                .post(url)
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .json(body);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| ProbeError::from_reqwest(e, timeout))?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let is_sse = headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("text/event-stream"));
+            let id = body.get("id").cloned();
+            let message = if is_sse {
+                read_sse_response(resp, id.as_ref()).await?
+            } else {
+                let bytes = read_capped(resp).await?;
+                if bytes.is_empty() {
+                    None
+                } else {
+                    serde_json::from_slice::<Value>(&bytes).ok()
+                }
+            };
+            Ok(Reply {
+                status,
+                headers,
+                message,
+            })
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| ProbeError::Timeout(timeout))?
+    }
+}
+
+fn client_info() -> Value {
+    json!({"name": "switchboard-health", "version": env!("CARGO_PKG_VERSION")})
+}
+
+fn expect_result<'a>(reply: &'a Reply, method: &str) -> Result<&'a Value, ProbeError> {
+    let Some(msg) = &reply.message else {
+        return Err(ProbeError::Protocol(format!(
+            "{method} answered HTTP {} with no JSON-RPC response",
+            reply.status
+        )));
+    };
+    if let Some(err) = msg.get("error") {
+        return Err(ProbeError::Protocol(format!(
+            "{method} answered HTTP {} with JSON-RPC error {}",
+            reply.status, err
+        )));
+    }
+    if !reply.status.is_success() {
+        return Err(ProbeError::Protocol(format!(
+            "{method} answered HTTP {}",
+            reply.status
+        )));
+    }
+    msg.get("result")
+        .filter(|r| r.is_object())
+        .ok_or_else(|| ProbeError::Protocol(format!("{method} response has no result object")))
+}
+
+async fn read_capped(resp: reqwest::Response) -> Result<Vec<u8>, ProbeError> {
+    let mut out = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ProbeError::Protocol(e.to_string()))?;
+        if out.len() + chunk.len() > MAX_REPLY_BYTES {
+            return Err(ProbeError::Protocol("reply larger than 1 MiB".into()));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// Reads SSE events until one carries the JSON-RPC response with `id`.
+async fn read_sse_response(
+    resp: reqwest::Response,
+    id: Option<&Value>,
+) -> Result<Option<Value>, ProbeError> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ProbeError::Protocol(e.to_string()))?;
+        buf.extend_from_slice(&chunk);
+        if buf.len() > MAX_REPLY_BYTES {
+            return Err(ProbeError::Protocol("reply larger than 1 MiB".into()));
+        }
+        while let Some((event, rest)) = split_event(&buf) {
+            if let Some(msg) = event_message(event)
+                && (id.is_none() || msg.get("id") == id)
+                && (msg.get("result").is_some() || msg.get("error").is_some())
+            {
+                return Ok(Some(msg));
+            }
+            buf = rest.to_vec();
+        }
+    }
+    Ok(None)
+}
+
+/// Splits the first complete SSE event (terminated by a blank line) off the buffer.
+fn split_event(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut i = 0;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\n' && buf[i + 1] == b'\n' {
+            return Some((&buf[..i], &buf[i + 2..]));
+        }
+        if buf[i] == b'\n' && buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
+            return Some((&buf[..i], &buf[i + 3..]));
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The JSON in an event's `data:` lines, if any.
+fn event_message(event: &[u8]) -> Option<Value> {
+    let text = std::str::from_utf8(event).ok()?;
+    let mut data = String::new();
+    for line in text.lines() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if let Some(d) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(d.strip_prefix(' ').unwrap_or(d));
+        }
+    }
+    if data.trim().is_empty() {
+        return None;
+    }
+    serde_json::from_str(&data).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_events_split_and_parse() {
+        let raw =
+            b"data: \nid: 0\nretry: 3000\n\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n";
+        let (first, rest) = split_event(raw).unwrap();
+        assert!(
+            event_message(first).is_none(),
+            "priming event has no message"
+        );
+        let (second, rest) = split_event(rest).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(event_message(second).unwrap()["id"], 1);
+    }
+
+    #[test]
+    fn crlf_events_parse() {
+        let raw = b"event: message\r\ndata: {\"id\":2,\"result\":{}}\r\n\r\n";
+        let (ev, _) = split_event(raw).unwrap();
+        assert_eq!(event_message(ev).unwrap()["id"], 2);
+    }
+}

@@ -1,0 +1,13 @@
+//! Switchboard: an MCP server manager. See ARCHITECTURE.md for the code map.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod deployment;
+pub mod health;
+pub mod manager;
+pub mod ports;
+pub mod registry;
+pub mod runtime;
+pub mod server;
+pub mod store;

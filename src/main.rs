@@ -1,0 +1,57 @@
+//! The `switchboard` binary: argument parsing, logging and the process's exit code. Everything
+//! else is in the library.
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use switchboard::{
+    cli::{Cli, Command},
+    config::Config,
+    runtime::launch,
+    server,
+};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    // The launch shim must exec before any thread exists; see runtime::launch.
+    if launch::is_shim_invocation() {
+        launch::run_shim();
+    }
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            other => switchboard::cli::run_client(other, &cli.client).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: switchboard::cli::ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = Config::load(args.overrides())?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    server::run(listener, config, server::shutdown_signal()).await
+}

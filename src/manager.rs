@@ -1,0 +1,526 @@
+//! The manager: the one place that turns requests (register, deploy, stop) into coordinated
+//! changes of the store, the port allocator and the runtime.
+//!
+//! Invariants:
+//! - A deployment record is committed (STARTING) before its process is spawned and before the
+//!   caller hears of it; nothing runs that the store does not know about.
+//! - Each live deployment has one supervisor task. It moves the record to RUNNING when the
+//!   server answers an MCP probe, or to FAILED on timeout or early exit, and records a later
+//!   crash when the runtime reports the exit (event-driven, not polled).
+//! - Whoever wins the conditional STARTING/RUNNING → STOPPED/FAILED write releases the port;
+//!   nobody else does. A stop and a crash racing each other therefore free the port once.
+//! - At start, before anything is deployed, records left live by a Switchboard that died are
+//!   closed and every process tree they left is killed (adoption across restarts is a later
+//!   step: see ARCHITECTURE.md).
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use chrono::Utc;
+use tokio::{sync::watch, time::Instant};
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::{
+    deployment::{Deployment, DeploymentStatus, ExitInfo, HealthStatus},
+    health::Prober,
+    ports::{PortAllocator, PortsExhausted},
+    registry::{SpecError, Tool, ToolSpec},
+    runtime::{LaunchSpec, Runtime, RuntimeError},
+    store::{DeleteTool, DeploymentFilter, Store, StoreError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("no tool with slug '{0}'")]
+    ToolNotFound(String),
+    #[error("a tool with slug '{0}' already exists")]
+    ToolExists(String),
+    #[error("tool '{slug}' has {live} live deployment(s); stop them before deleting it")]
+    ToolInUse { slug: String, live: u64 },
+    #[error("no deployment with id '{0}'")]
+    DeploymentNotFound(String),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    PortsExhausted(#[from] PortsExhausted),
+    #[error("the store failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("could not stop deployment {id}: {source}")]
+    Stop {
+        id: Uuid,
+        #[source]
+        source: RuntimeError,
+    },
+    #[error("switchboard is shutting down")]
+    ShuttingDown,
+}
+
+/// Lines of a failed server's log quoted in its record's `error`.
+const LOG_LINES_IN_ERROR: usize = 20;
+/// Longest single wait for a readiness probe answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Live {
+    status: watch::Sender<DeploymentStatus>,
+    port: Option<u16>,
+    grace: Duration,
+    stopping: bool,
+}
+
+pub struct Manager {
+    store: Store,
+    ports: PortAllocator,
+    runtime: Arc<dyn Runtime>,
+    prober: Prober,
+    advertise_host: String,
+    live: Mutex<HashMap<Uuid, Live>>,
+    tasks: TaskTracker,
+    shutting_down: AtomicBool,
+}
+
+/// What applying the config file's tools did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub created: usize,
+    pub updated: usize,
+    pub unchanged: usize,
+}
+
+impl Manager {
+    pub fn new(
+        store: Store,
+        ports: PortAllocator,
+        runtime: Arc<dyn Runtime>,
+        prober: Prober,
+    ) -> Arc<Manager> {
+        Arc::new(Manager {
+            store,
+            ports,
+            runtime,
+            prober,
+            advertise_host: "127.0.0.1".to_owned(),
+            live: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn ports(&self) -> &PortAllocator {
+        &self.ports
+    }
+
+    pub fn prober(&self) -> &Prober {
+        &self.prober
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Live>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes records a previous Switchboard process left live and kills what they ran.
+    /// Returns how many records were closed. Must run before the first deploy.
+    pub async fn recover(&self, sweep: impl FnOnce() -> Vec<Uuid>) -> Result<usize, ManagerError> {
+        let stale = self.store.live_deployments().await?;
+        // Ports are rebuilt from the store first, so nothing can be handed out twice while the
+        // stale records are being closed.
+        for d in &stale {
+            if let Some(p) = d.port {
+                self.ports.reserve(p);
+            }
+        }
+        let killed = sweep();
+        for d in &stale {
+            let msg = if killed.contains(&d.id) {
+                "switchboard exited without stopping this deployment; its processes were killed at the next start"
+            } else {
+                "switchboard exited without stopping this deployment; no process of it was left at the next start"
+            };
+            if self
+                .store
+                .mark_ended(d.id, DeploymentStatus::Failed, None, Some(msg))
+                .await?
+                && let Some(p) = d.port
+            {
+                self.ports.release(p);
+            }
+            tracing::warn!(deployment = %d.id, tool = %d.tool_slug, "Closed a deployment left live by an earlier run");
+        }
+        Ok(stale.len())
+    }
+
+    // ----- tools -----
+
+    /// Registers or updates the config file's tools; running it twice changes nothing.
+    pub async fn apply_tools(&self, specs: Vec<ToolSpec>) -> Result<Applied, ManagerError> {
+        let mut applied = Applied::default();
+        for spec in specs {
+            let spec = spec.validate()?;
+            match self.store.get_tool(&spec.slug).await? {
+                None => {
+                    self.store.insert_tool(&spec).await?;
+                    applied.created += 1;
+                }
+                Some(t) if t.spec != spec => {
+                    self.store.update_tool(&spec).await?;
+                    applied.updated += 1;
+                }
+                Some(_) => applied.unchanged += 1,
+            }
+        }
+        Ok(applied)
+    }
+
+    pub async fn create_tool(&self, spec: ToolSpec) -> Result<Tool, ManagerError> {
+        let spec = spec.validate()?;
+        self.store.insert_tool(&spec).await.map_err(|e| match e {
+            StoreError::Conflict(_) => ManagerError::ToolExists(spec.slug.clone()),
+            e => e.into(),
+        })
+    }
+
+    pub async fn update_tool(&self, spec: ToolSpec) -> Result<Tool, ManagerError> {
+        let spec = spec.validate()?;
+        self.store
+            .update_tool(&spec)
+            .await?
+            .ok_or(ManagerError::ToolNotFound(spec.slug))
+    }
+
+    pub async fn get_tool(&self, slug: &str) -> Result<Tool, ManagerError> {
+        self.store
+            .get_tool(slug)
+            .await?
+            .ok_or_else(|| ManagerError::ToolNotFound(slug.to_owned()))
+    }
+
+    pub async fn list_tools(&self) -> Result<Vec<Tool>, ManagerError> {
+        Ok(self.store.list_tools().await?)
+    }
+
+    pub async fn delete_tool(&self, slug: &str) -> Result<(), ManagerError> {
+        match self.store.delete_tool(slug).await? {
+            DeleteTool::Deleted => Ok(()),
+            DeleteTool::NotFound => Err(ManagerError::ToolNotFound(slug.to_owned())),
+            DeleteTool::InUse(live) => Err(ManagerError::ToolInUse {
+                slug: slug.to_owned(),
+                live,
+            }),
+        }
+    }
+
+    // ----- deployments -----
+
+    /// Deploys `replicas` copies of every `autostart` tool, minus those already live.
+    pub async fn autostart(self: &Arc<Self>) -> Result<Vec<Deployment>, ManagerError> {
+        let mut out = Vec::new();
+        for tool in self.store.list_tools().await? {
+            if !tool.spec.autostart {
+                continue;
+            }
+            let live = self
+                .store
+                .list_deployments(&DeploymentFilter {
+                    tool_slug: Some(tool.spec.slug.clone()),
+                    statuses: vec![DeploymentStatus::Starting, DeploymentStatus::Running],
+                })
+                .await?
+                .len();
+            for _ in live..tool.spec.replicas as usize {
+                out.push(self.deploy_tool(&tool).await?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Starts one deployment of the tool and returns its committed record (STARTING, or FAILED
+    /// when the process could not even be spawned).
+    pub async fn deploy(self: &Arc<Self>, slug: &str) -> Result<Deployment, ManagerError> {
+        let tool = self.get_tool(slug).await?;
+        self.deploy_tool(&tool).await
+    }
+
+    /// Like [`deploy`](Self::deploy), answering once the deployment is RUNNING or has ended.
+    pub async fn deploy_and_wait(self: &Arc<Self>, slug: &str) -> Result<Deployment, ManagerError> {
+        let tool = self.get_tool(slug).await?;
+        let d = self.deploy_tool(&tool).await?;
+        let rx = self.live().get(&d.id).map(|l| l.status.subscribe());
+        if let Some(mut rx) = rx {
+            let _ = rx.wait_for(|s| *s != DeploymentStatus::Starting).await;
+        }
+        self.get_deployment(d.id).await
+    }
+
+    async fn deploy_tool(self: &Arc<Self>, tool: &Tool) -> Result<Deployment, ManagerError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ManagerError::ShuttingDown);
+        }
+        let spec = &tool.spec;
+        spec.check_deployable()?;
+        let port = self.ports.allocate()?;
+        let now = Utc::now();
+        let d = Deployment {
+            id: Uuid::new_v4(),
+            tool_id: tool.id,
+            tool_slug: spec.slug.clone(),
+            endpoint_url: format!(
+                "http://{}:{port}{}",
+                self.advertise_host, spec.endpoint_path
+            ),
+            port: Some(port),
+            status: DeploymentStatus::Starting,
+            health_status: HealthStatus::Unknown,
+            last_health_check: None,
+            deployed_at: now,
+            stopped_at: None,
+            pid: None,
+            exit_code: None,
+            exit_signal: None,
+            error: None,
+            updated_at: now,
+        };
+        if let Err(e) = self.store.insert_deployment(&d).await {
+            self.ports.release(port);
+            return Err(e.into());
+        }
+        let (status_tx, _) = watch::channel(DeploymentStatus::Starting);
+        self.live().insert(
+            d.id,
+            Live {
+                status: status_tx,
+                port: Some(port),
+                grace: Duration::from_millis(spec.stop_grace_period_ms),
+                stopping: false,
+            },
+        );
+
+        let launch = launch_spec(&d, spec, port);
+        match self.runtime.start(launch).await {
+            Ok(pid) => {
+                self.store.set_pid(d.id, pid).await?;
+                tracing::info!(deployment = %d.id, tool = %spec.slug, pid, port, "Deployment starting");
+                let this = Arc::clone(self);
+                let startup = Duration::from_millis(spec.startup_timeout_ms);
+                self.tasks
+                    .spawn(async move { this.supervise(d.id, d.endpoint_url, startup).await });
+            }
+            Err(e) => {
+                tracing::warn!(deployment = %d.id, tool = %spec.slug, error = %e, "Deployment could not start");
+                self.end(d.id, DeploymentStatus::Failed, None, Some(&e.to_string()))
+                    .await?;
+            }
+        }
+        self.get_deployment(d.id).await
+    }
+
+    /// Watches one deployment from spawn to exit.
+    async fn supervise(self: Arc<Self>, id: Uuid, url: String, startup: Duration) {
+        let exit = self.runtime.wait(id);
+        tokio::pin!(exit);
+        let deadline = Instant::now() + startup;
+        let ready = tokio::select! {
+            e = &mut exit => Err(Ended::Exited(e.unwrap_or_default())),
+            r = self.wait_ready(&url, deadline) => r.map_err(Ended::NotReady),
+        };
+        match ready {
+            Ok(()) => match self.store.mark_running(id).await {
+                Ok(true) => {
+                    self.publish(id, DeploymentStatus::Running);
+                    tracing::info!(deployment = %id, "Deployment running");
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!(deployment = %id, error = %e, "Could not record RUNNING"),
+            },
+            Err(Ended::NotReady(last)) => {
+                let msg = format!(
+                    "did not answer an MCP request within {:.1} s (last probe: {last})",
+                    startup.as_secs_f64()
+                );
+                self.fail(id, None, msg).await;
+                return;
+            }
+            Err(Ended::Exited(e)) => {
+                self.fail(id, Some(e), format!("exited during startup ({e})"))
+                    .await;
+                return;
+            }
+        }
+        let e = exit.await.unwrap_or_default();
+        self.fail(id, Some(e), format!("exited unexpectedly ({e})"))
+            .await;
+    }
+
+    /// Probes until the server answers or the deadline passes; the error is the last failure.
+    async fn wait_ready(&self, url: &str, deadline: Instant) -> Result<(), String> {
+        let mut delay = Duration::from_millis(10);
+        let mut last = String::from("no probe completed");
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(last);
+            }
+            let r = self.prober.check(url, remaining.min(PROBE_TIMEOUT)).await;
+            if r.status == HealthStatus::Healthy {
+                return Ok(());
+            }
+            last = r.error.unwrap_or_default();
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(delay.min(remaining)).await;
+            delay = (delay * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// Records a failure the supervisor saw, unless a stop is under way (the stop records it).
+    async fn fail(&self, id: Uuid, exit: Option<ExitInfo>, reason: String) {
+        if self.live().get(&id).is_none_or(|l| l.stopping) {
+            return;
+        }
+        let tail = self.runtime.logs_tail(id, LOG_LINES_IN_ERROR).await;
+        let msg = if tail.trim().is_empty() {
+            reason.clone()
+        } else {
+            format!("{reason}; last log lines:\n{tail}")
+        };
+        tracing::warn!(deployment = %id, %reason, "Deployment failed");
+        if let Err(e) = self
+            .end(id, DeploymentStatus::Failed, exit, Some(&msg))
+            .await
+        {
+            tracing::error!(deployment = %id, error = %e, "Could not record failure");
+        }
+        // Whatever is left of the tree goes now; the record already says FAILED.
+        if let Err(e) = self.runtime.stop(id, Duration::ZERO).await {
+            tracing::error!(deployment = %id, error = %e, "Could not clean up failed deployment");
+        }
+    }
+
+    /// Moves a live record to a final status; the winner of that write frees the port.
+    async fn end(
+        &self,
+        id: Uuid,
+        status: DeploymentStatus,
+        exit: Option<ExitInfo>,
+        error: Option<&str>,
+    ) -> Result<bool, ManagerError> {
+        let won = self.store.mark_ended(id, status, exit, error).await?;
+        if won {
+            let live = self.live().remove(&id);
+            if let Some(live) = live {
+                if let Some(p) = live.port {
+                    self.ports.release(p);
+                }
+                live.status.send_replace(status);
+            }
+        }
+        Ok(won)
+    }
+
+    fn publish(&self, id: Uuid, status: DeploymentStatus) {
+        if let Some(l) = self.live().get(&id) {
+            l.status.send_replace(status);
+        }
+    }
+
+    pub async fn get_deployment(&self, id: Uuid) -> Result<Deployment, ManagerError> {
+        self.store
+            .get_deployment(id)
+            .await?
+            .ok_or_else(|| ManagerError::DeploymentNotFound(id.to_string()))
+    }
+
+    pub async fn list_deployments(
+        &self,
+        filter: &DeploymentFilter,
+    ) -> Result<Vec<Deployment>, ManagerError> {
+        Ok(self.store.list_deployments(filter).await?)
+    }
+
+    /// Stops a deployment: SIGTERM to its tree, SIGKILL after its grace period, then STOPPED.
+    /// Stopping one that already ended returns its record unchanged.
+    pub async fn stop(&self, id: Uuid) -> Result<Deployment, ManagerError> {
+        let d = self.get_deployment(id).await?;
+        if !d.status.is_live() {
+            return Ok(d);
+        }
+        let grace = {
+            let mut live = self.live();
+            match live.get_mut(&id) {
+                Some(l) => {
+                    l.stopping = true;
+                    Some(l.grace)
+                }
+                None => None,
+            }
+        };
+        let exit = match grace {
+            Some(grace) => self
+                .runtime
+                .stop(id, grace)
+                .await
+                .map_err(|source| ManagerError::Stop { id, source })?,
+            None => None,
+        };
+        if self.end(id, DeploymentStatus::Stopped, exit, None).await? {
+            tracing::info!(deployment = %id, tool = %d.tool_slug, "Deployment stopped");
+        }
+        self.get_deployment(id).await
+    }
+
+    /// From now on, deploy requests fail with [`ManagerError::ShuttingDown`].
+    pub fn refuse_deploys(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Refuses new deployments and stops every live one (each with its own grace period).
+    pub async fn shutdown(&self) {
+        self.refuse_deploys();
+        let ids: Vec<Uuid> = self.live().keys().copied().collect();
+        if !ids.is_empty() {
+            tracing::info!(count = ids.len(), "Stopping deployments before exit");
+        }
+        let stops = ids.into_iter().map(|id| async move {
+            if let Err(e) = self.stop(id).await {
+                tracing::error!(deployment = %id, error = %e, "Could not stop deployment");
+            }
+        });
+        futures_util::future::join_all(stops).await;
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+enum Ended {
+    Exited(ExitInfo),
+    NotReady(String),
+}
+
+/// The process's command line and environment, with `{port}` substituted.
+fn launch_spec(d: &Deployment, spec: &ToolSpec, port: u16) -> LaunchSpec {
+    let port_s = port.to_string();
+    let subst = |s: &str| s.replace("{port}", &port_s);
+    let mut env: Vec<(String, String)> = Vec::with_capacity(spec.env.len() + 3);
+    if let Some(name) = &spec.port_env {
+        env.push((name.clone(), port_s.clone()));
+    }
+    env.push(("SWITCHBOARD_TOOL".into(), spec.slug.clone()));
+    env.push(("SWITCHBOARD_DEPLOYMENT_ID".into(), d.id.to_string()));
+    // The tool's own env last, so it can override the defaults above.
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), subst(v))));
+    LaunchSpec {
+        deployment_id: d.id,
+        program: subst(&spec.command),
+        args: spec.args.iter().map(|a| subst(a)).collect(),
+        env,
+        working_dir: spec.working_dir.clone(),
+    }
+}

@@ -1,0 +1,276 @@
+//! The tool registry's vocabulary: what a tool is, and what makes a tool definition valid.
+//!
+//! A [`ToolSpec`] is what a user writes (in the config file or an API body); [`Tool`] is a spec
+//! that passed [`ToolSpec::validate`] and was given an id by the store. Validation lives here, in
+//! one place, so the config file and the API can never disagree on what is acceptable.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// How Switchboard talks to the tool's MCP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// The server listens on a port Switchboard gives it and speaks Streamable HTTP.
+    #[default]
+    StreamableHttp,
+    /// The server speaks MCP on stdin/stdout. Accepted in definitions, not deployable yet.
+    Stdio,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::StreamableHttp => "streamable-http",
+            Transport::Stdio => "stdio",
+        }
+    }
+}
+
+/// A tool definition as a user writes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolSpec {
+    /// Unique name used in URLs: `^[a-z0-9][a-z0-9-]{0,62}$`.
+    pub slug: String,
+    /// Human-readable name; defaults to the slug.
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Program to run. A bare name is looked up in `PATH`.
+    pub command: String,
+    /// Arguments; `{port}` is replaced by the deployment's port.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment; `{port}` in a value is replaced by the deployment's port.
+    #[serde(default)]
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the server process; Switchboard's own when absent.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub working_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub transport: Transport,
+    /// Path of the MCP endpoint on the server.
+    #[serde(default = "default_endpoint_path")]
+    pub endpoint_path: String,
+    /// Environment variable that receives the port; `null` sets none.
+    #[serde(default = "default_port_env")]
+    pub port_env: Option<String>,
+    /// How long a new deployment may take to answer its first MCP request.
+    #[serde(default = "default_startup_timeout_ms")]
+    pub startup_timeout_ms: u64,
+    /// Time between SIGTERM and SIGKILL when stopping.
+    #[serde(default = "default_stop_grace_period_ms")]
+    pub stop_grace_period_ms: u64,
+    /// Number of deployments `autostart` keeps and a plain deploy request counts toward.
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+    /// Deploy `replicas` copies when Switchboard starts.
+    #[serde(default)]
+    pub autostart: bool,
+}
+
+fn default_endpoint_path() -> String {
+    "/mcp".to_owned()
+}
+fn default_port_env() -> Option<String> {
+    Some("PORT".to_owned())
+}
+fn default_startup_timeout_ms() -> u64 {
+    30_000
+}
+fn default_stop_grace_period_ms() -> u64 {
+    10_000
+}
+fn default_replicas() -> u32 {
+    1
+}
+
+pub const MAX_REPLICAS: u32 = 64;
+const MAX_STARTUP_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+const MAX_GRACE_MS: u64 = 60 * 60 * 1000;
+
+/// A definition that breaks a rule, with a message that names the field and the rule.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum SpecError {
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error(
+        "transport '{0}' is not supported yet: only 'streamable-http' can be deployed by this version"
+    )]
+    UnsupportedTransport(&'static str),
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> SpecError {
+    SpecError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// `^[a-z0-9][a-z0-9-]{0,62}$`, without pulling in a regex engine for one pattern.
+pub fn is_valid_slug(slug: &str) -> bool {
+    let bytes = slug.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+fn valid_env_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains('=') && !name.contains('\0')
+}
+
+impl ToolSpec {
+    /// Checks every rule and fills defaults that depend on other fields.
+    pub fn validate(mut self) -> Result<ToolSpec, SpecError> {
+        if !is_valid_slug(&self.slug) {
+            return Err(invalid(
+                "slug",
+                format!(
+                    "'{}' is not a valid slug: use 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit",
+                    self.slug
+                ),
+            ));
+        }
+        if self.name.trim().is_empty() {
+            self.name = self.slug.clone();
+        }
+        if self.command.trim().is_empty() {
+            return Err(invalid("command", "must not be empty"));
+        }
+        if self.command.contains('\0') || self.args.iter().any(|a| a.contains('\0')) {
+            return Err(invalid("args", "must not contain NUL bytes"));
+        }
+        for (k, v) in &self.env {
+            if !valid_env_name(k) {
+                return Err(invalid(
+                    "env",
+                    format!("'{k}' is not a valid environment variable name"),
+                ));
+            }
+            if v.contains('\0') {
+                return Err(invalid(
+                    "env",
+                    format!("the value of '{k}' contains a NUL byte"),
+                ));
+            }
+        }
+        if let Some(name) = &self.port_env
+            && !valid_env_name(name)
+        {
+            return Err(invalid(
+                "port_env",
+                format!("'{name}' is not a valid environment variable name"),
+            ));
+        }
+        if !self.endpoint_path.starts_with('/') || self.endpoint_path.contains(char::is_whitespace)
+        {
+            return Err(invalid(
+                "endpoint_path",
+                format!(
+                    "'{}' must be an absolute path such as /mcp",
+                    self.endpoint_path
+                ),
+            ));
+        }
+        if !(100..=MAX_STARTUP_TIMEOUT_MS).contains(&self.startup_timeout_ms) {
+            return Err(invalid(
+                "startup_timeout_ms",
+                format!("must be between 100 and {MAX_STARTUP_TIMEOUT_MS}"),
+            ));
+        }
+        if self.stop_grace_period_ms > MAX_GRACE_MS {
+            return Err(invalid(
+                "stop_grace_period_ms",
+                format!("must be at most {MAX_GRACE_MS}"),
+            ));
+        }
+        if !(1..=MAX_REPLICAS).contains(&self.replicas) {
+            return Err(invalid(
+                "replicas",
+                format!("must be between 1 and {MAX_REPLICAS}"),
+            ));
+        }
+        Ok(self)
+    }
+
+    /// Whether this version can run the tool. Kept apart from [`validate`](Self::validate) so a
+    /// stdio tool can be registered now and deployed once the transport exists.
+    pub fn check_deployable(&self) -> Result<(), SpecError> {
+        match self.transport {
+            Transport::StreamableHttp => Ok(()),
+            other => Err(SpecError::UnsupportedTransport(other.as_str())),
+        }
+    }
+}
+
+/// A registered tool.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Tool {
+    pub id: Uuid,
+    #[serde(flatten)]
+    pub spec: ToolSpec,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(slug: &str) -> ToolSpec {
+        serde_json::from_value(serde_json::json!({"slug": slug, "command": "x"})).unwrap()
+    }
+
+    #[test]
+    fn slug_rule() {
+        for ok in ["a", "0", "demo", "my-tool-2", &"a".repeat(63)] {
+            assert!(is_valid_slug(ok), "{ok}");
+        }
+        for bad in ["", "-a", "A", "a_b", "a.b", "é", &"a".repeat(64), "a b"] {
+            assert!(!is_valid_slug(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let s = spec("demo").validate().unwrap();
+        assert_eq!(s.name, "demo");
+        assert_eq!(s.endpoint_path, "/mcp");
+        assert_eq!(s.port_env.as_deref(), Some("PORT"));
+        assert_eq!(s.stop_grace_period_ms, 10_000);
+        assert_eq!(s.replicas, 1);
+        assert_eq!(s.transport, Transport::StreamableHttp);
+    }
+
+    #[test]
+    fn stdio_is_accepted_but_not_deployable() {
+        let mut s = spec("demo");
+        s.transport = Transport::Stdio;
+        let s = s.validate().unwrap();
+        let err = s.check_deployable().unwrap_err();
+        assert!(err.to_string().contains("not supported yet"), "{err}");
+    }
+
+    #[test]
+    fn unknown_transport_is_refused_by_name() {
+        let err = serde_json::from_value::<ToolSpec>(
+            serde_json::json!({"slug": "a", "command": "x", "transport": "carrier-pigeon"}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("carrier-pigeon"), "{err}");
+    }
+}

@@ -1,0 +1,391 @@
+//! The process runtime: each deployment is a child process in its own process group and (where
+//! the host allows) its own cgroup, with stdout and stderr appended to `logs/<id>.log`.
+//!
+//! Exits are noticed when they happen: a task per instance awaits tokio's `Child::wait` (driven
+//! by SIGCHLD), publishes the exit on a watch channel, and kills whatever the main process left
+//! behind in its tree, so a crashed server never leaves orphans.
+//!
+//! Tree tracking is a cgroup when one can be created (see [`super::cgroup`]), else the process
+//! group alone; the second misses descendants that call `setsid()`, and Switchboard says so in
+//! its log at start.
+
+use std::{
+    collections::HashMap,
+    io::{Read as _, Seek as _, SeekFrom},
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures_util::{FutureExt as _, future::BoxFuture};
+use nix::{sys::signal::Signal, unistd::Pid};
+use tokio::{process::Command, sync::watch};
+use uuid::Uuid;
+
+use super::{
+    InstanceInfo, LaunchSpec, Runtime, RuntimeError,
+    cgroup::{self, CgroupRoot},
+    launch::SHIM_ARG,
+};
+use crate::deployment::ExitInfo;
+
+/// Environment variables a server must never inherit from Switchboard.
+const SCRUBBED_ENV: &[&str] = &["SWITCHBOARD_API_TOKEN", "SWITCHBOARD_TOKEN"];
+
+/// How process trees are tracked.
+#[derive(Debug, Clone)]
+pub enum TreeTracking {
+    /// One cgroup per deployment, joined through the launch shim (the given executable).
+    Cgroup { root: CgroupRoot, shim: PathBuf },
+    /// The process group only.
+    ProcessGroup,
+}
+
+impl TreeTracking {
+    /// Cgroups when possible; `shim` is the switchboard executable that implements `__launch`.
+    pub fn detect(node_id: &str, shim: PathBuf) -> (TreeTracking, Option<String>) {
+        match CgroupRoot::detect(node_id) {
+            Ok(root) => (TreeTracking::Cgroup { root, shim }, None),
+            Err(e) => (
+                TreeTracking::ProcessGroup,
+                Some(format!(
+                    "cannot create cgroups ({e}); tracking process groups only, so a descendant \
+                     that calls setsid() can outlive its deployment"
+                )),
+            ),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            TreeTracking::Cgroup { root, .. } => format!("cgroup v2 at {}", root.base().display()),
+            TreeTracking::ProcessGroup => "process groups".to_owned(),
+        }
+    }
+}
+
+struct Instance {
+    pid: u32,
+    cgroup: Option<PathBuf>,
+    exit: watch::Receiver<Option<ExitInfo>>,
+}
+
+impl Instance {
+    fn tree(&self) -> Vec<u32> {
+        match &self.cgroup {
+            Some(dir) => cgroup::procs(dir).unwrap_or_default(),
+            None => {
+                if self.exit.borrow().is_none() {
+                    vec![self.pid]
+                } else {
+                    Vec::new()
+                }
+            }
+        }
+    }
+
+    fn signal_tree(&self, sig: Signal) -> std::io::Result<()> {
+        if let Some(dir) = &self.cgroup {
+            if sig == Signal::SIGKILL {
+                cgroup::kill_all(dir)?;
+            } else {
+                cgroup::signal_all(dir, sig)?;
+            }
+        }
+        // The process group too: it is the whole tree without cgroups, and costs nothing with.
+        if let Ok(pgid) = i32::try_from(self.pid) {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), sig);
+        }
+        Ok(())
+    }
+
+    /// Whether the main process has exited and (with a cgroup) no descendant is left.
+    fn is_gone(&self) -> bool {
+        self.exit.borrow().is_some() && self.tree().is_empty()
+    }
+}
+
+pub struct ProcessRuntime {
+    tracking: TreeTracking,
+    logs_dir: PathBuf,
+    instances: Mutex<HashMap<Uuid, Arc<Instance>>>,
+}
+
+impl ProcessRuntime {
+    pub fn new(tracking: TreeTracking, logs_dir: PathBuf) -> ProcessRuntime {
+        ProcessRuntime {
+            tracking,
+            logs_dir,
+            instances: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn tracking(&self) -> &TreeTracking {
+        &self.tracking
+    }
+
+    pub fn log_path(&self, id: Uuid) -> PathBuf {
+        self.logs_dir.join(format!("{id}.log"))
+    }
+
+    fn instances(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<Instance>>> {
+        self.instances.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, id: Uuid) -> Option<Arc<Instance>> {
+        self.instances().get(&id).cloned()
+    }
+
+    /// Kills every deployment tree under this node that is not in `keep`: what an earlier
+    /// Switchboard process left running when it died without stopping it. Returns their ids.
+    pub fn sweep_orphans(&self, keep: &dyn Fn(Uuid) -> bool) -> Vec<Uuid> {
+        let TreeTracking::Cgroup { root, .. } = &self.tracking else {
+            return Vec::new();
+        };
+        let mut swept = Vec::new();
+        for (id, dir) in root.children().unwrap_or_default() {
+            if keep(id) || self.get(id).is_some() {
+                continue;
+            }
+            let had_procs = !cgroup::procs(&dir).unwrap_or_default().is_empty();
+            if let Err(e) = cgroup::kill_all(&dir) {
+                tracing::warn!(deployment = %id, error = %e, "Could not kill orphaned tree");
+                continue;
+            }
+            for _ in 0..200 {
+                if cgroup::procs(&dir).unwrap_or_default().is_empty() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = cgroup::remove(&dir);
+            if had_procs {
+                swept.push(id);
+            }
+        }
+        swept
+    }
+
+    fn spawn(
+        &self,
+        spec: &LaunchSpec,
+    ) -> Result<(u32, Option<PathBuf>, tokio::process::Child), RuntimeError> {
+        if let Some(dir) = &spec.working_dir
+            && !dir.is_dir()
+        {
+            return Err(RuntimeError::WorkingDir(dir.clone()));
+        }
+        let log_path = self.log_path(spec.deployment_id);
+        let log_err = |source| RuntimeError::Log {
+            path: log_path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.logs_dir).map_err(log_err)?;
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(log_err)?;
+        {
+            use std::io::Write as _;
+            let _ = writeln!(
+                log,
+                "--- switchboard: starting deployment {} at {}: {} {}",
+                spec.deployment_id,
+                chrono::Utc::now().to_rfc3339(),
+                spec.program,
+                spec.args.join(" ")
+            );
+        }
+        let stderr = log.try_clone().map_err(log_err)?;
+
+        let (mut cmd, cgroup_dir) = match &self.tracking {
+            TreeTracking::Cgroup { root, shim } => {
+                let dir = root
+                    .create(spec.deployment_id)
+                    .map_err(RuntimeError::Tree)?;
+                let mut cmd = Command::new(shim);
+                cmd.arg(SHIM_ARG)
+                    .arg(dir.join("cgroup.procs"))
+                    .arg("--")
+                    .arg(&spec.program);
+                (cmd, Some(dir))
+            }
+            TreeTracking::ProcessGroup => (Command::new(&spec.program), None),
+        };
+        cmd.args(&spec.args)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(stderr))
+            // Own process group: a signal for Switchboard's group never reaches servers, and
+            // killpg reaches the server's whole group. std keeps posix_spawn for this.
+            .process_group(0)
+            .kill_on_drop(false);
+        for k in SCRUBBED_ENV {
+            if !spec.env.iter().any(|(name, _)| name == k) {
+                cmd.env_remove(k);
+            }
+        }
+        if let Some(dir) = &spec.working_dir {
+            cmd.current_dir(dir);
+        }
+        let child = cmd.spawn().map_err(|source| {
+            if let Some(dir) = &cgroup_dir {
+                let _ = cgroup::remove(dir);
+            }
+            RuntimeError::Spawn {
+                program: spec.program.clone(),
+                source,
+            }
+        })?;
+        let pid = child.id().ok_or_else(|| RuntimeError::Spawn {
+            program: spec.program.clone(),
+            source: std::io::Error::other("process exited before its pid was read"),
+        })?;
+        Ok((pid, cgroup_dir, child))
+    }
+
+    async fn stop_instance(inst: &Instance, grace: Duration) -> Result<ExitInfo, RuntimeError> {
+        if !inst.is_gone() {
+            inst.signal_tree(Signal::SIGTERM)
+                .map_err(RuntimeError::Tree)?;
+            if tokio::time::timeout(grace, wait_gone(inst)).await.is_err() {
+                inst.signal_tree(Signal::SIGKILL)
+                    .map_err(RuntimeError::Tree)?;
+                // SIGKILL cannot be ignored; this bound only guards against a kernel that never
+                // reports the exit (a process stuck in uninterruptible sleep).
+                if tokio::time::timeout(Duration::from_secs(30), wait_gone(inst))
+                    .await
+                    .is_err()
+                {
+                    return Err(RuntimeError::Tree(std::io::Error::other(
+                        "processes survived SIGKILL for 30 s (uninterruptible sleep?)",
+                    )));
+                }
+            }
+        }
+        if let Some(dir) = &inst.cgroup {
+            let _ = cgroup::remove(dir);
+        }
+        Ok(inst.exit.borrow().unwrap_or_default())
+    }
+}
+
+/// Waits until the main process has exited and the tree is empty.
+async fn wait_gone(inst: &Instance) {
+    let mut exit = inst.exit.clone();
+    let _ = exit.wait_for(|e| e.is_some()).await;
+    // The main exit is event-driven; what remains is descendants, which a stop has already
+    // signalled. A cgroup offers no exit event we can await portably, so poll briefly.
+    while !inst.tree().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+impl Runtime for ProcessRuntime {
+    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<u32, RuntimeError>> {
+        async move {
+            let id = spec.deployment_id;
+            let (pid, cgroup_dir, mut child) = self.spawn(&spec)?;
+            let (tx, rx) = watch::channel(None);
+            let inst = Arc::new(Instance {
+                pid,
+                cgroup: cgroup_dir.clone(),
+                exit: rx,
+            });
+            self.instances().insert(id, inst);
+            tokio::spawn(async move {
+                let exit = match child.wait().await {
+                    Ok(status) => ExitInfo::from(status),
+                    Err(e) => {
+                        tracing::error!(deployment = %id, error = %e, "Lost track of process");
+                        ExitInfo::default()
+                    }
+                };
+                // What the main process leaves behind dies with it.
+                if let Some(dir) = &cgroup_dir {
+                    let _ = cgroup::kill_all(dir);
+                } else if let Ok(pgid) = i32::try_from(pid) {
+                    let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                }
+                let _ = tx.send(Some(exit));
+            });
+            Ok(pid)
+        }
+        .boxed()
+    }
+
+    fn wait(&self, id: Uuid) -> BoxFuture<'_, Result<ExitInfo, RuntimeError>> {
+        async move {
+            let inst = self.get(id).ok_or(RuntimeError::UnknownInstance(id))?;
+            let mut rx = inst.exit.clone();
+            let exit = rx
+                .wait_for(|e| e.is_some())
+                .await
+                .map(|e| e.unwrap_or_default())
+                .unwrap_or_default();
+            Ok(exit)
+        }
+        .boxed()
+    }
+
+    fn stop(
+        &self,
+        id: Uuid,
+        grace: Duration,
+    ) -> BoxFuture<'_, Result<Option<ExitInfo>, RuntimeError>> {
+        async move {
+            let Some(inst) = self.get(id) else {
+                return Ok(None);
+            };
+            let exit = Self::stop_instance(&inst, grace).await?;
+            self.instances().remove(&id);
+            Ok(Some(exit))
+        }
+        .boxed()
+    }
+
+    fn inspect(&self, id: Uuid) -> Option<InstanceInfo> {
+        let inst = self.get(id)?;
+        let exited = *inst.exit.borrow();
+        Some(InstanceInfo {
+            pid: inst.pid,
+            exited,
+            tree: inst.tree(),
+        })
+    }
+
+    fn logs_tail(&self, id: Uuid, lines: usize) -> BoxFuture<'_, String> {
+        let path = self.log_path(id);
+        async move {
+            tokio::task::spawn_blocking(move || tail(&path, lines, 8192))
+                .await
+                .unwrap_or_default()
+        }
+        .boxed()
+    }
+}
+
+/// The last `lines` lines of a file, reading at most `max_bytes` from its end.
+pub fn tail(path: &Path, lines: usize, max_bytes: u64) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max_bytes);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    if f.read_to_end(&mut buf).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().collect();
+    // Drop a first line cut in the middle by the byte window.
+    let skip = usize::from(start > 0 && all.len() > 1);
+    let from = all.len().saturating_sub(lines).max(skip);
+    all[from..].join("\n")
+}
