@@ -134,9 +134,10 @@ impl Config {
                     path: path.clone(),
                     message: e.to_string(),
                 })?;
-                let base = path
-                    .parent()
-                    .map(Path::to_path_buf)
+                // Absolute, so resolved paths stay right whatever directory a server runs in.
+                let base = std::path::absolute(path)
+                    .ok()
+                    .and_then(|p| p.parent().map(Path::to_path_buf))
                     .unwrap_or_else(|| PathBuf::from("."));
                 (file, base)
             }

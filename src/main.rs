@@ -48,6 +48,7 @@ async fn serve(args: switchboard::cli::ServeArgs) -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = Config::load(args.overrides())?;
     let listener = tokio::net::TcpListener::bind(config.listen)

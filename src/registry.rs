@@ -35,7 +35,9 @@ impl Transport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ToolSpec {
-    /// Unique name used in URLs: `^[a-z0-9][a-z0-9-]{0,62}$`.
+    /// Unique name used in URLs: `^[a-z0-9][a-z0-9-]{0,62}$`. (Optional in a PUT body, which
+    /// takes it from the URL.)
+    #[serde(default)]
     pub slug: String,
     /// Human-readable name; defaults to the slug.
     #[serde(default)]

@@ -1,0 +1,332 @@
+//! The REST API against a real server: tool CRUD, bad input, auth, OpenAPI.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{AppOptions, TestApp};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+fn assert_error(status: StatusCode, body: &Value, want_status: StatusCode, want_code: &str) {
+    assert_eq!(status, want_status, "{body}");
+    assert_eq!(body["error"]["code"], want_code, "{body}");
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(!msg.is_empty(), "error without message: {body}");
+}
+
+#[tokio::test]
+async fn tool_crud_round_trip() {
+    let app = TestApp::start().await;
+    let (st, t) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(
+                json!({"slug": "calc", "command": "/bin/calc", "args": ["--port", "{port}"],
+                        "env": {"MODE": "fast"}}),
+            ),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{t}");
+    assert_eq!(t["slug"], "calc");
+    assert_eq!(t["name"], "calc", "name defaults to the slug");
+    assert_eq!(t["transport"], "streamable-http");
+    assert_eq!(t["endpoint_path"], "/mcp");
+    assert_eq!(t["port_env"], "PORT");
+    assert_eq!(t["stop_grace_period_ms"], 10000);
+    assert_eq!(t["replicas"], 1);
+
+    let (st, list) = app.call("GET", "/api/v1/tools", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+
+    let (st, t2) = app
+        .call(
+            "PUT",
+            "/api/v1/tools/calc",
+            Some(json!({"command": "/bin/calc2", "replicas": 3})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{t2}");
+    assert_eq!(t2["command"], "/bin/calc2");
+    assert_eq!(t2["replicas"], 3);
+    assert_eq!(t2["id"], t["id"], "PUT keeps the tool's identity");
+
+    let (st, got) = app.call("GET", "/api/v1/tools/calc", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(got["command"], "/bin/calc2");
+
+    let (st, _) = app.call("DELETE", "/api/v1/tools/calc", None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, body) = app.call("GET", "/api/v1/tools/calc", None).await;
+    assert_error(st, &body, StatusCode::NOT_FOUND, "tool_not_found");
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_4xx_json_errors() {
+    let app = TestApp::start().await;
+
+    let (st, b) = app
+        .raw(
+            "POST",
+            "/api/v1/tools",
+            Some("application/json"),
+            b"{\"slug\": ",
+        )
+        .await;
+    assert_error(st, &b, StatusCode::BAD_REQUEST, "invalid_json");
+
+    let (st, b) = app
+        .raw(
+            "POST",
+            "/api/v1/tools",
+            Some("application/json"),
+            b"\xff\xfe",
+        )
+        .await;
+    assert!(st.is_client_error(), "{st} {b}");
+
+    let (st, b) = app.raw("POST", "/api/v1/tools", None, b"{}").await;
+    assert_error(
+        st,
+        &b,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
+
+    let (st, b) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({"slug": "a", "command": 5})),
+        )
+        .await;
+    assert_error(st, &b, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+
+    let (st, b) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({"slug": "a", "command": "x", "replicas": -1})),
+        )
+        .await;
+    assert_error(st, &b, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+
+    let (st, b) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({"slug": "a", "command": "x", "colour": "red"})),
+        )
+        .await;
+    assert_error(st, &b, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("colour"),
+        "{b}"
+    );
+
+    for bad in ["Bad_Slug", "-lead", "", "a/b", &"x".repeat(64)] {
+        let (st, b) = app
+            .call(
+                "POST",
+                "/api/v1/tools",
+                Some(json!({"slug": bad, "command": "x"})),
+            )
+            .await;
+        assert_error(st, &b, StatusCode::UNPROCESSABLE_ENTITY, "invalid_tool");
+        assert!(
+            b["error"]["message"].as_str().unwrap().contains("slug"),
+            "{b}"
+        );
+    }
+
+    let (st, b) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({"slug": "a", "command": "x", "replicas": 0})),
+        )
+        .await;
+    assert_error(st, &b, StatusCode::UNPROCESSABLE_ENTITY, "invalid_tool");
+
+    let (st, b) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({"slug": "a", "command": "x", "transport": "smoke-signals"})),
+        )
+        .await;
+    assert_error(st, &b, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+
+    let (st, _) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({"slug": "dup", "command": "x"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (st, b) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({"slug": "dup", "command": "y"})),
+        )
+        .await;
+    assert_error(st, &b, StatusCode::CONFLICT, "tool_exists");
+    let (_, still) = app.call("GET", "/api/v1/tools/dup", None).await;
+    assert_eq!(still["command"], "x", "a refused duplicate changes nothing");
+
+    let (st, b) = app
+        .call(
+            "PUT",
+            "/api/v1/tools/dup",
+            Some(json!({"slug": "other", "command": "y"})),
+        )
+        .await;
+    assert_error(st, &b, StatusCode::UNPROCESSABLE_ENTITY, "invalid_tool");
+    let (st, b) = app
+        .call("PUT", "/api/v1/tools/nope", Some(json!({"command": "y"})))
+        .await;
+    assert_error(st, &b, StatusCode::NOT_FOUND, "tool_not_found");
+
+    let (st, b) = app
+        .call("GET", "/api/v1/deployments/not-a-uuid", None)
+        .await;
+    assert_error(st, &b, StatusCode::NOT_FOUND, "deployment_not_found");
+    let (st, b) = app
+        .call(
+            "POST",
+            "/api/v1/deployments/00000000-0000-4000-8000-000000000000/stop",
+            None,
+        )
+        .await;
+    assert_error(st, &b, StatusCode::NOT_FOUND, "deployment_not_found");
+    let (st, b) = app
+        .call("POST", "/api/v1/tools/ghost/deployments", None)
+        .await;
+    assert_error(st, &b, StatusCode::NOT_FOUND, "tool_not_found");
+    let (st, b) = app.call("DELETE", "/api/v1/tools/ghost", None).await;
+    assert_error(st, &b, StatusCode::NOT_FOUND, "tool_not_found");
+
+    let (st, b) = app
+        .call("GET", "/api/v1/deployments?status=SLEEPING", None)
+        .await;
+    assert_error(st, &b, StatusCode::BAD_REQUEST, "invalid_query");
+    let (st, b) = app
+        .call("GET", "/api/v1/deployments?colour=red", None)
+        .await;
+    assert_error(st, &b, StatusCode::BAD_REQUEST, "invalid_query");
+    let (st, b) = app
+        .call("POST", "/api/v1/tools/dup/deployments?wait=maybe", None)
+        .await;
+    assert_error(st, &b, StatusCode::BAD_REQUEST, "invalid_query");
+
+    let (st, b) = app.call("GET", "/api/v1/nothing-here", None).await;
+    assert_error(st, &b, StatusCode::NOT_FOUND, "not_found");
+    let (st, b) = app.call("PATCH", "/api/v1/tools", None).await;
+    assert_error(st, &b, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+
+    // The server is still fine after all of that.
+    let (st, _) = app.call("GET", "/healthz", None).await;
+    assert_eq!(st, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn stdio_tools_register_but_refuse_to_deploy() {
+    let app = TestApp::start().await;
+    let (st, t) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({"slug": "io", "command": "x", "transport": "stdio"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{t}");
+    let (st, b) = app.call("POST", "/api/v1/tools/io/deployments", None).await;
+    assert_error(
+        st,
+        &b,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unsupported_transport",
+    );
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("stdio"),
+        "{b}"
+    );
+    let (_, ds) = app.call("GET", "/api/v1/deployments", None).await;
+    assert_eq!(ds, json!([]), "a refused deploy leaves no record");
+}
+
+#[tokio::test]
+async fn token_guards_the_api_but_not_healthz() {
+    let app = TestApp::with(AppOptions {
+        token: Some("let-me-in".into()),
+        ..Default::default()
+    })
+    .await;
+    let anon = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = anon
+        .get(format!("{}/api/v1/tools", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["code"], "unauthorized");
+    assert!(!b.to_string().contains("let-me-in"));
+
+    let r = anon
+        .get(format!("{}/api/v1/tools", app.url))
+        .bearer_auth("let-me-out")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    let r = anon
+        .get(format!("{}/healthz", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    // The harness client sends the right token.
+    let (st, _) = app.call("GET", "/api/v1/tools", None).await;
+    assert_eq!(st, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn openapi_describes_every_route() {
+    let app = TestApp::start().await;
+    let (st, doc) = app.call("GET", "/api/v1/openapi.json", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3."),
+        "{}",
+        doc["openapi"]
+    );
+    let paths = doc["paths"].as_object().unwrap();
+    let want = [
+        ("/api/v1/tools", "get"),
+        ("/api/v1/tools", "post"),
+        ("/api/v1/tools/{slug}", "get"),
+        ("/api/v1/tools/{slug}", "put"),
+        ("/api/v1/tools/{slug}", "delete"),
+        ("/api/v1/tools/{slug}/deployments", "post"),
+        ("/api/v1/deployments", "get"),
+        ("/api/v1/deployments/{id}", "get"),
+        ("/api/v1/deployments/{id}/stop", "post"),
+    ];
+    for (path, method) in want {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} missing"
+        );
+    }
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for s in ["Tool", "ToolSpec", "Deployment", "ErrorBody"] {
+        assert!(schemas.contains_key(s), "schema {s} missing");
+    }
+}

@@ -1,0 +1,324 @@
+//! Test harness: a real Switchboard on a port-0 listener with a temporary data directory, the
+//! repo's test MCP server, and helpers to look at real processes.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use switchboard::{config::Config, ports::PortRange};
+use tokio::{sync::oneshot, task::JoinHandle};
+
+/// The `switchboard` binary: the launch shim for in-process servers, and the CLI under test.
+pub fn switchboard_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_switchboard"))
+}
+
+/// The repo's test MCP server, built by `cargo build --workspace` (scripts/test does it).
+pub fn test_server_bin() -> PathBuf {
+    let exe = switchboard_bin();
+    let path = exe.parent().unwrap().join("mcp-test-server");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --workspace` (scripts/test does this)",
+        path.display()
+    );
+    path
+}
+
+/// A port range of `n` ports that no other test is likely to pick.
+pub fn port_range(n: u16) -> PortRange {
+    let r = u16::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..2].try_into().unwrap());
+    let start = 20_000 + (r % 1000) * 10;
+    PortRange::new(start, start + n - 1).unwrap()
+}
+
+pub struct TestApp {
+    pub url: String,
+    pub http: reqwest::Client,
+    pub data_dir: tempfile::TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub struct AppOptions {
+    pub ports: PortRange,
+    pub token: Option<String>,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        AppOptions {
+            ports: port_range(10),
+            token: None,
+        }
+    }
+}
+
+impl TestApp {
+    pub async fn start() -> TestApp {
+        Self::with(AppOptions::default()).await
+    }
+
+    pub async fn with(opts: AppOptions) -> TestApp {
+        let data_dir = tempfile::tempdir().unwrap();
+        Self::start_in(data_dir, opts).await
+    }
+
+    /// Starts on an existing data directory (to test what survives a restart).
+    pub async fn start_in(data_dir: tempfile::TempDir, opts: AppOptions) -> TestApp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let config = Config {
+            listen: listener.local_addr().unwrap(),
+            data_dir: data_dir.path().to_path_buf(),
+            port_range: opts.ports,
+            api_token: opts.token.clone(),
+            tools: Vec::new(),
+            launcher: Some(switchboard_bin()),
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(switchboard::server::run(listener, config, async move {
+            let _ = rx.await;
+        }));
+        let mut http = reqwest::Client::builder().no_proxy();
+        if let Some(t) = &opts.token {
+            let mut h = reqwest::header::HeaderMap::new();
+            h.insert(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {t}").parse().unwrap(),
+            );
+            http = http.default_headers(h);
+        }
+        let app = TestApp {
+            url,
+            http: http.build().unwrap(),
+            data_dir,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        };
+        app.wait_until_up().await;
+        app
+    }
+
+    async fn wait_until_up(&self) {
+        eventually(Duration::from_secs(20), || async {
+            self.http
+                .get(format!("{}/healthz", self.url))
+                .send()
+                .await
+                .is_ok()
+        })
+        .await;
+    }
+
+    /// Graceful shutdown (what SIGTERM does), returning the data directory.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.shutdown_inner().await;
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.data_dir, dir)
+    }
+
+    async fn shutdown_inner(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap().unwrap();
+        }
+    }
+
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(m, format!("{}{path}", self.url));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{method} {path}: non-JSON body ({e}): {text}"))
+        };
+        (status, v)
+    }
+
+    /// Sends raw bytes as the body, with an optional content type.
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        ctype: Option<&str>,
+        body: &'static [u8],
+    ) -> (StatusCode, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self
+            .http
+            .request(m, format!("{}{path}", self.url))
+            .body(body);
+        if let Some(c) = ctype {
+            req = req.header("content-type", c);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let v = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {path}: non-JSON body ({e}): {text}"));
+        (status, v)
+    }
+
+    /// Registers a tool that runs the test server with extra arguments.
+    pub async fn add_test_tool(&self, slug: &str, extra_args: &[&str], extra: Value) -> Value {
+        let mut args = vec!["--port".to_owned(), "{port}".to_owned()];
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+        let mut body = serde_json::json!({
+            "slug": slug,
+            "command": test_server_bin(),
+            "args": args,
+            "startup_timeout_ms": 15000,
+            "stop_grace_period_ms": 2000,
+        });
+        if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+            b.extend(e);
+        }
+        let (st, v) = self.call("POST", "/api/v1/tools", Some(body)).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        v
+    }
+
+    pub async fn deploy_wait(&self, slug: &str) -> Value {
+        let (st, d) = self
+            .call(
+                "POST",
+                &format!("/api/v1/tools/{slug}/deployments?wait=true"),
+                None,
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{d}");
+        d
+    }
+
+    pub async fn deployment(&self, id: &str) -> Value {
+        let (st, d) = self
+            .call("GET", &format!("/api/v1/deployments/{id}"), None)
+            .await;
+        assert_eq!(st, StatusCode::OK, "{d}");
+        d
+    }
+
+    pub async fn stop_deployment(&self, id: &str) -> Value {
+        let (st, d) = self
+            .call("POST", &format!("/api/v1/deployments/{id}/stop"), None)
+            .await;
+        assert_eq!(st, StatusCode::OK, "{d}");
+        d
+    }
+
+    /// Polls a deployment until its status is `want`.
+    pub async fn wait_status(&self, id: &str, want: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let d = self.deployment(id).await;
+            if d["status"] == want {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "deployment never became {want}: {d}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.path().join("switchboard.db")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Waits until `cond` holds, failing the test after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether a process exists and is not a zombie (a zombie has exited; only its parent's
+/// bookkeeping remains, and on hosts whose init does not reap, that can last).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .unwrap_or("?");
+            state != "Z" && state != "X"
+        }
+        Err(_) => false,
+    }
+}
+
+/// Pids written by the test server's `--pid-file` (its own, then its grandchildren's).
+pub fn read_pids(path: &std::path::Path) -> Vec<u32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// A real MCP tool call (modern era, plain JSON-RPC over HTTP) to the test server's `whoami`.
+pub async fn whoami(endpoint: &str) -> Value {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": "whoami", "arguments": {}, "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}
+        }}
+    });
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(endpoint)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "whoami")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let text = resp.text().await.unwrap();
+    let data = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(str::trim)
+        .find(|d| d.contains("\"result\""))
+        .unwrap_or_else(|| panic!("no result in {text}"));
+    let msg: Value = serde_json::from_str(data).unwrap();
+    let inner = msg["result"]["content"][0]["text"].as_str().unwrap();
+    serde_json::from_str(inner).unwrap()
+}

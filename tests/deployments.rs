@@ -1,0 +1,319 @@
+//! Deployments of the real test server through the real API: records, lifecycle, failures,
+//! ports and stop.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{AppOptions, TestApp, alive, port_range, read_pids, whoami};
+use reqwest::StatusCode;
+use serde_json::json;
+
+#[tokio::test]
+async fn deployment_record_lifecycle_and_identity() {
+    let app = TestApp::start().await;
+    app.add_test_tool("ident", &[], json!({})).await;
+
+    let (st, d) = app
+        .call("POST", "/api/v1/tools/ident/deployments", None)
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{d}");
+    let id = d["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        d["status"], "STARTING",
+        "a new deployment starts as STARTING: {d}"
+    );
+    assert_eq!(d["health_status"], "UNKNOWN");
+    assert!(d["stopped_at"].is_null());
+    assert!(d["deployed_at"].is_string());
+    let port = d["port"].as_u64().unwrap() as u16;
+    assert_eq!(d["endpoint_url"], format!("http://127.0.0.1:{port}/mcp"));
+    assert!(d["pid"].as_u64().is_some(), "pid recorded at spawn: {d}");
+
+    // The record was committed before the API answered: it is in the file now.
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.db_path().display()))
+        .await
+        .unwrap();
+    let (status,): (String,) = sqlx::query_as("SELECT status FROM deployments WHERE id = ?")
+        .bind(&id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(status == "STARTING" || status == "RUNNING", "{status}");
+
+    let d = app.wait_status(&id, "RUNNING").await;
+    assert_eq!(d["health_status"], "HEALTHY");
+    assert!(d["last_health_check"].is_string());
+
+    let who = whoami(d["endpoint_url"].as_str().unwrap()).await;
+    assert_eq!(who["tool"], "ident");
+    assert_eq!(who["deployment"], id.as_str());
+    assert_eq!(who["pid"], d["pid"]);
+    assert_eq!(who["port"], port);
+
+    let pid = d["pid"].as_u64().unwrap() as u32;
+    let stopped = app.stop_deployment(&id).await;
+    assert_eq!(stopped["status"], "STOPPED");
+    assert!(stopped["stopped_at"].is_string());
+    assert!(!alive(pid), "process {pid} survived stop");
+    let again = app.stop_deployment(&id).await;
+    assert_eq!(
+        again, stopped,
+        "stopping a stopped deployment returns the same record"
+    );
+
+    let (st, listed) = app
+        .call("GET", "/api/v1/deployments?tool=ident&status=stopped", None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let (_, none) = app
+        .call("GET", "/api/v1/deployments?status=RUNNING,STARTING", None)
+        .await;
+    assert_eq!(none, json!([]));
+}
+
+#[tokio::test]
+async fn wait_answers_when_running() {
+    let app = TestApp::start().await;
+    app.add_test_tool("slow", &["--startup-delay-ms", "700"], json!({}))
+        .await;
+    let d = app.deploy_wait("slow").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    assert_eq!(d["health_status"], "HEALTHY");
+}
+
+#[tokio::test]
+async fn exit_during_startup_fails_with_reason_and_log() {
+    let app = TestApp::start().await;
+    app.add_test_tool(
+        "quitter",
+        &["--startup-delay-ms", "60000", "--exit-after-ms", "200"],
+        json!({}),
+    )
+    .await;
+    let d = app.deploy_wait("quitter").await;
+    assert_eq!(d["status"], "FAILED", "{d}");
+    assert_eq!(d["exit_code"], 3);
+    let err = d["error"].as_str().unwrap();
+    assert!(err.contains("exited during startup"), "{err}");
+    assert!(
+        err.contains("exiting after 200 ms as asked"),
+        "log tail missing: {err}"
+    );
+    assert!(d["stopped_at"].is_string());
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_times_out() {
+    let app = TestApp::start().await;
+    app.add_test_tool(
+        "mute",
+        &["--never-ready", "--pid-file"],
+        json!({"startup_timeout_ms": 1500}),
+    )
+    .await;
+    // --pid-file needs a value; put it through PUT to keep add_test_tool simple.
+    let pids = app.data_dir.path().join("mute.pids");
+    let (st, _) = app
+        .call(
+            "PUT",
+            "/api/v1/tools/mute",
+            Some(json!({"command": common::test_server_bin(),
+                        "args": ["--port", "{port}", "--never-ready", "--pid-file", pids],
+                        "startup_timeout_ms": 1500})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let d = app.deploy_wait("mute").await;
+    assert_eq!(d["status"], "FAILED", "{d}");
+    let err = d["error"].as_str().unwrap();
+    assert!(
+        err.contains("did not answer an MCP request within 1.5 s"),
+        "{err}"
+    );
+    let pid = read_pids(&pids)[0];
+    common::eventually(Duration::from_secs(10), || async { !alive(pid) }).await;
+}
+
+#[tokio::test]
+async fn a_missing_command_fails_clearly() {
+    let app = TestApp::start().await;
+    let (st, _) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({"slug": "ghost", "command": "/nonexistent/mcp-server"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let d = app.deploy_wait("ghost").await;
+    assert_eq!(d["status"], "FAILED", "{d}");
+    let err = d["error"].as_str().unwrap();
+    assert!(err.contains("/nonexistent/mcp-server"), "{err}");
+    assert!(err.contains("No such file"), "{err}");
+
+    let (st, _) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({"slug": "nowhere", "command": "true", "working_dir": "/nonexistent/dir"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let d = app.deploy_wait("nowhere").await;
+    assert_eq!(d["status"], "FAILED", "{d}");
+    assert!(
+        d["error"].as_str().unwrap().contains("/nonexistent/dir"),
+        "{d}"
+    );
+}
+
+#[tokio::test]
+async fn a_crash_after_start_is_recorded_and_frees_the_port() {
+    let app = TestApp::with(AppOptions {
+        ports: port_range(1),
+        ..Default::default()
+    })
+    .await;
+    app.add_test_tool("crashy", &["--exit-after-ms", "1500"], json!({}))
+        .await;
+    let d = app.deploy_wait("crashy").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let id = d["id"].as_str().unwrap();
+    let d = app.wait_status(id, "FAILED").await;
+    assert_eq!(d["exit_code"], 3);
+    assert!(
+        d["error"].as_str().unwrap().contains("exited unexpectedly"),
+        "{d}"
+    );
+    // The only port is free again.
+    app.add_test_tool("next", &[], json!({})).await;
+    let n = app.deploy_wait("next").await;
+    assert_eq!(n["status"], "RUNNING", "{n}");
+    assert_eq!(n["port"], d["port"]);
+}
+
+#[tokio::test]
+async fn ports_exhaust_clearly_and_are_reused_after_stop() {
+    let range = port_range(2);
+    let app = TestApp::with(AppOptions {
+        ports: range.clone(),
+        ..Default::default()
+    })
+    .await;
+    app.add_test_tool("p", &[], json!({})).await;
+    let a = app.deploy_wait("p").await;
+    let b = app.deploy_wait("p").await;
+    assert_ne!(a["port"], b["port"]);
+    let resp = app
+        .http
+        .post(format!("{}/api/v1/tools/p/deployments", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "ports_exhausted");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&range.to_string()),
+        "{body}"
+    );
+    let (_, all) = app.call("GET", "/api/v1/deployments", None).await;
+    assert_eq!(
+        all.as_array().unwrap().len(),
+        2,
+        "a refused deploy leaves no record"
+    );
+
+    app.stop_deployment(a["id"].as_str().unwrap()).await;
+    let c = app.deploy_wait("p").await;
+    assert_eq!(c["status"], "RUNNING", "{c}");
+    assert_eq!(c["port"], a["port"], "the released port is reused");
+}
+
+#[tokio::test]
+async fn a_port_held_by_another_process_is_skipped() {
+    let range = port_range(2);
+    let _squatter = std::net::TcpListener::bind(("127.0.0.1", range.start)).unwrap();
+    let app = TestApp::with(AppOptions {
+        ports: range.clone(),
+        ..Default::default()
+    })
+    .await;
+    app.add_test_tool("s", &[], json!({})).await;
+    let d = app.deploy_wait("s").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    assert_eq!(d["port"], range.end);
+}
+
+#[tokio::test]
+async fn a_tool_with_live_deployments_cannot_be_deleted() {
+    let app = TestApp::start().await;
+    app.add_test_tool("busy", &[], json!({})).await;
+    let d = app.deploy_wait("busy").await;
+    let (st, b) = app.call("DELETE", "/api/v1/tools/busy", None).await;
+    assert_eq!(st, StatusCode::CONFLICT, "{b}");
+    assert_eq!(b["error"]["code"], "tool_in_use");
+    app.stop_deployment(d["id"].as_str().unwrap()).await;
+    let (st, _) = app.call("DELETE", "/api/v1/tools/busy", None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_stops_every_deployment() {
+    let app = TestApp::start().await;
+    let pids = app.data_dir.path().join("tree.pids");
+    app.add_test_tool(
+        "tree",
+        &[
+            "--grandchild",
+            "--setsid-grandchild",
+            "--ignore-sigterm",
+            "--pid-file",
+            pids.to_str().unwrap(),
+        ],
+        json!({"stop_grace_period_ms": 300}),
+    )
+    .await;
+    app.add_test_tool("plain", &[], json!({})).await;
+    let t = app.deploy_wait("tree").await;
+    let p = app.deploy_wait("plain").await;
+    let plain_pid = p["pid"].as_u64().unwrap() as u32;
+    let tree_pids = read_pids(&pids);
+    assert_eq!(
+        tree_pids.len(),
+        3,
+        "server and two grandchildren: {tree_pids:?}"
+    );
+    let data_dir = app.stop().await;
+
+    for pid in tree_pids.iter().chain([&plain_pid]) {
+        assert!(
+            !alive(*pid),
+            "process {pid} outlived Switchboard's shutdown"
+        );
+    }
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        data_dir.path().join("switchboard.db").display()
+    ))
+    .await
+    .unwrap();
+    let rows: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("SELECT id, status, stopped_at FROM deployments")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 2);
+    for (id, status, stopped_at) in rows {
+        assert_eq!(status, "STOPPED", "{id}");
+        assert!(stopped_at.is_some(), "{id}");
+    }
+    let _ = t;
+}
