@@ -362,7 +362,7 @@ impl Manager {
 
     /// Probes until the server answers or the deadline passes; the error is the last failure.
     async fn wait_ready(&self, url: &str, deadline: Instant) -> Result<(), String> {
-        let mut delay = Duration::from_millis(10);
+        let mut delay = Duration::from_millis(5);
         let mut last = String::from("no probe completed");
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -376,7 +376,7 @@ impl Manager {
             last = r.error.unwrap_or_default();
             let remaining = deadline.saturating_duration_since(Instant::now());
             tokio::time::sleep(delay.min(remaining)).await;
-            delay = (delay * 2).min(Duration::from_millis(250));
+            delay = (delay * 3 / 2).min(Duration::from_millis(250));
         }
     }
 

@@ -62,7 +62,7 @@ pub struct ToolSpec {
     /// Path of the MCP endpoint on the server.
     #[serde(default = "default_endpoint_path")]
     pub endpoint_path: String,
-    /// Environment variable that receives the port; `null` sets none.
+    /// Environment variable that receives the port; `null` or `""` sets none.
     #[serde(default = "default_port_env")]
     pub port_env: Option<String>,
     /// How long a new deployment may take to answer its first MCP request.
@@ -169,6 +169,10 @@ impl ToolSpec {
                     format!("the value of '{k}' contains a NUL byte"),
                 ));
             }
+        }
+        if self.port_env.as_deref() == Some("") {
+            // TOML has no null: an empty name is how a config file says "no port variable".
+            self.port_env = None;
         }
         if let Some(name) = &self.port_env
             && !valid_env_name(name)

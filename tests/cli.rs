@@ -1,0 +1,346 @@
+//! End to end through the `switchboard` binary: `serve` as a real process, driven by the CLI.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use common::{alive, port_range, read_pids, switchboard_bin, test_server_bin};
+use serde_json::Value;
+
+struct Serve {
+    child: Child,
+    url: String,
+    log: mpsc::Receiver<String>,
+}
+
+impl Serve {
+    fn start(data_dir: &Path, extra: &[&str]) -> Serve {
+        let range = port_range(5).to_string();
+        let mut child = Command::new(switchboard_bin())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--port-range",
+                &range,
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env_remove("SWITCHBOARD_API_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[serve] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let url = loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("switchboard serve did not report its address");
+            if let Some((_, rest)) = line.split_once("listening on ") {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        Serve {
+            child,
+            url,
+            log: rx,
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(switchboard_bin())
+            .arg("--url")
+            .arg(&self.url)
+            .args(args)
+            .env_remove("SWITCHBOARD_TOKEN")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.cli(args);
+        assert!(ok, "switchboard {args:?} failed:\n{out}\n{err}");
+        out
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    fn wait(mut self) -> std::process::ExitStatus {
+        for _ in 0..300 {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("switchboard serve did not exit");
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn serve_add_deploy_ps_stop_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let sb = Serve::start(dir.path(), &[]);
+    let server = test_server_bin();
+
+    let out = sb.ok(&[
+        "tool",
+        "add",
+        "demo",
+        "--name",
+        "Demo",
+        "-e",
+        "GREETING=hi",
+        "--",
+        server.to_str().unwrap(),
+        "--port",
+        "{port}",
+    ]);
+    assert!(out.contains("Registered tool 'demo'"), "{out}");
+    let list = sb.ok(&["tool", "list"]);
+    assert!(
+        list.contains("demo") && list.contains("streamable-http"),
+        "{list}"
+    );
+    let shown = sb.json(&["tool", "show", "demo"]);
+    assert_eq!(shown["args"], serde_json::json!(["--port", "{port}"]));
+    assert_eq!(shown["env"]["GREETING"], "hi");
+
+    let d = sb.json(&["deploy", "demo", "--wait"]);
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let id = d["id"].as_str().unwrap().to_owned();
+    let table = sb.ok(&["ps"]);
+    let short = id.replace('-', "")[..12].to_owned();
+    assert!(
+        table.contains(&short) && table.contains("RUNNING") && table.contains("HEALTHY"),
+        "{table}"
+    );
+
+    // Stop by the short id `ps` shows.
+    let (ok, out, err) = sb.cli(&["stop", &short[..8]]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("STOPPED"), "{out}");
+    assert!(!alive(d["pid"].as_u64().unwrap() as u32));
+    assert!(
+        !sb.ok(&["ps"]).contains(&short),
+        "ps hides stopped deployments"
+    );
+    assert!(sb.ok(&["ps", "--all"]).contains(&short));
+
+    // Errors are one clear line and a failing exit code.
+    let (ok, _, err) = sb.cli(&["deploy", "nope"]);
+    assert!(!ok);
+    assert!(
+        err.contains("no tool with slug 'nope'") && err.contains("tool_not_found"),
+        "{err}"
+    );
+    let (ok, _, err) = sb.cli(&["stop", "zzzz"]);
+    assert!(!ok);
+    assert!(err.contains("no deployment"), "{err}");
+
+    sb.ok(&["tool", "rm", "demo"]);
+    assert!(!sb.ok(&["tool", "list"]).contains("demo"));
+
+    // A deployment left running is stopped when serve gets SIGTERM.
+    sb.ok(&[
+        "tool",
+        "add",
+        "again",
+        "--",
+        server.to_str().unwrap(),
+        "--port",
+        "{port}",
+    ]);
+    let d = sb.json(&["deploy", "again", "--wait"]);
+    let pid = d["pid"].as_u64().unwrap() as u32;
+    sb.signal(nix::sys::signal::Signal::SIGTERM);
+    let st = sb.wait();
+    assert!(st.success(), "serve exited with {st}");
+    assert!(!alive(pid), "deployment outlived serve");
+}
+
+#[test]
+fn an_unreachable_server_is_reported_clearly() {
+    let out = Command::new(switchboard_bin())
+        .args(["--url", "http://127.0.0.1:1", "ps"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach Switchboard"), "{err}");
+}
+
+#[test]
+fn a_killed_switchboard_leaves_no_orphans_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("tree.pids");
+    let sb = Serve::start(dir.path(), &[]);
+    sb.ok(&[
+        "tool",
+        "add",
+        "tree",
+        "--",
+        test_server_bin().to_str().unwrap(),
+        "--port",
+        "{port}",
+        "--setsid-grandchild",
+        "--pid-file",
+        pids.to_str().unwrap(),
+    ]);
+    let d = sb.json(&["deploy", "tree", "--wait"]);
+    assert_eq!(d["status"], "RUNNING");
+    let id = d["id"].as_str().unwrap().to_owned();
+    sb.signal(nix::sys::signal::Signal::SIGKILL);
+    sb.wait();
+    let tree = read_pids(&pids);
+    assert_eq!(tree.len(), 2);
+    assert!(
+        tree.iter().all(|p| alive(*p)),
+        "SIGKILL of switchboard does not reach its children"
+    );
+
+    let sb = Serve::start(dir.path(), &[]);
+    for pid in &tree {
+        assert!(!alive(*pid), "orphan {pid} survived the restart");
+    }
+    let d = sb.json(&["ps", "--all"]);
+    let rec = d
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(rec["status"], "FAILED", "{rec}");
+    assert!(
+        rec["error"]
+            .as_str()
+            .unwrap()
+            .contains("exited without stopping"),
+        "{rec}"
+    );
+    assert!(rec["stopped_at"].is_string());
+    // Its port is free again.
+    let again = sb.json(&["deploy", "tree", "--wait"]);
+    assert_eq!(again["status"], "RUNNING", "{again}");
+    assert!(sb.log.try_iter().all(|l| !l.contains("panicked")));
+}
+
+#[test]
+fn a_public_address_without_a_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(switchboard_bin())
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("SWITCHBOARD_API_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("without an API token"), "{err}");
+}
+
+#[test]
+fn one_data_directory_serves_one_switchboard() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Serve::start(dir.path(), &[]);
+    let out = Command::new(switchboard_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already using the data directory"), "{err}");
+}
+
+#[test]
+fn the_token_is_required_and_never_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "tok-8d1f2c0e9b";
+    let range = port_range(3).to_string();
+    let mut child = Command::new(switchboard_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--port-range",
+            &range,
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("SWITCHBOARD_API_TOKEN", token)
+        .env("RUST_LOG", "debug")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let url = loop {
+        let line = lines.next().unwrap().unwrap();
+        seen.push(line.clone());
+        if let Some((_, rest)) = line.split_once("listening on ") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let run = |tok: Option<&str>| {
+        let mut c = Command::new(switchboard_bin());
+        c.args(["--url", &url, "tool", "list"])
+            .env_remove("SWITCHBOARD_TOKEN");
+        if let Some(t) = tok {
+            c.env("SWITCHBOARD_TOKEN", t);
+        }
+        c.output().unwrap()
+    };
+    let denied = run(None);
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("unauthorized"));
+    assert!(run(Some(token)).status.success());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    seen.extend(lines.map_while(Result::ok));
+    child.wait().unwrap();
+    let all = seen.join("\n");
+    assert!(all.contains("Shutting down"), "{all}");
+    assert!(!all.contains(token), "the token appeared in the log");
+}

@@ -1,0 +1,111 @@
+//! Real third-party MCP servers deployed by Switchboard, and the health probe against both
+//! protocol eras.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::{path::PathBuf, time::Duration};
+
+use common::{TestApp, alive};
+use serde_json::json;
+use switchboard::{
+    deployment::HealthStatus,
+    health::{Era, Prober},
+};
+
+/// `@modelcontextprotocol/server-everything`, installed by scripts/test from tests/npm.
+fn server_everything() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/npm/node_modules/.bin/mcp-server-everything");
+    assert!(
+        bin.exists(),
+        "{} is missing: install the test servers with `npm ci --prefix tests/npm` \
+         (scripts/test does this; it needs Node.js and npm: `apt-get install nodejs npm`)",
+        bin.display()
+    );
+    bin
+}
+
+#[tokio::test]
+async fn server_everything_reaches_running_and_stops_cleanly() {
+    let app = TestApp::start().await;
+    let (st, t) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({
+                "slug": "everything",
+                "command": server_everything(),
+                "args": ["streamableHttp"],
+                "startup_timeout_ms": 60000,
+                "stop_grace_period_ms": 5000,
+            })),
+        )
+        .await;
+    assert_eq!(st.as_u16(), 201, "{t}");
+    let d = app.deploy_wait("everything").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    assert_eq!(d["health_status"], "HEALTHY");
+
+    let check = Prober::new()
+        .check(d["endpoint_url"].as_str().unwrap(), Duration::from_secs(10))
+        .await;
+    assert_eq!(check.status, HealthStatus::Healthy, "{check:?}");
+    assert_eq!(
+        check.era,
+        Some(Era::Legacy),
+        "server-everything speaks the 2025 era: {check:?}"
+    );
+    assert!(
+        check
+            .server_name
+            .as_deref()
+            .unwrap_or_default()
+            .contains("everything"),
+        "{check:?}"
+    );
+
+    let pid = d["pid"].as_u64().unwrap() as u32;
+    let s = app.stop_deployment(d["id"].as_str().unwrap()).await;
+    assert_eq!(s["status"], "STOPPED");
+    assert!(s["stopped_at"].is_string());
+    assert!(!alive(pid), "server-everything survived stop");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_probe_speaks_the_modern_era_to_a_dual_era_server() {
+    let app = TestApp::start().await;
+    app.add_test_tool("dual", &[], json!({})).await;
+    let d = app.deploy_wait("dual").await;
+    let check = Prober::new()
+        .check(d["endpoint_url"].as_str().unwrap(), Duration::from_secs(5))
+        .await;
+    assert_eq!(check.status, HealthStatus::Healthy, "{check:?}");
+    assert_eq!(check.era, Some(Era::Modern), "{check:?}");
+    assert_eq!(check.protocol_version.as_deref(), Some("2026-07-28"));
+    assert_eq!(
+        check.server_name.as_deref(),
+        Some("switchboard-test-server")
+    );
+}
+
+#[tokio::test]
+async fn the_probe_reports_a_dead_endpoint() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let check = Prober::new()
+        .check(
+            &format!("http://127.0.0.1:{port}/mcp"),
+            Duration::from_secs(2),
+        )
+        .await;
+    assert_eq!(check.status, HealthStatus::Unhealthy);
+    assert!(
+        check.error.unwrap().contains("connection"),
+        "connect errors are named"
+    );
+}
