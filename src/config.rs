@@ -8,11 +8,12 @@
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
 
-use crate::{ports::PortRange, registry::ToolSpec};
+use crate::{ports::PortRange, proxy::ProxyConfig, registry::ToolSpec};
 
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7300);
 
@@ -51,7 +52,59 @@ pub struct FileConfig {
     #[serde(default)]
     pub ports: PortsSection,
     #[serde(default)]
+    pub proxy: ProxySection,
+    #[serde(default)]
     pub tools: Vec<ToolSpec>,
+}
+
+/// `[proxy]`: how `/mcp/{slug}` forwards. Every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    pub connect_timeout_ms: Option<u64>,
+    pub header_timeout_ms: Option<u64>,
+    pub max_body_bytes: Option<u64>,
+    pub allowed_origins: Option<Vec<String>>,
+    pub session_idle_secs: Option<u64>,
+    pub max_sessions: Option<u64>,
+}
+
+impl ProxySection {
+    fn resolve(self) -> ProxyConfig {
+        let d = ProxyConfig::default();
+        ProxyConfig {
+            connect_timeout: self.connect_timeout_ms.map_or(d.connect_timeout, Duration::from_millis),
+            header_timeout: self.header_timeout_ms.map_or(d.header_timeout, Duration::from_millis),
+            max_body_bytes: self.max_body_bytes.unwrap_or(d.max_body_bytes),
+            allowed_origins: self.allowed_origins.unwrap_or(d.allowed_origins),
+            session_idle: self.session_idle_secs.map_or(d.session_idle, Duration::from_secs),
+            max_sessions: self.max_sessions.unwrap_or(d.max_sessions),
+        }
+    }
+}
+
+/// Limits at the edge, on every connection to Switchboard's listener.
+#[derive(Debug, Clone)]
+pub struct EdgeLimits {
+    /// A client must send its whole request head within this time (slowloris).
+    pub header_read_timeout: Duration,
+    /// More request headers than this get 431.
+    pub max_headers: usize,
+    /// A request head larger than this gets 431 (at least 8 KiB).
+    pub max_header_bytes: usize,
+    /// Connections beyond this wait in the kernel's accept queue.
+    pub max_connections: usize,
+}
+
+impl Default for EdgeLimits {
+    fn default() -> Self {
+        EdgeLimits {
+            header_read_timeout: Duration::from_secs(10),
+            max_headers: 100,
+            max_header_bytes: 64 * 1024,
+            max_connections: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -60,6 +113,10 @@ pub struct ServerSection {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub api_token_file: Option<PathBuf>,
+    pub header_read_timeout_ms: Option<u64>,
+    pub max_headers: Option<usize>,
+    pub max_header_bytes: Option<usize>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,6 +145,8 @@ pub struct Config {
     /// Never logged; see [`crate::api::ApiToken`].
     pub api_token: Option<String>,
     pub tools: Vec<ToolSpec>,
+    pub proxy: ProxyConfig,
+    pub edge: EdgeLimits,
     /// The executable that implements the launch shim; `None` means this one.
     pub launcher: Option<PathBuf>,
 }
@@ -144,7 +203,7 @@ impl Config {
             None => (FileConfig::default(), PathBuf::from(".")),
         };
         let listen = o.listen.or(file.server.listen).unwrap_or(DEFAULT_LISTEN);
-        let data_dir = match (o.data_dir, file.server.data_dir) {
+        let data_dir = match (o.data_dir, file.server.data_dir.clone()) {
             (Some(d), _) => d,
             (None, Some(d)) => resolve(&base, &d),
             (None, None) => default_data_dir(),
@@ -155,8 +214,8 @@ impl Config {
         ) {
             (Some(t), _) => Some(t.trim().to_owned()),
             (None, Some(f)) => Some(read_token_file(&f)?),
-            (None, None) => match file.server.api_token_file {
-                Some(f) => Some(read_token_file(&resolve(&base, &f))?),
+            (None, None) => match &file.server.api_token_file {
+                Some(f) => Some(read_token_file(&resolve(&base, f))?),
                 None => None,
             },
         };
@@ -176,12 +235,24 @@ impl Config {
                 t
             })
             .collect();
+        let d = EdgeLimits::default();
+        let s = &file.server;
+        let edge = EdgeLimits {
+            header_read_timeout: s
+                .header_read_timeout_ms
+                .map_or(d.header_read_timeout, Duration::from_millis),
+            max_headers: s.max_headers.unwrap_or(d.max_headers),
+            max_header_bytes: s.max_header_bytes.unwrap_or(d.max_header_bytes).max(8192),
+            max_connections: s.max_connections.unwrap_or(d.max_connections).max(1),
+        };
         Ok(Config {
             listen,
             data_dir,
             port_range: o.port_range.or(file.ports.range).unwrap_or_default(),
             api_token,
             tools,
+            proxy: file.proxy.resolve(),
+            edge,
             launcher: None,
         })
     }

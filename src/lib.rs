@@ -7,6 +7,7 @@ pub mod deployment;
 pub mod health;
 pub mod manager;
 pub mod ports;
+pub mod proxy;
 pub mod registry;
 pub mod runtime;
 pub mod server;

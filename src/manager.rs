@@ -31,6 +31,7 @@ use crate::{
     deployment::{Deployment, DeploymentStatus, ExitInfo, HealthStatus},
     health::Prober,
     ports::{PortAllocator, PortsExhausted},
+    proxy::routes::{Backend, RouteTable},
     registry::{SpecError, Tool, ToolSpec},
     runtime::{LaunchSpec, Runtime, RuntimeError},
     store::{DeleteTool, DeploymentFilter, Store, StoreError},
@@ -60,6 +61,8 @@ pub enum ManagerError {
     },
     #[error("switchboard is shutting down")]
     ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// Lines of a failed server's log quoted in its record's `error`.
@@ -68,6 +71,7 @@ const LOG_LINES_IN_ERROR: usize = 20;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Live {
+    slug: String,
     status: watch::Sender<DeploymentStatus>,
     port: Option<u16>,
     grace: Duration,
@@ -79,6 +83,7 @@ pub struct Manager {
     ports: PortAllocator,
     runtime: Arc<dyn Runtime>,
     prober: Prober,
+    routes: Arc<RouteTable>,
     advertise_host: String,
     live: Mutex<HashMap<Uuid, Live>>,
     tasks: TaskTracker,
@@ -99,12 +104,14 @@ impl Manager {
         ports: PortAllocator,
         runtime: Arc<dyn Runtime>,
         prober: Prober,
+        routes: Arc<RouteTable>,
     ) -> Arc<Manager> {
         Arc::new(Manager {
             store,
             ports,
             runtime,
             prober,
+            routes,
             advertise_host: "127.0.0.1".to_owned(),
             live: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
@@ -122,6 +129,18 @@ impl Manager {
 
     pub fn prober(&self) -> &Prober {
         &self.prober
+    }
+
+    pub fn routes(&self) -> &Arc<RouteTable> {
+        &self.routes
+    }
+
+    /// Puts every registered tool in the routing table (with no backends yet).
+    pub async fn load_routes(&self) -> Result<(), ManagerError> {
+        for t in self.store.list_tools().await? {
+            self.routes.add_tool(&t.spec.slug);
+        }
+        Ok(())
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Live>> {
@@ -169,6 +188,7 @@ impl Manager {
             match self.store.get_tool(&spec.slug).await? {
                 None => {
                     self.store.insert_tool(&spec).await?;
+                    self.routes.add_tool(&spec.slug);
                     applied.created += 1;
                 }
                 Some(t) if t.spec != spec => {
@@ -183,10 +203,12 @@ impl Manager {
 
     pub async fn create_tool(&self, spec: ToolSpec) -> Result<Tool, ManagerError> {
         let spec = spec.validate()?;
-        self.store.insert_tool(&spec).await.map_err(|e| match e {
+        let tool = self.store.insert_tool(&spec).await.map_err(|e| match e {
             StoreError::Conflict(_) => ManagerError::ToolExists(spec.slug.clone()),
             e => e.into(),
-        })
+        })?;
+        self.routes.add_tool(&spec.slug);
+        Ok(tool)
     }
 
     pub async fn update_tool(&self, spec: ToolSpec) -> Result<Tool, ManagerError> {
@@ -210,7 +232,10 @@ impl Manager {
 
     pub async fn delete_tool(&self, slug: &str) -> Result<(), ManagerError> {
         match self.store.delete_tool(slug).await? {
-            DeleteTool::Deleted => Ok(()),
+            DeleteTool::Deleted => {
+                self.routes.remove_tool(slug);
+                Ok(())
+            }
             DeleteTool::NotFound => Err(ManagerError::ToolNotFound(slug.to_owned())),
             DeleteTool::InUse(live) => Err(ManagerError::ToolInUse {
                 slug: slug.to_owned(),
@@ -289,6 +314,14 @@ impl Manager {
             error: None,
             updated_at: now,
         };
+        let authority = match http::uri::Authority::try_from(format!("{}:{port}", self.advertise_host)) {
+            Ok(a) => a,
+            Err(e) => {
+                self.ports.release(port);
+                return Err(ManagerError::Internal(format!("bad upstream authority: {e}")));
+            }
+        };
+        let backend = Backend::new(d.id, authority, spec.endpoint_path.clone());
         if let Err(e) = self.store.insert_deployment(&d).await {
             self.ports.release(port);
             return Err(e.into());
@@ -297,6 +330,7 @@ impl Manager {
         self.live().insert(
             d.id,
             Live {
+                slug: spec.slug.clone(),
                 status: status_tx,
                 port: Some(port),
                 grace: Duration::from_millis(spec.stop_grace_period_ms),
@@ -311,8 +345,9 @@ impl Manager {
                 tracing::info!(deployment = %d.id, tool = %spec.slug, pid, port, "Deployment starting");
                 let this = Arc::clone(self);
                 let startup = Duration::from_millis(spec.startup_timeout_ms);
-                self.tasks
-                    .spawn(async move { this.supervise(d.id, d.endpoint_url, startup).await });
+                self.tasks.spawn(async move {
+                    this.supervise(d.id, d.endpoint_url, startup, backend).await
+                });
             }
             Err(e) => {
                 tracing::warn!(deployment = %d.id, tool = %spec.slug, error = %e, "Deployment could not start");
@@ -324,7 +359,7 @@ impl Manager {
     }
 
     /// Watches one deployment from spawn to exit.
-    async fn supervise(self: Arc<Self>, id: Uuid, url: String, startup: Duration) {
+    async fn supervise(self: Arc<Self>, id: Uuid, url: String, startup: Duration, backend: Backend) {
         let exit = self.runtime.wait(id);
         tokio::pin!(exit);
         let deadline = Instant::now() + startup;
@@ -335,7 +370,15 @@ impl Manager {
         match ready {
             Ok(()) => match self.store.mark_running(id).await {
                 Ok(true) => {
-                    self.publish(id, DeploymentStatus::Running);
+                    {
+                        // Under the live lock, so a stop that starts now either sees the route
+                        // (and removes it) or has already marked `stopping` (and none is added).
+                        let live = self.live();
+                        if let Some(l) = live.get(&id).filter(|l| !l.stopping) {
+                            l.status.send_replace(DeploymentStatus::Running);
+                            self.routes.add_backend(&l.slug, backend);
+                        }
+                    }
                     tracing::info!(deployment = %id, "Deployment running");
                 }
                 Ok(false) => {}
@@ -416,6 +459,7 @@ impl Manager {
         if won {
             let live = self.live().remove(&id);
             if let Some(live) = live {
+                self.routes.remove_backend(&live.slug, id);
                 if let Some(p) = live.port {
                     self.ports.release(p);
                 }
@@ -423,12 +467,6 @@ impl Manager {
             }
         }
         Ok(won)
-    }
-
-    fn publish(&self, id: Uuid, status: DeploymentStatus) {
-        if let Some(l) = self.live().get(&id) {
-            l.status.send_replace(status);
-        }
     }
 
     pub async fn get_deployment(&self, id: Uuid) -> Result<Deployment, ManagerError> {
@@ -457,6 +495,8 @@ impl Manager {
             match live.get_mut(&id) {
                 Some(l) => {
                     l.stopping = true;
+                    // New requests stop reaching it now, not after the grace period.
+                    self.routes.remove_backend(&l.slug, id);
                     Some(l.grace)
                 }
                 None => None,

@@ -4,18 +4,24 @@
 //! The shape is mini-redis's `server::run(listener, shutdown)`: tests bind port 0, pass the
 //! listener in, and talk to the real thing.
 
-use std::{future::Future, path::Path, sync::Arc};
+use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use axum::{Router, extract::ConnectInfo};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
 use nix::fcntl::{Flock, FlockArg};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 
 use crate::{
     api::{self, ApiToken, AppState},
-    config::Config,
+    config::{Config, EdgeLimits},
     health::Prober,
     manager::Manager,
     ports::PortAllocator,
+    proxy::{Proxy, routes::RouteTable},
     runtime::process::{ProcessRuntime, TreeTracking},
     store::Store,
 };
@@ -77,7 +83,9 @@ pub async fn run(
     tracing::info!(tracking = %tracking.describe(), node = %node, "Process runtime ready");
     let runtime = Arc::new(ProcessRuntime::new(tracking, data_dir.join("logs")));
     let ports = PortAllocator::new(config.port_range.clone());
-    let manager = Manager::new(store, ports, runtime.clone(), Prober::new());
+    let routes = Arc::new(RouteTable::new());
+    let manager = Manager::new(store, ports, runtime.clone(), Prober::new(), Arc::clone(&routes));
+    let proxy = Arc::new(Proxy::new(routes, config.proxy.clone()));
 
     let closed = manager
         .recover(|| runtime.sweep_orphans(&|_| false))
@@ -90,6 +98,7 @@ pub async fn run(
         .apply_tools(config.tools.clone())
         .await
         .context("applying the config file's tools")?;
+    manager.load_routes().await.context("loading routes")?;
     tracing::info!(
         created = applied.created,
         updated = applied.updated,
@@ -99,6 +108,7 @@ pub async fn run(
 
     let state = AppState {
         manager: Arc::clone(&manager),
+        proxy,
         token: config.api_token.as_deref().map(ApiToken::new),
     };
     let app = api::router(state);
@@ -122,10 +132,7 @@ pub async fn run(
         })
     };
 
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving the API")?;
+    serve_http(listener, app, &config.edge, shutdown).await;
     tracing::info!("Shutting down");
     // New deploys are refused from here on, so autostart finishes quickly and everything it
     // started is in the manager's hands when the stop-all runs.
@@ -134,6 +141,76 @@ pub async fn run(
     manager.shutdown().await;
     tracing::info!("All deployments stopped; bye");
     Ok(())
+}
+
+/// Accepts connections until `shutdown`, serving `app` over HTTP/1.1 and HTTP/2 with the edge
+/// limits applied. axum::serve offers none of them: hyper's header-read timeout needs a timer
+/// installed to be active at all, and the header count/size caps and the connection cap are
+/// connection-builder settings.
+async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    limits: &EdgeLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let (stream, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning on a full fd table.
+                    tracing::warn!(error = %e, "Accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
+            tower::ServiceExt::oneshot(app.clone(), req)
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // Requests under way get a moment to finish; long-lived streams end when their
+    // deployments stop, right after this.
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::info!("Some connections were still open after 5 s; closing them");
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

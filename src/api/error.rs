@@ -86,6 +86,7 @@ impl From<ManagerError> for ApiError {
             M::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             M::Stop { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "stop_failed"),
             M::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            M::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         ApiError::new(status, code, msg)
     }

@@ -12,6 +12,7 @@
 //! GET    /api/v1/deployments                    list (?tool=SLUG&status=RUNNING,STARTING)
 //! GET    /api/v1/deployments/{id}               one deployment
 //! POST   /api/v1/deployments/{id}/stop          stop (idempotent)
+//! ANY    /mcp/{slug}[/{rest}]                   MCP traffic, proxied to a live deployment
 //! ```
 //!
 //! Handlers are thin: they parse, call the [`Manager`], and map its errors through
@@ -40,6 +41,7 @@ use self::error::{ApiError, Body, ErrorBody, Query};
 use crate::{
     deployment::{Deployment, DeploymentStatus},
     manager::Manager,
+    proxy::Proxy,
     registry::{Tool, ToolSpec},
     store::DeploymentFilter,
 };
@@ -67,6 +69,7 @@ impl std::fmt::Debug for ApiToken {
 #[derive(Clone)]
 pub struct AppState {
     pub manager: Arc<Manager>,
+    pub proxy: Arc<Proxy>,
     pub token: Option<ApiToken>,
 }
 
@@ -99,6 +102,9 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", axum::routing::get(healthz))
+        // MCP traffic: not behind the API token (the servers do their own auth, and the
+        // proxy forwards `Authorization` to them).
+        .route("/mcp/{*rest}", axum::routing::any(proxy))
         .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -146,6 +152,10 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
         "internal error (this is a bug in Switchboard; its log has details)",
     )
     .into_response()
+}
+
+async fn proxy(State(s): State<AppState>, req: axum::extract::Request) -> Response {
+    s.proxy.handle(req).await
 }
 
 async fn not_found() -> ApiError {

@@ -9,7 +9,11 @@ use std::{
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use switchboard::{config::Config, ports::PortRange};
+use switchboard::{
+    config::{Config, EdgeLimits},
+    ports::PortRange,
+    proxy::ProxyConfig,
+};
 use tokio::{sync::oneshot, task::JoinHandle};
 
 /// The `switchboard` binary: the launch shim for in-process servers, and the CLI under test.
@@ -47,6 +51,8 @@ pub struct TestApp {
 pub struct AppOptions {
     pub ports: PortRange,
     pub token: Option<String>,
+    pub proxy: ProxyConfig,
+    pub edge: EdgeLimits,
 }
 
 impl Default for AppOptions {
@@ -54,6 +60,8 @@ impl Default for AppOptions {
         AppOptions {
             ports: port_range(10),
             token: None,
+            proxy: ProxyConfig::default(),
+            edge: EdgeLimits::default(),
         }
     }
 }
@@ -78,6 +86,8 @@ impl TestApp {
             port_range: opts.ports,
             api_token: opts.token.clone(),
             tools: Vec::new(),
+            proxy: opts.proxy,
+            edge: opts.edge,
             launcher: Some(switchboard_bin()),
         };
         let (tx, rx) = oneshot::channel::<()>();

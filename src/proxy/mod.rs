@@ -1,0 +1,448 @@
+//! The MCP-aware reverse proxy: `/mcp/{slug}` → the tool's MCP endpoint on one of its live
+//! deployments, `/mcp/{slug}/{rest}` → `/{rest}` on it.
+//!
+//! Bodies stream both ways (hyper bodies are passed through, never collected), so SSE events
+//! reach the client as the server writes them and a client that disconnects drops the upstream
+//! request, which is how the 2026-07-28 protocol cancels. Only the first event of a legacy
+//! HTTP+SSE GET stream is touched ([`sse`]).
+//!
+//! Per request: one lock-free table lookup ([`routes`]), a session-map lookup only when the
+//! request carries a session id ([`sessions`]), no body buffering. Errors say whose fault they
+//! are through their code: `tool_not_found`/`session_not_found`/`origin_not_allowed`/
+//! `body_too_large` (client), `no_healthy_deployment`/`upstream_unavailable`/`upstream_timeout`/
+//! `upstream_error` (upstream).
+
+pub mod routes;
+pub mod sessions;
+pub mod sse;
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::{
+    body::Body,
+    extract::{ConnectInfo, Request},
+    http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::Limited;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+
+use self::{
+    routes::{Backend, InFlight, RouteTable},
+    sessions::{Sessions, valid_session_id},
+};
+use crate::api::error::ApiError;
+
+/// Proxy settings; see the `[proxy]` section of the config.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub connect_timeout: Duration,
+    /// Longest wait for the upstream's response headers (streams then run without a limit).
+    pub header_timeout: Duration,
+    /// Largest request body, counted as it streams.
+    pub max_body_bytes: u64,
+    /// Browser origins allowed to call `/mcp` (a request without `Origin` is always allowed).
+    /// Entries are `scheme://host[:port]`; `:*` matches any port.
+    pub allowed_origins: Vec<String>,
+    pub session_idle: Duration,
+    pub max_sessions: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            connect_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(30),
+            max_body_bytes: 4 * 1024 * 1024,
+            allowed_origins: vec![
+                "http://localhost:*".into(),
+                "http://127.0.0.1:*".into(),
+                "http://[::1]:*".into(),
+            ],
+            session_idle: Duration::from_secs(3600),
+            max_sessions: 100_000,
+        }
+    }
+}
+
+type UpstreamBody = Limited<Body>;
+
+pub struct Proxy {
+    routes: Arc<RouteTable>,
+    sessions: Sessions,
+    client: Client<HttpConnector, UpstreamBody>,
+    config: ProxyConfig,
+}
+
+const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy ones; never forwarded either way.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        h.remove(n);
+    }
+    h.remove("proxy-connection");
+}
+
+fn origin_allowed(allowed: &[String], origin: &str) -> bool {
+    allowed.iter().any(|a| {
+        if a == origin {
+            return true;
+        }
+        match a.strip_suffix(":*") {
+            Some(base) => origin
+                .strip_prefix(base)
+                .is_some_and(|rest| rest.is_empty() || (rest.starts_with(':') && rest[1..].bytes().all(|b| b.is_ascii_digit()))),
+            None => false,
+        }
+    })
+}
+
+fn error(status: StatusCode, code: &'static str, msg: impl Into<String>) -> Response {
+    ApiError::new(status, code, msg).into_response()
+}
+
+impl Proxy {
+    pub fn new(routes: Arc<RouteTable>, config: ProxyConfig) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Proxy {
+            routes,
+            sessions: Sessions::new(config.max_sessions, config.session_idle),
+            client,
+            config,
+        }
+    }
+
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    /// Handles a request whose path starts with `/mcp/`.
+    pub async fn handle(&self, req: Request) -> Response {
+        let path = req.uri().path();
+        let after = &path["/mcp/".len().min(path.len())..];
+        let (slug, rest) = match after.find('/') {
+            Some(i) => (&after[..i], Some(&after[i..])),
+            None => (after, None),
+        };
+        let slug = slug.to_owned();
+        let rest = rest.map(str::to_owned);
+
+        if let Some(origin) = req.headers().get(header::ORIGIN) {
+            let ok = origin
+                .to_str()
+                .is_ok_and(|o| origin_allowed(&self.config.allowed_origins, o));
+            if !ok {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "origin_not_allowed",
+                    format!("Origin {origin:?} is not allowed to call MCP servers through this Switchboard"),
+                );
+            }
+        }
+
+        let Some(tool) = self.routes.get(&slug) else {
+            return error(StatusCode::NOT_FOUND, "tool_not_found", format!("no tool with slug '{slug}'"));
+        };
+
+        // A session's requests go where the session was minted.
+        let session = match req.headers().get(MCP_SESSION_ID) {
+            Some(v) if !valid_session_id(v.as_bytes()) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_session_id",
+                    format!(
+                        "Mcp-Session-Id must be 1-{} visible ASCII characters",
+                        sessions::MAX_SESSION_ID_LEN
+                    ),
+                );
+            }
+            Some(v) => v.to_str().ok().map(str::to_owned),
+            None => legacy_session_param(req.uri()),
+        };
+        let backend = match &session {
+            Some(id) => match self.sessions.get(&slug, id).and_then(|d| tool.find(d).cloned()) {
+                Some(b) => b,
+                None => {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "session_not_found",
+                        "unknown or expired MCP session (or its deployment is gone): initialize a new session",
+                    );
+                }
+            },
+            None => match tool.pick() {
+                Some(b) => Arc::clone(b),
+                None => {
+                    let mut r = error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no_healthy_deployment",
+                        format!("tool '{slug}' has no running deployment"),
+                    );
+                    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return r;
+                }
+            },
+        };
+        self.forward(req, &slug, rest.as_deref(), session, backend).await
+    }
+
+    async fn forward(
+        &self,
+        req: Request,
+        slug: &str,
+        rest: Option<&str>,
+        session: Option<String>,
+        backend: Arc<Backend>,
+    ) -> Response {
+        let (mut parts, body) = req.into_parts();
+        if let Some(len) = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            && len > self.config.max_body_bytes
+        {
+            return body_too_large(self.config.max_body_bytes);
+        }
+
+        let path = rest.unwrap_or(&backend.endpoint_path);
+        let pq = match parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_owned(),
+        };
+        let uri = match Uri::builder()
+            .scheme("http")
+            .authority(backend.authority.clone())
+            .path_and_query(pq)
+            .build()
+        {
+            Ok(u) => u,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_path", format!("cannot forward this path: {e}")),
+        };
+
+        let client_ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        let original_host = parts.headers.remove(header::HOST);
+        let h = &mut parts.headers;
+        strip_hop_by_hop(h);
+        if let Some(ip) = client_ip {
+            let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip.to_string(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&xff) {
+                h.insert(X_FORWARDED_FOR, v);
+            }
+        }
+        if let Some(host) = original_host.or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())) {
+            h.insert(X_FORWARDED_HOST, host);
+        }
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        if !h.get(&X_REQUEST_ID).is_some_and(|v| v.len() <= 128) {
+            if let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string()) {
+                h.insert(X_REQUEST_ID, v);
+            }
+        }
+        let request_id = h.get(&X_REQUEST_ID).cloned();
+        let method = parts.method.clone();
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        let upstream_req = http::Request::from_parts(
+            parts,
+            Limited::new(body, self.config.max_body_bytes as usize),
+        );
+
+        let in_flight = backend.track();
+        let resp = match tokio::time::timeout(self.config.header_timeout, self.client.request(upstream_req)).await {
+            Err(_) => {
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    format!(
+                        "deployment {} sent no response headers within {:?}",
+                        backend.deployment, self.config.header_timeout
+                    ),
+                );
+            }
+            Ok(Err(e)) => return self.upstream_error(e, &backend),
+            Ok(Ok(r)) => r,
+        };
+
+        let (mut rparts, rbody) = resp.into_parts();
+        strip_hop_by_hop(&mut rparts.headers);
+        if let Some(id) = request_id {
+            rparts.headers.entry(X_REQUEST_ID).or_insert(id);
+        }
+        match &session {
+            None => {
+                if let Some(minted) = rparts.headers.get(MCP_SESSION_ID).and_then(|v| v.to_str().ok())
+                    && valid_session_id(minted.as_bytes())
+                {
+                    self.sessions.insert(slug, minted, backend.deployment);
+                }
+            }
+            Some(id) => {
+                let ended = (method == Method::DELETE && rparts.status.is_success())
+                    || rparts.status == StatusCode::NOT_FOUND;
+                if ended {
+                    self.sessions.remove(slug, id);
+                }
+            }
+        }
+
+        let is_sse = rparts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let body = Tracked { inner: rbody, _in_flight: in_flight };
+        let body = if is_sse && method == Method::GET && session.is_none() {
+            let prefix = format!("/mcp/{slug}");
+            let (sessions, slug, dep) = (self.sessions.clone(), slug.to_owned(), backend.deployment);
+            Body::new(sse::EndpointRewrite::new(
+                body,
+                prefix,
+                Box::new(move |sid| sessions.insert(&slug, sid, dep)),
+            ))
+        } else {
+            Body::new(body)
+        };
+        Response::from_parts(rparts, body)
+    }
+
+    fn upstream_error(&self, e: hyper_util::client::legacy::Error, backend: &Backend) -> Response {
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = src {
+            if s.is::<http_body_util::LengthLimitError>() {
+                return body_too_large(self.config.max_body_bytes);
+            }
+            src = s.source();
+        }
+        if e.is_connect() {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                format!("cannot connect to deployment {} at {}", backend.deployment, backend.authority),
+            );
+        }
+        error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!("deployment {} failed the request: {e}", backend.deployment),
+        )
+    }
+}
+
+fn body_too_large(limit: u64) -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("request body is larger than the limit of {limit} bytes"),
+    )
+}
+
+/// The legacy HTTP+SSE transport carries its session in the POST URL's `sessionId` parameter.
+fn legacy_session_param(uri: &Uri) -> Option<String> {
+    uri.query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("sessionId="))
+        .filter(|s| valid_session_id(s.as_bytes()))
+        .map(str::to_owned)
+}
+
+/// The upstream response body, holding the backend's in-flight count until it ends or the
+/// client goes away (dropping it closes the upstream request).
+struct Tracked {
+    inner: hyper::body::Incoming,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_match_with_port_wildcards() {
+        let allowed = ProxyConfig::default().allowed_origins;
+        assert!(origin_allowed(&allowed, "http://localhost:3000"));
+        assert!(origin_allowed(&allowed, "http://localhost"));
+        assert!(origin_allowed(&allowed, "http://127.0.0.1:8080"));
+        assert!(!origin_allowed(&allowed, "http://localhost.evil.com"));
+        assert!(!origin_allowed(&allowed, "http://localhost:80.evil.com"));
+        assert!(!origin_allowed(&allowed, "https://evil.com"));
+        assert!(!origin_allowed(&allowed, "null"));
+        assert!(origin_allowed(&["https://app.example.com".into()], "https://app.example.com"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("mcp-session-id", HeaderValue::from_static("s"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("mcp-session-id"));
+    }
+}
