@@ -73,11 +73,17 @@ impl ProxySection {
     fn resolve(self) -> ProxyConfig {
         let d = ProxyConfig::default();
         ProxyConfig {
-            connect_timeout: self.connect_timeout_ms.map_or(d.connect_timeout, Duration::from_millis),
-            header_timeout: self.header_timeout_ms.map_or(d.header_timeout, Duration::from_millis),
+            connect_timeout: self
+                .connect_timeout_ms
+                .map_or(d.connect_timeout, Duration::from_millis),
+            header_timeout: self
+                .header_timeout_ms
+                .map_or(d.header_timeout, Duration::from_millis),
             max_body_bytes: self.max_body_bytes.unwrap_or(d.max_body_bytes),
             allowed_origins: self.allowed_origins.unwrap_or(d.allowed_origins),
-            session_idle: self.session_idle_secs.map_or(d.session_idle, Duration::from_secs),
+            session_idle: self
+                .session_idle_secs
+                .map_or(d.session_idle, Duration::from_secs),
             max_sessions: self.max_sessions.unwrap_or(d.max_sessions),
         }
     }

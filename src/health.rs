@@ -6,6 +6,9 @@
 //! result, the legacy handshake (`initialize`, `notifications/initialized`, `ping`), after which
 //! the probe DELETEs the session it created, because every `initialize` costs the server state.
 //!
+//! A server that fails both but opens a GET stream with an `endpoint` event speaks the
+//! deprecated HTTP+SSE transport (2024-11-05) and is healthy too.
+//!
 //! The probe is hand-written over reqwest rather than done with rmcp's client because it must see
 //! the raw HTTP status and body to apply the fallback rule (rmcp's Auto mode accepts a bogus `{}`
 //! discover result from some legacy servers as modern) and must never call a tool.
@@ -33,6 +36,10 @@ pub enum Era {
     Modern,
     /// 2025-11-25 and earlier: `initialize` handshake and sessions.
     Legacy,
+    /// The deprecated 2024-11-05 HTTP+SSE transport: a GET stream whose first event names the
+    /// URL to POST to.
+    #[serde(rename = "legacy-sse")]
+    LegacySse,
 }
 
 /// The outcome of one health check.
@@ -154,7 +161,63 @@ impl Prober {
             Err(e @ ProbeError::Connect(_)) => return Err(e),
             Err(e) => tracing::trace!(%url, error = %e, "Modern probe failed; trying legacy"),
         }
-        self.legacy(url, timeout).await
+        match self.legacy(url, timeout).await {
+            Ok(s) => Ok(s),
+            Err(e @ ProbeError::Connect(_)) => Err(e),
+            Err(e) => self.legacy_sse(url, timeout).await.map_err(|sse| {
+                tracing::trace!(%url, error = %sse, "HTTP+SSE probe failed too");
+                e
+            }),
+        }
+    }
+
+    /// The HTTP+SSE transport: healthy when a GET stream opens with an `endpoint` event.
+    async fn legacy_sse(&self, url: &str, timeout: Duration) -> Result<Success, ProbeError> {
+        let fut = async {
+            let resp = self
+                .client
+                .get(url)
+                .header("accept", "text/event-stream")
+                .send()
+                .await
+                .map_err(|e| ProbeError::from_reqwest(e, timeout))?;
+            if !resp.status().is_success() {
+                return Err(ProbeError::Protocol(format!(
+                    "GET answered HTTP {}",
+                    resp.status()
+                )));
+            }
+            let mut buf: Vec<u8> = Vec::new();
+            let mut stream = resp.bytes_stream();
+            while let Some(chunk) = stream.next().await {
+                buf.extend_from_slice(&chunk.map_err(|e| ProbeError::Protocol(e.to_string()))?);
+                if let Some((event, _)) = split_event(&buf) {
+                    let text = String::from_utf8_lossy(event);
+                    if text.lines().any(|l| {
+                        l.trim_end() == "event: endpoint" || l.trim_end() == "event:endpoint"
+                    }) {
+                        return Ok(Success {
+                            era: Era::LegacySse,
+                            protocol_version: Some("2024-11-05".to_owned()),
+                            server_name: None,
+                            server_version: None,
+                        });
+                    }
+                    return Err(ProbeError::Protocol(
+                        "the GET stream did not open with an endpoint event".into(),
+                    ));
+                }
+                if buf.len() > MAX_REPLY_BYTES {
+                    break;
+                }
+            }
+            Err(ProbeError::Protocol(
+                "the GET stream ended before an endpoint event".into(),
+            ))
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| ProbeError::Timeout(timeout))?
     }
 
     async fn modern(&self, url: &str, timeout: Duration) -> Result<Success, ProbeError> {

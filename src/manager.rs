@@ -314,13 +314,16 @@ impl Manager {
             error: None,
             updated_at: now,
         };
-        let authority = match http::uri::Authority::try_from(format!("{}:{port}", self.advertise_host)) {
-            Ok(a) => a,
-            Err(e) => {
-                self.ports.release(port);
-                return Err(ManagerError::Internal(format!("bad upstream authority: {e}")));
-            }
-        };
+        let authority =
+            match http::uri::Authority::try_from(format!("{}:{port}", self.advertise_host)) {
+                Ok(a) => a,
+                Err(e) => {
+                    self.ports.release(port);
+                    return Err(ManagerError::Internal(format!(
+                        "bad upstream authority: {e}"
+                    )));
+                }
+            };
         let backend = Backend::new(d.id, authority, spec.endpoint_path.clone());
         if let Err(e) = self.store.insert_deployment(&d).await {
             self.ports.release(port);
@@ -359,7 +362,13 @@ impl Manager {
     }
 
     /// Watches one deployment from spawn to exit.
-    async fn supervise(self: Arc<Self>, id: Uuid, url: String, startup: Duration, backend: Backend) {
+    async fn supervise(
+        self: Arc<Self>,
+        id: Uuid,
+        url: String,
+        startup: Duration,
+        backend: Backend,
+    ) {
         let exit = self.runtime.wait(id);
         tokio::pin!(exit);
         let deadline = Instant::now() + startup;

@@ -84,7 +84,13 @@ pub async fn run(
     let runtime = Arc::new(ProcessRuntime::new(tracking, data_dir.join("logs")));
     let ports = PortAllocator::new(config.port_range.clone());
     let routes = Arc::new(RouteTable::new());
-    let manager = Manager::new(store, ports, runtime.clone(), Prober::new(), Arc::clone(&routes));
+    let manager = Manager::new(
+        store,
+        ports,
+        runtime.clone(),
+        Prober::new(),
+        Arc::clone(&routes),
+    );
     let proxy = Arc::new(Proxy::new(routes, config.proxy.clone()));
 
     let closed = manager
@@ -189,10 +195,11 @@ async fn serve_http(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
-            tower::ServiceExt::oneshot(app.clone(), req)
-        });
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
+                tower::ServiceExt::oneshot(app.clone(), req)
+            });
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
             .into_owned();

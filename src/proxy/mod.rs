@@ -124,9 +124,10 @@ fn origin_allowed(allowed: &[String], origin: &str) -> bool {
             return true;
         }
         match a.strip_suffix(":*") {
-            Some(base) => origin
-                .strip_prefix(base)
-                .is_some_and(|rest| rest.is_empty() || (rest.starts_with(':') && rest[1..].bytes().all(|b| b.is_ascii_digit()))),
+            Some(base) => origin.strip_prefix(base).is_some_and(|rest| {
+                rest.is_empty()
+                    || (rest.starts_with(':') && rest[1..].bytes().all(|b| b.is_ascii_digit()))
+            }),
             None => false,
         }
     })
@@ -176,13 +177,19 @@ impl Proxy {
                 return error(
                     StatusCode::FORBIDDEN,
                     "origin_not_allowed",
-                    format!("Origin {origin:?} is not allowed to call MCP servers through this Switchboard"),
+                    format!(
+                        "Origin {origin:?} is not allowed to call MCP servers through this Switchboard"
+                    ),
                 );
             }
         }
 
         let Some(tool) = self.routes.get(&slug) else {
-            return error(StatusCode::NOT_FOUND, "tool_not_found", format!("no tool with slug '{slug}'"));
+            return error(
+                StatusCode::NOT_FOUND,
+                "tool_not_found",
+                format!("no tool with slug '{slug}'"),
+            );
         };
 
         // A session's requests go where the session was minted.
@@ -201,7 +208,11 @@ impl Proxy {
             None => legacy_session_param(req.uri()),
         };
         let backend = match &session {
-            Some(id) => match self.sessions.get(&slug, id).and_then(|d| tool.find(d).cloned()) {
+            Some(id) => match self
+                .sessions
+                .get(&slug, id)
+                .and_then(|d| tool.find(d).cloned())
+            {
                 Some(b) => b,
                 None => {
                     return error(
@@ -219,12 +230,14 @@ impl Proxy {
                         "no_healthy_deployment",
                         format!("tool '{slug}' has no running deployment"),
                     );
-                    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                     return r;
                 }
             },
         };
-        self.forward(req, &slug, rest.as_deref(), session, backend).await
+        self.forward(req, &slug, rest.as_deref(), session, backend)
+            .await
     }
 
     async fn forward(
@@ -258,10 +271,19 @@ impl Proxy {
             .build()
         {
             Ok(u) => u,
-            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_path", format!("cannot forward this path: {e}")),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_path",
+                    format!("cannot forward this path: {e}"),
+                );
+            }
         };
 
-        let client_ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        let client_ip = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
         let original_host = parts.headers.remove(header::HOST);
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
@@ -274,7 +296,12 @@ impl Proxy {
                 h.insert(X_FORWARDED_FOR, v);
             }
         }
-        if let Some(host) = original_host.or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())) {
+        if let Some(host) = original_host.or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        }) {
             h.insert(X_FORWARDED_HOST, host);
         }
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
@@ -293,7 +320,12 @@ impl Proxy {
         );
 
         let in_flight = backend.track();
-        let resp = match tokio::time::timeout(self.config.header_timeout, self.client.request(upstream_req)).await {
+        let resp = match tokio::time::timeout(
+            self.config.header_timeout,
+            self.client.request(upstream_req),
+        )
+        .await
+        {
             Err(_) => {
                 return error(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -315,7 +347,10 @@ impl Proxy {
         }
         match &session {
             None => {
-                if let Some(minted) = rparts.headers.get(MCP_SESSION_ID).and_then(|v| v.to_str().ok())
+                if let Some(minted) = rparts
+                    .headers
+                    .get(MCP_SESSION_ID)
+                    .and_then(|v| v.to_str().ok())
                     && valid_session_id(minted.as_bytes())
                 {
                     self.sessions.insert(slug, minted, backend.deployment);
@@ -335,10 +370,14 @@ impl Proxy {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
-        let body = Tracked { inner: rbody, _in_flight: in_flight };
+        let body = Tracked {
+            inner: rbody,
+            _in_flight: in_flight,
+        };
         let body = if is_sse && method == Method::GET && session.is_none() {
             let prefix = format!("/mcp/{slug}");
-            let (sessions, slug, dep) = (self.sessions.clone(), slug.to_owned(), backend.deployment);
+            let (sessions, slug, dep) =
+                (self.sessions.clone(), slug.to_owned(), backend.deployment);
             Body::new(sse::EndpointRewrite::new(
                 body,
                 prefix,
@@ -362,7 +401,10 @@ impl Proxy {
             return error(
                 StatusCode::BAD_GATEWAY,
                 "upstream_unavailable",
-                format!("cannot connect to deployment {} at {}", backend.deployment, backend.authority),
+                format!(
+                    "cannot connect to deployment {} at {}",
+                    backend.deployment, backend.authority
+                ),
             );
         }
         error(
@@ -431,15 +473,24 @@ mod tests {
         assert!(!origin_allowed(&allowed, "http://localhost:80.evil.com"));
         assert!(!origin_allowed(&allowed, "https://evil.com"));
         assert!(!origin_allowed(&allowed, "null"));
-        assert!(origin_allowed(&["https://app.example.com".into()], "https://app.example.com"));
+        assert!(origin_allowed(
+            &["https://app.example.com".into()],
+            "https://app.example.com"
+        ));
     }
 
     #[test]
     fn hop_by_hop_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret-hop"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("mcp-session-id", HeaderValue::from_static("s"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);

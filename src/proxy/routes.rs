@@ -85,7 +85,11 @@ impl ToolRoutes {
                     b += 1;
                 }
                 let (x, y) = (&self.backends[a], &self.backends[b]);
-                Some(if y.outstanding() < x.outstanding() { y } else { x })
+                Some(if y.outstanding() < x.outstanding() {
+                    y
+                } else {
+                    x
+                })
             }
         }
     }

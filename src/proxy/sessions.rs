@@ -40,7 +40,10 @@ pub fn valid_session_id(id: &[u8]) -> bool {
 impl Sessions {
     pub fn new(max: u64, idle: Duration) -> Sessions {
         Sessions {
-            cache: Cache::builder().max_capacity(max).time_to_idle(idle).build(),
+            cache: Cache::builder()
+                .max_capacity(max)
+                .time_to_idle(idle)
+                .build(),
         }
     }
 

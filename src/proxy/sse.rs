@@ -155,7 +155,8 @@ mod tests {
     #[tokio::test]
     async fn rewrites_a_relative_endpoint() {
         let (out, sid) =
-            run("event: endpoint\ndata: /message?sessionId=abc\n\nevent: message\ndata: {}\n\n").await;
+            run("event: endpoint\ndata: /message?sessionId=abc\n\nevent: message\ndata: {}\n\n")
+                .await;
         assert_eq!(
             out,
             "event: endpoint\ndata: /mcp/demo/message?sessionId=abc\n\nevent: message\ndata: {}\n\n"
@@ -165,8 +166,12 @@ mod tests {
 
     #[tokio::test]
     async fn rewrites_an_absolute_endpoint() {
-        let (out, _) = run("event: endpoint\ndata: http://127.0.0.1:9/messages/?session_id=x\n\n").await;
-        assert_eq!(out, "event: endpoint\ndata: /mcp/demo/messages/?session_id=x\n\n");
+        let (out, _) =
+            run("event: endpoint\ndata: http://127.0.0.1:9/messages/?session_id=x\n\n").await;
+        assert_eq!(
+            out,
+            "event: endpoint\ndata: /mcp/demo/messages/?session_id=x\n\n"
+        );
     }
 
     #[tokio::test]

@@ -332,3 +332,88 @@ pub async fn whoami(endpoint: &str) -> Value {
     let inner = msg["result"]["content"][0]["text"].as_str().unwrap();
     serde_json::from_str(inner).unwrap()
 }
+
+/// One MCP message over HTTP: the status, headers, and the JSON-RPC response (JSON or SSE).
+pub async fn mcp_rpc(
+    url: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> (StatusCode, reqwest::header::HeaderMap, Option<Value>) {
+    let mut req = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(url)
+        .header("accept", "application/json, text/event-stream")
+        .json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    let h = resp.headers().clone();
+    let sse = h
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let text = resp.text().await.unwrap();
+    let msg = if sse {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+            .find(|m| {
+                m.get("id").is_some() && (m.get("result").is_some() || m.get("error").is_some())
+            })
+    } else {
+        serde_json::from_str(&text).ok()
+    };
+    (status, h, msg)
+}
+
+/// Opens a legacy (2025-11-25) session at `url`; returns its `Mcp-Session-Id`.
+pub async fn legacy_session(url: &str) -> String {
+    let init = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "switchboard-tests", "version": "0"}}});
+    let (st, h, msg) = mcp_rpc(url, &init, &[]).await;
+    assert_eq!(st, StatusCode::OK, "initialize: {msg:?}");
+    let sid = h
+        .get("mcp-session-id")
+        .unwrap_or_else(|| panic!("no session id minted: {h:?}"))
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let note = serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let (st, _, _) = mcp_rpc(
+        url,
+        &note,
+        &[
+            ("mcp-session-id", &sid),
+            ("mcp-protocol-version", "2025-11-25"),
+        ],
+    )
+    .await;
+    assert!(st.is_success(), "initialized: {st}");
+    sid
+}
+
+/// `whoami` on a legacy session; `Err(status)` when the call is refused.
+pub async fn whoami_in_session(url: &str, sid: &str) -> Result<Value, StatusCode> {
+    let call = serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "whoami", "arguments": {}}});
+    let (st, _, msg) = mcp_rpc(
+        url,
+        &call,
+        &[
+            ("mcp-session-id", sid),
+            ("mcp-protocol-version", "2025-11-25"),
+        ],
+    )
+    .await;
+    if st != StatusCode::OK {
+        return Err(st);
+    }
+    let msg = msg.unwrap();
+    let text = msg["result"]["content"][0]["text"].as_str().unwrap();
+    Ok(serde_json::from_str(text).unwrap())
+}

@@ -115,6 +115,94 @@ impl ServerHandler for TestServer {
     }
 }
 
+/// Plain HTTP routes beside the MCP endpoint, for testing the proxy itself.
+mod probes {
+    use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+    use axum::{
+        Json, Router,
+        extract::{Query, Request},
+        response::{
+            IntoResponse,
+            sse::{Event, Sse},
+        },
+        routing::{any, get, post},
+    };
+    use tokio::sync::Notify;
+
+    pub fn router() -> Router {
+        let next = Arc::new(Notify::new());
+        let n2 = Arc::clone(&next);
+        Router::new()
+            .route("/headers", any(headers))
+            .route("/slow", get(slow))
+            .route(
+                "/stream",
+                get(move |q: Query<BTreeMap<String, u32>>| stream(q, Arc::clone(&next))),
+            )
+            .route(
+                "/stream/next",
+                post(move || async move {
+                    n2.notify_one();
+                    "ok"
+                }),
+            )
+    }
+
+    /// What the proxy sent: method, path and query, and headers.
+    async fn headers(req: Request) -> impl IntoResponse {
+        let headers: BTreeMap<String, String> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        Json(serde_json::json!({
+            "method": req.method().as_str(),
+            "uri": req.uri().to_string(),
+            "headers": headers,
+        }))
+    }
+
+    async fn slow(Query(q): Query<BTreeMap<String, u64>>) -> &'static str {
+        tokio::time::sleep(Duration::from_millis(q.get("ms").copied().unwrap_or(1000))).await;
+        "ok"
+    }
+
+    /// `n` events; the first at once, each next one only after a POST to /stream/next. A client
+    /// that sees event k before asking for k+1 proves nothing between it and us buffered.
+    async fn stream(
+        Query(q): Query<BTreeMap<String, u32>>,
+        next: Arc<Notify>,
+    ) -> impl IntoResponse {
+        let n = q.get("n").copied().unwrap_or(3);
+        let s = futures::stream::unfold(0u32, move |i| {
+            let next = Arc::clone(&next);
+            async move {
+                if i >= n {
+                    return None;
+                }
+                if i > 0 {
+                    next.notified().await;
+                }
+                Some((
+                    Ok::<_, std::convert::Infallible>(
+                        Event::default()
+                            .id(i.to_string())
+                            .data(format!("event {i}")),
+                    ),
+                    i + 1,
+                ))
+            }
+        });
+        Sse::new(s)
+    }
+}
+
 fn record_pid(file: &Option<PathBuf>, pid: u32) -> anyhow::Result<()> {
     if let Some(path) = file {
         let mut f = std::fs::OpenOptions::new()
@@ -218,7 +306,9 @@ async fn main() -> anyhow::Result<()> {
             Default::default(),
             StreamableHttpServerConfig::default(),
         );
-    let router = axum::Router::new().nest_service(&args.path, service);
+    let router = axum::Router::new()
+        .nest_service(&args.path, service)
+        .merge(probes::router());
     axum::serve(listener, router).await.context("serving")?;
     Ok(())
 }
