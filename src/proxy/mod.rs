@@ -305,10 +305,10 @@ impl Proxy {
             h.insert(X_FORWARDED_HOST, host);
         }
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        if !h.get(&X_REQUEST_ID).is_some_and(|v| v.len() <= 128) {
-            if let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string()) {
-                h.insert(X_REQUEST_ID, v);
-            }
+        if h.get(&X_REQUEST_ID).is_none_or(|v| v.len() > 128)
+            && let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string())
+        {
+            h.insert(X_REQUEST_ID, v);
         }
         let request_id = h.get(&X_REQUEST_ID).cloned();
         let method = parts.method.clone();

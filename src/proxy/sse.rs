@@ -14,17 +14,20 @@ use http_body::{Body, Frame};
 /// Longest first event we are willing to hold back looking for `event: endpoint`.
 const MAX_FIRST_EVENT: usize = 16 * 1024;
 
+/// Told the legacy session id found in the endpoint URL, to pin the session.
+pub type OnSession = Box<dyn FnOnce(&str) + Send>;
+
 /// Rewrites the endpoint URL (path and query of the server's URL) under `prefix`, calling
 /// `on_session` with the `sessionId` query parameter when there is one.
 pub struct EndpointRewrite<B> {
     inner: B,
     prefix: String,
     buf: Option<BytesMut>,
-    on_session: Option<Box<dyn FnOnce(&str) + Send>>,
+    on_session: Option<OnSession>,
 }
 
 impl<B> EndpointRewrite<B> {
-    pub fn new(inner: B, prefix: String, on_session: Box<dyn FnOnce(&str) + Send>) -> Self {
+    pub fn new(inner: B, prefix: String, on_session: OnSession) -> Self {
         EndpointRewrite {
             inner,
             prefix,
