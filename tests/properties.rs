@@ -1,14 +1,16 @@
 //! Property tests with real processes:
 //! - for any sequence of deploys and stops, live deployments never share an endpoint URL or port;
 //! - for any running deployment, whatever its process tree does on SIGTERM, stop leaves the
-//!   record STOPPED with `stopped_at` in the database and no process of the tree alive.
+//!   record STOPPED with `stopped_at` in the database and no process of the tree alive;
+//! - for any set of tools and replicas and any sequence of requests, every request through
+//!   `/mcp/{slug}` reaches a deployment of the tool its slug names.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::collections::HashSet;
 
-use common::{AppOptions, TestApp, alive, port_range, read_pids};
+use common::{AppOptions, TestApp, alive, port_range, read_pids, whoami};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -110,6 +112,34 @@ proptest! {
             assert!(stopped_at.is_some());
             for pid in read_pids(&pids_file) {
                 assert!(!alive(pid), "pid {pid} survived stop (variant: sigterm-ignored={ignore_sigterm} grandchild={grandchild} setsid={setsid_grandchild})");
+            }
+            app.stop().await;
+        });
+    }
+
+    #[test]
+    fn every_request_reaches_the_tool_its_slug_names(
+        replicas in proptest::collection::vec(1usize..=2, 1..=3),
+        requests in proptest::collection::vec(0usize..3, 1..16),
+    ) {
+        rt().block_on(async {
+            let app = TestApp::with(AppOptions { ports: port_range(8), ..Default::default() }).await;
+            let mut owned: Vec<(String, HashSet<String>)> = Vec::new();
+            for (i, n) in replicas.iter().enumerate() {
+                let slug = format!("tool-{i}");
+                app.add_test_tool(&slug, &[], json!({})).await;
+                let mut ids = HashSet::new();
+                for _ in 0..*n {
+                    ids.insert(app.deploy_wait(&slug).await["id"].as_str().unwrap().to_owned());
+                }
+                owned.push((slug, ids));
+            }
+            for r in requests {
+                let (slug, ids) = &owned[r % owned.len()];
+                let who = whoami(&format!("{}/mcp/{slug}", app.url)).await;
+                assert_eq!(who["tool"], slug.as_str(), "{who}");
+                let dep = who["deployment"].as_str().unwrap();
+                assert!(ids.contains(dep), "request for {slug} reached {dep}, not one of {ids:?}");
             }
             app.stop().await;
         });

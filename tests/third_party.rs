@@ -109,3 +109,114 @@ async fn the_probe_reports_a_dead_endpoint() {
         "connect errors are named"
     );
 }
+
+async fn deploy_everything(
+    app: &TestApp,
+    slug: &str,
+    mode: &str,
+    endpoint_path: &str,
+) -> serde_json::Value {
+    let (st, t) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({
+                "slug": slug,
+                "command": server_everything(),
+                "args": [mode],
+                "endpoint_path": endpoint_path,
+                "startup_timeout_ms": 60000,
+                "stop_grace_period_ms": 5000,
+            })),
+        )
+        .await;
+    assert_eq!(st.as_u16(), 201, "{t}");
+    let d = app.deploy_wait(slug).await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    d
+}
+
+#[tokio::test]
+async fn server_everything_works_through_the_proxy() {
+    let app = TestApp::start().await;
+    deploy_everything(&app, "everything", "streamableHttp", "/mcp").await;
+    let url = format!("{}/mcp/everything", app.url);
+    let sid = common::legacy_session(&url).await;
+    let list = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"});
+    let (st, _, msg) = common::mcp_rpc(
+        &url,
+        &list,
+        &[
+            ("mcp-session-id", &sid),
+            ("mcp-protocol-version", "2025-11-25"),
+        ],
+    )
+    .await;
+    assert_eq!(st.as_u16(), 200);
+    let tools: Vec<String> = msg.unwrap()["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(tools.iter().any(|t| t == "echo"), "{tools:?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn legacy_http_sse_servers_work_through_the_proxy() {
+    use futures_util::StreamExt as _;
+    let app = TestApp::start().await;
+    let d = deploy_everything(&app, "old", "sse", "/sse").await;
+    let check = Prober::new()
+        .check(d["endpoint_url"].as_str().unwrap(), Duration::from_secs(10))
+        .await;
+    assert_eq!(check.era, Some(Era::LegacySse), "{check:?}");
+
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let resp = http
+        .get(format!("{}/mcp/old", app.url))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut buf = String::new();
+    let endpoint = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            buf.push_str(std::str::from_utf8(&stream.next().await.unwrap().unwrap()).unwrap());
+            if let Some(line) = buf.lines().find(|l| l.starts_with("data:")) {
+                return line.trim_start_matches("data:").trim().to_owned();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        endpoint.starts_with("/mcp/old/message?sessionId="),
+        "endpoint not rewritten: {endpoint}"
+    );
+
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2024-11-05", "capabilities": {},
+        "clientInfo": {"name": "switchboard-tests", "version": "0"}}});
+    let r = http
+        .post(format!("{}{endpoint}", app.url))
+        .json(&init)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202, "{}", r.text().await.unwrap());
+    // The answer comes back on the GET stream, through the proxy.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !buf.contains("\"protocolVersion\"") {
+            buf.push_str(std::str::from_utf8(&stream.next().await.unwrap().unwrap()).unwrap());
+        }
+    })
+    .await
+    .unwrap();
+    assert!(buf.contains("event: message"), "{buf}");
+    drop(stream);
+    app.stop().await;
+}
