@@ -9,6 +9,10 @@ use std::{
     io::Write as _,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -117,7 +121,14 @@ impl ServerHandler for TestServer {
 
 /// Plain HTTP routes beside the MCP endpoint, for testing the proxy itself.
 mod probes {
-    use std::{collections::BTreeMap, sync::Arc, time::Duration};
+    use std::{
+        collections::BTreeMap,
+        sync::{
+            Arc,
+            atomic::{AtomicU64, Ordering},
+        },
+        time::Duration,
+    };
 
     use axum::{
         Json, Router,
@@ -130,11 +141,18 @@ mod probes {
     };
     use tokio::sync::Notify;
 
-    pub fn router() -> Router {
+    pub fn router(accepted: Arc<AtomicU64>) -> Router {
         let next = Arc::new(Notify::new());
         let n2 = Arc::clone(&next);
         Router::new()
             .route("/headers", any(headers))
+            .route("/bytes", get(bytes))
+            .route(
+                "/stats",
+                get(move || async move {
+                    Json(serde_json::json!({"connections_accepted": accepted.load(Ordering::Relaxed)}))
+                }),
+            )
             .route("/slow", get(slow))
             .route(
                 "/stream",
@@ -166,6 +184,11 @@ mod probes {
             "uri": req.uri().to_string(),
             "headers": headers,
         }))
+    }
+
+    /// `n` bytes (default 1 KiB) of payload, for throughput benchmarks.
+    async fn bytes(Query(q): Query<BTreeMap<String, usize>>) -> Vec<u8> {
+        vec![b'x'; q.get("n").copied().unwrap_or(1024).min(16 << 20)]
     }
 
     async fn slow(Query(q): Query<BTreeMap<String, u64>>) -> &'static str {
@@ -306,9 +329,13 @@ async fn main() -> anyhow::Result<()> {
             Default::default(),
             StreamableHttpServerConfig::default(),
         );
+    let accepted = Arc::new(AtomicU64::new(0));
     let router = axum::Router::new()
         .nest_service(&args.path, service)
-        .merge(probes::router());
+        .merge(probes::router(Arc::clone(&accepted)));
+    let listener = axum::serve::ListenerExt::tap_io(listener, move |_| {
+        accepted.fetch_add(1, Ordering::Relaxed);
+    });
     axum::serve(listener, router).await.context("serving")?;
     Ok(())
 }
