@@ -67,6 +67,9 @@ pub struct ProxySection {
     pub allowed_origins: Option<Vec<String>>,
     pub session_idle_secs: Option<u64>,
     pub max_sessions: Option<u64>,
+    /// 0 (the default) means streams are never closed for being idle.
+    pub stream_idle_timeout_secs: Option<u64>,
+    pub upstream_idle_timeout_secs: Option<u64>,
 }
 
 impl ProxySection {
@@ -85,6 +88,13 @@ impl ProxySection {
                 .session_idle_secs
                 .map_or(d.session_idle, Duration::from_secs),
             max_sessions: self.max_sessions.unwrap_or(d.max_sessions),
+            stream_idle_timeout: match self.stream_idle_timeout_secs {
+                None | Some(0) => d.stream_idle_timeout,
+                Some(s) => Some(Duration::from_secs(s)),
+            },
+            upstream_idle_timeout: self
+                .upstream_idle_timeout_secs
+                .map_or(d.upstream_idle_timeout, Duration::from_secs),
         }
     }
 }

@@ -430,3 +430,85 @@ async fn slowloris_and_oversized_headers_are_cut_off() {
         StatusCode::OK
     );
 }
+
+async fn open_streams(port: u64) -> u64 {
+    let v: Value = client()
+        .get(format!("http://127.0.0.1:{port}/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["open_streams"].as_u64().unwrap()
+}
+
+async fn first_event(
+    resp: reqwest::Response,
+) -> impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> {
+    let mut body = resp.bytes_stream();
+    let mut seen = String::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !seen.contains("event 0") {
+            seen.push_str(std::str::from_utf8(&body.next().await.unwrap().unwrap()).unwrap());
+        }
+    })
+    .await
+    .unwrap();
+    body
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_closes_the_upstream_stream() {
+    let app = TestApp::start().await;
+    app.add_test_tool("cancel", &[], json!({})).await;
+    let d = app.deploy_wait("cancel").await;
+    let port = d["port"].as_u64().unwrap();
+    let resp = client()
+        .get(format!("{}/mcp/cancel/stream?n=10", app.url))
+        .send()
+        .await
+        .unwrap();
+    let body = first_event(resp).await;
+    assert_eq!(open_streams(port).await, 1);
+    drop(body);
+    common::eventually(Duration::from_secs(10), || async {
+        open_streams(port).await == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_silent_stream_is_closed_after_the_idle_limit() {
+    let app = TestApp::with(AppOptions {
+        proxy: ProxyConfig {
+            stream_idle_timeout: Some(Duration::from_millis(300)),
+            ..ProxyConfig::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    app.add_test_tool("quiet", &[], json!({})).await;
+    let d = app.deploy_wait("quiet").await;
+    let resp = client()
+        .get(format!("{}/mcp/quiet/stream?n=10", app.url))
+        .send()
+        .await
+        .unwrap();
+    let mut body = first_event(resp).await;
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match body.next().await {
+                None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "an idle stream stayed open");
+    let port = d["port"].as_u64().unwrap();
+    common::eventually(Duration::from_secs(10), || async {
+        open_streams(port).await == 0
+    })
+    .await;
+}

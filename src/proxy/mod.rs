@@ -17,6 +17,7 @@ pub mod sessions;
 pub mod sse;
 
 use std::{
+    future::Future as _,
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
@@ -57,6 +58,11 @@ pub struct ProxyConfig {
     pub allowed_origins: Vec<String>,
     pub session_idle: Duration,
     pub max_sessions: u64,
+    /// A response stream on which the upstream sends nothing this long is closed. `None`:
+    /// never (servers that send keep-alives, as rmcp does every 15 s, stay open anyway).
+    pub stream_idle_timeout: Option<Duration>,
+    /// Idle upstream connections are kept this long for reuse.
+    pub upstream_idle_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -72,6 +78,8 @@ impl Default for ProxyConfig {
             ],
             session_idle: Duration::from_secs(3600),
             max_sessions: 100_000,
+            stream_idle_timeout: None,
+            upstream_idle_timeout: Duration::from_secs(90),
         }
     }
 }
@@ -143,7 +151,7 @@ impl Proxy {
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(config.upstream_idle_timeout)
             .pool_max_idle_per_host(256)
             .build(connector);
         Proxy {
@@ -373,6 +381,10 @@ impl Proxy {
         let body = Tracked {
             inner: rbody,
             _in_flight: in_flight,
+            idle: self
+                .config
+                .stream_idle_timeout
+                .map(|d| (d, Box::pin(tokio::time::sleep(d)))),
         };
         let body = if is_sse && method == Method::GET && session.is_none() {
             let prefix = format!("/mcp/{slug}");
@@ -433,21 +445,47 @@ fn legacy_session_param(uri: &Uri) -> Option<String> {
 }
 
 /// The upstream response body, holding the backend's in-flight count until it ends or the
-/// client goes away (dropping it closes the upstream request).
+/// client goes away (dropping it closes the upstream request), and ending it when the
+/// upstream sends nothing for the idle limit.
 struct Tracked {
     inner: hyper::body::Incoming,
     _in_flight: InFlight,
+    idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error(transparent)]
+    Upstream(#[from] hyper::Error),
+    #[error("the upstream sent nothing for {0:?}; stream closed")]
+    Idle(Duration),
 }
 
 impl http_body::Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = StreamError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+    ) -> Poll<Option<Result<Frame<Bytes>, StreamError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if let Some((limit, sleep)) = &mut this.idle {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + *limit);
+                }
+                Poll::Ready(frame.map(|f| f.map_err(StreamError::from)))
+            }
+            Poll::Pending => {
+                if let Some((limit, sleep)) = &mut this.idle
+                    && sleep.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Some(Err(StreamError::Idle(*limit))));
+                }
+                Poll::Pending
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {

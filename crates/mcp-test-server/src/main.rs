@@ -141,22 +141,38 @@ mod probes {
     };
     use tokio::sync::Notify;
 
+    /// Counts a stream as open until the client (or the proxy) drops it.
+    struct Open(Arc<AtomicU64>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn router(accepted: Arc<AtomicU64>) -> Router {
         let next = Arc::new(Notify::new());
         let n2 = Arc::clone(&next);
+        let open = Arc::new(AtomicU64::new(0));
+        let open2 = Arc::clone(&open);
         Router::new()
             .route("/headers", any(headers))
             .route("/bytes", get(bytes))
             .route(
                 "/stats",
                 get(move || async move {
-                    Json(serde_json::json!({"connections_accepted": accepted.load(Ordering::Relaxed)}))
+                    Json(serde_json::json!({
+                        "connections_accepted": accepted.load(Ordering::Relaxed),
+                        "open_streams": open2.load(Ordering::Relaxed),
+                    }))
                 }),
             )
             .route("/slow", get(slow))
             .route(
                 "/stream",
-                get(move |q: Query<BTreeMap<String, u32>>| stream(q, Arc::clone(&next))),
+                get(move |q: Query<BTreeMap<String, u32>>| {
+                    open.fetch_add(1, Ordering::Relaxed);
+                    stream(q, Arc::clone(&next), Open(Arc::clone(&open)))
+                }),
             )
             .route(
                 "/stream/next",
@@ -201,9 +217,10 @@ mod probes {
     async fn stream(
         Query(q): Query<BTreeMap<String, u32>>,
         next: Arc<Notify>,
+        open: Open,
     ) -> impl IntoResponse {
         let n = q.get("n").copied().unwrap_or(3);
-        let s = futures::stream::unfold(0u32, move |i| {
+        let s = futures::stream::unfold((0u32, open), move |(i, open)| {
             let next = Arc::clone(&next);
             async move {
                 if i >= n {
@@ -218,7 +235,7 @@ mod probes {
                             .id(i.to_string())
                             .data(format!("event {i}")),
                     ),
-                    i + 1,
+                    (i + 1, open),
                 ))
             }
         });
