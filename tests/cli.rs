@@ -17,11 +17,17 @@ use serde_json::Value;
 struct Serve {
     child: Child,
     url: String,
+    /// Log lines up to and including the "listening" line.
+    head: Vec<String>,
     log: mpsc::Receiver<String>,
 }
 
 impl Serve {
     fn start(data_dir: &Path, extra: &[&str]) -> Serve {
+        Self::start_env(data_dir, extra, &[])
+    }
+
+    fn start_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Serve {
         let range = port_range(5).to_string();
         let mut child = Command::new(switchboard_bin())
             .args([
@@ -36,6 +42,7 @@ impl Serve {
             .args(extra)
             .env("RUST_LOG", "info")
             .env_remove("SWITCHBOARD_API_TOKEN")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -50,10 +57,12 @@ impl Serve {
                 }
             }
         });
+        let mut head = Vec::new();
         let url = loop {
             let line = rx
                 .recv_timeout(Duration::from_secs(30))
                 .expect("switchboard serve did not report its address");
+            head.push(line.clone());
             if let Some((_, rest)) = line.split_once("listening on ") {
                 break rest.split_whitespace().next().unwrap().to_owned();
             }
@@ -61,6 +70,7 @@ impl Serve {
         Serve {
             child,
             url,
+            head,
             log: rx,
         }
     }
@@ -96,7 +106,14 @@ impl Serve {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
     }
 
-    fn wait(mut self) -> std::process::ExitStatus {
+    /// Every log line, once the process has exited.
+    fn all_log(&self) -> String {
+        let mut lines = self.head.clone();
+        lines.extend(self.log.iter());
+        lines.join("\n")
+    }
+
+    fn wait(&mut self) -> std::process::ExitStatus {
         for _ in 0..300 {
             if let Some(st) = self.child.try_wait().unwrap() {
                 return st;
@@ -117,7 +134,7 @@ impl Drop for Serve {
 #[test]
 fn serve_add_deploy_ps_stop_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let sb = Serve::start(dir.path(), &[]);
+    let mut sb = Serve::start(dir.path(), &[]);
     let server = test_server_bin();
 
     let out = sb.ok(&[
@@ -211,7 +228,7 @@ fn an_unreachable_server_is_reported_clearly() {
 fn a_killed_switchboard_leaves_no_orphans_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let pids = dir.path().join("tree.pids");
-    let sb = Serve::start(dir.path(), &[]);
+    let mut sb = Serve::start(dir.path(), &[]);
     sb.ok(&[
         "tool",
         "add",
@@ -294,53 +311,19 @@ fn one_data_directory_serves_one_switchboard() {
 fn the_token_is_required_and_never_logged() {
     let dir = tempfile::tempdir().unwrap();
     let token = "tok-8d1f2c0e9b";
-    let range = port_range(3).to_string();
-    let mut child = Command::new(switchboard_bin())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--port-range",
-            &range,
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .env("SWITCHBOARD_API_TOKEN", token)
-        .env("RUST_LOG", "debug")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    let url = loop {
-        let line = lines.next().unwrap().unwrap();
-        seen.push(line.clone());
-        if let Some((_, rest)) = line.split_once("listening on ") {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    let run = |tok: Option<&str>| {
-        let mut c = Command::new(switchboard_bin());
-        c.args(["--url", &url, "tool", "list"])
-            .env_remove("SWITCHBOARD_TOKEN");
-        if let Some(t) = tok {
-            c.env("SWITCHBOARD_TOKEN", t);
-        }
-        c.output().unwrap()
-    };
-    let denied = run(None);
-    assert!(!denied.status.success());
-    assert!(String::from_utf8_lossy(&denied.stderr).contains("unauthorized"));
-    assert!(run(Some(token)).status.success());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    seen.extend(lines.map_while(Result::ok));
-    child.wait().unwrap();
-    let all = seen.join("\n");
+    let mut sb = Serve::start_env(
+        dir.path(),
+        &[],
+        &[("SWITCHBOARD_API_TOKEN", token), ("RUST_LOG", "debug")],
+    );
+    let (ok, _, err) = sb.cli(&["tool", "list"]);
+    assert!(!ok);
+    assert!(err.contains("unauthorized"), "{err}");
+    let (ok, out, err) = sb.cli(&["--token", token, "tool", "list"]);
+    assert!(ok, "{out}{err}");
+    sb.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(sb.wait().success());
+    let all = sb.all_log();
     assert!(all.contains("Shutting down"), "{all}");
     assert!(!all.contains(token), "the token appeared in the log");
 }
