@@ -15,6 +15,7 @@ use common::{alive, port_range, read_pids, switchboard_bin, test_server_bin};
 use serde_json::Value;
 
 struct Serve {
+    data_dir: std::path::PathBuf,
     child: Child,
     url: String,
     /// Log lines up to and including the "listening" line.
@@ -68,6 +69,7 @@ impl Serve {
             }
         };
         Serve {
+            data_dir: data_dir.to_path_buf(),
             child,
             url,
             head,
@@ -128,6 +130,7 @@ impl Drop for Serve {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        common::kill_node_trees(&self.data_dir);
     }
 }
 

@@ -256,7 +256,33 @@ impl Drop for TestApp {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        // A test that ends without `stop()` drops the server mid-flight, like a crash: its
+        // deployments would outlive the test. Kill them the way the next start would.
+        kill_node_trees(self.data_dir.path());
     }
+}
+
+/// Kills every process tree of the Switchboard node that used `data_dir`, and removes its
+/// cgroups.
+pub fn kill_node_trees(data_dir: &std::path::Path) {
+    use switchboard::runtime::cgroup::{self, CgroupRoot};
+    let Ok(node) = std::fs::read_to_string(data_dir.join("node-id")) else {
+        return;
+    };
+    let Ok(root) = CgroupRoot::detect(node.trim()) else {
+        return;
+    };
+    for (_, dir) in root.children().unwrap_or_default() {
+        let _ = cgroup::kill_all(&dir);
+        for _ in 0..500 {
+            if cgroup::procs(&dir).unwrap_or_default().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = cgroup::remove(&dir);
+    }
+    let _ = std::fs::remove_dir(root.base());
 }
 
 /// Waits until `cond` holds, failing the test after `timeout`.
