@@ -7,7 +7,8 @@
 use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use axum::{Router, extract::ConnectInfo};
+use axum::{Router, body::Body, extract::ConnectInfo};
+use futures_util::future::Either;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
@@ -114,7 +115,7 @@ pub async fn run(
 
     let state = AppState {
         manager: Arc::clone(&manager),
-        proxy,
+        proxy: Arc::clone(&proxy),
         token: config.api_token.as_deref().map(ApiToken::new),
     };
     let app = api::router(state);
@@ -138,7 +139,7 @@ pub async fn run(
         })
     };
 
-    serve_http(listener, app, &config.edge, shutdown).await;
+    serve_http(listener, app, proxy, &config.edge, shutdown).await;
     tracing::info!("Shutting down");
     // New deploys are refused from here on, so autostart finishes quickly and everything it
     // started is in the manager's hands when the stop-all runs.
@@ -156,6 +157,7 @@ pub async fn run(
 async fn serve_http(
     listener: TcpListener,
     app: Router,
+    proxy: Arc<Proxy>,
     limits: &EdgeLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -195,10 +197,22 @@ async fn serve_http(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
+        let proxy = Arc::clone(&proxy);
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
-                tower::ServiceExt::oneshot(app.clone(), req)
+                // MCP traffic skips the router: the proxy parses its own path, and every
+                // request it forwards is one the API's layers would only pass through.
+                if req.uri().path().starts_with("/mcp/") {
+                    let proxy = Arc::clone(&proxy);
+                    Either::Left(async move {
+                        Ok::<_, std::convert::Infallible>(
+                            proxy.handle(req.map(Body::new), Some(addr)).await,
+                        )
+                    })
+                } else {
+                    req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
+                    Either::Right(tower::ServiceExt::oneshot(app.clone(), req))
+                }
             });
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)

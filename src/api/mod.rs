@@ -155,7 +155,7 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 }
 
 async fn proxy(State(s): State<AppState>, req: axum::extract::Request) -> Response {
-    s.proxy.handle(req).await
+    s.proxy.handle(req, None).await
 }
 
 async fn not_found() -> ApiError {

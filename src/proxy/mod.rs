@@ -166,18 +166,21 @@ impl Proxy {
         &self.sessions
     }
 
-    /// Handles a request whose path starts with `/mcp/`.
-    pub async fn handle(&self, req: Request) -> Response {
-        let path = req.uri().path();
+    /// Handles a request whose path starts with `/mcp/`; `client` is the peer address, for
+    /// `X-Forwarded-For`.
+    pub async fn handle(&self, req: Request, client: Option<SocketAddr>) -> Response {
+        let (parts, body) = req.into_parts();
+        // A cheap (reference-counted) copy, so the slug and rest can borrow from it while
+        // `parts` is rewritten for the upstream.
+        let uri = parts.uri.clone();
+        let path = uri.path();
         let after = &path["/mcp/".len().min(path.len())..];
         let (slug, rest) = match after.find('/') {
             Some(i) => (&after[..i], Some(&after[i..])),
             None => (after, None),
         };
-        let slug = slug.to_owned();
-        let rest = rest.map(str::to_owned);
 
-        if let Some(origin) = req.headers().get(header::ORIGIN) {
+        if let Some(origin) = parts.headers.get(header::ORIGIN) {
             let ok = origin
                 .to_str()
                 .is_ok_and(|o| origin_allowed(&self.config.allowed_origins, o));
@@ -192,7 +195,7 @@ impl Proxy {
             }
         }
 
-        let Some(tool) = self.routes.get(&slug) else {
+        let Some(tool) = self.routes.get(slug) else {
             return error(
                 StatusCode::NOT_FOUND,
                 "tool_not_found",
@@ -201,7 +204,7 @@ impl Proxy {
         };
 
         // A session's requests go where the session was minted.
-        let session = match req.headers().get(MCP_SESSION_ID) {
+        let session = match parts.headers.get(MCP_SESSION_ID) {
             Some(v) if !valid_session_id(v.as_bytes()) => {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -213,12 +216,12 @@ impl Proxy {
                 );
             }
             Some(v) => v.to_str().ok().map(str::to_owned),
-            None => legacy_session_param(req.uri()),
+            None => legacy_session_param(&uri),
         };
         let backend = match &session {
             Some(id) => match self
                 .sessions
-                .get(&slug, id)
+                .get(slug, id)
                 .and_then(|d| tool.find(d).cloned())
             {
                 Some(b) => b,
@@ -244,19 +247,21 @@ impl Proxy {
                 }
             },
         };
-        self.forward(req, &slug, rest.as_deref(), session, backend)
+        self.forward(parts, body, slug, rest, session, backend, client)
             .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
-        req: Request,
+        mut parts: http::request::Parts,
+        body: Body,
         slug: &str,
         rest: Option<&str>,
         session: Option<String>,
         backend: Arc<Backend>,
+        client: Option<SocketAddr>,
     ) -> Response {
-        let (mut parts, body) = req.into_parts();
         if let Some(len) = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -288,10 +293,14 @@ impl Proxy {
             }
         };
 
-        let client_ip = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip());
+        let client_ip = client
+            .or_else(|| {
+                parts
+                    .extensions
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map(|c| c.0)
+            })
+            .map(|a| a.ip());
         let original_host = parts.headers.remove(header::HOST);
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
@@ -313,8 +322,10 @@ impl Proxy {
             h.insert(X_FORWARDED_HOST, host);
         }
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        // A request id needs to be unique, not unguessable: fastrand (no syscall) rather than
+        // a v4 UUID (one getrandom(2) per request).
         if h.get(&X_REQUEST_ID).is_none_or(|v| v.len() > 128)
-            && let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string())
+            && let Ok(v) = HeaderValue::from_str(&format!("{:032x}", fastrand::u128(..)))
         {
             h.insert(X_REQUEST_ID, v);
         }
