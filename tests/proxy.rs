@@ -512,3 +512,46 @@ async fn a_silent_stream_is_closed_after_the_idle_limit() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_upstream_that_refuses_connections_is_a_502() {
+    use std::sync::Arc;
+    use switchboard::proxy::{
+        Proxy,
+        routes::{Backend, RouteTable},
+    };
+    // A port nothing listens on: bind, note it, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let routes = Arc::new(RouteTable::new());
+    routes.add_tool("gone");
+    routes.add_backend(
+        "gone",
+        Backend::new(
+            uuid::Uuid::new_v4(),
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            "/mcp".into(),
+        ),
+    );
+    let proxy = Proxy::new(routes, ProxyConfig::default());
+    let req = axum::http::Request::post("/mcp/gone")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let resp = proxy.handle(req, None).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "upstream_unavailable", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&port.to_string()),
+        "{v}"
+    );
+}
