@@ -92,6 +92,9 @@ pub struct ServeArgs {
     /// File holding the API token (SWITCHBOARD_API_TOKEN also works).
     #[arg(long, env = "SWITCHBOARD_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
+    /// Database: sqlite://PATH or postgres://... [default: SQLite in the data directory].
+    #[arg(long, env = "SWITCHBOARD_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
 }
 
 impl ServeArgs {
@@ -104,6 +107,7 @@ impl ServeArgs {
             // Only from the environment: a flag would show the token in `ps`.
             api_token: std::env::var("SWITCHBOARD_API_TOKEN").ok(),
             api_token_file: self.api_token_file,
+            database_url: self.database_url,
         }
     }
 }

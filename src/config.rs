@@ -54,7 +54,18 @@ pub struct FileConfig {
     #[serde(default)]
     pub proxy: ProxySection,
     #[serde(default)]
+    pub store: StoreSection,
+    #[serde(default)]
     pub tools: Vec<ToolSpec>,
+}
+
+/// `[store]`: where records live.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// `sqlite://PATH` or `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`; default: SQLite in the
+    /// data directory.
+    pub url: Option<String>,
 }
 
 /// `[proxy]`: how `/mcp/{slug}` forwards. Every field is optional.
@@ -150,6 +161,7 @@ pub struct Overrides {
     pub port_range: Option<PortRange>,
     pub api_token: Option<String>,
     pub api_token_file: Option<PathBuf>,
+    pub database_url: Option<String>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -157,6 +169,8 @@ pub struct Overrides {
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// Never logged as is (it may hold a password): see [`crate::store::redact_url`].
+    pub database_url: String,
     pub port_range: PortRange,
     /// Never logged; see [`crate::api::ApiToken`].
     pub api_token: Option<String>,
@@ -261,8 +275,14 @@ impl Config {
             max_header_bytes: s.max_header_bytes.unwrap_or(d.max_header_bytes).max(8192),
             max_connections: s.max_connections.unwrap_or(d.max_connections).max(1),
         };
+        let database_url = o
+            .database_url
+            .filter(|u| !u.trim().is_empty())
+            .or(file.store.url)
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("switchboard.db").display()));
         Ok(Config {
             listen,
+            database_url,
             data_dir,
             port_range: o.port_range.or(file.ports.range).unwrap_or_default(),
             api_token,

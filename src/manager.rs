@@ -22,7 +22,6 @@ use std::{
     time::Duration,
 };
 
-use chrono::Utc;
 use tokio::{sync::watch, time::Instant};
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -293,7 +292,7 @@ impl Manager {
         let spec = &tool.spec;
         spec.check_deployable()?;
         let port = self.ports.allocate()?;
-        let now = Utc::now();
+        let now = crate::store::now();
         let d = Deployment {
             id: Uuid::new_v4(),
             tool_id: tool.id,

@@ -24,7 +24,7 @@ use crate::{
     ports::PortAllocator,
     proxy::{Proxy, routes::RouteTable},
     runtime::process::{ProcessRuntime, TreeTracking},
-    store::Store,
+    store::{Store, redact_url},
 };
 
 /// A stable id for this data directory, so this node's cgroups and records are its own.
@@ -68,10 +68,10 @@ pub async fn run(
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
     let _lock = lock_data_dir(data_dir)?;
     let node = node_id(data_dir)?;
-    let db_path = data_dir.join("switchboard.db");
-    let store = Store::open_sqlite(&db_path)
+    let store = Store::connect(&config.database_url)
         .await
-        .with_context(|| format!("opening the store at {}", db_path.display()))?;
+        .with_context(|| format!("opening the store at {}", redact_url(&config.database_url)))?;
+    tracing::info!(backend = store.backend(), url = %redact_url(&config.database_url), "Store ready");
 
     let shim = match &config.launcher {
         Some(p) => p.clone(),

@@ -1,8 +1,11 @@
-//! Durable state: tools and deployment records, in SQLite through sqlx.
+//! Durable state: tools and deployment records, in SQLite (the embedded default) or
+//! PostgreSQL, through sqlx.
 //!
 //! This is the only module that writes SQL. Everything above it speaks in [`Tool`] and
-//! [`Deployment`] values, so a PostgreSQL or MySQL backend is a second implementation of these
-//! methods, not a change to the manager or the API.
+//! [`Deployment`] values and never learns which backend it has. Each method's SQL is written
+//! once, in the portable subset both backends share (with `?` placeholders, rewritten to `$n`
+//! for PostgreSQL), and runs against whichever pool [`on_pool!`] selects; each backend has its
+//! own migrations directory because their types and DDL differ.
 //!
 //! Invariants:
 //! - Every method that changes state returns only after its transaction committed (WAL,
@@ -12,11 +15,12 @@
 //! - At most one live (STARTING/RUNNING) deployment holds a given port: a unique partial index
 //!   enforces it even if the in-memory allocator were wrong.
 
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{borrow::Cow, path::Path, str::FromStr, time::Duration};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound as _, Utc};
 use sqlx::{
-    FromRow, SqlitePool,
+    AssertSqlSafe, FromRow, PgPool, SqlitePool,
+    postgres::PgPoolOptions,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 use uuid::Uuid;
@@ -36,6 +40,8 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("'{0}' is not a supported database URL: use sqlite://PATH or postgres://USER@HOST/DB")]
+    UnsupportedUrl(String),
 }
 
 fn is_unique_violation(err: &sqlx::Error) -> bool {
@@ -51,8 +57,71 @@ pub struct DeploymentFilter {
 }
 
 #[derive(Clone, Debug)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+#[derive(Clone, Debug)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: Pool,
+}
+
+/// The current time at the precision every backend keeps (microseconds), so a value read back
+/// equals the value written.
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+fn sql_sqlite(sql: &'static str) -> AssertSqlSafe<Cow<'static, str>> {
+    AssertSqlSafe(Cow::Borrowed(sql))
+}
+
+/// `?` placeholders become `$1, $2, ...`. Our SQL has no `?` inside string literals.
+fn sql_postgres(sql: &'static str) -> AssertSqlSafe<Cow<'static, str>> {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    AssertSqlSafe(Cow::Owned(out))
+}
+
+/// Runs `$body` with `$pool` bound to the backend's pool and `$sql` to its placeholder
+/// rewriter; the body is compiled once per backend, so each gets its own types.
+macro_rules! on_pool {
+    ($store:expr, $pool:ident, $sql:ident => $body:expr) => {
+        match &$store.pool {
+            Pool::Sqlite($pool) => {
+                let $sql = sql_sqlite;
+                $body
+            }
+            Pool::Postgres($pool) => {
+                let $sql = sql_postgres;
+                $body
+            }
+        }
+    };
+}
+
+/// The URL with any password replaced, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((creds, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match creds.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
 }
 
 #[derive(FromRow)]
@@ -130,6 +199,37 @@ impl TryFrom<DeploymentRow> for Deployment {
 }
 
 impl Store {
+    /// Connects to the database a URL names (`sqlite://PATH`, `postgres://...`) and applies
+    /// migrations.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            return Self::open_sqlite(Path::new(path)).await;
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect(url)
+                .await?;
+            sqlx::migrate!("migrations/postgres").run(&pool).await?;
+            return Ok(Store {
+                pool: Pool::Postgres(pool),
+            });
+        }
+        Err(StoreError::UnsupportedUrl(redact_url(url)))
+    }
+
+    /// Which backend this store uses: "sqlite" or "postgres".
+    pub fn backend(&self) -> &'static str {
+        match self.pool {
+            Pool::Sqlite(_) => "sqlite",
+            Pool::Postgres(_) => "postgres",
+        }
+    }
+
     /// Opens (creating if needed) the SQLite database at `path` and applies migrations.
     pub async fn open_sqlite(path: &Path) -> Result<Store, StoreError> {
         let options = SqliteConnectOptions::new()
@@ -146,21 +246,28 @@ impl Store {
             .connect_with(options)
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool: Pool::Sqlite(pool),
+        })
     }
 
-    /// `PRAGMA integrity_check`, for tests and diagnostics.
+    /// SQLite's `PRAGMA integrity_check`; "ok" from backends that check themselves.
     pub async fn integrity_check(&self) -> Result<String, StoreError> {
-        let (res,): (String,) = sqlx::query_as("PRAGMA integrity_check")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(res)
+        match &self.pool {
+            Pool::Sqlite(pool) => {
+                let (res,): (String,) = sqlx::query_as("PRAGMA integrity_check")
+                    .fetch_one(pool)
+                    .await?;
+                Ok(res)
+            }
+            Pool::Postgres(_) => Ok("ok".to_owned()),
+        }
     }
 
     // ----- tools -----
 
     pub async fn insert_tool(&self, spec: &ToolSpec) -> Result<Tool, StoreError> {
-        let now = Utc::now();
+        let now = now();
         let tool = Tool {
             id: Uuid::new_v4(),
             spec: spec.clone(),
@@ -169,17 +276,20 @@ impl Store {
         };
         let spec_json =
             serde_json::to_string(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        sqlx::query(
-            "INSERT INTO tools (id, slug, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(tool.id.to_string())
-        .bind(&spec.slug)
-        .bind(spec_json)
-        .bind(now)
-        .bind(now)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| {
+        let res = on_pool!(self, pool, sql => {
+            sqlx::query(sql(
+                "INSERT INTO tools (id, slug, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+            ))
+            .bind(tool.id.to_string())
+            .bind(&spec.slug)
+            .bind(spec_json)
+            .bind(now)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|_| ())
+        });
+        res.map_err(|e| {
             if is_unique_violation(&e) {
                 StoreError::Conflict(format!("a tool with slug '{}' already exists", spec.slug))
             } else {
@@ -193,85 +303,94 @@ impl Store {
     pub async fn update_tool(&self, spec: &ToolSpec) -> Result<Option<Tool>, StoreError> {
         let spec_json =
             serde_json::to_string(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let row: Option<ToolRow> = sqlx::query_as(
-            "UPDATE tools SET spec = ?, updated_at = ? WHERE slug = ? \
-             RETURNING id, spec, created_at, updated_at",
-        )
-        .bind(spec_json)
-        .bind(Utc::now())
-        .bind(&spec.slug)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<ToolRow> = on_pool!(self, pool, sql => {
+            sqlx::query_as(sql(
+                "UPDATE tools SET spec = ?, updated_at = ? WHERE slug = ? \
+                 RETURNING id, spec, created_at, updated_at",
+            ))
+            .bind(spec_json)
+            .bind(now())
+            .bind(&spec.slug)
+            .fetch_optional(pool)
+            .await?
+        });
         row.map(Tool::try_from).transpose()
     }
 
     pub async fn get_tool(&self, slug: &str) -> Result<Option<Tool>, StoreError> {
-        let row: Option<ToolRow> =
-            sqlx::query_as("SELECT id, spec, created_at, updated_at FROM tools WHERE slug = ?")
+        let row: Option<ToolRow> = on_pool!(self, pool, sql => {
+            sqlx::query_as(sql("SELECT id, spec, created_at, updated_at FROM tools WHERE slug = ?"))
                 .bind(slug)
-                .fetch_optional(&self.pool)
-                .await?;
+                .fetch_optional(pool)
+                .await?
+        });
         row.map(Tool::try_from).transpose()
     }
 
     pub async fn list_tools(&self) -> Result<Vec<Tool>, StoreError> {
-        let rows: Vec<ToolRow> =
-            sqlx::query_as("SELECT id, spec, created_at, updated_at FROM tools ORDER BY slug")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows: Vec<ToolRow> = on_pool!(self, pool, sql => {
+            sqlx::query_as(sql("SELECT id, spec, created_at, updated_at FROM tools ORDER BY slug"))
+                .fetch_all(pool)
+                .await?
+        });
         rows.into_iter().map(Tool::try_from).collect()
     }
 
     /// Deletes the tool and its finished deployments, unless it has live ones.
     pub async fn delete_tool(&self, slug: &str) -> Result<DeleteTool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let live: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM deployments WHERE tool_slug = ? AND status IN ('STARTING', 'RUNNING')",
-        )
-        .bind(slug)
-        .fetch_one(&mut *tx)
-        .await?;
-        if live > 0 {
-            return Ok(DeleteTool::InUse(live as u64));
-        }
-        let done = sqlx::query("DELETE FROM tools WHERE slug = ?")
+        on_pool!(self, pool, sql => {
+            let mut tx = pool.begin().await?;
+            let live: i64 = sqlx::query_scalar(sql(
+                "SELECT COUNT(*) FROM deployments WHERE tool_slug = ? AND status IN ('STARTING', 'RUNNING')",
+            ))
             .bind(slug)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
-        tx.commit().await?;
-        Ok(if done.rows_affected() == 0 {
-            DeleteTool::NotFound
-        } else {
-            DeleteTool::Deleted
+            if live > 0 {
+                return Ok(DeleteTool::InUse(live.unsigned_abs()));
+            }
+            let done = sqlx::query(sql("DELETE FROM tools WHERE slug = ?"))
+                .bind(slug)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(if done.rows_affected() == 0 {
+                DeleteTool::NotFound
+            } else {
+                DeleteTool::Deleted
+            })
         })
     }
 
     // ----- deployments -----
 
     pub async fn insert_deployment(&self, d: &Deployment) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO deployments (id, tool_id, tool_slug, endpoint_url, port, status, \
-             health_status, last_health_check, deployed_at, stopped_at, pid, exit_code, \
-             exit_signal, error, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(d.id.to_string())
-        .bind(d.tool_id.to_string())
-        .bind(&d.tool_slug)
-        .bind(&d.endpoint_url)
-        .bind(d.port.map(i64::from))
-        .bind(d.status.as_str())
-        .bind(d.health_status.as_str())
-        .bind(d.last_health_check)
-        .bind(d.deployed_at)
-        .bind(d.stopped_at)
-        .bind(d.pid.map(i64::from))
-        .bind(d.exit_code.map(i64::from))
-        .bind(d.exit_signal.map(i64::from))
-        .bind(&d.error)
-        .bind(d.updated_at)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| {
+        let res = on_pool!(self, pool, sql => {
+            sqlx::query(sql(
+                "INSERT INTO deployments (id, tool_id, tool_slug, endpoint_url, port, status, \
+                 health_status, last_health_check, deployed_at, stopped_at, pid, exit_code, \
+                 exit_signal, error, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ))
+            .bind(d.id.to_string())
+            .bind(d.tool_id.to_string())
+            .bind(&d.tool_slug)
+            .bind(&d.endpoint_url)
+            .bind(d.port.map(i64::from))
+            .bind(d.status.as_str())
+            .bind(d.health_status.as_str())
+            .bind(d.last_health_check)
+            .bind(d.deployed_at)
+            .bind(d.stopped_at)
+            .bind(d.pid.map(i64::from))
+            .bind(d.exit_code.map(i64::from))
+            .bind(d.exit_signal.map(i64::from))
+            .bind(&d.error)
+            .bind(d.updated_at)
+            .execute(pool)
+            .await
+            .map(|_| ())
+        });
+        res.map_err(|e| {
             if is_unique_violation(&e) {
                 StoreError::Conflict(format!(
                     "port {:?} is already held by a live deployment",
@@ -280,15 +399,16 @@ impl Store {
             } else {
                 e.into()
             }
-        })?;
-        Ok(())
+        })
     }
 
     pub async fn get_deployment(&self, id: Uuid) -> Result<Option<Deployment>, StoreError> {
-        let row: Option<DeploymentRow> = sqlx::query_as("SELECT * FROM deployments WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row: Option<DeploymentRow> = on_pool!(self, pool, sql => {
+            sqlx::query_as(sql("SELECT * FROM deployments WHERE id = ?"))
+                .bind(id.to_string())
+                .fetch_optional(pool)
+                .await?
+        });
         row.map(Deployment::try_from).transpose()
     }
 
@@ -296,20 +416,22 @@ impl Store {
         &self,
         filter: &DeploymentFilter,
     ) -> Result<Vec<Deployment>, StoreError> {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("SELECT * FROM deployments WHERE 1=1");
-        if let Some(slug) = &filter.tool_slug {
-            qb.push(" AND tool_slug = ").push_bind(slug.clone());
-        }
-        if !filter.statuses.is_empty() {
-            qb.push(" AND status IN (");
-            let mut sep = qb.separated(", ");
-            for st in &filter.statuses {
-                sep.push_bind(st.as_str());
+        let rows: Vec<DeploymentRow> = on_pool!(self, pool, _sql => {
+            let mut qb = sqlx::QueryBuilder::new("SELECT * FROM deployments WHERE 1=1");
+            if let Some(slug) = &filter.tool_slug {
+                qb.push(" AND tool_slug = ").push_bind(slug.clone());
             }
-            qb.push(")");
-        }
-        qb.push(" ORDER BY deployed_at, id");
-        let rows: Vec<DeploymentRow> = qb.build_query_as().fetch_all(&self.pool).await?;
+            if !filter.statuses.is_empty() {
+                qb.push(" AND status IN (");
+                let mut sep = qb.separated(", ");
+                for st in &filter.statuses {
+                    sep.push_bind(st.as_str());
+                }
+                qb.push(")");
+            }
+            qb.push(" ORDER BY deployed_at, id");
+            qb.build_query_as().fetch_all(pool).await?
+        });
         rows.into_iter().map(Deployment::try_from).collect()
     }
 
@@ -322,28 +444,33 @@ impl Store {
     }
 
     pub async fn set_pid(&self, id: Uuid, pid: u32) -> Result<(), StoreError> {
-        sqlx::query("UPDATE deployments SET pid = ?, updated_at = ? WHERE id = ?")
-            .bind(i64::from(pid))
-            .bind(Utc::now())
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await?;
+        on_pool!(self, pool, sql => {
+            sqlx::query(sql("UPDATE deployments SET pid = ?, updated_at = ? WHERE id = ?"))
+                .bind(i64::from(pid))
+                .bind(now())
+                .bind(id.to_string())
+                .execute(pool)
+                .await?;
+        });
         Ok(())
     }
 
     /// STARTING → RUNNING/HEALTHY. False when the deployment was no longer STARTING.
     pub async fn mark_running(&self, id: Uuid) -> Result<bool, StoreError> {
-        let now = Utc::now();
-        let res = sqlx::query(
-            "UPDATE deployments SET status = 'RUNNING', health_status = 'HEALTHY', \
-             last_health_check = ?, updated_at = ? WHERE id = ? AND status = 'STARTING'",
-        )
-        .bind(now)
-        .bind(now)
-        .bind(id.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(res.rows_affected() == 1)
+        let now = now();
+        let affected = on_pool!(self, pool, sql => {
+            sqlx::query(sql(
+                "UPDATE deployments SET status = 'RUNNING', health_status = 'HEALTHY', \
+                 last_health_check = ?, updated_at = ? WHERE id = ? AND status = 'STARTING'",
+            ))
+            .bind(now)
+            .bind(now)
+            .bind(id.to_string())
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(affected == 1)
     }
 
     /// A live deployment ends, as STOPPED or FAILED. False when it had already ended: the caller
@@ -356,22 +483,25 @@ impl Store {
         error: Option<&str>,
     ) -> Result<bool, StoreError> {
         debug_assert!(!status.is_live());
-        let now = Utc::now();
-        let res = sqlx::query(
-            "UPDATE deployments SET status = ?, health_status = 'UNKNOWN', stopped_at = ?, \
-             exit_code = ?, exit_signal = ?, error = COALESCE(?, error), updated_at = ? \
-             WHERE id = ? AND status IN ('STARTING', 'RUNNING')",
-        )
-        .bind(status.as_str())
-        .bind(now)
-        .bind(exit.and_then(|e| e.code).map(i64::from))
-        .bind(exit.and_then(|e| e.signal).map(i64::from))
-        .bind(error)
-        .bind(now)
-        .bind(id.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(res.rows_affected() == 1)
+        let now = now();
+        let affected = on_pool!(self, pool, sql => {
+            sqlx::query(sql(
+                "UPDATE deployments SET status = ?, health_status = 'UNKNOWN', stopped_at = ?, \
+                 exit_code = ?, exit_signal = ?, error = COALESCE(?, error), updated_at = ? \
+                 WHERE id = ? AND status IN ('STARTING', 'RUNNING')",
+            ))
+            .bind(status.as_str())
+            .bind(now)
+            .bind(exit.and_then(|e| e.code).map(i64::from))
+            .bind(exit.and_then(|e| e.signal).map(i64::from))
+            .bind(error)
+            .bind(now)
+            .bind(id.to_string())
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(affected == 1)
     }
 }
 

@@ -53,6 +53,8 @@ pub struct AppOptions {
     pub token: Option<String>,
     pub proxy: ProxyConfig,
     pub edge: EdgeLimits,
+    /// `None`: SQLite in the data directory.
+    pub database_url: Option<String>,
 }
 
 impl Default for AppOptions {
@@ -62,6 +64,7 @@ impl Default for AppOptions {
             token: None,
             proxy: ProxyConfig::default(),
             edge: EdgeLimits::default(),
+            database_url: None,
         }
     }
 }
@@ -82,6 +85,12 @@ impl TestApp {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let config = Config {
             listen: listener.local_addr().unwrap(),
+            database_url: opts.database_url.clone().unwrap_or_else(|| {
+                format!(
+                    "sqlite://{}",
+                    data_dir.path().join("switchboard.db").display()
+                )
+            }),
             data_dir: data_dir.path().to_path_buf(),
             port_range: opts.ports,
             api_token: opts.token.clone(),

@@ -1,0 +1,334 @@
+//! The store's contract, written once and run against every backend: SQLite (a temporary file)
+//! and PostgreSQL (a fresh database on the server in SWITCHBOARD_TEST_POSTGRES_URL, which
+//! scripts/test starts with scripts/with-postgres).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use chrono::{DateTime, FixedOffset, Utc};
+use switchboard::{
+    deployment::{Deployment, DeploymentStatus, ExitInfo, HealthStatus},
+    registry::ToolSpec,
+    store::{DeleteTool, DeploymentFilter, Store, StoreError, now},
+};
+use uuid::Uuid;
+
+/// Keeps a backend's scratch database alive for one test.
+enum Scratch {
+    Sqlite(#[allow(dead_code)] tempfile::TempDir),
+    Postgres,
+}
+
+async fn sqlite() -> (Store, Scratch) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+        .await
+        .unwrap();
+    (store, Scratch::Sqlite(dir))
+}
+
+/// A fresh, empty database on the test PostgreSQL server.
+async fn fresh_postgres_url() -> String {
+    let admin = std::env::var("SWITCHBOARD_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "SWITCHBOARD_TEST_POSTGRES_URL is not set: run the tests through scripts/test, or start \
+             a server with `scripts/with-postgres cargo nextest run --test store` (PostgreSQL from \
+             Debian: apt-get install postgresql)"
+        )
+    });
+    let name = format!("sb_{}", Uuid::new_v4().simple());
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin}: {e}"));
+    sqlx::Executor::execute(
+        &mut conn,
+        sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")),
+    )
+    .await
+    .unwrap();
+    let (base, _) = admin.rsplit_once('/').unwrap();
+    format!("{base}/{name}")
+}
+
+async fn postgres() -> (Store, Scratch) {
+    let store = Store::connect(&fresh_postgres_url().await).await.unwrap();
+    (store, Scratch::Postgres)
+}
+
+/// Runs each contract test against each backend.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(#[tokio::test] async fn $name() { let (s, _g) = super::sqlite().await; super::$name(s).await; })*
+        }
+        mod on_postgres {
+            $(#[tokio::test] async fn $name() { let (s, _g) = super::postgres().await; super::$name(s).await; })*
+        }
+    };
+}
+
+contract!(
+    tools_round_trip,
+    deployments_round_trip_and_filter,
+    status_transitions_are_conditional,
+    a_live_port_belongs_to_one_deployment,
+    racing_writers_for_one_port_get_one_winner,
+    a_tool_in_use_is_not_deleted,
+    timestamps_keep_their_instant,
+    stop_leaves_stopped_with_stopped_at,
+);
+
+fn spec(slug: &str) -> ToolSpec {
+    serde_json::from_value::<ToolSpec>(serde_json::json!({"slug": slug, "command": "server"}))
+        .unwrap()
+        .validate()
+        .unwrap()
+}
+
+fn deployment(
+    tool: &switchboard::registry::Tool,
+    port: u16,
+    status: DeploymentStatus,
+) -> Deployment {
+    let t = now();
+    Deployment {
+        id: Uuid::new_v4(),
+        tool_id: tool.id,
+        tool_slug: tool.spec.slug.clone(),
+        endpoint_url: format!("http://127.0.0.1:{port}/mcp"),
+        port: Some(port),
+        status,
+        health_status: HealthStatus::Unknown,
+        last_health_check: None,
+        deployed_at: t,
+        stopped_at: None,
+        pid: Some(4242),
+        exit_code: None,
+        exit_signal: None,
+        error: None,
+        updated_at: t,
+    }
+}
+
+async fn tools_round_trip(s: Store) {
+    let t = s.insert_tool(&spec("alpha")).await.unwrap();
+    let got = s.get_tool("alpha").await.unwrap().unwrap();
+    assert_eq!(got.id, t.id);
+    assert_eq!(got.spec, t.spec);
+    assert_eq!(got.created_at, t.created_at);
+    assert!(matches!(
+        s.insert_tool(&spec("alpha")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    s.insert_tool(&spec("beta")).await.unwrap();
+    let slugs: Vec<String> = s
+        .list_tools()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.spec.slug)
+        .collect();
+    assert_eq!(slugs, ["alpha", "beta"]);
+    let mut changed = spec("alpha");
+    changed.args = vec!["--fast".into()];
+    let u = s.update_tool(&changed).await.unwrap().unwrap();
+    assert_eq!(u.id, t.id);
+    assert_eq!(
+        s.get_tool("alpha").await.unwrap().unwrap().spec.args,
+        ["--fast"]
+    );
+    assert!(s.update_tool(&spec("nope")).await.unwrap().is_none());
+    assert_eq!(s.delete_tool("beta").await.unwrap(), DeleteTool::Deleted);
+    assert_eq!(s.delete_tool("beta").await.unwrap(), DeleteTool::NotFound);
+    assert!(s.get_tool("beta").await.unwrap().is_none());
+}
+
+async fn deployments_round_trip_and_filter(s: Store) {
+    let a = s.insert_tool(&spec("a")).await.unwrap();
+    let b = s.insert_tool(&spec("b")).await.unwrap();
+    let d1 = deployment(&a, 9001, DeploymentStatus::Starting);
+    let d2 = deployment(&a, 9002, DeploymentStatus::Starting);
+    let d3 = deployment(&b, 9003, DeploymentStatus::Starting);
+    for d in [&d1, &d2, &d3] {
+        s.insert_deployment(d).await.unwrap();
+    }
+    assert_eq!(
+        s.get_deployment(d1.id).await.unwrap().unwrap(),
+        d1,
+        "a record reads back as written"
+    );
+    assert!(s.get_deployment(Uuid::new_v4()).await.unwrap().is_none());
+    s.mark_running(d2.id).await.unwrap();
+    let of_a = s
+        .list_deployments(&DeploymentFilter {
+            tool_slug: Some("a".into()),
+            statuses: vec![],
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        of_a.iter().map(|d| d.id).collect::<Vec<_>>(),
+        [d1.id, d2.id]
+    );
+    let running = s
+        .list_deployments(&DeploymentFilter {
+            tool_slug: None,
+            statuses: vec![DeploymentStatus::Running],
+        })
+        .await
+        .unwrap();
+    assert_eq!(running.len(), 1);
+    assert_eq!(running[0].id, d2.id);
+    assert_eq!(running[0].health_status, HealthStatus::Healthy);
+    assert_eq!(s.live_deployments().await.unwrap().len(), 3);
+}
+
+async fn status_transitions_are_conditional(s: Store) {
+    let t = s.insert_tool(&spec("t")).await.unwrap();
+    let d = deployment(&t, 9100, DeploymentStatus::Starting);
+    s.insert_deployment(&d).await.unwrap();
+    assert!(s.mark_running(d.id).await.unwrap());
+    assert!(
+        !s.mark_running(d.id).await.unwrap(),
+        "RUNNING cannot become RUNNING again"
+    );
+    let exit = ExitInfo {
+        code: Some(3),
+        signal: None,
+    };
+    assert!(
+        s.mark_ended(d.id, DeploymentStatus::Failed, Some(exit), Some("boom"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.mark_ended(d.id, DeploymentStatus::Stopped, None, None)
+            .await
+            .unwrap(),
+        "an ended deployment stays ended"
+    );
+    assert!(!s.mark_running(d.id).await.unwrap());
+    let got = s.get_deployment(d.id).await.unwrap().unwrap();
+    assert_eq!(got.status, DeploymentStatus::Failed);
+    assert_eq!(got.exit_code, Some(3));
+    assert_eq!(got.error.as_deref(), Some("boom"));
+}
+
+async fn a_live_port_belongs_to_one_deployment(s: Store) {
+    let t = s.insert_tool(&spec("t")).await.unwrap();
+    let d1 = deployment(&t, 9200, DeploymentStatus::Starting);
+    s.insert_deployment(&d1).await.unwrap();
+    let d2 = deployment(&t, 9200, DeploymentStatus::Starting);
+    assert!(matches!(
+        s.insert_deployment(&d2).await,
+        Err(StoreError::Conflict(_))
+    ));
+    s.mark_ended(d1.id, DeploymentStatus::Stopped, None, None)
+        .await
+        .unwrap();
+    s.insert_deployment(&d2).await.unwrap();
+}
+
+async fn racing_writers_for_one_port_get_one_winner(s: Store) {
+    let t = s.insert_tool(&spec("t")).await.unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            let d = deployment(&t, 9300, DeploymentStatus::Starting);
+            tokio::spawn(async move { s.insert_deployment(&d).await })
+        })
+        .collect();
+    let mut won = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(()) => won += 1,
+            Err(StoreError::Conflict(_)) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(won, 1, "exactly one writer gets the port");
+}
+
+async fn a_tool_in_use_is_not_deleted(s: Store) {
+    let t = s.insert_tool(&spec("busy")).await.unwrap();
+    let d = deployment(&t, 9400, DeploymentStatus::Running);
+    s.insert_deployment(&d).await.unwrap();
+    assert_eq!(s.delete_tool("busy").await.unwrap(), DeleteTool::InUse(1));
+    s.mark_ended(d.id, DeploymentStatus::Stopped, None, None)
+        .await
+        .unwrap();
+    assert_eq!(s.delete_tool("busy").await.unwrap(), DeleteTool::Deleted);
+    assert!(
+        s.get_deployment(d.id).await.unwrap().is_none(),
+        "history goes with the tool"
+    );
+}
+
+async fn timestamps_keep_their_instant(s: Store) {
+    let t = s.insert_tool(&spec("t")).await.unwrap();
+    let mut d = deployment(&t, 9500, DeploymentStatus::Starting);
+    // Written from a +05:30 clock: the same instant must come back, in UTC.
+    let local: DateTime<FixedOffset> =
+        DateTime::parse_from_rfc3339("2026-03-29T01:30:00.123456+05:30").unwrap();
+    d.deployed_at = local.with_timezone(&Utc);
+    s.insert_deployment(&d).await.unwrap();
+    let got = s.get_deployment(d.id).await.unwrap().unwrap();
+    assert_eq!(got.deployed_at, local);
+    assert_eq!(
+        got.deployed_at.to_rfc3339(),
+        "2026-03-28T20:00:00.123456+00:00"
+    );
+}
+
+async fn stop_leaves_stopped_with_stopped_at(s: Store) {
+    let t = s.insert_tool(&spec("t")).await.unwrap();
+    let d = deployment(&t, 9600, DeploymentStatus::Running);
+    s.insert_deployment(&d).await.unwrap();
+    let before = now();
+    assert!(
+        s.mark_ended(
+            d.id,
+            DeploymentStatus::Stopped,
+            Some(ExitInfo {
+                code: None,
+                signal: Some(15)
+            }),
+            None
+        )
+        .await
+        .unwrap()
+    );
+    let got = s.get_deployment(d.id).await.unwrap().unwrap();
+    assert_eq!(got.status, DeploymentStatus::Stopped);
+    assert!(got.stopped_at.unwrap() >= before);
+    assert_eq!(got.exit_signal, Some(15));
+}
+
+#[tokio::test]
+async fn the_whole_flow_runs_on_postgres() {
+    let url = fresh_postgres_url().await;
+    let app = common::TestApp::with(common::AppOptions {
+        database_url: Some(url.clone()),
+        ..Default::default()
+    })
+    .await;
+    app.add_test_tool("pg", &[], serde_json::json!({})).await;
+    let d = app.deploy_wait("pg").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let who = common::whoami(&format!("{}/mcp/pg", app.url)).await;
+    assert_eq!(who["deployment"], d["id"]);
+    let stopped = app.stop_deployment(d["id"].as_str().unwrap()).await;
+    assert_eq!(stopped["status"], "STOPPED");
+    // The record is in PostgreSQL, not in a SQLite file.
+    assert!(!app.db_path().exists());
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let (status,): (String,) = sqlx::query_as("SELECT status FROM deployments WHERE id = $1")
+        .bind(d["id"].as_str().unwrap())
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(status, "STOPPED");
+    app.stop().await;
+}
