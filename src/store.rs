@@ -1,5 +1,5 @@
-//! Durable state: tools and deployment records, in SQLite (the embedded default) or
-//! PostgreSQL, through sqlx.
+//! Durable state: tools and deployment records, in SQLite (the embedded default),
+//! PostgreSQL or MySQL/MariaDB, through sqlx.
 //!
 //! This is the only module that writes SQL. Everything above it speaks in [`Tool`] and
 //! [`Deployment`] values and never learns which backend it has. Each method's SQL is written
@@ -19,7 +19,8 @@ use std::{borrow::Cow, path::Path, str::FromStr, time::Duration};
 
 use chrono::{DateTime, SubsecRound as _, Utc};
 use sqlx::{
-    AssertSqlSafe, FromRow, PgPool, SqlitePool,
+    AssertSqlSafe, FromRow, MySqlPool, PgPool, SqlitePool,
+    mysql::MySqlPoolOptions,
     postgres::PgPoolOptions,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
@@ -40,7 +41,9 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("'{0}' is not a supported database URL: use sqlite://PATH or postgres://USER@HOST/DB")]
+    #[error(
+        "'{0}' is not a supported database URL: use sqlite://PATH, postgres://USER@HOST/DB or mysql://USER@HOST/DB"
+    )]
     UnsupportedUrl(String),
 }
 
@@ -60,6 +63,7 @@ pub struct DeploymentFilter {
 enum Pool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
+    MySql(MySqlPool),
 }
 
 #[derive(Clone, Debug)]
@@ -104,6 +108,10 @@ macro_rules! on_pool {
             }
             Pool::Postgres($pool) => {
                 let $sql = sql_postgres;
+                $body
+            }
+            Pool::MySql($pool) => {
+                let $sql = sql_sqlite;
                 $body
             }
         }
@@ -199,8 +207,8 @@ impl TryFrom<DeploymentRow> for Deployment {
 }
 
 impl Store {
-    /// Connects to the database a URL names (`sqlite://PATH`, `postgres://...`) and applies
-    /// migrations.
+    /// Connects to the database a URL names (`sqlite://PATH`, `postgres://...`, `mysql://...`)
+    /// and applies migrations.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
         if let Some(path) = url
             .strip_prefix("sqlite://")
@@ -219,14 +227,27 @@ impl Store {
                 pool: Pool::Postgres(pool),
             });
         }
+        if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            let url = url.replacen("mariadb://", "mysql://", 1);
+            let pool = MySqlPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect(&url)
+                .await?;
+            sqlx::migrate!("migrations/mysql").run(&pool).await?;
+            return Ok(Store {
+                pool: Pool::MySql(pool),
+            });
+        }
         Err(StoreError::UnsupportedUrl(redact_url(url)))
     }
 
-    /// Which backend this store uses: "sqlite" or "postgres".
+    /// Which backend this store uses: "sqlite", "postgres" or "mysql".
     pub fn backend(&self) -> &'static str {
         match self.pool {
             Pool::Sqlite(_) => "sqlite",
             Pool::Postgres(_) => "postgres",
+            Pool::MySql(_) => "mysql",
         }
     }
 
@@ -260,7 +281,7 @@ impl Store {
                     .await?;
                 Ok(res)
             }
-            Pool::Postgres(_) => Ok("ok".to_owned()),
+            Pool::Postgres(_) | Pool::MySql(_) => Ok("ok".to_owned()),
         }
     }
 
@@ -303,16 +324,23 @@ impl Store {
     pub async fn update_tool(&self, spec: &ToolSpec) -> Result<Option<Tool>, StoreError> {
         let spec_json =
             serde_json::to_string(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        // UPDATE then SELECT in one transaction: MySQL has no UPDATE ... RETURNING.
         let row: Option<ToolRow> = on_pool!(self, pool, sql => {
-            sqlx::query_as(sql(
-                "UPDATE tools SET spec = ?, updated_at = ? WHERE slug = ? \
-                 RETURNING id, spec, created_at, updated_at",
+            let mut tx = pool.begin().await?;
+            sqlx::query(sql("UPDATE tools SET spec = ?, updated_at = ? WHERE slug = ?"))
+                .bind(spec_json)
+                .bind(now())
+                .bind(&spec.slug)
+                .execute(&mut *tx)
+                .await?;
+            let row = sqlx::query_as(sql(
+                "SELECT id, spec, created_at, updated_at FROM tools WHERE slug = ?",
             ))
-            .bind(spec_json)
-            .bind(now())
             .bind(&spec.slug)
-            .fetch_optional(pool)
-            .await?
+            .fetch_optional(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            row
         });
         row.map(Tool::try_from).transpose()
     }

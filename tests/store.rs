@@ -1,6 +1,7 @@
-//! The store's contract, written once and run against every backend: SQLite (a temporary file)
-//! and PostgreSQL (a fresh database on the server in SWITCHBOARD_TEST_POSTGRES_URL, which
-//! scripts/test starts with scripts/with-postgres).
+//! The store's contract, written once and run against every backend: SQLite (a temporary
+//! file), PostgreSQL and MariaDB (a fresh database each, on the servers in
+//! SWITCHBOARD_TEST_POSTGRES_URL and SWITCHBOARD_TEST_MYSQL_URL, which scripts/test starts with
+//! scripts/with-databases).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -16,7 +17,7 @@ use uuid::Uuid;
 /// Keeps a backend's scratch database alive for one test.
 enum Scratch {
     Sqlite(#[allow(dead_code)] tempfile::TempDir),
-    Postgres,
+    Server,
 }
 
 async fn sqlite() -> (Store, Scratch) {
@@ -52,7 +53,35 @@ async fn fresh_postgres_url() -> String {
 
 async fn postgres() -> (Store, Scratch) {
     let store = Store::connect(&fresh_postgres_url().await).await.unwrap();
-    (store, Scratch::Postgres)
+    (store, Scratch::Server)
+}
+
+/// A fresh, empty database on the test MariaDB/MySQL server.
+async fn fresh_mysql_url() -> String {
+    let admin = std::env::var("SWITCHBOARD_TEST_MYSQL_URL").unwrap_or_else(|_| {
+        panic!(
+            "SWITCHBOARD_TEST_MYSQL_URL is not set: run the tests through scripts/test, or start \
+             a server with `scripts/with-databases cargo nextest run --test store` (MariaDB from \
+             Debian: apt-get install mariadb-server)"
+        )
+    });
+    let name = format!("sb_{}", Uuid::new_v4().simple());
+    let mut conn = <sqlx::MySqlConnection as sqlx::Connection>::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach MariaDB/MySQL at {admin}: {e}"));
+    sqlx::Executor::execute(
+        &mut conn,
+        sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")),
+    )
+    .await
+    .unwrap();
+    let (base, _) = admin.rsplit_once('/').unwrap();
+    format!("{base}/{name}")
+}
+
+async fn mysql() -> (Store, Scratch) {
+    let store = Store::connect(&fresh_mysql_url().await).await.unwrap();
+    (store, Scratch::Server)
 }
 
 /// Runs each contract test against each backend.
@@ -63,6 +92,9 @@ macro_rules! contract {
         }
         mod on_postgres {
             $(#[tokio::test] async fn $name() { let (s, _g) = super::postgres().await; super::$name(s).await; })*
+        }
+        mod on_mysql {
+            $(#[tokio::test] async fn $name() { let (s, _g) = super::mysql().await; super::$name(s).await; })*
         }
     };
 }
@@ -304,31 +336,49 @@ async fn stop_leaves_stopped_with_stopped_at(s: Store) {
     assert_eq!(got.exit_signal, Some(15));
 }
 
-#[tokio::test]
-async fn the_whole_flow_runs_on_postgres() {
-    let url = fresh_postgres_url().await;
+/// The deploy → route → stop flow through the API, with records in a server database.
+async fn whole_flow(url: String) {
     let app = common::TestApp::with(common::AppOptions {
-        database_url: Some(url.clone()),
+        database_url: Some(url),
         ..Default::default()
     })
     .await;
-    app.add_test_tool("pg", &[], serde_json::json!({})).await;
-    let d = app.deploy_wait("pg").await;
+    app.add_test_tool("db", &[], serde_json::json!({})).await;
+    let d = app.deploy_wait("db").await;
     assert_eq!(d["status"], "RUNNING", "{d}");
-    let who = common::whoami(&format!("{}/mcp/pg", app.url)).await;
+    let who = common::whoami(&format!("{}/mcp/db", app.url)).await;
     assert_eq!(who["deployment"], d["id"]);
     let stopped = app.stop_deployment(d["id"].as_str().unwrap()).await;
     assert_eq!(stopped["status"], "STOPPED");
-    // The record is in PostgreSQL, not in a SQLite file.
-    assert!(!app.db_path().exists());
+    assert!(stopped["stopped_at"].is_string());
+    assert!(!app.db_path().exists(), "nothing went to a SQLite file");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_whole_flow_runs_on_postgres() {
+    let url = fresh_postgres_url().await;
+    whole_flow(url.clone()).await;
     let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
         .await
         .unwrap();
-    let (status,): (String,) = sqlx::query_as("SELECT status FROM deployments WHERE id = $1")
-        .bind(d["id"].as_str().unwrap())
+    let (status,): (String,) = sqlx::query_as("SELECT status FROM deployments")
         .fetch_one(&mut db)
         .await
         .unwrap();
     assert_eq!(status, "STOPPED");
-    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_whole_flow_runs_on_mysql() {
+    let url = fresh_mysql_url().await;
+    whole_flow(url.clone()).await;
+    let mut db = <sqlx::MySqlConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let (status,): (String,) = sqlx::query_as("SELECT status FROM deployments")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(status, "STOPPED");
 }
