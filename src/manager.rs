@@ -87,6 +87,8 @@ pub struct Manager {
     live: Mutex<HashMap<Uuid, Live>>,
     tasks: TaskTracker,
     shutting_down: AtomicBool,
+    /// This manager, for tasks a `&self` method must spawn.
+    me: std::sync::Weak<Manager>,
 }
 
 /// What applying the config file's tools did.
@@ -105,7 +107,8 @@ impl Manager {
         prober: Prober,
         routes: Arc<RouteTable>,
     ) -> Arc<Manager> {
-        Arc::new(Manager {
+        Arc::new_cyclic(|me| Manager {
+            me: me.clone(),
             store,
             ports,
             runtime,
@@ -343,7 +346,11 @@ impl Manager {
         let launch = launch_spec(&d, spec, port);
         match self.runtime.start(launch).await {
             Ok(pid) => {
-                self.store.set_pid(d.id, pid).await?;
+                // The record exists and the process runs: a failure to note the pid must not
+                // leave the process unsupervised.
+                if let Err(e) = self.store.set_pid(d.id, pid).await {
+                    tracing::warn!(deployment = %d.id, error = %e, "Could not record the pid");
+                }
                 tracing::info!(deployment = %d.id, tool = %spec.slug, pid, port, "Deployment starting");
                 let this = Arc::clone(self);
                 let startup = Duration::from_millis(spec.startup_timeout_ms);
@@ -376,8 +383,11 @@ impl Manager {
             r = self.wait_ready(&url, deadline) => r.map_err(Ended::NotReady),
         };
         match ready {
-            Ok(()) => match self.store.mark_running(id).await {
-                Ok(true) => {
+            Ok(()) => {
+                let recorded = self
+                    .until_stored(id, "RUNNING", || self.store.mark_running(id))
+                    .await;
+                if recorded == Some(true) {
                     {
                         // Under the live lock, so a stop that starts now either sees the route
                         // (and removes it) or has already marked `stopping` (and none is added).
@@ -389,9 +399,7 @@ impl Manager {
                     }
                     tracing::info!(deployment = %id, "Deployment running");
                 }
-                Ok(false) => {}
-                Err(e) => tracing::error!(deployment = %id, error = %e, "Could not record RUNNING"),
-            },
+            }
             Err(Ended::NotReady(last)) => {
                 let msg = format!(
                     "did not answer an MCP request within {:.1} s (last probe: {last})",
@@ -433,8 +441,14 @@ impl Manager {
 
     /// Records a failure the supervisor saw, unless a stop is under way (the stop records it).
     async fn fail(&self, id: Uuid, exit: Option<ExitInfo>, reason: String) {
-        if self.live().get(&id).is_none_or(|l| l.stopping) {
-            return;
+        {
+            let live = self.live();
+            match live.get(&id) {
+                None => return,
+                Some(l) if l.stopping => return,
+                // Out of routing now, whether or not the store can take the news yet.
+                Some(l) => self.routes.remove_backend(&l.slug, id),
+            }
         }
         let tail = self.runtime.logs_tail(id, LOG_LINES_IN_ERROR).await;
         let msg = if tail.trim().is_empty() {
@@ -443,12 +457,10 @@ impl Manager {
             format!("{reason}; last log lines:\n{tail}")
         };
         tracing::warn!(deployment = %id, %reason, "Deployment failed");
-        if let Err(e) = self
-            .end(id, DeploymentStatus::Failed, exit, Some(&msg))
-            .await
-        {
-            tracing::error!(deployment = %id, error = %e, "Could not record failure");
-        }
+        self.until_stored(id, "FAILED", || {
+            self.end(id, DeploymentStatus::Failed, exit, Some(&msg))
+        })
+        .await;
         // Whatever is left of the tree goes now; the record already says FAILED.
         if let Err(e) = self.runtime.stop(id, Duration::ZERO).await {
             tracing::error!(deployment = %id, error = %e, "Could not clean up failed deployment");
@@ -518,10 +530,52 @@ impl Manager {
                 .map_err(|source| ManagerError::Stop { id, source })?,
             None => None,
         };
-        if self.end(id, DeploymentStatus::Stopped, exit, None).await? {
-            tracing::info!(deployment = %id, tool = %d.tool_slug, "Deployment stopped");
+        match self.end(id, DeploymentStatus::Stopped, exit, None).await {
+            Ok(true) => tracing::info!(deployment = %id, tool = %d.tool_slug, "Deployment stopped"),
+            Ok(false) => {}
+            Err(e) => {
+                // The process is stopped but the record could not say so: keep trying in the
+                // background, and tell the caller (who may retry; stop is idempotent).
+                if let Some(this) = self.me.upgrade() {
+                    self.tasks.spawn(async move {
+                        this.until_stored(id, "STOPPED", || {
+                            this.end(id, DeploymentStatus::Stopped, exit, None)
+                        })
+                        .await;
+                    });
+                }
+                return Err(e);
+            }
         }
         self.get_deployment(id).await
+    }
+
+    /// Retries a store write the supervisor must not lose (a status change for something that
+    /// already happened) until it succeeds: through a database outage, the record catches up
+    /// once the database is back. Gives up only when Switchboard is shutting down (the next
+    /// start closes what is left) or the deployment is no longer this manager's.
+    async fn until_stored<T, E, F, Fut>(&self, id: Uuid, what: &str, mut write: F) -> Option<T>
+    where
+        E: std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match write().await {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    let gone = !self.live().contains_key(&id);
+                    if self.shutting_down.load(Ordering::SeqCst) || gone {
+                        tracing::error!(deployment = %id, error = %e, "Could not record {what}; giving up");
+                        return None;
+                    }
+                    tracing::warn!(deployment = %id, error = %e, retry_in = ?delay, "Could not record {what}; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 
     /// From now on, deploy requests fail with [`ManagerError::ShuttingDown`].
@@ -538,7 +592,13 @@ impl Manager {
         }
         let stops = ids.into_iter().map(|id| async move {
             if let Err(e) = self.stop(id).await {
-                tracing::error!(deployment = %id, error = %e, "Could not stop deployment");
+                tracing::error!(deployment = %id, error = %e, "Could not stop deployment cleanly");
+                // Processes go whatever the store says; a record left live is closed at the
+                // next start.
+                let grace = self.live().get(&id).map(|l| l.grace).unwrap_or_default();
+                if let Err(e) = self.runtime.stop(id, grace).await {
+                    tracing::error!(deployment = %id, error = %e, "Could not stop deployment");
+                }
             }
         });
         futures_util::future::join_all(stops).await;

@@ -37,7 +37,7 @@ pub enum StoreError {
     Conflict(String),
     #[error("stored record is unreadable: {0}")]
     Corrupt(String),
-    #[error("database error: {0}")]
+    #[error("the database is unavailable or failed: {0}")]
     Database(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -70,6 +70,10 @@ enum Pool {
 pub struct Store {
     pool: Pool,
 }
+
+/// How long a request waits for a database connection before the store reports itself
+/// unavailable (an API call then gets 503 `store_unavailable` instead of hanging).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The current time at the precision every backend keeps (microseconds), so a value read back
 /// equals the value written.
@@ -219,7 +223,7 @@ impl Store {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = PgPoolOptions::new()
                 .max_connections(8)
-                .acquire_timeout(Duration::from_secs(5))
+                .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect(url)
                 .await?;
             sqlx::migrate!("migrations/postgres").run(&pool).await?;
@@ -231,7 +235,7 @@ impl Store {
             let url = url.replacen("mariadb://", "mysql://", 1);
             let pool = MySqlPoolOptions::new()
                 .max_connections(8)
-                .acquire_timeout(Duration::from_secs(5))
+                .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect(&url)
                 .await?;
             sqlx::migrate!("migrations/mysql").run(&pool).await?;
@@ -270,6 +274,19 @@ impl Store {
         Ok(Store {
             pool: Pool::Sqlite(pool),
         })
+    }
+
+    /// A trivial query, bounded in time: whether the database answers now.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let q = async {
+            on_pool!(self, pool, sql => {
+                sqlx::query(sql("SELECT 1")).execute(pool).await?;
+            });
+            Ok::<(), StoreError>(())
+        };
+        tokio::time::timeout(Duration::from_secs(2), q)
+            .await
+            .map_err(|_| StoreError::Database(sqlx::Error::PoolTimedOut))?
     }
 
     /// SQLite's `PRAGMA integrity_check`; "ok" from backends that check themselves.

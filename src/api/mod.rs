@@ -172,14 +172,29 @@ async fn method_not_allowed() -> ApiError {
 
 #[derive(Serialize)]
 struct Healthz {
+    /// `ok`, or `degraded` when the store cannot be reached (deployments keep serving traffic;
+    /// changes are refused until it is back).
     status: &'static str,
+    /// `ok` or `unavailable`.
+    store: &'static str,
+    /// Which backend: sqlite, postgres or mysql.
+    backend: &'static str,
     version: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store_error: Option<String>,
 }
 
-async fn healthz() -> Json<Healthz> {
+/// Always 200 while the process serves: a database outage is reported, not turned into a
+/// liveness failure that would get a healthy proxy restarted.
+async fn healthz(State(s): State<AppState>) -> Json<Healthz> {
+    let store = s.manager.store();
+    let ping = store.ping().await;
     Json(Healthz {
-        status: "ok",
+        status: if ping.is_ok() { "ok" } else { "degraded" },
+        store: if ping.is_ok() { "ok" } else { "unavailable" },
+        backend: store.backend(),
         version: env!("CARGO_PKG_VERSION"),
+        store_error: ping.err().map(|e| e.to_string()),
     })
 }
 

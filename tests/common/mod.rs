@@ -452,3 +452,110 @@ pub async fn whoami_in_session(url: &str, sid: &str) -> Result<Value, StatusCode
     let text = msg["result"]["content"][0]["text"].as_str().unwrap();
     Ok(serde_json::from_str(text).unwrap())
 }
+
+/// A PostgreSQL server of a test's own, to stop and start under a running Switchboard.
+pub struct PgServer {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+impl PgServer {
+    fn pg(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("pg"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn start() -> PgServer {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| d.filter_map(Result::ok).map(|e| e.path().join("bin")).max())
+            .filter(|b| b.join("initdb").exists())
+            .expect("PostgreSQL server binaries are missing: apt-get install postgresql");
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pgdir = dir.path().join("pg");
+        std::fs::create_dir(&pgdir).unwrap();
+        let chown = |p: &std::path::Path, mode: &str| {
+            let ok = std::process::Command::new("chmod")
+                .arg(mode)
+                .arg(p)
+                .status()
+                .unwrap()
+                .success()
+                && std::process::Command::new("chown")
+                    .arg("postgres")
+                    .arg(p)
+                    .status()
+                    .unwrap()
+                    .success();
+            assert!(
+                ok,
+                "cannot hand {} to the postgres user (tests run as root)",
+                p.display()
+            );
+        };
+        chown(dir.path(), "1777");
+        chown(&pgdir, "700");
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin.join("initdb"))
+            .args(["-A", "trust", "-U", "sb", "-D"])
+            .arg(&pgdir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s = PgServer { dir, bin, port };
+        s.resume();
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://sb@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server at once (no checkpoint), like a crash or a network cut.
+    pub fn halt(&self) {
+        let out = self.pg(&["-m", "immediate", "-w", "stop"]);
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn resume(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("pg.log");
+        let out = self.pg(&["-w", "-l", log.to_str().unwrap(), "-o", &opts, "start"]);
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self.pg(&["-m", "immediate", "stop"]);
+    }
+}
