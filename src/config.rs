@@ -35,6 +35,8 @@ pub enum ConfigError {
     },
     #[error("the API token file {0} is empty")]
     EmptyToken(PathBuf),
+    #[error("node_id '{0}' is invalid: use 1-64 characters of A-Z, a-z, 0-9, '-' and '_'")]
+    NodeId(String),
     #[error(
         "refusing to listen on {0} without an API token: a non-loopback address exposes the API \
          (which starts processes) to the network. Set SWITCHBOARD_API_TOKEN or api_token_file, \
@@ -144,6 +146,9 @@ pub struct ServerSection {
     pub max_headers: Option<usize>,
     pub max_header_bytes: Option<usize>,
     pub max_connections: Option<usize>,
+    /// This node's id, when several Switchboards share one database; default: one generated
+    /// once and kept in the data directory.
+    pub node_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,6 +184,8 @@ pub struct Config {
     pub edge: EdgeLimits,
     /// The executable that implements the launch shim; `None` means this one.
     pub launcher: Option<PathBuf>,
+    /// `None`: generated once per data directory.
+    pub node_id: Option<String>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -280,8 +287,19 @@ impl Config {
             .filter(|u| !u.trim().is_empty())
             .or(file.store.url)
             .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("switchboard.db").display()));
+        let node_id = file.server.node_id.clone();
+        if let Some(n) = &node_id
+            && (n.is_empty()
+                || n.len() > 64
+                || !n
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        {
+            return Err(ConfigError::NodeId(n.clone()));
+        }
         Ok(Config {
             listen,
+            node_id,
             database_url,
             data_dir,
             port_range: o.port_range.or(file.ports.range).unwrap_or_default(),

@@ -108,6 +108,8 @@ pub struct Deployment {
     pub id: Uuid,
     pub tool_id: Uuid,
     pub tool_slug: String,
+    /// The Switchboard node that runs (and alone may stop) this deployment.
+    pub node_id: String,
     /// Where the deployment's MCP endpoint answers.
     pub endpoint_url: String,
     pub port: Option<u16>,

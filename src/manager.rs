@@ -62,6 +62,8 @@ pub enum ManagerError {
     ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("deployment {id} runs on node '{node}'; stop it through that node's API")]
+    NotOwner { id: Uuid, node: String },
 }
 
 /// Lines of a failed server's log quoted in its record's `error`.
@@ -89,6 +91,8 @@ pub struct Manager {
     shutting_down: AtomicBool,
     /// This manager, for tasks a `&self` method must spawn.
     me: std::sync::Weak<Manager>,
+    /// The node this manager is: it runs, adopts and stops only deployments that name it.
+    node_id: String,
 }
 
 /// What applying the config file's tools did.
@@ -106,9 +110,11 @@ impl Manager {
         runtime: Arc<dyn Runtime>,
         prober: Prober,
         routes: Arc<RouteTable>,
+        node_id: String,
     ) -> Arc<Manager> {
         Arc::new_cyclic(|me| Manager {
             me: me.clone(),
+            node_id,
             store,
             ports,
             runtime,
@@ -133,6 +139,10 @@ impl Manager {
         &self.prober
     }
 
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
     pub fn routes(&self) -> &Arc<RouteTable> {
         &self.routes
     }
@@ -152,7 +162,7 @@ impl Manager {
     /// Closes records a previous Switchboard process left live and kills what they ran.
     /// Returns how many records were closed. Must run before the first deploy.
     pub async fn recover(&self, sweep: impl FnOnce() -> Vec<Uuid>) -> Result<usize, ManagerError> {
-        let stale = self.store.live_deployments().await?;
+        let stale = self.store.live_deployments(&self.node_id).await?;
         // Ports are rebuilt from the store first, so nothing can be handed out twice while the
         // stale records are being closed.
         for d in &stale {
@@ -259,6 +269,7 @@ impl Manager {
                 .store
                 .list_deployments(&DeploymentFilter {
                     tool_slug: Some(tool.spec.slug.clone()),
+                    node_id: Some(self.node_id.clone()),
                     statuses: vec![DeploymentStatus::Starting, DeploymentStatus::Running],
                 })
                 .await?
@@ -300,6 +311,7 @@ impl Manager {
             id: Uuid::new_v4(),
             tool_id: tool.id,
             tool_slug: spec.slug.clone(),
+            node_id: self.node_id.clone(),
             endpoint_url: format!(
                 "http://{}:{port}{}",
                 self.advertise_host, spec.endpoint_path
@@ -509,6 +521,12 @@ impl Manager {
         let d = self.get_deployment(id).await?;
         if !d.status.is_live() {
             return Ok(d);
+        }
+        if d.node_id != self.node_id {
+            return Err(ManagerError::NotOwner {
+                id,
+                node: d.node_id,
+            });
         }
         let grace = {
             let mut live = self.live();

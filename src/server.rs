@@ -67,7 +67,10 @@ pub async fn run(
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
     let _lock = lock_data_dir(data_dir)?;
-    let node = node_id(data_dir)?;
+    let node = match &config.node_id {
+        Some(n) => n.clone(),
+        None => node_id(data_dir)?,
+    };
     let store = Store::connect(&config.database_url)
         .await
         .with_context(|| format!("opening the store at {}", redact_url(&config.database_url)))?;
@@ -91,6 +94,7 @@ pub async fn run(
         runtime.clone(),
         Prober::new(),
         Arc::clone(&routes),
+        node.clone(),
     );
     let proxy = Arc::new(Proxy::new(routes, config.proxy.clone()));
 

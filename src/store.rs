@@ -55,6 +55,8 @@ fn is_unique_violation(err: &sqlx::Error) -> bool {
 #[derive(Debug, Clone, Default)]
 pub struct DeploymentFilter {
     pub tool_slug: Option<String>,
+    /// Only this node's deployments.
+    pub node_id: Option<String>,
     /// Any of these statuses; all when empty.
     pub statuses: Vec<DeploymentStatus>,
 }
@@ -162,6 +164,7 @@ struct DeploymentRow {
     id: String,
     tool_id: String,
     tool_slug: String,
+    node_id: String,
     endpoint_url: String,
     port: Option<i64>,
     status: String,
@@ -192,6 +195,7 @@ impl TryFrom<DeploymentRow> for Deployment {
             id: parse_uuid(&r.id)?,
             tool_id: parse_uuid(&r.tool_id)?,
             tool_slug: r.tool_slug,
+            node_id: r.node_id,
             endpoint_url: r.endpoint_url,
             port: narrow(r.port, "port")?,
             status: DeploymentStatus::from_str(&r.status)
@@ -412,13 +416,15 @@ impl Store {
     pub async fn insert_deployment(&self, d: &Deployment) -> Result<(), StoreError> {
         let res = on_pool!(self, pool, sql => {
             sqlx::query(sql(
-                "INSERT INTO deployments (id, tool_id, tool_slug, endpoint_url, port, status, \
-                 health_status, last_health_check, deployed_at, stopped_at, pid, exit_code, \
-                 exit_signal, error, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO deployments (id, tool_id, tool_slug, node_id, endpoint_url, port, \
+                 status, health_status, last_health_check, deployed_at, stopped_at, pid, \
+                 exit_code, exit_signal, error, updated_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             ))
             .bind(d.id.to_string())
             .bind(d.tool_id.to_string())
             .bind(&d.tool_slug)
+            .bind(&d.node_id)
             .bind(&d.endpoint_url)
             .bind(d.port.map(i64::from))
             .bind(d.status.as_str())
@@ -466,6 +472,9 @@ impl Store {
             if let Some(slug) = &filter.tool_slug {
                 qb.push(" AND tool_slug = ").push_bind(slug.clone());
             }
+            if let Some(node) = &filter.node_id {
+                qb.push(" AND node_id = ").push_bind(node.clone());
+            }
             if !filter.statuses.is_empty() {
                 qb.push(" AND status IN (");
                 let mut sep = qb.separated(", ");
@@ -480,9 +489,11 @@ impl Store {
         rows.into_iter().map(Deployment::try_from).collect()
     }
 
-    pub async fn live_deployments(&self) -> Result<Vec<Deployment>, StoreError> {
+    /// One node's live deployments.
+    pub async fn live_deployments(&self, node_id: &str) -> Result<Vec<Deployment>, StoreError> {
         self.list_deployments(&DeploymentFilter {
             tool_slug: None,
+            node_id: Some(node_id.to_owned()),
             statuses: vec![DeploymentStatus::Starting, DeploymentStatus::Running],
         })
         .await

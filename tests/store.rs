@@ -108,6 +108,7 @@ contract!(
     a_tool_in_use_is_not_deleted,
     timestamps_keep_their_instant,
     stop_leaves_stopped_with_stopped_at,
+    nodes_own_their_deployments_and_ports,
 );
 
 fn spec(slug: &str) -> ToolSpec {
@@ -127,6 +128,7 @@ fn deployment(
         id: Uuid::new_v4(),
         tool_id: tool.id,
         tool_slug: tool.spec.slug.clone(),
+        node_id: "n1".into(),
         endpoint_url: format!("http://127.0.0.1:{port}/mcp"),
         port: Some(port),
         status,
@@ -194,7 +196,7 @@ async fn deployments_round_trip_and_filter(s: Store) {
     let of_a = s
         .list_deployments(&DeploymentFilter {
             tool_slug: Some("a".into()),
-            statuses: vec![],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -204,15 +206,16 @@ async fn deployments_round_trip_and_filter(s: Store) {
     );
     let running = s
         .list_deployments(&DeploymentFilter {
-            tool_slug: None,
             statuses: vec![DeploymentStatus::Running],
+            ..Default::default()
         })
         .await
         .unwrap();
     assert_eq!(running.len(), 1);
     assert_eq!(running[0].id, d2.id);
     assert_eq!(running[0].health_status, HealthStatus::Healthy);
-    assert_eq!(s.live_deployments().await.unwrap().len(), 3);
+    assert_eq!(s.live_deployments("n1").await.unwrap().len(), 3);
+    assert!(s.live_deployments("n2").await.unwrap().is_empty());
 }
 
 async fn status_transitions_are_conditional(s: Store) {
@@ -381,4 +384,103 @@ async fn the_whole_flow_runs_on_mysql() {
         .await
         .unwrap();
     assert_eq!(status, "STOPPED");
+}
+
+async fn nodes_own_their_deployments_and_ports(s: Store) {
+    let t = s.insert_tool(&spec("t")).await.unwrap();
+    let a = deployment(&t, 9700, DeploymentStatus::Running);
+    let mut b = deployment(&t, 9700, DeploymentStatus::Running);
+    b.node_id = "n2".into();
+    s.insert_deployment(&a).await.unwrap();
+    s.insert_deployment(&b).await.unwrap();
+    let again = deployment(&t, 9700, DeploymentStatus::Starting);
+    assert!(
+        matches!(
+            s.insert_deployment(&again).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "one node never holds a port twice"
+    );
+    let mine: Vec<Uuid> = s
+        .live_deployments("n2")
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(mine, [b.id]);
+    let all = s
+        .list_deployments(&DeploymentFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 2);
+    let got = s.get_deployment(b.id).await.unwrap().unwrap();
+    assert_eq!(got.node_id, "n2");
+}
+
+#[tokio::test]
+async fn two_nodes_share_one_database_and_keep_to_their_own() {
+    let url = fresh_postgres_url().await;
+    let opts = || common::AppOptions {
+        database_url: Some(url.clone()),
+        ports: common::port_range(4),
+        ..Default::default()
+    };
+    let a = common::TestApp::with(opts()).await;
+    a.add_test_tool("shared", &[], serde_json::json!({})).await;
+    let b = common::TestApp::with(opts()).await;
+    let da = a.deploy_wait("shared").await;
+    let db = b.deploy_wait("shared").await;
+    assert_eq!(da["status"], "RUNNING", "{da}");
+    assert_eq!(db["status"], "RUNNING", "{db}");
+    assert_ne!(da["node_id"], db["node_id"]);
+
+    // Either node lists everything; each routes to its own.
+    let (_, all) = b.call("GET", "/api/v1/deployments", None).await;
+    assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
+    let (_, mine) = b
+        .call(
+            "GET",
+            &format!(
+                "/api/v1/deployments?node={}",
+                db["node_id"].as_str().unwrap()
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(mine.as_array().unwrap().len(), 1);
+    let who = common::whoami(&format!("{}/mcp/shared", b.url)).await;
+    assert_eq!(who["deployment"], db["id"]);
+
+    // A node does not stop what another runs.
+    let (st, e) = a
+        .call(
+            "POST",
+            &format!("/api/v1/deployments/{}/stop", db["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(st.as_u16(), 409, "{e}");
+    assert_eq!(e["error"]["code"], "not_owner");
+
+    // Node A dies and comes back: it closes its own records and kills its own orphans only.
+    let a_pid = da["pid"].as_u64().unwrap() as u32;
+    let b_pid = db["pid"].as_u64().unwrap() as u32;
+    let dir = a.crash().await;
+    assert!(
+        common::alive(a_pid),
+        "a crash of Switchboard leaves its deployment running"
+    );
+    let a = common::TestApp::start_in(dir, opts()).await;
+    assert!(
+        !common::alive(a_pid),
+        "node A's orphan is killed at its restart"
+    );
+    assert!(common::alive(b_pid), "node B's deployment is untouched");
+    let rec_a = a.deployment(da["id"].as_str().unwrap()).await;
+    assert_eq!(rec_a["status"], "FAILED", "{rec_a}");
+    let rec_b = a.deployment(db["id"].as_str().unwrap()).await;
+    assert_eq!(rec_b["status"], "RUNNING", "{rec_b}");
+    a.stop().await;
+    b.stop().await;
 }

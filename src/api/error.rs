@@ -87,6 +87,7 @@ impl From<ManagerError> for ApiError {
             M::Stop { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "stop_failed"),
             M::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             M::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            M::NotOwner { .. } => (StatusCode::CONFLICT, "not_owner"),
         };
         ApiError::new(status, code, msg)
     }

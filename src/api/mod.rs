@@ -299,6 +299,8 @@ struct ListParams {
     tool: Option<String>,
     /// Comma-separated statuses, e.g. `STARTING,RUNNING`.
     status: Option<String>,
+    /// Only deployments run by this node.
+    node: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/v1/deployments", tag = "deployments", params(ListParams),
@@ -317,6 +319,7 @@ async fn list_deployments(
     };
     let filter = DeploymentFilter {
         tool_slug: p.tool,
+        node_id: p.node,
         statuses,
     };
     Ok(Json(s.manager.list_deployments(&filter).await?))

@@ -98,6 +98,7 @@ impl TestApp {
             proxy: opts.proxy,
             edge: opts.edge,
             launcher: Some(switchboard_bin()),
+            node_id: None,
         };
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(switchboard::server::run(listener, config, async move {
@@ -137,6 +138,18 @@ impl TestApp {
     /// Graceful shutdown (what SIGTERM does), returning the data directory.
     pub async fn stop(mut self) -> tempfile::TempDir {
         self.shutdown_inner().await;
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.data_dir, dir)
+    }
+
+    /// Ends the server abruptly, like SIGKILL: no graceful stop, deployments keep running
+    /// (until a Switchboard on this data directory starts again). Returns the data directory.
+    pub async fn crash(mut self) -> tempfile::TempDir {
+        self.shutdown.take();
+        if let Some(h) = self.handle.take() {
+            h.abort();
+            let _ = h.await;
+        }
         let dir = tempfile::tempdir().unwrap();
         std::mem::replace(&mut self.data_dir, dir)
     }

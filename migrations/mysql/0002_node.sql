@@ -1,0 +1,6 @@
+-- Several Switchboard nodes may share one database: each deployment names the node that runs
+-- it, and a port is unique among one node's live deployments (nodes are different hosts).
+ALTER TABLE deployments ADD COLUMN node_id VARCHAR(64) NOT NULL DEFAULT '';
+DROP INDEX deployments_live_port ON deployments;
+CREATE UNIQUE INDEX deployments_live_port ON deployments(node_id, live_port);
+CREATE INDEX deployments_node ON deployments(node_id);
