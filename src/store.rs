@@ -42,9 +42,23 @@ pub enum StoreError {
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(
+        "the database was migrated by a newer Switchboard (it has migration {0}, which this \
+         binary does not know): upgrade Switchboard, or point it at another database"
+    )]
+    NewerThanBinary(i64),
+    #[error(
         "'{0}' is not a supported database URL: use sqlite://PATH, postgres://USER@HOST/DB or mysql://USER@HOST/DB"
     )]
     UnsupportedUrl(String),
+}
+
+/// A database that has a migration this binary lacks was written by a newer version: refuse it
+/// by name rather than with sqlx's generic message.
+fn migrate_error(e: sqlx::migrate::MigrateError) -> StoreError {
+    match e {
+        sqlx::migrate::MigrateError::VersionMissing(v) => StoreError::NewerThanBinary(v),
+        e => StoreError::Migrate(e),
+    }
 }
 
 fn is_unique_violation(err: &sqlx::Error) -> bool {
@@ -230,7 +244,10 @@ impl Store {
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect(url)
                 .await?;
-            sqlx::migrate!("migrations/postgres").run(&pool).await?;
+            sqlx::migrate!("migrations/postgres")
+                .run(&pool)
+                .await
+                .map_err(migrate_error)?;
             return Ok(Store {
                 pool: Pool::Postgres(pool),
             });
@@ -242,7 +259,10 @@ impl Store {
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect(&url)
                 .await?;
-            sqlx::migrate!("migrations/mysql").run(&pool).await?;
+            sqlx::migrate!("migrations/mysql")
+                .run(&pool)
+                .await
+                .map_err(migrate_error)?;
             return Ok(Store {
                 pool: Pool::MySql(pool),
             });
@@ -274,7 +294,10 @@ impl Store {
             .max_connections(8)
             .connect_with(options)
             .await?;
-        sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        sqlx::migrate!("migrations/sqlite")
+            .run(&pool)
+            .await
+            .map_err(migrate_error)?;
         Ok(Store {
             pool: Pool::Sqlite(pool),
         })

@@ -484,3 +484,32 @@ async fn two_nodes_share_one_database_and_keep_to_their_own() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_database_newer_than_the_binary_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    drop(Store::connect(&url).await.unwrap());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'from the future', 1, x'00', 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let err = Store::connect(&url).await.unwrap_err();
+    assert!(matches!(err, StoreError::NewerThanBinary(9999)), "{err}");
+    assert!(err.to_string().contains("newer Switchboard"), "{err}");
+}
+
+#[tokio::test]
+async fn an_unknown_database_scheme_is_refused_without_leaking_the_password() {
+    let err = Store::connect("oracle://admin:hunter2@db/x")
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("not a supported database URL"), "{msg}");
+    assert!(!msg.contains("hunter2"), "{msg}");
+}
