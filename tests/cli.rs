@@ -330,3 +330,121 @@ fn the_token_is_required_and_never_logged() {
     assert!(all.contains("Shutting down"), "{all}");
     assert!(!all.contains(token), "the token appeared in the log");
 }
+
+/// Runs `sh -c script` inside the mount namespace of `pid`.
+fn in_namespace_of(pid: u32, script: &str) -> std::process::Output {
+    Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-m", "sh", "-c", script])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_full_disk_refuses_writes_clearly_and_traffic_keeps_flowing() {
+    // The data directory is a 4 MiB tmpfs in a mount namespace of Switchboard's own.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let range = port_range(3).to_string();
+    let mut child = Command::new("unshare")
+        .args(["-m", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size=4m tmpfs '{data}' && exec '{bin}' serve --listen 127.0.0.1:0 \
+             --port-range {range} --data-dir '{data}'",
+            data = data.display(),
+            bin = switchboard_bin().display(),
+        ))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("serve exited").unwrap();
+        if let Some((_, rest)) = line.split_once("listening on ") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let pid = child.id();
+    let cli = |args: &[&str]| {
+        Command::new(switchboard_bin())
+            .arg("--url")
+            .arg(&url)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let server = test_server_bin();
+    assert!(
+        cli(&[
+            "tool",
+            "add",
+            "t",
+            "--",
+            server.to_str().unwrap(),
+            "--port",
+            "{port}"
+        ])
+        .status
+        .success()
+    );
+    let out = cli(&["deploy", "t", "--wait", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Fill the disk (dd ends with "No space left on device", which is the point).
+    in_namespace_of(
+        pid,
+        &format!(
+            "dd if=/dev/zero of='{}/filler' bs=64k 2>/dev/null; sync",
+            data.display()
+        ),
+    );
+    let out = cli(&["tool", "add", "late", "--", "x"]);
+    assert!(!out.status.success(), "a write on a full disk must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("store_unavailable") && err.contains("503"),
+        "{err}"
+    );
+
+    // Traffic to the running deployment does not need the disk.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let who = rt.block_on(common::whoami(&format!("{url}/mcp/t")));
+    assert_eq!(who["tool"], "t");
+
+    // Space comes back, writes work again, and the database is intact.
+    let free = in_namespace_of(pid, &format!("rm -f '{}/filler'", data.display()));
+    assert!(free.status.success());
+    let out = cli(&["tool", "add", "late", "--", "x"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let check = in_namespace_of(
+        pid,
+        &format!(
+            "python3 -c \"import sqlite3; print(sqlite3.connect('{}/switchboard.db').execute('pragma integrity_check').fetchone()[0])\"",
+            data.display()
+        ),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&check.stdout).trim(),
+        "ok",
+        "{check:?}"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.success(), "serve exited with {st}");
+}
