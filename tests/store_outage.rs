@@ -1,5 +1,5 @@
-//! The database goes away under a running Switchboard (a PostgreSQL server of the test's own,
-//! stopped and started again): traffic keeps flowing, writes get 503 `store_unavailable`,
+//! The database goes away under a running Switchboard (a PostgreSQL or MariaDB server of the
+//! test's own, stopped and started again): traffic keeps flowing, writes get 503 `store_unavailable`,
 //! `/healthz` says so, what happens meanwhile is recorded once the database is back, and no
 //! restart is needed.
 #![allow(clippy::unwrap_used)]
@@ -8,15 +8,25 @@ mod common;
 
 use std::time::Duration;
 
-use common::{AppOptions, PgServer, TestApp, eventually, whoami};
+use common::{AppOptions, MariaServer, PgServer, TestApp, eventually, whoami};
 use reqwest::StatusCode;
 use serde_json::json;
 
 #[tokio::test]
 async fn postgres_going_away_and_coming_back() {
     let pg = PgServer::start();
+    outage(pg.url(), || pg.halt(), || pg.resume()).await;
+}
+
+#[tokio::test]
+async fn mariadb_going_away_and_coming_back() {
+    let my = MariaServer::start();
+    outage(my.url(), || my.halt(), || my.resume()).await;
+}
+
+async fn outage(url: String, halt: impl Fn(), resume: impl Fn()) {
     let app = TestApp::with(AppOptions {
-        database_url: Some(pg.url()),
+        database_url: Some(url),
         ..Default::default()
     })
     .await;
@@ -27,7 +37,7 @@ async fn postgres_going_away_and_coming_back() {
     let (_, h) = app.call("GET", "/healthz", None).await;
     assert_eq!(h["store"], "ok", "{h}");
 
-    pg.halt();
+    halt();
 
     // Traffic to running deployments does not need the database.
     let who = whoami(&format!("{}/mcp/steady", app.url)).await;
@@ -66,7 +76,7 @@ async fn postgres_going_away_and_coming_back() {
     })
     .await;
 
-    pg.resume();
+    resume();
 
     // Back without a restart: healthz recovers, the death is on record, writes work.
     eventually(Duration::from_secs(30), || async {

@@ -572,3 +572,126 @@ impl Drop for PgServer {
         let _ = self.pg(&["-m", "immediate", "stop"]);
     }
 }
+
+/// A MariaDB server of a test's own, to stop and start under a running Switchboard.
+pub struct MariaServer {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: std::sync::Mutex<Option<std::process::Child>>,
+}
+
+impl MariaServer {
+    pub fn start() -> MariaServer {
+        assert!(
+            std::process::Command::new("mariadbd")
+                .arg("--version")
+                .output()
+                .is_ok(),
+            "mariadbd is missing: apt-get install mariadb-server (scripts/test installs it)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let my = dir.path().join("my");
+        std::fs::create_dir(&my).unwrap();
+        for (p, mode, owner) in [(dir.path(), "1777", "root"), (my.as_path(), "700", "mysql")] {
+            assert!(
+                std::process::Command::new("chmod")
+                    .arg(mode)
+                    .arg(p)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            assert!(
+                std::process::Command::new("chown")
+                    .arg(owner)
+                    .arg(p)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+        let out = std::process::Command::new("mariadb-install-db")
+            .args(["--user=mysql", "--auth-root-authentication-method=normal"])
+            .arg(format!("--datadir={}", my.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mariadb-install-db: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s = MariaServer {
+            dir,
+            port,
+            child: std::sync::Mutex::new(None),
+        };
+        s.resume();
+        let sock = s.dir.path().join("my.sock");
+        let out = std::process::Command::new("mariadb")
+            .arg("-S")
+            .arg(&sock)
+            .args(["-uroot", "-e", "CREATE USER IF NOT EXISTS 'root'@'127.0.0.1'; GRANT ALL ON *.* TO 'root'@'127.0.0.1'; CREATE DATABASE sb;"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}/sb", self.port)
+    }
+
+    pub fn resume(&self) {
+        // mariadbd drops to the mysql user itself, so the child is the server process.
+        let child = std::process::Command::new("mariadbd")
+            .args(["--no-defaults", "--user=mysql"])
+            .arg(format!(
+                "--datadir={}",
+                self.dir.path().join("my").display()
+            ))
+            .arg(format!("--port={}", self.port))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!(
+                "--socket={}",
+                self.dir.path().join("my.sock").display()
+            ))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        *self.child.lock().unwrap() = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mariadbd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the server (SIGKILL), like a crash or a network cut.
+    pub fn halt(&self) {
+        if let Some(mut c) = self.child.lock().unwrap().take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(Instant::now() < deadline, "mariadbd did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for MariaServer {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
