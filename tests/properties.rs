@@ -1,4 +1,5 @@
-//! Property tests with real processes:
+//! Property tests with real processes, each case on one of the store backends (SQLite,
+//! PostgreSQL, MariaDB: the backend is part of the generated input):
 //! - for any sequence of deploys and stops, live deployments never share an endpoint URL or port;
 //! - for any running deployment, whatever its process tree does on SIGTERM, stop leaves the
 //!   record STOPPED with `stopped_at` in the database and no process of the tree alive;
@@ -10,7 +11,7 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{AppOptions, TestApp, alive, port_range, read_pids, whoami};
+use common::{AppOptions, Backend, TestApp, alive, port_range, read_pids, whoami};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -39,9 +40,10 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn live_endpoints_are_always_unique(ops in proptest::collection::vec(op(), 1..10)) {
+    fn live_endpoints_are_always_unique(ops in proptest::collection::vec(op(), 1..10), backend in 0usize..3) {
         rt().block_on(async {
-            let app = TestApp::with(AppOptions { ports: port_range(12), ..Default::default() }).await;
+            let database_url = Backend::ALL[backend].fresh_url().await;
+            let app = TestApp::with(AppOptions { ports: port_range(12), database_url, ..Default::default() }).await;
             for slug in ["t0", "t1", "t2"] {
                 app.add_test_tool(slug, &[], json!({})).await;
             }
@@ -78,9 +80,11 @@ proptest! {
         grandchild in any::<bool>(),
         setsid_grandchild in any::<bool>(),
         wait_running in any::<bool>(),
+        backend in 0usize..3,
     ) {
         rt().block_on(async {
-            let app = TestApp::start().await;
+            let database_url = Backend::ALL[backend].fresh_url().await;
+            let app = TestApp::with(AppOptions { database_url: database_url.clone(), ..Default::default() }).await;
             let pids_file = app.data_dir.path().join("pids");
             let mut args = vec!["--pid-file", pids_file.to_str().unwrap()];
             if ignore_sigterm { args.push("--ignore-sigterm"); }
@@ -104,12 +108,9 @@ proptest! {
             let stopped = app.stop_deployment(&id).await;
             assert_eq!(stopped["status"], "STOPPED", "{stopped}");
 
-            let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.db_path().display())).await.unwrap();
-            let (status, stopped_at): (String, Option<String>) =
-                sqlx::query_as("SELECT status, stopped_at FROM deployments WHERE id = ?")
-                    .bind(&id).fetch_one(&pool).await.unwrap();
+            let (status, stopped_at_set) = common::record_in_db(database_url.as_deref(), &app.db_path(), &id).await;
             assert_eq!(status, "STOPPED");
-            assert!(stopped_at.is_some());
+            assert!(stopped_at_set);
             for pid in read_pids(&pids_file) {
                 assert!(!alive(pid), "pid {pid} survived stop (variant: sigterm-ignored={ignore_sigterm} grandchild={grandchild} setsid={setsid_grandchild})");
             }
@@ -121,9 +122,11 @@ proptest! {
     fn every_request_reaches_the_tool_its_slug_names(
         replicas in proptest::collection::vec(1usize..=2, 1..=3),
         requests in proptest::collection::vec(0usize..3, 1..16),
+        backend in 0usize..3,
     ) {
         rt().block_on(async {
-            let app = TestApp::with(AppOptions { ports: port_range(8), ..Default::default() }).await;
+            let database_url = Backend::ALL[backend].fresh_url().await;
+            let app = TestApp::with(AppOptions { ports: port_range(8), database_url, ..Default::default() }).await;
             let mut owned: Vec<(String, HashSet<String>)> = Vec::new();
             for (i, n) in replicas.iter().enumerate() {
                 let slug = format!("tool-{i}");

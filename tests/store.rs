@@ -7,6 +7,7 @@
 mod common;
 
 use chrono::{DateTime, FixedOffset, Utc};
+use common::{fresh_mysql_url, fresh_postgres_url};
 use switchboard::{
     deployment::{Deployment, DeploymentStatus, ExitInfo, HealthStatus},
     registry::ToolSpec,
@@ -28,55 +29,9 @@ async fn sqlite() -> (Store, Scratch) {
     (store, Scratch::Sqlite(dir))
 }
 
-/// A fresh, empty database on the test PostgreSQL server.
-async fn fresh_postgres_url() -> String {
-    let admin = std::env::var("SWITCHBOARD_TEST_POSTGRES_URL").unwrap_or_else(|_| {
-        panic!(
-            "SWITCHBOARD_TEST_POSTGRES_URL is not set: run the tests through scripts/test, or start \
-             a server with `scripts/with-postgres cargo nextest run --test store` (PostgreSQL from \
-             Debian: apt-get install postgresql)"
-        )
-    });
-    let name = format!("sb_{}", Uuid::new_v4().simple());
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin}: {e}"));
-    sqlx::Executor::execute(
-        &mut conn,
-        sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")),
-    )
-    .await
-    .unwrap();
-    let (base, _) = admin.rsplit_once('/').unwrap();
-    format!("{base}/{name}")
-}
-
 async fn postgres() -> (Store, Scratch) {
     let store = Store::connect(&fresh_postgres_url().await).await.unwrap();
     (store, Scratch::Server)
-}
-
-/// A fresh, empty database on the test MariaDB/MySQL server.
-async fn fresh_mysql_url() -> String {
-    let admin = std::env::var("SWITCHBOARD_TEST_MYSQL_URL").unwrap_or_else(|_| {
-        panic!(
-            "SWITCHBOARD_TEST_MYSQL_URL is not set: run the tests through scripts/test, or start \
-             a server with `scripts/with-databases cargo nextest run --test store` (MariaDB from \
-             Debian: apt-get install mariadb-server)"
-        )
-    });
-    let name = format!("sb_{}", Uuid::new_v4().simple());
-    let mut conn = <sqlx::MySqlConnection as sqlx::Connection>::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("cannot reach MariaDB/MySQL at {admin}: {e}"));
-    sqlx::Executor::execute(
-        &mut conn,
-        sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")),
-    )
-    .await
-    .unwrap();
-    let (base, _) = admin.rsplit_once('/').unwrap();
-    format!("{base}/{name}")
 }
 
 async fn mysql() -> (Store, Scratch) {
@@ -512,4 +467,40 @@ async fn an_unknown_database_scheme_is_refused_without_leaking_the_password() {
     let msg = err.to_string();
     assert!(msg.contains("not a supported database URL"), "{msg}");
     assert!(!msg.contains("hunter2"), "{msg}");
+}
+
+/// Two API requests race for the last free port: exactly one deploys, the other is told why.
+async fn race_for_the_last_port(backend: common::Backend) {
+    let app = common::TestApp::with(common::AppOptions {
+        ports: common::port_range(1),
+        database_url: backend.fresh_url().await,
+        ..Default::default()
+    })
+    .await;
+    app.add_test_tool("last", &[], serde_json::json!({})).await;
+    let deploy = || app.call("POST", "/api/v1/tools/last/deployments", None);
+    let (a, b) = tokio::join!(deploy(), deploy());
+    let mut codes = [a.0.as_u16(), b.0.as_u16()];
+    codes.sort_unstable();
+    assert_eq!(codes, [201, 503], "{a:?} {b:?}");
+    let loser = if a.0.as_u16() == 503 { &a.1 } else { &b.1 };
+    assert_eq!(loser["error"]["code"], "ports_exhausted");
+    let (_, all) = app.call("GET", "/api/v1/deployments", None).await;
+    assert_eq!(all.as_array().unwrap().len(), 1, "the loser left no record");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn racing_deploys_for_the_last_port_on_sqlite() {
+    race_for_the_last_port(common::Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn racing_deploys_for_the_last_port_on_postgres() {
+    race_for_the_last_port(common::Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn racing_deploys_for_the_last_port_on_mysql() {
+    race_for_the_last_port(common::Backend::MySql).await;
 }

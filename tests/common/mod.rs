@@ -695,3 +695,111 @@ impl Drop for MariaServer {
         self.halt();
     }
 }
+
+/// A fresh, empty database on the test PostgreSQL server.
+pub async fn fresh_postgres_url() -> String {
+    let admin = std::env::var("SWITCHBOARD_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "SWITCHBOARD_TEST_POSTGRES_URL is not set: run the tests through scripts/test, or start \
+             a server with `scripts/with-postgres cargo nextest run --test store` (PostgreSQL from \
+             Debian: apt-get install postgresql)"
+        )
+    });
+    let name = format!("sb_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin}: {e}"));
+    sqlx::Executor::execute(
+        &mut conn,
+        sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")),
+    )
+    .await
+    .unwrap();
+    let (base, _) = admin.rsplit_once('/').unwrap();
+    format!("{base}/{name}")
+}
+
+/// A fresh, empty database on the test MariaDB/MySQL server.
+pub async fn fresh_mysql_url() -> String {
+    let admin = std::env::var("SWITCHBOARD_TEST_MYSQL_URL").unwrap_or_else(|_| {
+        panic!(
+            "SWITCHBOARD_TEST_MYSQL_URL is not set: run the tests through scripts/test, or start \
+             a server with `scripts/with-databases cargo nextest run --test store` (MariaDB from \
+             Debian: apt-get install mariadb-server)"
+        )
+    });
+    let name = format!("sb_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = <sqlx::MySqlConnection as sqlx::Connection>::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach MariaDB/MySQL at {admin}: {e}"));
+    sqlx::Executor::execute(
+        &mut conn,
+        sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")),
+    )
+    .await
+    .unwrap();
+    let (base, _) = admin.rsplit_once('/').unwrap();
+    format!("{base}/{name}")
+}
+
+/// A store for a test to run on: `None` is the default SQLite file in the data directory.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+impl Backend {
+    pub const ALL: [Backend; 3] = [Backend::Sqlite, Backend::Postgres, Backend::MySql];
+
+    /// A fresh database URL on this backend (`None` for SQLite: the harness default).
+    pub async fn fresh_url(self) -> Option<String> {
+        match self {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(fresh_postgres_url().await),
+            Backend::MySql => Some(fresh_mysql_url().await),
+        }
+    }
+}
+
+/// A deployment's status, and whether `stopped_at` is set, read from the database itself
+/// (`url`: the server database, or `None` for the SQLite file at `db_path`).
+pub async fn record_in_db(
+    url: Option<&str>,
+    db_path: &std::path::Path,
+    id: &str,
+) -> (String, bool) {
+    use sqlx::Connection as _;
+    match url {
+        None => {
+            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db_path.display()))
+                .await
+                .unwrap();
+            sqlx::query_as("SELECT status, stopped_at IS NOT NULL FROM deployments WHERE id = ?")
+                .bind(id)
+                .fetch_one(&mut c)
+                .await
+                .unwrap()
+        }
+        Some(u) if u.starts_with("postgres") => {
+            let mut c = sqlx::PgConnection::connect(u).await.unwrap();
+            sqlx::query_as("SELECT status, stopped_at IS NOT NULL FROM deployments WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut c)
+                .await
+                .unwrap()
+        }
+        Some(u) => {
+            let mut c = sqlx::MySqlConnection::connect(u).await.unwrap();
+            let (status, set): (String, i64) = sqlx::query_as(
+                "SELECT status, stopped_at IS NOT NULL FROM deployments WHERE id = ?",
+            )
+            .bind(id)
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+            (status, set != 0)
+        }
+    }
+}
