@@ -136,8 +136,29 @@ impl Drop for Serve {
 
 #[test]
 fn serve_add_deploy_ps_stop_through_the_cli() {
+    cli_flow(common::Backend::Sqlite);
+}
+
+#[test]
+fn serve_add_deploy_ps_stop_through_the_cli_on_postgres() {
+    cli_flow(common::Backend::Postgres);
+}
+
+#[test]
+fn serve_add_deploy_ps_stop_through_the_cli_on_mysql() {
+    cli_flow(common::Backend::MySql);
+}
+
+fn cli_flow(backend: common::Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let mut sb = Serve::start(dir.path(), &[]);
+    let url = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(backend.fresh_url());
+    let extra: Vec<&str> = match &url {
+        Some(u) => vec!["--database-url", u],
+        None => vec![],
+    };
+    let mut sb = Serve::start(dir.path(), &extra);
     let server = test_server_bin();
 
     let out = sb.ok(&[
