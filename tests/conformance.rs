@@ -9,7 +9,6 @@ mod common;
 use std::{collections::BTreeMap, path::PathBuf, process::Command};
 
 use common::TestApp;
-use serde_json::json;
 
 /// Checks where Switchboard is expected to do better than the server behind it.
 const PROXY_IMPROVES: &[(&str, &str)] = &[
@@ -42,24 +41,7 @@ fn run_suite(url: &str, out: &std::path::Path, requirements: &str) -> BTreeMap<S
 
 async fn compare(requirements: &str) {
     let app = TestApp::start().await;
-    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/npm/node_modules/.bin/mcp-server-everything");
-    assert!(
-        bin.exists(),
-        "run `npm ci --prefix tests/npm` (scripts/test does this)"
-    );
-    let (st, _) = app
-        .call(
-            "POST",
-            "/api/v1/tools",
-            Some(
-                json!({"slug": "ev", "command": bin, "args": ["streamableHttp"],
-                        "startup_timeout_ms": 60000, "stop_grace_period_ms": 5000}),
-            ),
-        )
-        .await;
-    assert_eq!(st.as_u16(), 201);
-    let d = app.deploy_wait("ev").await;
+    let d = app.deploy_everything("ev", "streamableHttp", "/mcp").await;
     let direct_url = d["endpoint_url"].as_str().unwrap().to_owned();
     let proxy_url = format!("{}/mcp/ev", app.url);
     let dir = tempfile::tempdir().unwrap();

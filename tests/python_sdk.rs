@@ -52,17 +52,6 @@ fn tool_names(v: &Value) -> Vec<String> {
         .collect()
 }
 
-fn everything() -> String {
-    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/npm/node_modules/.bin/mcp-server-everything");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `npm ci --prefix tests/npm` (scripts/test does this)",
-        bin.display()
-    );
-    bin.to_string_lossy().into_owned()
-}
-
 #[tokio::test]
 async fn python_client_lists_and_calls_tools_on_the_test_server_in_both_eras() {
     let app = TestApp::start().await;
@@ -98,18 +87,7 @@ async fn python_client_lists_and_calls_tools_on_the_test_server_in_both_eras() {
 #[tokio::test]
 async fn python_client_lists_and_calls_tools_on_server_everything() {
     let app = TestApp::start().await;
-    let (st, t) = app
-        .call(
-            "POST",
-            "/api/v1/tools",
-            Some(
-                json!({"slug": "ev", "command": everything(), "args": ["streamableHttp"],
-                        "startup_timeout_ms": 60000, "stop_grace_period_ms": 5000}),
-            ),
-        )
-        .await;
-    assert_eq!(st.as_u16(), 201, "{t}");
-    app.deploy_wait("ev").await;
+    app.deploy_everything("ev", "streamableHttp", "/mcp").await;
     let url = format!("{}/mcp/ev", app.url);
     // server-everything speaks only the 2025 era. A modern-era client starts with
     // `server/discover` and falls back to `initialize` (the SDK's auto mode): that fallback
@@ -143,18 +121,7 @@ async fn python_client_lists_and_calls_tools_on_server_everything() {
 #[tokio::test]
 async fn progress_notifications_stream_through_as_they_happen() {
     let app = TestApp::start().await;
-    let (st, _) = app
-        .call(
-            "POST",
-            "/api/v1/tools",
-            Some(
-                json!({"slug": "ev", "command": everything(), "args": ["streamableHttp"],
-                        "startup_timeout_ms": 60000, "stop_grace_period_ms": 5000}),
-            ),
-        )
-        .await;
-    assert_eq!(st.as_u16(), 201);
-    app.deploy_wait("ev").await;
+    app.deploy_everything("ev", "streamableHttp", "/mcp").await;
     let url = format!("{}/mcp/ev", app.url);
     let r = client(&[
         "--url",
@@ -185,16 +152,7 @@ async fn progress_notifications_stream_through_as_they_happen() {
 #[tokio::test]
 async fn python_sse_client_works_through_the_proxy() {
     let app = TestApp::start().await;
-    let (st, _) = app
-        .call(
-            "POST",
-            "/api/v1/tools",
-            Some(json!({"slug": "old", "command": everything(), "args": ["sse"], "endpoint_path": "/sse",
-                        "startup_timeout_ms": 60000, "stop_grace_period_ms": 2000})),
-        )
-        .await;
-    assert_eq!(st.as_u16(), 201);
-    app.deploy_wait("old").await;
+    app.deploy_everything("old", "sse", "/sse").await;
     let listed = client(&[
         "--url",
         &format!("{}/mcp/old", app.url),

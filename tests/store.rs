@@ -297,12 +297,13 @@ async fn stop_leaves_stopped_with_stopped_at(s: Store) {
 /// The deploy → route → stop flow through the API, with records in a server database.
 async fn whole_flow(url: String) {
     let app = common::TestApp::with(common::AppOptions {
-        database_url: Some(url),
+        database_url: Some(url.clone()),
         ..Default::default()
     })
     .await;
     app.add_test_tool("db", &[], serde_json::json!({})).await;
     let d = app.deploy_wait("db").await;
+    let id = d["id"].as_str().unwrap().to_owned();
     assert_eq!(d["status"], "RUNNING", "{d}");
     let who = common::whoami(&format!("{}/mcp/db", app.url)).await;
     assert_eq!(who["deployment"], d["id"]);
@@ -310,35 +311,19 @@ async fn whole_flow(url: String) {
     assert_eq!(stopped["status"], "STOPPED");
     assert!(stopped["stopped_at"].is_string());
     assert!(!app.db_path().exists(), "nothing went to a SQLite file");
+    let (status, stopped_at_set) = common::record_in_db(Some(&url), &app.db_path(), &id).await;
+    assert_eq!((status.as_str(), stopped_at_set), ("STOPPED", true));
     app.stop().await;
 }
 
 #[tokio::test]
 async fn the_whole_flow_runs_on_postgres() {
-    let url = fresh_postgres_url().await;
-    whole_flow(url.clone()).await;
-    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
-        .await
-        .unwrap();
-    let (status,): (String,) = sqlx::query_as("SELECT status FROM deployments")
-        .fetch_one(&mut db)
-        .await
-        .unwrap();
-    assert_eq!(status, "STOPPED");
+    whole_flow(fresh_postgres_url().await).await;
 }
 
 #[tokio::test]
 async fn the_whole_flow_runs_on_mysql() {
-    let url = fresh_mysql_url().await;
-    whole_flow(url.clone()).await;
-    let mut db = <sqlx::MySqlConnection as sqlx::Connection>::connect(&url)
-        .await
-        .unwrap();
-    let (status,): (String,) = sqlx::query_as("SELECT status FROM deployments")
-        .fetch_one(&mut db)
-        .await
-        .unwrap();
-    assert_eq!(status, "STOPPED");
+    whole_flow(fresh_mysql_url().await).await;
 }
 
 async fn nodes_own_their_deployments_and_ports(s: Store) {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use common::{TestApp, alive};
 use serde_json::json;
@@ -13,38 +13,12 @@ use switchboard::{
     health::{Era, Prober},
 };
 
-/// `@modelcontextprotocol/server-everything`, installed by scripts/test from tests/npm.
-fn server_everything() -> PathBuf {
-    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/npm/node_modules/.bin/mcp-server-everything");
-    assert!(
-        bin.exists(),
-        "{} is missing: install the test servers with `npm ci --prefix tests/npm` \
-         (scripts/test does this; it needs Node.js and npm: `apt-get install nodejs npm`)",
-        bin.display()
-    );
-    bin
-}
-
 #[tokio::test]
 async fn server_everything_reaches_running_and_stops_cleanly() {
     let app = TestApp::start().await;
-    let (st, t) = app
-        .call(
-            "POST",
-            "/api/v1/tools",
-            Some(json!({
-                "slug": "everything",
-                "command": server_everything(),
-                "args": ["streamableHttp"],
-                "startup_timeout_ms": 60000,
-                "stop_grace_period_ms": 5000,
-            })),
-        )
+    let d = app
+        .deploy_everything("everything", "streamableHttp", "/mcp")
         .await;
-    assert_eq!(st.as_u16(), 201, "{t}");
-    let d = app.deploy_wait("everything").await;
-    assert_eq!(d["status"], "RUNNING", "{d}");
     assert_eq!(d["health_status"], "HEALTHY");
 
     let check = Prober::new()
@@ -110,36 +84,11 @@ async fn the_probe_reports_a_dead_endpoint() {
     );
 }
 
-async fn deploy_everything(
-    app: &TestApp,
-    slug: &str,
-    mode: &str,
-    endpoint_path: &str,
-) -> serde_json::Value {
-    let (st, t) = app
-        .call(
-            "POST",
-            "/api/v1/tools",
-            Some(json!({
-                "slug": slug,
-                "command": server_everything(),
-                "args": [mode],
-                "endpoint_path": endpoint_path,
-                "startup_timeout_ms": 60000,
-                "stop_grace_period_ms": 5000,
-            })),
-        )
-        .await;
-    assert_eq!(st.as_u16(), 201, "{t}");
-    let d = app.deploy_wait(slug).await;
-    assert_eq!(d["status"], "RUNNING", "{d}");
-    d
-}
-
 #[tokio::test]
 async fn server_everything_works_through_the_proxy() {
     let app = TestApp::start().await;
-    deploy_everything(&app, "everything", "streamableHttp", "/mcp").await;
+    app.deploy_everything("everything", "streamableHttp", "/mcp")
+        .await;
     let url = format!("{}/mcp/everything", app.url);
     let sid = common::legacy_session(&url).await;
     let list = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"});
@@ -167,7 +116,7 @@ async fn server_everything_works_through_the_proxy() {
 async fn legacy_http_sse_servers_work_through_the_proxy() {
     use futures_util::StreamExt as _;
     let app = TestApp::start().await;
-    let d = deploy_everything(&app, "old", "sse", "/sse").await;
+    let d = app.deploy_everything("old", "sse", "/sse").await;
     let check = Prober::new()
         .check(d["endpoint_url"].as_str().unwrap(), Duration::from_secs(10))
         .await;

@@ -803,3 +803,40 @@ pub async fn record_in_db(
         }
     }
 }
+
+/// `@modelcontextprotocol/server-everything`, installed by scripts/test from tests/npm.
+pub fn server_everything() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/npm/node_modules/.bin/mcp-server-everything");
+    assert!(
+        bin.exists(),
+        "{} is missing: install the test servers with `npm ci --prefix tests/npm` \
+         (scripts/test does this; it needs Node.js and npm: `apt-get install nodejs npm`)",
+        bin.display()
+    );
+    bin
+}
+
+impl TestApp {
+    /// Registers server-everything in `mode` (streamableHttp, sse) and deploys it (RUNNING).
+    pub async fn deploy_everything(&self, slug: &str, mode: &str, endpoint_path: &str) -> Value {
+        let (st, t) = self
+            .call(
+                "POST",
+                "/api/v1/tools",
+                Some(serde_json::json!({
+                    "slug": slug,
+                    "command": server_everything(),
+                    "args": [mode],
+                    "endpoint_path": endpoint_path,
+                    "startup_timeout_ms": 60000,
+                    "stop_grace_period_ms": 5000,
+                })),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{t}");
+        let d = self.deploy_wait(slug).await;
+        assert_eq!(d["status"], "RUNNING", "{d}");
+        d
+    }
+}
