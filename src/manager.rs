@@ -271,6 +271,7 @@ impl Manager {
                     tool_slug: Some(tool.spec.slug.clone()),
                     node_id: Some(self.node_id.clone()),
                     statuses: vec![DeploymentStatus::Starting, DeploymentStatus::Running],
+                    ..Default::default()
                 })
                 .await?
                 .len();

@@ -73,6 +73,9 @@ pub struct DeploymentFilter {
     pub node_id: Option<String>,
     /// Any of these statuses; all when empty.
     pub statuses: Vec<DeploymentStatus>,
+    /// At most this many, after skipping `offset` (in deployment order).
+    pub limit: Option<u32>,
+    pub offset: Option<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -507,6 +510,13 @@ impl Store {
                 qb.push(")");
             }
             qb.push(" ORDER BY deployed_at, id");
+            if filter.limit.is_some() || filter.offset.is_some() {
+                // MySQL has no OFFSET without LIMIT; the largest BIGINT stands for "no limit".
+                qb.push(" LIMIT ")
+                    .push_bind(filter.limit.map_or(i64::MAX, i64::from))
+                    .push(" OFFSET ")
+                    .push_bind(i64::from(filter.offset.unwrap_or(0)));
+            }
             qb.build_query_as().fetch_all(pool).await?
         });
         rows.into_iter().map(Deployment::try_from).collect()
@@ -515,9 +525,9 @@ impl Store {
     /// One node's live deployments.
     pub async fn live_deployments(&self, node_id: &str) -> Result<Vec<Deployment>, StoreError> {
         self.list_deployments(&DeploymentFilter {
-            tool_slug: None,
             node_id: Some(node_id.to_owned()),
             statuses: vec![DeploymentStatus::Starting, DeploymentStatus::Running],
+            ..Default::default()
         })
         .await
     }

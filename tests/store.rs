@@ -64,6 +64,7 @@ contract!(
     timestamps_keep_their_instant,
     stop_leaves_stopped_with_stopped_at,
     nodes_own_their_deployments_and_ports,
+    listings_page_in_deployment_order,
 );
 
 fn spec(slug: &str) -> ToolSpec {
@@ -488,4 +489,36 @@ async fn racing_deploys_for_the_last_port_on_postgres() {
 #[tokio::test]
 async fn racing_deploys_for_the_last_port_on_mysql() {
     race_for_the_last_port(common::Backend::MySql).await;
+}
+
+async fn listings_page_in_deployment_order(s: Store) {
+    let t = s.insert_tool(&spec("t")).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5u16 {
+        let mut d = deployment(&t, 9800 + i, DeploymentStatus::Stopped);
+        d.deployed_at = DateTime::parse_from_rfc3339(&format!("2026-01-01T00:00:0{i}Z"))
+            .unwrap()
+            .with_timezone(&Utc);
+        s.insert_deployment(&d).await.unwrap();
+        ids.push(d.id);
+    }
+    let page = |limit, offset| {
+        let s = s.clone();
+        async move {
+            s.list_deployments(&DeploymentFilter {
+                limit,
+                offset,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.id)
+            .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(page(Some(2), None).await, ids[..2]);
+    assert_eq!(page(Some(2), Some(2)).await, ids[2..4]);
+    assert_eq!(page(None, Some(3)).await, ids[3..]);
+    assert_eq!(page(Some(10), Some(5)).await, Vec::<Uuid>::new());
 }

@@ -9,7 +9,7 @@
 //! PUT    /api/v1/tools/{slug}                   replace a tool's definition
 //! DELETE /api/v1/tools/{slug}                   delete (409 while it has live deployments)
 //! POST   /api/v1/tools/{slug}/deployments       deploy (201; ?wait=true answers when RUNNING/FAILED)
-//! GET    /api/v1/deployments                    list (?tool=SLUG&status=RUNNING,STARTING)
+//! GET    /api/v1/deployments                    list (?tool=SLUG&status=RUNNING,STARTING&node=ID&limit=N&offset=M)
 //! GET    /api/v1/deployments/{id}               one deployment
 //! POST   /api/v1/deployments/{id}/stop          stop (idempotent)
 //! ANY    /mcp/{slug}[/{rest}]                   MCP traffic, proxied to a live deployment
@@ -301,6 +301,10 @@ struct ListParams {
     status: Option<String>,
     /// Only deployments run by this node.
     node: Option<String>,
+    /// At most this many (1-10000), oldest first.
+    limit: Option<u32>,
+    /// Skip this many first.
+    offset: Option<u32>,
 }
 
 #[utoipa::path(get, path = "/api/v1/deployments", tag = "deployments", params(ListParams),
@@ -317,9 +321,18 @@ async fn list_deployments(
             .collect::<Result<_, _>>()
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.to_string()))?,
     };
+    if p.limit.is_some_and(|l| !(1..=10_000).contains(&l)) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "limit must be between 1 and 10000",
+        ));
+    }
     let filter = DeploymentFilter {
         tool_slug: p.tool,
         node_id: p.node,
+        limit: p.limit,
+        offset: p.offset,
         statuses,
     };
     Ok(Json(s.manager.list_deployments(&filter).await?))
