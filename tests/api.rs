@@ -213,6 +213,12 @@ async fn bad_input_gets_clear_4xx_json_errors() {
         .call("GET", "/api/v1/deployments?status=SLEEPING", None)
         .await;
     assert_error(st, &b, StatusCode::BAD_REQUEST, "invalid_query");
+    for bad in ["limit=0", "limit=-3", "limit=10001", "offset=x"] {
+        let (st, b) = app
+            .call("GET", &format!("/api/v1/deployments?{bad}"), None)
+            .await;
+        assert_error(st, &b, StatusCode::BAD_REQUEST, "invalid_query");
+    }
     let (st, b) = app
         .call("GET", "/api/v1/deployments?colour=red", None)
         .await;
