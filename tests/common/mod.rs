@@ -696,19 +696,24 @@ impl Drop for MariaServer {
     }
 }
 
-/// A fresh, empty database on the test PostgreSQL server.
-pub async fn fresh_postgres_url() -> String {
-    let admin = std::env::var("SWITCHBOARD_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+/// A fresh, empty database on the test server whose admin URL is in `env` (scripts/test
+/// starts the servers with scripts/with-databases).
+async fn fresh_database_url<C>(env: &str, server: &str, package: &str) -> String
+where
+    C: sqlx::Connection,
+    for<'c> &'c mut C: sqlx::Executor<'c>,
+{
+    let admin = std::env::var(env).unwrap_or_else(|_| {
         panic!(
-            "SWITCHBOARD_TEST_POSTGRES_URL is not set: run the tests through scripts/test, or start \
-             a server with `scripts/with-postgres cargo nextest run --test store` (PostgreSQL from \
-             Debian: apt-get install postgresql)"
+            "{env} is not set: run the tests through scripts/test, or start the servers with \
+             `scripts/with-databases cargo nextest run` ({server} from Debian: apt-get install \
+             {package})"
         )
     });
     let name = format!("sb_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+    let mut conn = C::connect(&admin)
         .await
-        .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot reach {server} at {admin}: {e}"));
     sqlx::Executor::execute(
         &mut conn,
         sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")),
@@ -719,27 +724,22 @@ pub async fn fresh_postgres_url() -> String {
     format!("{base}/{name}")
 }
 
-/// A fresh, empty database on the test MariaDB/MySQL server.
-pub async fn fresh_mysql_url() -> String {
-    let admin = std::env::var("SWITCHBOARD_TEST_MYSQL_URL").unwrap_or_else(|_| {
-        panic!(
-            "SWITCHBOARD_TEST_MYSQL_URL is not set: run the tests through scripts/test, or start \
-             a server with `scripts/with-databases cargo nextest run --test store` (MariaDB from \
-             Debian: apt-get install mariadb-server)"
-        )
-    });
-    let name = format!("sb_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = <sqlx::MySqlConnection as sqlx::Connection>::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("cannot reach MariaDB/MySQL at {admin}: {e}"));
-    sqlx::Executor::execute(
-        &mut conn,
-        sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")),
+pub async fn fresh_postgres_url() -> String {
+    fresh_database_url::<sqlx::PgConnection>(
+        "SWITCHBOARD_TEST_POSTGRES_URL",
+        "PostgreSQL",
+        "postgresql",
     )
     .await
-    .unwrap();
-    let (base, _) = admin.rsplit_once('/').unwrap();
-    format!("{base}/{name}")
+}
+
+pub async fn fresh_mysql_url() -> String {
+    fresh_database_url::<sqlx::MySqlConnection>(
+        "SWITCHBOARD_TEST_MYSQL_URL",
+        "MariaDB/MySQL",
+        "mariadb-server",
+    )
+    .await
 }
 
 /// A store for a test to run on: `None` is the default SQLite file in the data directory.
