@@ -95,6 +95,9 @@ pub struct ServeArgs {
     /// Database: sqlite://PATH or postgres://... [default: SQLite in the data directory].
     #[arg(long, env = "SWITCHBOARD_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// Async worker threads [default: one per CPU].
+    #[arg(long, env = "SWITCHBOARD_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
 }
 
 impl ServeArgs {
@@ -108,6 +111,7 @@ impl ServeArgs {
             api_token: std::env::var("SWITCHBOARD_API_TOKEN").ok(),
             api_token_file: self.api_token_file,
             database_url: self.database_url,
+            worker_threads: self.worker_threads.map(usize::from),
         }
     }
 }

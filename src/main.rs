@@ -17,22 +17,15 @@ fn main() -> std::process::ExitCode {
         launch::run_shim();
     }
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        // A client makes a few requests: one thread is plenty.
+        other => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+            .and_then(|rt| rt.block_on(switchboard::cli::run_client(other, &cli.client))),
     };
-    let result = rt.block_on(async move {
-        match cli.command {
-            Command::Serve(args) => serve(args).await,
-            other => switchboard::cli::run_client(other, &cli.client).await,
-        }
-    });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -42,7 +35,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn serve(args: switchboard::cli::ServeArgs) -> anyhow::Result<()> {
+fn serve(args: switchboard::cli::ServeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")),
@@ -50,9 +43,17 @@ async fn serve(args: switchboard::cli::ServeArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // The config is read first because it sizes the runtime.
     let config = Config::load(args.overrides())?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    server::run(listener, config, server::shutdown_signal()).await
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        server::run(listener, config, server::shutdown_signal()).await
+    })
 }

@@ -126,6 +126,7 @@ pub async fn run(
     let addr = listener.local_addr()?;
     tracing::info!(
         auth = config.api_token.is_some(),
+        worker_threads = config.worker_threads,
         data_dir = %data_dir.display(),
         "Switchboard listening on http://{addr}"
     );

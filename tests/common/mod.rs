@@ -99,6 +99,7 @@ impl TestApp {
             edge: opts.edge,
             launcher: Some(switchboard_bin()),
             node_id: None,
+            worker_threads: 1,
         };
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(switchboard::server::run(listener, config, async move {
