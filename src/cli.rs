@@ -98,6 +98,18 @@ pub struct ServeArgs {
     /// Async worker threads [default: one per CPU].
     #[arg(long, env = "SWITCHBOARD_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
+    /// What happens to running deployments when Switchboard exits [default: stop].
+    #[arg(long, env = "SWITCHBOARD_ON_EXIT", value_enum)]
+    pub on_exit: Option<OnExit>,
+}
+
+/// `--on-exit` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum OnExit {
+    /// Stop every deployment (SIGTERM, SIGKILL after its grace period).
+    Stop,
+    /// Leave them running for the next start to adopt (upgrades without downtime).
+    Keep,
 }
 
 impl ServeArgs {
@@ -112,6 +124,10 @@ impl ServeArgs {
             api_token_file: self.api_token_file,
             database_url: self.database_url,
             worker_threads: self.worker_threads.map(usize::from),
+            on_exit: self.on_exit.map(|p| match p {
+                OnExit::Stop => crate::manager::ExitPolicy::Stop,
+                OnExit::Keep => crate::manager::ExitPolicy::Keep,
+            }),
         }
     }
 }

@@ -13,7 +13,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{ports::PortRange, proxy::ProxyConfig, registry::ToolSpec};
+use crate::{manager::ExitPolicy, ports::PortRange, proxy::ProxyConfig, registry::ToolSpec};
 
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7300);
 
@@ -148,6 +148,8 @@ pub struct ServerSection {
     pub max_connections: Option<usize>,
     /// Async worker threads; default: one per CPU.
     pub worker_threads: Option<usize>,
+    /// What happens to running deployments when Switchboard exits: `stop` (default) or `keep`.
+    pub on_exit: Option<ExitPolicy>,
     /// This node's id, when several Switchboards share one database; default: one generated
     /// once and kept in the data directory.
     pub node_id: Option<String>,
@@ -170,6 +172,7 @@ pub struct Overrides {
     pub api_token_file: Option<PathBuf>,
     pub database_url: Option<String>,
     pub worker_threads: Option<usize>,
+    pub on_exit: Option<ExitPolicy>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -194,6 +197,8 @@ pub struct Config {
     /// by default, which measured best on the 2-core benchmark machine (one thread: 10-25%
     /// fewer proxied requests per second; ARCHITECTURE.md "Performance notes").
     pub worker_threads: usize,
+    /// Stop deployments at exit, or keep them running for the next start to adopt.
+    pub exit_policy: ExitPolicy,
 }
 
 /// One per CPU this process may use (tokio's own default).
@@ -319,6 +324,7 @@ impl Config {
             listen,
             node_id,
             worker_threads,
+            exit_policy: o.on_exit.or(file.server.on_exit).unwrap_or_default(),
             database_url,
             data_dir,
             port_range: o.port_range.or(file.ports.range).unwrap_or_default(),

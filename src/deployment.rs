@@ -102,6 +102,36 @@ impl fmt::Display for HealthStatus {
     }
 }
 
+/// What someone asked a deployment to be. It stays `RUNNING` from the deploy request until a
+/// stop request, whatever happens to its processes; Switchboard works to make the actual status
+/// match (restarts, adoption after its own restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Desired {
+    #[default]
+    Running,
+    Stopped,
+}
+
+impl Desired {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Desired::Running => "RUNNING",
+            Desired::Stopped => "STOPPED",
+        }
+    }
+}
+
+impl FromStr for Desired {
+    type Err = ParseStatusError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Desired::Running, Desired::Stopped]
+            .into_iter()
+            .find(|st| st.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| ParseStatusError(s.to_owned()))
+    }
+}
+
 /// One deployment of a tool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Deployment {
@@ -126,6 +156,22 @@ pub struct Deployment {
     /// Why the deployment failed, with the last lines of its log.
     pub error: Option<String>,
     pub updated_at: DateTime<Utc>,
+    #[serde(default)]
+    pub desired: Desired,
+    /// Times the deployment's process was started again after it ended.
+    #[serde(default)]
+    pub restart_count: u32,
+    /// How the previous process ended, when the deployment was restarted.
+    #[serde(default)]
+    pub last_exit: Option<String>,
+    /// Set while a restart waits out its backoff delay: a deployment that keeps crashing shows
+    /// it here (with `restart_count` and `last_exit`).
+    #[serde(default)]
+    pub next_restart_at: Option<DateTime<Utc>>,
+    /// Start time of `pid` (clock ticks after boot, /proc/PID/stat field 22): with the pid, it
+    /// names one process, so a reused pid is never mistaken for the deployment's.
+    #[serde(default)]
+    pub pid_start_time: Option<u64>,
 }
 
 /// How a process ended.

@@ -154,6 +154,60 @@ impl Prober {
         }
     }
 
+    /// A check bounded as a whole by `timeout`: the MCP probe at `url`, or a plain GET of
+    /// `plain_url` (2xx is healthy) when the tool names an HTTP health path.
+    pub async fn check_within(
+        &self,
+        url: &str,
+        plain_url: Option<&str>,
+        timeout: Duration,
+    ) -> HealthCheckResult {
+        let started = Instant::now();
+        let run = async {
+            match plain_url {
+                None => self.check(url, timeout).await,
+                Some(plain) => self.check_plain(plain, timeout).await,
+            }
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(r) => r,
+            Err(_) => HealthCheckResult {
+                status: HealthStatus::Unhealthy,
+                era: None,
+                protocol_version: None,
+                server_name: None,
+                server_version: None,
+                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+                error: Some(format!("no answer within {} ms", timeout.as_millis())),
+                checked_at: Utc::now(),
+            },
+        }
+    }
+
+    async fn check_plain(&self, url: &str, timeout: Duration) -> HealthCheckResult {
+        let started = Instant::now();
+        let outcome = self.client.get(url).timeout(timeout).send().await;
+        let error = match outcome {
+            Ok(r) if r.status().is_success() => None,
+            Ok(r) => Some(format!("GET {url} answered {}", r.status())),
+            Err(e) => Some(format!("GET {url} failed: {e}")),
+        };
+        HealthCheckResult {
+            status: if error.is_none() {
+                HealthStatus::Healthy
+            } else {
+                HealthStatus::Unhealthy
+            },
+            era: None,
+            protocol_version: None,
+            server_name: None,
+            server_version: None,
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            error,
+            checked_at: Utc::now(),
+        }
+    }
+
     async fn probe(&self, url: &str, timeout: Duration) -> Result<Success, ProbeError> {
         match self.modern(url, timeout).await {
             Ok(s) => return Ok(s),

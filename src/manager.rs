@@ -1,17 +1,21 @@
 //! The manager: the one place that turns requests (register, deploy, stop) into coordinated
-//! changes of the store, the port allocator and the runtime.
+//! changes of the store, the port allocator and the runtime, and keeps deployments running.
 //!
 //! Invariants:
 //! - A deployment record is committed (STARTING) before its process is spawned and before the
 //!   caller hears of it; nothing runs that the store does not know about.
-//! - Each live deployment has one supervisor task. It moves the record to RUNNING when the
-//!   server answers an MCP probe, or to FAILED on timeout or early exit, and records a later
-//!   crash when the runtime reports the exit (event-driven, not polled).
+//! - Each live deployment has exactly one supervisor task, and only it starts processes for the
+//!   deployment: it waits for readiness, watches health, and restarts per the tool's restart
+//!   policy with backoff, keeping the record (and its port). A stop first records the intent
+//!   (`desired = STOPPED`), then cancels the supervisor and waits for it to finish before it
+//!   touches the process, so a stop and a restart can never interleave.
 //! - Whoever wins the conditional STARTING/RUNNING → STOPPED/FAILED write releases the port;
 //!   nobody else does. A stop and a crash racing each other therefore free the port once.
-//! - At start, before anything is deployed, records left live by a Switchboard that died are
-//!   closed and every process tree they left is killed (adoption across restarts is a later
-//!   step: see ARCHITECTURE.md).
+//! - At start ([`Manager::reconcile`]) the store is read and every decision made before
+//!   anything is killed or started: desired-running deployments whose process is still theirs
+//!   (pid and start time match, inside their cgroup) are adopted, the others restarted; what
+//!   no record owns is killed.
+//! - Every status and health transition is published on [`Events`].
 
 use std::{
     collections::HashMap,
@@ -23,18 +27,32 @@ use std::{
 };
 
 use tokio::{sync::watch, time::Instant};
-use tokio_util::task::TaskTracker;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
 use crate::{
-    deployment::{Deployment, DeploymentStatus, ExitInfo, HealthStatus},
-    health::Prober,
+    deployment::{Deployment, DeploymentStatus, Desired, ExitInfo, HealthStatus},
+    events::{Event, EventKind, Events},
+    health::{HealthCheckResult, Prober},
     ports::{PortAllocator, PortsExhausted},
     proxy::routes::{Backend, RouteTable},
     registry::{SpecError, Tool, ToolSpec},
-    runtime::{LaunchSpec, Runtime, RuntimeError},
+    restart::{Backoff, Ending},
+    runtime::{LaunchSpec, ProcessId, Runtime, RuntimeError},
     store::{DeleteTool, DeploymentFilter, Store, StoreError},
 };
+
+/// What Switchboard does with its deployments when it exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExitPolicy {
+    /// Stop every deployment (SIGTERM, then SIGKILL after its grace period). The default: a
+    /// manager that exits leaves nothing running that nobody supervises.
+    #[default]
+    Stop,
+    /// Leave them running, to be adopted by the next start (upgrades without downtime).
+    Keep,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -64,6 +82,8 @@ pub enum ManagerError {
     Internal(String),
     #[error("deployment {id} runs on node '{node}'; stop it through that node's API")]
     NotOwner { id: Uuid, node: String },
+    #[error("deployment {id} is {status}: only a live deployment can be checked")]
+    NotLive { id: Uuid, status: DeploymentStatus },
 }
 
 /// Lines of a failed server's log quoted in its record's `error`.
@@ -73,10 +93,17 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Live {
     slug: String,
-    status: watch::Sender<DeploymentStatus>,
+    /// The status, and how many restarts this run has seen (so a deploy request that waits
+    /// can answer once the first attempt has failed, rather than wait out a crash loop).
+    status: watch::Sender<(DeploymentStatus, u32)>,
     port: Option<u16>,
     grace: Duration,
     stopping: bool,
+    /// Cancelled to make the supervisor return (a stop, or Switchboard exiting).
+    cancel: CancellationToken,
+    /// Closed (sender dropped) once the supervisor has returned.
+    supervisor_done: watch::Receiver<()>,
+    health: HealthStatus,
 }
 
 pub struct Manager {
@@ -93,6 +120,16 @@ pub struct Manager {
     me: std::sync::Weak<Manager>,
     /// The node this manager is: it runs, adopts and stops only deployments that name it.
     node_id: String,
+    events: Events,
+    exit_policy: Mutex<ExitPolicy>,
+}
+
+/// What [`Manager::reconcile`] did at start.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub adopted: usize,
+    pub restarted: usize,
+    pub closed: usize,
 }
 
 /// What applying the config file's tools did.
@@ -124,7 +161,40 @@ impl Manager {
             live: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             shutting_down: AtomicBool::new(false),
+            events: Events::default(),
+            exit_policy: Mutex::new(ExitPolicy::default()),
         })
+    }
+
+    pub fn set_exit_policy(&self, policy: ExitPolicy) {
+        *self.exit_policy.lock().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    fn publish(
+        &self,
+        kind: EventKind,
+        id: Uuid,
+        tool: &str,
+        from: Option<&str>,
+        to: &str,
+        reason: Option<String>,
+    ) {
+        if from == Some(to) {
+            return;
+        }
+        self.events.publish(Event {
+            at: crate::store::now(),
+            kind,
+            deployment: id,
+            tool: tool.to_owned(),
+            from: from.map(str::to_owned),
+            to: to.to_owned(),
+            reason,
+        });
     }
 
     pub fn store(&self) -> &Store {
@@ -159,35 +229,131 @@ impl Manager {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Closes records a previous Switchboard process left live and kills what they ran.
-    /// Returns how many records were closed. Must run before the first deploy.
-    pub async fn recover(&self, sweep: impl FnOnce() -> Vec<Uuid>) -> Result<usize, ManagerError> {
-        let stale = self.store.live_deployments(&self.node_id).await?;
-        // Ports are rebuilt from the store first, so nothing can be handed out twice while the
-        // stale records are being closed.
-        for d in &stale {
+    /// Brings this node's records and processes into agreement after a start: adopts the
+    /// processes of desired-running deployments that are still theirs, restarts the others,
+    /// finishes stops that were under way, and (through `sweep`, which kills every tree the
+    /// runtime was not given) kills what no record owns. Must run before the first deploy.
+    pub async fn reconcile(
+        self: &Arc<Self>,
+        sweep: impl FnOnce() -> Vec<Uuid>,
+    ) -> Result<Reconciled, ManagerError> {
+        // 1. Read: nothing is signalled or started until every decision is made.
+        let records = self.store.live_deployments(&self.node_id).await?;
+        let tools: HashMap<Uuid, Tool> = self
+            .store
+            .list_tools()
+            .await?
+            .into_iter()
+            .map(|t| (t.id, t))
+            .collect();
+        // Ports are rebuilt from the store first, so nothing can be handed out twice.
+        for d in &records {
             if let Some(p) = d.port {
                 self.ports.reserve(p);
             }
         }
-        let killed = sweep();
-        for d in &stale {
-            let msg = if killed.contains(&d.id) {
-                "switchboard exited without stopping this deployment; its processes were killed at the next start"
-            } else {
-                "switchboard exited without stopping this deployment; no process of it was left at the next start"
-            };
-            if self
-                .store
-                .mark_ended(d.id, DeploymentStatus::Failed, None, Some(msg))
-                .await?
-                && let Some(p) = d.port
-            {
-                self.ports.release(p);
-            }
-            tracing::warn!(deployment = %d.id, tool = %d.tool_slug, "Closed a deployment left live by an earlier run");
+        enum Plan {
+            Adopt(Tool),
+            Restart(Tool),
+            Close(&'static str),
         }
-        Ok(stale.len())
+        let mut plans = Vec::with_capacity(records.len());
+        for d in records {
+            let plan = match tools.get(&d.tool_id) {
+                _ if d.desired == Desired::Stopped => Plan::Close("stopped"),
+                None => Plan::Close("tool gone"),
+                Some(tool) => {
+                    let ours = match (d.pid, d.pid_start_time) {
+                        // Adoption only registers the process with the runtime; it signals
+                        // nothing.
+                        (Some(pid), Some(t)) => self.runtime.adopt(
+                            d.id,
+                            ProcessId {
+                                pid,
+                                start_time: Some(t),
+                            },
+                        ),
+                        _ => false,
+                    };
+                    if ours {
+                        Plan::Adopt(tool.clone())
+                    } else {
+                        Plan::Restart(tool.clone())
+                    }
+                }
+            };
+            plans.push((d, plan));
+        }
+        // 2. Act.
+        let killed = sweep();
+        let mut done = Reconciled::default();
+        for (d, plan) in plans {
+            match plan {
+                Plan::Close(why) => {
+                    let (status, msg) = if why == "stopped" {
+                        (DeploymentStatus::Stopped, None)
+                    } else {
+                        (
+                            DeploymentStatus::Failed,
+                            Some("its tool was deleted while Switchboard was down"),
+                        )
+                    };
+                    if self.store.mark_ended(d.id, status, None, msg).await?
+                        && let Some(p) = d.port
+                    {
+                        self.ports.release(p);
+                    }
+                    self.publish(
+                        EventKind::Status,
+                        d.id,
+                        &d.tool_slug,
+                        Some(d.status.as_str()),
+                        status.as_str(),
+                        Some("finished at start".into()),
+                    );
+                    done.closed += 1;
+                }
+                Plan::Adopt(tool) => {
+                    tracing::info!(deployment = %d.id, tool = %d.tool_slug, pid = d.pid, "Adopted a running deployment");
+                    self.supervise_existing(d, tool, true);
+                    done.adopted += 1;
+                }
+                Plan::Restart(tool) => {
+                    let what = if killed.contains(&d.id) {
+                        "switchboard restarted and found the process gone (its leftovers were killed)"
+                    } else {
+                        "switchboard restarted and found the process gone"
+                    };
+                    tracing::warn!(deployment = %d.id, tool = %d.tool_slug, "Restarting a deployment whose process is gone");
+                    let mut d = d;
+                    d.last_exit = Some(what.to_owned());
+                    self.supervise_existing(d, tool, false);
+                    done.restarted += 1;
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Puts a deployment found in the store under supervision: adopted (its process runs) or
+    /// to be started again at once.
+    fn supervise_existing(self: &Arc<Self>, d: Deployment, tool: Tool, adopted: bool) {
+        let Some(port) = d.port else { return };
+        let Ok(backend) = self.backend_for(&d, &tool.spec, port) else {
+            return;
+        };
+        let (cancel, done_tx) = self.insert_live(&d, &tool.spec, d.status);
+        let this = Arc::clone(self);
+        let start = if adopted {
+            Start::Adopted(d.status)
+        } else {
+            Start::Restart(d.last_exit.clone().unwrap_or_default())
+        };
+        self.tasks.spawn(async move {
+            let _done = done_tx;
+            this.supervise(d.id, tool, d.endpoint_url, backend, start, cancel)
+                .await
+        });
     }
 
     // ----- tools -----
@@ -295,7 +461,9 @@ impl Manager {
         let d = self.deploy_tool(&tool).await?;
         let rx = self.live().get(&d.id).map(|l| l.status.subscribe());
         if let Some(mut rx) = rx {
-            let _ = rx.wait_for(|s| *s != DeploymentStatus::Starting).await;
+            let _ = rx
+                .wait_for(|(s, restarts)| *s != DeploymentStatus::Starting || *restarts > 0)
+                .await;
         }
         self.get_deployment(d.id).await
     }
@@ -328,51 +496,45 @@ impl Manager {
             exit_signal: None,
             error: None,
             updated_at: now,
+            desired: Desired::Running,
+            restart_count: 0,
+            last_exit: None,
+            next_restart_at: None,
+            pid_start_time: None,
         };
-        let authority =
-            match http::uri::Authority::try_from(format!("{}:{port}", self.advertise_host)) {
-                Ok(a) => a,
-                Err(e) => {
-                    self.ports.release(port);
-                    return Err(ManagerError::Internal(format!(
-                        "bad upstream authority: {e}"
-                    )));
-                }
-            };
-        let backend = Backend::new(d.id, authority, spec.endpoint_path.clone());
+        let backend = match self.backend_for(&d, spec, port) {
+            Ok(b) => b,
+            Err(e) => {
+                self.ports.release(port);
+                return Err(e);
+            }
+        };
         if let Err(e) = self.store.insert_deployment(&d).await {
             self.ports.release(port);
             return Err(e.into());
         }
-        let (status_tx, _) = watch::channel(DeploymentStatus::Starting);
-        self.live().insert(
+        self.publish(
+            EventKind::Status,
             d.id,
-            Live {
-                slug: spec.slug.clone(),
-                status: status_tx,
-                port: Some(port),
-                grace: Duration::from_millis(spec.stop_grace_period_ms),
-                stopping: false,
-            },
+            &spec.slug,
+            None,
+            DeploymentStatus::Starting.as_str(),
+            None,
         );
-
-        let launch = launch_spec(&d, spec, port);
-        match self.runtime.start(launch).await {
-            Ok(pid) => {
-                // The record exists and the process runs: a failure to note the pid must not
-                // leave the process unsupervised.
-                if let Err(e) = self.store.set_pid(d.id, pid).await {
-                    tracing::warn!(deployment = %d.id, error = %e, "Could not record the pid");
-                }
-                tracing::info!(deployment = %d.id, tool = %spec.slug, pid, port, "Deployment starting");
+        let (cancel, done_tx) = self.insert_live(&d, spec, DeploymentStatus::Starting);
+        match self.spawn_process(d.id, spec, port).await {
+            Ok(()) => {
                 let this = Arc::clone(self);
-                let startup = Duration::from_millis(spec.startup_timeout_ms);
+                let tool = tool.clone();
                 self.tasks.spawn(async move {
-                    this.supervise(d.id, d.endpoint_url, startup, backend).await
+                    let _done = done_tx;
+                    this.supervise(d.id, tool, d.endpoint_url, backend, Start::Spawned, cancel)
+                        .await
                 });
             }
             Err(e) => {
                 tracing::warn!(deployment = %d.id, tool = %spec.slug, error = %e, "Deployment could not start");
+                drop(done_tx);
                 self.end(d.id, DeploymentStatus::Failed, None, Some(&e.to_string()))
                     .await?;
             }
@@ -380,56 +542,345 @@ impl Manager {
         self.get_deployment(d.id).await
     }
 
-    /// Watches one deployment from spawn to exit.
+    fn backend_for(
+        &self,
+        d: &Deployment,
+        spec: &ToolSpec,
+        port: u16,
+    ) -> Result<Backend, ManagerError> {
+        let authority =
+            http::uri::Authority::try_from(format!("{}:{port}", self.advertise_host))
+                .map_err(|e| ManagerError::Internal(format!("bad upstream authority: {e}")))?;
+        Ok(Backend::new(d.id, authority, spec.endpoint_path.clone()))
+    }
+
+    fn insert_live(
+        &self,
+        d: &Deployment,
+        spec: &ToolSpec,
+        status: DeploymentStatus,
+    ) -> (CancellationToken, watch::Sender<()>) {
+        let (status_tx, _) = watch::channel((status, 0));
+        let (done_tx, done_rx) = watch::channel(());
+        let cancel = CancellationToken::new();
+        self.live().insert(
+            d.id,
+            Live {
+                slug: spec.slug.clone(),
+                status: status_tx,
+                port: d.port,
+                grace: Duration::from_millis(spec.stop_grace_period_ms),
+                stopping: false,
+                cancel: cancel.clone(),
+                supervisor_done: done_rx,
+                health: d.health_status,
+            },
+        );
+        (cancel, done_tx)
+    }
+
+    /// Starts the deployment's process and records which process it is.
+    async fn spawn_process(
+        &self,
+        id: Uuid,
+        spec: &ToolSpec,
+        port: u16,
+    ) -> Result<(), RuntimeError> {
+        let process = self.runtime.start(launch_spec(id, spec, port)).await?;
+        // The record exists and the process runs: a failure to note the pid must not leave
+        // the process unsupervised (adoption after a crash then restarts it instead).
+        if let Err(e) = self
+            .store
+            .set_process(id, process.pid, process.start_time)
+            .await
+        {
+            tracing::warn!(deployment = %id, error = %e, "Could not record the pid");
+        }
+        tracing::info!(deployment = %id, tool = %spec.slug, pid = process.pid, port, "Deployment process started");
+        Ok(())
+    }
+
+    /// The one task that runs a deployment's processes, from the first spawn (or adoption) to
+    /// a final status: readiness, health, restarts. Returns at once when `cancel` fires; the
+    /// canceller then owns the process.
     async fn supervise(
         self: Arc<Self>,
         id: Uuid,
+        tool: Tool,
         url: String,
-        startup: Duration,
         backend: Backend,
+        start: Start,
+        cancel: CancellationToken,
     ) {
+        let spec = &tool.spec;
+        let backend = Arc::new(backend);
+        let mut backoff = Backoff::new(&spec.restart);
+        let (mut running, mut pending_restart) = match start {
+            Start::Spawned => (false, None),
+            Start::Adopted(status) => (status == DeploymentStatus::Running, None),
+            Start::Restart(why) => (false, Some(why)),
+        };
+        let mut started_at = Instant::now();
+        loop {
+            if let Some(why) = pending_restart.take() {
+                let delay = backoff.next_delay(started_at.elapsed());
+                if !self.restart(id, spec, &why, delay, &cancel).await {
+                    return;
+                }
+                started_at = Instant::now();
+                running = false;
+            }
+            let ending = tokio::select! {
+                _ = cancel.cancelled() => return,
+                e = self.run_once(id, spec, &url, &backend, running) => e,
+            };
+            running = false;
+            if cancel.is_cancelled() {
+                return;
+            }
+            if !ending.restarts_under(spec.restart.policy) {
+                self.fail(id, ending.exit(), ending.to_string()).await;
+                return;
+            }
+            tracing::warn!(deployment = %id, tool = %spec.slug, reason = %ending, "Deployment ended; restarting per its policy");
+            pending_restart = Some(ending.to_string());
+        }
+    }
+
+    /// One process's life: readiness (unless it already runs), then health checks until it
+    /// exits or fails them.
+    async fn run_once(
+        &self,
+        id: Uuid,
+        spec: &ToolSpec,
+        url: &str,
+        backend: &Arc<Backend>,
+        already_running: bool,
+    ) -> Ending {
         let exit = self.runtime.wait(id);
         tokio::pin!(exit);
-        let deadline = Instant::now() + startup;
-        let ready = tokio::select! {
-            e = &mut exit => Err(Ended::Exited(e.unwrap_or_default())),
-            r = self.wait_ready(&url, deadline) => r.map_err(Ended::NotReady),
-        };
-        match ready {
-            Ok(()) => {
-                let recorded = self
-                    .until_stored(id, "RUNNING", || self.store.mark_running(id))
-                    .await;
-                if recorded == Some(true) {
-                    {
-                        // Under the live lock, so a stop that starts now either sees the route
-                        // (and removes it) or has already marked `stopping` (and none is added).
-                        let live = self.live();
-                        if let Some(l) = live.get(&id).filter(|l| !l.stopping) {
-                            l.status.send_replace(DeploymentStatus::Running);
-                            self.routes.add_backend(&l.slug, backend);
-                        }
-                    }
-                    tracing::info!(deployment = %id, "Deployment running");
+        if !already_running {
+            let startup = Duration::from_millis(spec.startup_timeout_ms);
+            let deadline = Instant::now() + startup;
+            let ready = tokio::select! {
+                e = &mut exit => return Ending::Exited(e.unwrap_or_default()),
+                r = self.wait_ready(url, deadline) => r,
+            };
+            if let Err(last) = ready {
+                return Ending::NotReady(format!(
+                    "no answer to an MCP request within {:.1} s; last probe: {last}",
+                    startup.as_secs_f64()
+                ));
+            }
+            let recorded = self
+                .until_stored(id, "RUNNING", || self.store.mark_running(id))
+                .await;
+            if recorded != Some(true) {
+                // Stopped meanwhile: the stop owns the rest.
+                let _ = exit.await;
+                return Ending::Exited(ExitInfo::default());
+            }
+            {
+                // Under the live lock, so a stop that starts now either sees the route (and
+                // removes it) or has already marked `stopping` (and none is added).
+                let mut live = self.live();
+                if let Some(l) = live.get_mut(&id).filter(|l| !l.stopping) {
+                    l.status.send_modify(|s| s.0 = DeploymentStatus::Running);
+                    l.health = HealthStatus::Healthy;
+                    self.routes.add_backend(&l.slug, Arc::clone(backend));
                 }
             }
-            Err(Ended::NotReady(last)) => {
-                let msg = format!(
-                    "did not answer an MCP request within {:.1} s (last probe: {last})",
-                    startup.as_secs_f64()
-                );
-                self.fail(id, None, msg).await;
-                return;
-            }
-            Err(Ended::Exited(e)) => {
-                self.fail(id, Some(e), format!("exited during startup ({e})"))
-                    .await;
-                return;
+            self.publish(
+                EventKind::Status,
+                id,
+                &spec.slug,
+                Some("STARTING"),
+                "RUNNING",
+                None,
+            );
+            tracing::info!(deployment = %id, "Deployment running");
+        } else {
+            let mut live = self.live();
+            if let Some(l) = live.get_mut(&id).filter(|l| !l.stopping) {
+                l.status.send_modify(|s| s.0 = DeploymentStatus::Running);
+                if l.health != HealthStatus::Unhealthy {
+                    self.routes.add_backend(&l.slug, Arc::clone(backend));
+                }
             }
         }
-        let e = exit.await.unwrap_or_default();
-        self.fail(id, Some(e), format!("exited unexpectedly ({e})"))
-            .await;
+        tokio::select! {
+            e = &mut exit => Ending::Exited(e.unwrap_or_default()),
+            why = self.watch_health(id, spec, url, backend) => Ending::Unhealthy(why),
+        }
+    }
+
+    /// Checks health every interval; returns (with the last error) when the failure threshold
+    /// is reached and the restart policy would restart. Under the `never` policy an unhealthy
+    /// deployment stays, out of routing, and may recover.
+    async fn watch_health(
+        &self,
+        id: Uuid,
+        spec: &ToolSpec,
+        url: &str,
+        backend: &Arc<Backend>,
+    ) -> String {
+        let h = &spec.health;
+        let interval = Duration::from_millis(h.interval_ms);
+        let grace_until = Instant::now() + Duration::from_millis(h.start_period_ms);
+        let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut fails, mut oks) = (0u32, 0u32);
+        loop {
+            ticks.tick().await;
+            let r = self.check(url, spec).await;
+            let healthy = r.status == HealthStatus::Healthy;
+            if healthy {
+                fails = 0;
+                oks = oks.saturating_add(1);
+            } else if Instant::now() >= grace_until {
+                oks = 0;
+                fails = fails.saturating_add(1);
+            }
+            let current = self
+                .live()
+                .get(&id)
+                .map_or(HealthStatus::Unknown, |l| l.health);
+            let next = if healthy && current != HealthStatus::Healthy && oks >= h.success_threshold
+            {
+                HealthStatus::Healthy
+            } else if !healthy && fails >= h.failure_threshold {
+                HealthStatus::Unhealthy
+            } else {
+                current
+            };
+            if next != current {
+                {
+                    let mut live = self.live();
+                    if let Some(l) = live.get_mut(&id).filter(|l| !l.stopping) {
+                        l.health = next;
+                        if next == HealthStatus::Healthy {
+                            self.routes.add_backend(&l.slug, Arc::clone(backend));
+                        } else {
+                            self.routes.remove_backend(&l.slug, id);
+                        }
+                    }
+                }
+                let reason = r.error.clone();
+                tracing::warn!(deployment = %id, tool = %spec.slug, from = %current, to = %next, error = reason.as_deref().unwrap_or(""), "Health changed");
+                self.publish(
+                    EventKind::Health,
+                    id,
+                    &spec.slug,
+                    Some(current.as_str()),
+                    next.as_str(),
+                    reason,
+                );
+            }
+            if let Err(e) = self.store.set_health(id, next, r.checked_at).await {
+                tracing::warn!(deployment = %id, error = %e, "Could not record a health check");
+            }
+            if next == HealthStatus::Unhealthy
+                && fails >= h.failure_threshold
+                && spec.restart.policy != crate::registry::RestartPolicy::Never
+            {
+                return format!(
+                    "{fails} failed checks in a row; last: {}",
+                    r.error.unwrap_or_default()
+                );
+            }
+        }
+    }
+
+    /// One health check of a deployment's server, as its tool's settings say.
+    async fn check(&self, url: &str, spec: &ToolSpec) -> HealthCheckResult {
+        let plain = spec.health.http_path.as_ref().map(|p| {
+            let base = url.strip_suffix(spec.endpoint_path.as_str()).unwrap_or(url);
+            format!("{base}{p}")
+        });
+        self.prober
+            .check_within(
+                url,
+                plain.as_deref(),
+                Duration::from_millis(spec.health.timeout_ms),
+            )
+            .await
+    }
+
+    /// Runs a health check of a live deployment now (outside its schedule).
+    pub async fn check_now(&self, id: Uuid) -> Result<HealthCheckResult, ManagerError> {
+        let d = self.get_deployment(id).await?;
+        if !d.status.is_live() {
+            return Err(ManagerError::NotLive {
+                id,
+                status: d.status,
+            });
+        }
+        let tool = self
+            .store
+            .list_tools()
+            .await?
+            .into_iter()
+            .find(|t| t.id == d.tool_id)
+            .ok_or_else(|| ManagerError::ToolNotFound(d.tool_slug.clone()))?;
+        Ok(self.check(&d.endpoint_url, &tool.spec).await)
+    }
+
+    /// Tears down what is left of an ended process, records the restart, waits out the
+    /// backoff and spawns again. False when the supervisor must return (cancelled, or the
+    /// record is no longer desired running).
+    async fn restart(
+        &self,
+        id: Uuid,
+        spec: &ToolSpec,
+        why: &str,
+        delay: Duration,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let port = {
+            let mut live = self.live();
+            let Some(l) = live.get_mut(&id) else {
+                return false;
+            };
+            self.routes.remove_backend(&l.slug, id);
+            l.health = HealthStatus::Unknown;
+            l.port
+        };
+        let Some(port) = port else { return false };
+        if let Err(e) = self.runtime.stop(id, Duration::ZERO).await {
+            tracing::error!(deployment = %id, error = %e, "Could not clean up before a restart");
+        }
+        let restart_at = crate::store::now()
+            + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
+        match self
+            .until_stored(id, "a restart", || {
+                self.store.mark_restarting(id, why, restart_at)
+            })
+            .await
+        {
+            Some(true) => {}
+            _ => return false,
+        }
+        if let Some(l) = self.live().get(&id) {
+            l.status
+                .send_modify(|s| *s = (DeploymentStatus::Starting, s.1 + 1));
+        }
+        self.publish(
+            EventKind::Status,
+            id,
+            &spec.slug,
+            None,
+            DeploymentStatus::Starting.as_str(),
+            Some(format!("restarting in {} ms: {why}", delay.as_millis())),
+        );
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        if let Err(e) = self.spawn_process(id, spec, port).await {
+            // Counted as an ending like any other: the loop backs off and tries again.
+            tracing::warn!(deployment = %id, error = %e, "Restart could not spawn");
+        }
+        true
     }
 
     /// Probes until the server answers or the deadline passes; the error is the last failure.
@@ -496,7 +947,16 @@ impl Manager {
                 if let Some(p) = live.port {
                     self.ports.release(p);
                 }
-                live.status.send_replace(status);
+                let from = live.status.borrow().0;
+                live.status.send_modify(|s| s.0 = status);
+                self.publish(
+                    EventKind::Status,
+                    id,
+                    &live.slug,
+                    Some(from.as_str()),
+                    status.as_str(),
+                    error.map(|e| e.lines().next().unwrap_or_default().to_owned()),
+                );
             }
         }
         Ok(won)
@@ -516,6 +976,24 @@ impl Manager {
         Ok(self.store.list_deployments(filter).await?)
     }
 
+    /// Cancels a deployment's supervisor and waits until it has returned; from then on the
+    /// caller alone touches the deployment's processes. Returns the stop grace period, or
+    /// `None` when this manager does not run the deployment.
+    async fn take_over(&self, id: Uuid) -> Option<Duration> {
+        let (grace, mut done) = {
+            let mut live = self.live();
+            let l = live.get_mut(&id)?;
+            l.stopping = true;
+            // New requests stop reaching it now, not after the grace period.
+            self.routes.remove_backend(&l.slug, id);
+            l.cancel.cancel();
+            (l.grace, l.supervisor_done.clone())
+        };
+        // Err once the supervisor dropped its sender, i.e. returned.
+        while done.changed().await.is_ok() {}
+        Some(grace)
+    }
+
     /// Stops a deployment: SIGTERM to its tree, SIGKILL after its grace period, then STOPPED.
     /// Stopping one that already ended returns its record unchanged.
     pub async fn stop(&self, id: Uuid) -> Result<Deployment, ManagerError> {
@@ -529,19 +1007,10 @@ impl Manager {
                 node: d.node_id,
             });
         }
-        let grace = {
-            let mut live = self.live();
-            match live.get_mut(&id) {
-                Some(l) => {
-                    l.stopping = true;
-                    // New requests stop reaching it now, not after the grace period.
-                    self.routes.remove_backend(&l.slug, id);
-                    Some(l.grace)
-                }
-                None => None,
-            }
-        };
-        let exit = match grace {
+        // The intent first: if Switchboard dies during the stop, the next start finishes it
+        // instead of restarting the deployment.
+        self.store.set_desired(id, Desired::Stopped).await?;
+        let exit = match self.take_over(id).await {
             Some(grace) => self
                 .runtime
                 .stop(id, grace)
@@ -572,7 +1041,7 @@ impl Manager {
     /// Retries a store write the supervisor must not lose (a status change for something that
     /// already happened) until it succeeds: through a database outage, the record catches up
     /// once the database is back. Gives up only when Switchboard is shutting down (the next
-    /// start closes what is left) or the deployment is no longer this manager's.
+    /// start reconciles what is left) or the deployment is no longer this manager's.
     async fn until_stored<T, E, F, Fut>(&self, id: Uuid, what: &str, mut write: F) -> Option<T>
     where
         E: std::fmt::Display,
@@ -602,22 +1071,43 @@ impl Manager {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
 
-    /// Refuses new deployments and stops every live one (each with its own grace period).
+    /// Refuses new deployments, ends every supervisor, then stops every live deployment (each
+    /// with its own grace period) or, under [`ExitPolicy::Keep`], leaves them running for the
+    /// next start to adopt.
     pub async fn shutdown(&self) {
         self.refuse_deploys();
+        let policy = *self.exit_policy.lock().unwrap_or_else(|p| p.into_inner());
         let ids: Vec<Uuid> = self.live().keys().copied().collect();
         if !ids.is_empty() {
-            tracing::info!(count = ids.len(), "Stopping deployments before exit");
+            match policy {
+                ExitPolicy::Stop => {
+                    tracing::info!(count = ids.len(), "Stopping deployments before exit")
+                }
+                ExitPolicy::Keep => {
+                    tracing::info!(
+                        count = ids.len(),
+                        "Leaving deployments running for the next start (exit policy: keep)"
+                    )
+                }
+            }
         }
         let stops = ids.into_iter().map(|id| async move {
-            if let Err(e) = self.stop(id).await {
-                tracing::error!(deployment = %id, error = %e, "Could not stop deployment cleanly");
-                // Processes go whatever the store says; a record left live is closed at the
-                // next start.
-                let grace = self.live().get(&id).map(|l| l.grace).unwrap_or_default();
-                if let Err(e) = self.runtime.stop(id, grace).await {
+            let Some(grace) = self.take_over(id).await else {
+                return;
+            };
+            if policy == ExitPolicy::Keep {
+                return;
+            }
+            let exit = match self.runtime.stop(id, grace).await {
+                Ok(exit) => exit,
+                Err(e) => {
                     tracing::error!(deployment = %id, error = %e, "Could not stop deployment");
+                    None
                 }
+            };
+            // A record that cannot be closed now is finished by the next start.
+            if let Err(e) = self.end(id, DeploymentStatus::Stopped, exit, None).await {
+                tracing::error!(deployment = %id, error = %e, "Could not record the stop");
             }
         });
         futures_util::future::join_all(stops).await;
@@ -626,13 +1116,18 @@ impl Manager {
     }
 }
 
-enum Ended {
-    Exited(ExitInfo),
-    NotReady(String),
+/// Where a supervisor picks up.
+enum Start {
+    /// The process was just spawned.
+    Spawned,
+    /// An earlier Switchboard's process, adopted; the record's status.
+    Adopted(DeploymentStatus),
+    /// The process is gone; start it again, for this reason.
+    Restart(String),
 }
 
 /// The process's command line and environment, with `{port}` substituted.
-fn launch_spec(d: &Deployment, spec: &ToolSpec, port: u16) -> LaunchSpec {
+fn launch_spec(id: Uuid, spec: &ToolSpec, port: u16) -> LaunchSpec {
     let port_s = port.to_string();
     let subst = |s: &str| s.replace("{port}", &port_s);
     let mut env: Vec<(String, String)> = Vec::with_capacity(spec.env.len() + 3);
@@ -640,11 +1135,11 @@ fn launch_spec(d: &Deployment, spec: &ToolSpec, port: u16) -> LaunchSpec {
         env.push((name.clone(), port_s.clone()));
     }
     env.push(("SWITCHBOARD_TOOL".into(), spec.slug.clone()));
-    env.push(("SWITCHBOARD_DEPLOYMENT_ID".into(), d.id.to_string()));
+    env.push(("SWITCHBOARD_DEPLOYMENT_ID".into(), id.to_string()));
     // The tool's own env last, so it can override the defaults above.
     env.extend(spec.env.iter().map(|(k, v)| (k.clone(), subst(v))));
     LaunchSpec {
-        deployment_id: d.id,
+        deployment_id: id,
         program: subst(&spec.command),
         args: spec.args.iter().map(|a| subst(a)).collect(),
         env,

@@ -31,6 +31,79 @@ impl Transport {
     }
 }
 
+/// Whether a deployment whose process ended, or failed its liveness checks, is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Whatever the exit.
+    Always,
+    /// Unless the process exited with status 0.
+    #[default]
+    OnFailure,
+    /// A deployment that ends is FAILED and stays so.
+    Never,
+}
+
+/// How a deployment's health is watched once it is RUNNING.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSpec {
+    /// Time between checks.
+    pub interval_ms: u64,
+    /// A check that takes longer fails.
+    pub timeout_ms: u64,
+    /// Consecutive failed checks that make a deployment UNHEALTHY (it leaves routing, and is
+    /// restarted as the restart policy says).
+    pub failure_threshold: u32,
+    /// Consecutive good checks that make an UNHEALTHY deployment HEALTHY again.
+    pub success_threshold: u32,
+    /// Failures in this long after a deployment becomes RUNNING do not count (a server that
+    /// warms caches after answering its first request).
+    pub start_period_ms: u64,
+    /// A plain HTTP path (GET, 2xx is healthy) checked instead of the MCP probe, for servers
+    /// whose MCP endpoint cannot be probed cheaply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_path: Option<String>,
+}
+
+impl Default for HealthSpec {
+    fn default() -> Self {
+        HealthSpec {
+            interval_ms: 10_000,
+            timeout_ms: 5_000,
+            failure_threshold: 3,
+            success_threshold: 1,
+            start_period_ms: 0,
+            http_path: None,
+        }
+    }
+}
+
+/// When and how fast ended deployments are restarted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartSpec {
+    pub policy: RestartPolicy,
+    /// The first restart is immediate; the second waits this long, and each later one twice
+    /// as long as the one before, up to `max_delay_ms`.
+    pub initial_delay_ms: u64,
+    pub max_delay_ms: u64,
+    /// A process that ran this long without ending resets the delay (the next restart is
+    /// immediate again).
+    pub reset_after_ms: u64,
+}
+
+impl Default for RestartSpec {
+    fn default() -> Self {
+        RestartSpec {
+            policy: RestartPolicy::OnFailure,
+            initial_delay_ms: 1_000,
+            max_delay_ms: 300_000,
+            reset_after_ms: 600_000,
+        }
+    }
+}
+
 /// A tool definition as a user writes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -77,6 +150,10 @@ pub struct ToolSpec {
     /// Deploy `replicas` copies when Switchboard starts.
     #[serde(default)]
     pub autostart: bool,
+    #[serde(default)]
+    pub health: HealthSpec,
+    #[serde(default)]
+    pub restart: RestartSpec,
 }
 
 fn default_endpoint_path() -> String {
@@ -98,6 +175,8 @@ fn default_replicas() -> u32 {
 pub const MAX_REPLICAS: u32 = 64;
 const MAX_STARTUP_TIMEOUT_MS: u64 = 10 * 60 * 1000;
 const MAX_GRACE_MS: u64 = 60 * 60 * 1000;
+const HOUR_MS: u64 = 60 * 60 * 1000;
+const DAY_MS: u64 = 24 * HOUR_MS;
 
 /// A definition that breaks a rule, with a message that names the field and the rule.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -210,6 +289,58 @@ impl ToolSpec {
                 format!("must be between 1 and {MAX_REPLICAS}"),
             ));
         }
+        let h = &self.health;
+        if !(100..=HOUR_MS).contains(&h.interval_ms) {
+            return Err(invalid(
+                "health.interval_ms",
+                format!("must be between 100 and {HOUR_MS}"),
+            ));
+        }
+        if !(10..=h.interval_ms.max(10)).contains(&h.timeout_ms) {
+            return Err(invalid(
+                "health.timeout_ms",
+                "must be at least 10 and at most health.interval_ms",
+            ));
+        }
+        if !(1..=100).contains(&h.failure_threshold) {
+            return Err(invalid(
+                "health.failure_threshold",
+                "must be between 1 and 100",
+            ));
+        }
+        if !(1..=100).contains(&h.success_threshold) {
+            return Err(invalid(
+                "health.success_threshold",
+                "must be between 1 and 100",
+            ));
+        }
+        if h.start_period_ms > DAY_MS {
+            return Err(invalid(
+                "health.start_period_ms",
+                format!("must be at most {DAY_MS}"),
+            ));
+        }
+        if let Some(p) = &h.http_path
+            && (!p.starts_with('/') || p.contains(char::is_whitespace))
+        {
+            return Err(invalid(
+                "health.http_path",
+                format!("'{p}' must be an absolute path such as /healthz"),
+            ));
+        }
+        let r = &self.restart;
+        if r.max_delay_ms > DAY_MS || r.initial_delay_ms > r.max_delay_ms {
+            return Err(invalid(
+                "restart",
+                format!("need initial_delay_ms <= max_delay_ms <= {DAY_MS}"),
+            ));
+        }
+        if r.reset_after_ms > 7 * DAY_MS {
+            return Err(invalid(
+                "restart.reset_after_ms",
+                format!("must be at most {}", 7 * DAY_MS),
+            ));
+        }
         Ok(self)
     }
 
@@ -260,6 +391,56 @@ mod tests {
         assert_eq!(s.stop_grace_period_ms, 10_000);
         assert_eq!(s.replicas, 1);
         assert_eq!(s.transport, Transport::StreamableHttp);
+        assert_eq!(s.restart.policy, RestartPolicy::OnFailure);
+        assert_eq!(s.restart.initial_delay_ms, 1_000);
+        assert_eq!(s.restart.max_delay_ms, 300_000);
+        assert_eq!(s.restart.reset_after_ms, 600_000);
+        assert_eq!(s.health.interval_ms, 10_000);
+        assert_eq!(s.health.timeout_ms, 5_000);
+        assert_eq!(s.health.failure_threshold, 3);
+        assert_eq!(s.health.success_threshold, 1);
+    }
+
+    #[test]
+    fn health_and_restart_settings_are_checked_by_name() {
+        let bad = [
+            (
+                serde_json::json!({"health": {"interval_ms": 5}}),
+                "health.interval_ms",
+            ),
+            (
+                serde_json::json!({"health": {"interval_ms": 1000, "timeout_ms": 2000}}),
+                "health.timeout_ms",
+            ),
+            (
+                serde_json::json!({"health": {"failure_threshold": 0}}),
+                "health.failure_threshold",
+            ),
+            (
+                serde_json::json!({"health": {"http_path": "healthz"}}),
+                "health.http_path",
+            ),
+            (
+                serde_json::json!({"restart": {"initial_delay_ms": 10, "max_delay_ms": 5}}),
+                "restart",
+            ),
+        ];
+        for (extra, field) in bad {
+            let mut v = serde_json::json!({"slug": "a", "command": "x"});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            let err = serde_json::from_value::<ToolSpec>(v)
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert!(err.to_string().starts_with(field), "{field}: {err}");
+        }
+        let err = serde_json::from_value::<ToolSpec>(
+            serde_json::json!({"slug": "a", "command": "x", "restart": {"policy": "sometimes"}}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("sometimes"), "{err}");
     }
 
     #[test]

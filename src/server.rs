@@ -20,7 +20,7 @@ use crate::{
     api::{self, ApiToken, AppState},
     config::{Config, EdgeLimits},
     health::Prober,
-    manager::Manager,
+    manager::{Manager, Reconciled},
     ports::PortAllocator,
     proxy::{Proxy, routes::RouteTable},
     runtime::process::{ProcessRuntime, TreeTracking},
@@ -98,12 +98,18 @@ pub async fn run(
     );
     let proxy = Arc::new(Proxy::new(routes, config.proxy.clone()));
 
-    let closed = manager
-        .recover(|| runtime.sweep_orphans(&|_| false))
+    manager.set_exit_policy(config.exit_policy);
+    let r = manager
+        .reconcile(|| runtime.sweep_orphans(&|_| false))
         .await
-        .context("recovering deployments left by an earlier run")?;
-    if closed > 0 {
-        tracing::warn!(closed, "Closed deployments an earlier run left live");
+        .context("reconciling deployments left by an earlier run")?;
+    if r != Reconciled::default() {
+        tracing::info!(
+            adopted = r.adopted,
+            restarted = r.restarted,
+            closed = r.closed,
+            "Reconciled the deployments an earlier run left"
+        );
     }
     let applied = manager
         .apply_tools(config.tools.clone())

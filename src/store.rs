@@ -27,7 +27,7 @@ use sqlx::{
 use uuid::Uuid;
 
 use crate::{
-    deployment::{Deployment, DeploymentStatus, ExitInfo, HealthStatus},
+    deployment::{Deployment, DeploymentStatus, Desired, ExitInfo, HealthStatus},
     registry::{Tool, ToolSpec},
 };
 
@@ -194,6 +194,11 @@ struct DeploymentRow {
     exit_signal: Option<i64>,
     error: Option<String>,
     updated_at: DateTime<Utc>,
+    desired: String,
+    restart_count: i64,
+    last_exit: Option<String>,
+    next_restart_at: Option<DateTime<Utc>>,
+    pid_start_time: Option<i64>,
 }
 
 fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
@@ -227,6 +232,12 @@ impl TryFrom<DeploymentRow> for Deployment {
             exit_signal: narrow(r.exit_signal, "exit signal")?,
             error: r.error,
             updated_at: r.updated_at,
+            desired: Desired::from_str(&r.desired)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            restart_count: narrow(Some(r.restart_count), "restart count")?.unwrap_or(0),
+            last_exit: r.last_exit,
+            next_restart_at: r.next_restart_at,
+            pid_start_time: narrow(r.pid_start_time, "pid start time")?,
         })
     }
 }
@@ -444,8 +455,9 @@ impl Store {
             sqlx::query(sql(
                 "INSERT INTO deployments (id, tool_id, tool_slug, node_id, endpoint_url, port, \
                  status, health_status, last_health_check, deployed_at, stopped_at, pid, \
-                 exit_code, exit_signal, error, updated_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 exit_code, exit_signal, error, updated_at, desired, restart_count, last_exit, \
+                 next_restart_at, pid_start_time) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             ))
             .bind(d.id.to_string())
             .bind(d.tool_id.to_string())
@@ -463,6 +475,11 @@ impl Store {
             .bind(d.exit_signal.map(i64::from))
             .bind(&d.error)
             .bind(d.updated_at)
+            .bind(d.desired.as_str())
+            .bind(i64::from(d.restart_count))
+            .bind(&d.last_exit)
+            .bind(d.next_restart_at)
+            .bind(d.pid_start_time.and_then(|t| i64::try_from(t).ok()))
             .execute(pool)
             .await
             .map(|_| ())
@@ -532,16 +549,94 @@ impl Store {
         .await
     }
 
-    pub async fn set_pid(&self, id: Uuid, pid: u32) -> Result<(), StoreError> {
+    /// Notes the process now running a live deployment: its pid and that pid's start time.
+    pub async fn set_process(
+        &self,
+        id: Uuid,
+        pid: u32,
+        start_time: Option<u64>,
+    ) -> Result<(), StoreError> {
         on_pool!(self, pool, sql => {
-            sqlx::query(sql("UPDATE deployments SET pid = ?, updated_at = ? WHERE id = ?"))
-                .bind(i64::from(pid))
-                .bind(now())
-                .bind(id.to_string())
-                .execute(pool)
-                .await?;
+            sqlx::query(sql(
+                "UPDATE deployments SET pid = ?, pid_start_time = ?, updated_at = ? WHERE id = ?",
+            ))
+            .bind(i64::from(pid))
+            .bind(start_time.and_then(|t| i64::try_from(t).ok()))
+            .bind(now())
+            .bind(id.to_string())
+            .execute(pool)
+            .await?;
         });
         Ok(())
+    }
+
+    /// Records what someone asked the deployment to be. False for a record that is not live
+    /// (there is nothing left to change).
+    pub async fn set_desired(&self, id: Uuid, desired: Desired) -> Result<bool, StoreError> {
+        let affected = on_pool!(self, pool, sql => {
+            sqlx::query(sql(
+                "UPDATE deployments SET desired = ?, updated_at = ? \
+                 WHERE id = ? AND status IN ('STARTING', 'RUNNING')",
+            ))
+            .bind(desired.as_str())
+            .bind(now())
+            .bind(id.to_string())
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(affected == 1)
+    }
+
+    /// A live deployment whose process ended goes back to STARTING to be restarted at
+    /// `restart_at`: one more restart, and how the last process ended. False when the record
+    /// was no longer live or no longer desired running (a stop won).
+    pub async fn mark_restarting(
+        &self,
+        id: Uuid,
+        last_exit: &str,
+        restart_at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let now = now();
+        let affected = on_pool!(self, pool, sql => {
+            sqlx::query(sql(
+                "UPDATE deployments SET status = 'STARTING', health_status = 'UNKNOWN', \
+                 restart_count = restart_count + 1, last_exit = ?, next_restart_at = ?, \
+                 pid = NULL, pid_start_time = NULL, updated_at = ? \
+                 WHERE id = ? AND status IN ('STARTING', 'RUNNING') AND desired = 'RUNNING'",
+            ))
+            .bind(last_exit)
+            .bind(restart_at)
+            .bind(now)
+            .bind(id.to_string())
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(affected == 1)
+    }
+
+    /// Records a health check's outcome on a live deployment.
+    pub async fn set_health(
+        &self,
+        id: Uuid,
+        health: HealthStatus,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let affected = on_pool!(self, pool, sql => {
+            sqlx::query(sql(
+                "UPDATE deployments SET health_status = ?, last_health_check = ?, updated_at = ? \
+                 WHERE id = ? AND status = 'RUNNING'",
+            ))
+            .bind(health.as_str())
+            .bind(at)
+            .bind(now())
+            .bind(id.to_string())
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(affected == 1)
     }
 
     /// STARTING → RUNNING/HEALTHY. False when the deployment was no longer STARTING.
@@ -550,7 +645,8 @@ impl Store {
         let affected = on_pool!(self, pool, sql => {
             sqlx::query(sql(
                 "UPDATE deployments SET status = 'RUNNING', health_status = 'HEALTHY', \
-                 last_health_check = ?, updated_at = ? WHERE id = ? AND status = 'STARTING'",
+                 last_health_check = ?, next_restart_at = NULL, updated_at = ? \
+                 WHERE id = ? AND status = 'STARTING'",
             ))
             .bind(now)
             .bind(now)
@@ -576,7 +672,8 @@ impl Store {
         let affected = on_pool!(self, pool, sql => {
             sqlx::query(sql(
                 "UPDATE deployments SET status = ?, health_status = 'UNKNOWN', stopped_at = ?, \
-                 exit_code = ?, exit_signal = ?, error = COALESCE(?, error), updated_at = ? \
+                 exit_code = ?, exit_signal = ?, error = COALESCE(?, error), \
+                 next_restart_at = NULL, updated_at = ? \
                  WHERE id = ? AND status IN ('STARTING', 'RUNNING')",
             ))
             .bind(status.as_str())

@@ -249,22 +249,11 @@ fn an_unreachable_server_is_reported_clearly() {
 }
 
 #[test]
-fn a_killed_switchboard_leaves_no_orphans_after_restart() {
+fn a_killed_switchboard_adopts_its_running_deployments_at_restart() {
     let dir = tempfile::tempdir().unwrap();
     let pids = dir.path().join("tree.pids");
     let mut sb = Serve::start(dir.path(), &[]);
-    sb.ok(&[
-        "tool",
-        "add",
-        "tree",
-        "--",
-        test_server_bin().to_str().unwrap(),
-        "--port",
-        "{port}",
-        "--setsid-grandchild",
-        "--pid-file",
-        pids.to_str().unwrap(),
-    ]);
+    add_tree_tool(&sb, &pids);
     let d = sb.json(&["deploy", "tree", "--wait"]);
     assert_eq!(d["status"], "RUNNING");
     let id = d["id"].as_str().unwrap().to_owned();
@@ -279,28 +268,149 @@ fn a_killed_switchboard_leaves_no_orphans_after_restart() {
 
     let sb = Serve::start(dir.path(), &[]);
     for pid in &tree {
-        assert!(!alive(*pid), "orphan {pid} survived the restart");
+        assert!(alive(*pid), "{pid} was killed instead of adopted");
     }
-    let d = sb.json(&["ps", "--all"]);
-    let rec = d
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["id"] == id.as_str())
-        .unwrap();
-    assert_eq!(rec["status"], "FAILED", "{rec}");
+    let rec = record(&sb, &id);
+    assert_eq!(rec["status"], "RUNNING", "{rec}");
+    assert_eq!(rec["pid"].as_u64(), Some(u64::from(tree[0])), "{rec}");
+    assert_eq!(rec["restart_count"], 0, "{rec}");
     assert!(
-        rec["error"]
+        sb.head
+            .iter()
+            .any(|l| l.contains("Adopted a running deployment")),
+        "the adoption is logged before Switchboard listens"
+    );
+    // Adopted means supervised: a stop takes the whole tree, the setsid grandchild included.
+    let stopped = sb.json(&["stop", &id]);
+    assert_eq!(stopped["status"], "STOPPED", "{stopped}");
+    for pid in &tree {
+        assert!(
+            !alive(*pid),
+            "{pid} survived the stop of an adopted deployment"
+        );
+    }
+}
+
+#[test]
+fn what_died_while_switchboard_was_down_is_restarted_and_its_leftovers_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("tree.pids");
+    let mut sb = Serve::start(dir.path(), &[]);
+    add_tree_tool(&sb, &pids);
+    let d = sb.json(&["deploy", "tree", "--wait"]);
+    let id = d["id"].as_str().unwrap().to_owned();
+    sb.signal(nix::sys::signal::Signal::SIGKILL);
+    sb.wait();
+    let tree = read_pids(&pids);
+    // The server dies while nobody supervises it; its setsid grandchild lives on.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tree[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(alive(tree[1]));
+
+    let sb = Serve::start(dir.path(), &[]);
+    assert!(
+        !alive(tree[1]),
+        "the leftover grandchild survived the restart"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let rec = loop {
+        let rec = record(&sb, &id);
+        if rec["status"] == "RUNNING" || std::time::Instant::now() > deadline {
+            break rec;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(rec["status"], "RUNNING", "{rec}");
+    assert_eq!(rec["restart_count"], 1, "{rec}");
+    assert_ne!(rec["pid"].as_u64(), Some(u64::from(tree[0])), "{rec}");
+    assert!(
+        rec["last_exit"]
             .as_str()
             .unwrap()
-            .contains("exited without stopping"),
+            .contains("found the process gone"),
         "{rec}"
     );
-    assert!(rec["stopped_at"].is_string());
-    // Its port is free again.
-    let again = sb.json(&["deploy", "tree", "--wait"]);
-    assert_eq!(again["status"], "RUNNING", "{again}");
     assert!(sb.log.try_iter().all(|l| !l.contains("panicked")));
+}
+
+#[test]
+fn a_stale_record_never_gets_an_unrelated_process_signalled() {
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("tree.pids");
+    let mut sb = Serve::start(dir.path(), &[]);
+    add_tree_tool(&sb, &pids);
+    let d = sb.json(&["deploy", "tree", "--wait"]);
+    let id = d["id"].as_str().unwrap().to_owned();
+    sb.signal(nix::sys::signal::Signal::SIGKILL);
+    sb.wait();
+    drop(sb);
+    // The deployment's processes are gone and its pid now names an unrelated process (a
+    // reused pid): the record points at a live pid whose start time is not the recorded one.
+    let mut bystander = Command::new("sleep").arg("120").spawn().unwrap();
+    let by_pid = bystander.id();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use sqlx::Connection as _;
+        let db = dir.path().join("switchboard.db");
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query("UPDATE deployments SET pid = ? WHERE id = ?")
+            .bind(i64::from(by_pid))
+            .bind(&id)
+            .execute(&mut c)
+            .await
+            .unwrap();
+    });
+    let sb = Serve::start(dir.path(), &[]);
+    assert!(
+        alive(by_pid),
+        "an unrelated process with a reused pid was signalled"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let rec = loop {
+        let rec = record(&sb, &id);
+        if rec["status"] == "RUNNING" || std::time::Instant::now() > deadline {
+            break rec;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(rec["status"], "RUNNING", "restarted, not adopted: {rec}");
+    assert_ne!(rec["pid"].as_u64(), Some(u64::from(by_pid)), "{rec}");
+    sb.json(&["stop", &id]);
+    assert!(
+        alive(by_pid),
+        "stopping the deployment reached the unrelated process"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}
+
+fn add_tree_tool(sb: &Serve, pids: &Path) {
+    sb.ok(&[
+        "tool",
+        "add",
+        "tree",
+        "--",
+        test_server_bin().to_str().unwrap(),
+        "--port",
+        "{port}",
+        "--setsid-grandchild",
+        "--pid-file",
+        pids.to_str().unwrap(),
+    ]);
+}
+
+fn record(sb: &Serve, id: &str) -> Value {
+    let all = sb.json(&["ps", "--all"]);
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .cloned()
+        .unwrap()
 }
 
 #[test]

@@ -90,14 +90,14 @@ async fn exit_during_startup_fails_with_reason_and_log() {
     app.add_test_tool(
         "quitter",
         &["--startup-delay-ms", "60000", "--exit-after-ms", "200"],
-        json!({}),
+        json!({"restart": {"policy": "never"}}),
     )
     .await;
     let d = app.deploy_wait("quitter").await;
     assert_eq!(d["status"], "FAILED", "{d}");
     assert_eq!(d["exit_code"], 3);
     let err = d["error"].as_str().unwrap();
-    assert!(err.contains("exited during startup"), "{err}");
+    assert!(err.contains("exited (exit status 3)"), "{err}");
     assert!(
         err.contains("exiting after 200 ms as asked"),
         "log tail missing: {err}"
@@ -111,7 +111,7 @@ async fn a_server_that_never_answers_times_out() {
     app.add_test_tool(
         "mute",
         &["--never-ready", "--pid-file"],
-        json!({"startup_timeout_ms": 1500}),
+        json!({"startup_timeout_ms": 1500, "restart": {"policy": "never"}}),
     )
     .await;
     // --pid-file needs a value; put it through PUT to keep add_test_tool simple.
@@ -122,7 +122,7 @@ async fn a_server_that_never_answers_times_out() {
             "/api/v1/tools/mute",
             Some(json!({"command": common::test_server_bin(),
                         "args": ["--port", "{port}", "--never-ready", "--pid-file", pids],
-                        "startup_timeout_ms": 1500})),
+                        "startup_timeout_ms": 1500, "restart": {"policy": "never"}})),
         )
         .await;
     assert_eq!(st, StatusCode::OK);
@@ -130,7 +130,7 @@ async fn a_server_that_never_answers_times_out() {
     assert_eq!(d["status"], "FAILED", "{d}");
     let err = d["error"].as_str().unwrap();
     assert!(
-        err.contains("did not answer an MCP request within 1.5 s"),
+        err.contains("no answer to an MCP request within 1.5 s"),
         "{err}"
     );
     let pid = read_pids(&pids)[0];
@@ -144,7 +144,9 @@ async fn a_missing_command_fails_clearly() {
         .call(
             "POST",
             "/api/v1/tools",
-            Some(json!({"slug": "ghost", "command": "/nonexistent/mcp-server"})),
+            Some(
+                json!({"slug": "ghost", "command": "/nonexistent/mcp-server", "restart": {"policy": "never"}}),
+            ),
         )
         .await;
     assert_eq!(st, StatusCode::CREATED);
@@ -158,7 +160,9 @@ async fn a_missing_command_fails_clearly() {
         .call(
             "POST",
             "/api/v1/tools",
-            Some(json!({"slug": "nowhere", "command": "true", "working_dir": "/nonexistent/dir"})),
+            Some(
+                json!({"slug": "nowhere", "command": "true", "working_dir": "/nonexistent/dir", "restart": {"policy": "never"}}),
+            ),
         )
         .await;
     assert_eq!(st, StatusCode::CREATED);
@@ -177,15 +181,22 @@ async fn a_crash_after_start_is_recorded_and_frees_the_port() {
         ..Default::default()
     })
     .await;
-    app.add_test_tool("crashy", &["--exit-after-ms", "1500"], json!({}))
-        .await;
+    app.add_test_tool(
+        "crashy",
+        &["--exit-after-ms", "1500"],
+        json!({"restart": {"policy": "never"}}),
+    )
+    .await;
     let d = app.deploy_wait("crashy").await;
     assert_eq!(d["status"], "RUNNING", "{d}");
     let id = d["id"].as_str().unwrap();
     let d = app.wait_status(id, "FAILED").await;
     assert_eq!(d["exit_code"], 3);
     assert!(
-        d["error"].as_str().unwrap().contains("exited unexpectedly"),
+        d["error"]
+            .as_str()
+            .unwrap()
+            .contains("exited (exit status 3)"),
         "{d}"
     );
     // The only port is free again.
@@ -316,4 +327,69 @@ async fn graceful_shutdown_stops_every_deployment() {
         assert!(stopped_at.is_some(), "{id}");
     }
     let _ = t;
+}
+
+#[tokio::test]
+async fn a_killed_server_is_restarted_on_its_port_and_the_record_says_so() {
+    let app = TestApp::start().await;
+    app.add_test_tool("phoenix", &[], json!({})).await;
+    let d = app.deploy_wait("phoenix").await;
+    let id = d["id"].as_str().unwrap();
+    let pid = d["pid"].as_u64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The first restart is immediate (no backoff before it).
+    let r = app
+        .wait_record(id, "RUNNING again", |r| {
+            r["status"] == "RUNNING" && r["restart_count"] == 1
+        })
+        .await;
+    assert_eq!(r["port"], d["port"], "a restart keeps the port");
+    assert_ne!(r["pid"], d["pid"]);
+    assert_eq!(r["desired"], "RUNNING");
+    assert!(r["last_exit"].as_str().unwrap().contains("SIGKILL"), "{r}");
+    assert!(!alive(pid as u32));
+    // And it serves again through the proxy.
+    let who = common::whoami(&format!("{}/mcp/phoenix", app.url)).await;
+    assert_eq!(who["deployment"], id, "{who}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_hung_server_turns_unhealthy_leaves_routing_and_is_restarted() {
+    let app = TestApp::start().await;
+    app.add_test_tool(
+        "hang",
+        &[],
+        json!({"health": {"interval_ms": 200, "timeout_ms": 150, "failure_threshold": 3}}),
+    )
+    .await;
+    let d = app.deploy_wait("hang").await;
+    let id = d["id"].as_str().unwrap();
+    let pid = d["pid"].as_u64().unwrap() as i32;
+    // Alive but not answering: stopped by SIGSTOP.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let r = app
+        .wait_record(id, "restarted after failing its checks", |r| {
+            r["restart_count"] == 1
+        })
+        .await;
+    assert!(
+        r["last_exit"]
+            .as_str()
+            .unwrap()
+            .contains("failed its health checks"),
+        "{r}"
+    );
+    assert!(!alive(pid as u32), "the hung process was killed");
+    let r = app.wait_status(id, "RUNNING").await;
+    assert_eq!(r["health_status"], "HEALTHY", "{r}");
+    app.stop().await;
 }

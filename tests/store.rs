@@ -65,6 +65,7 @@ contract!(
     stop_leaves_stopped_with_stopped_at,
     nodes_own_their_deployments_and_ports,
     listings_page_in_deployment_order,
+    restarts_keep_the_record_until_a_stop_is_desired,
 );
 
 fn spec(slug: &str) -> ToolSpec {
@@ -97,6 +98,11 @@ fn deployment(
         exit_signal: None,
         error: None,
         updated_at: t,
+        desired: switchboard::deployment::Desired::Running,
+        restart_count: 0,
+        last_exit: None,
+        next_restart_at: None,
+        pid_start_time: Some(987_654_321),
     }
 }
 
@@ -414,12 +420,13 @@ async fn two_nodes_share_one_database_and_keep_to_their_own() {
     );
     let a = common::TestApp::start_in(dir, opts()).await;
     assert!(
-        !common::alive(a_pid),
-        "node A's orphan is killed at its restart"
+        common::alive(a_pid),
+        "node A adopts its own still-running deployment at its restart"
     );
     assert!(common::alive(b_pid), "node B's deployment is untouched");
     let rec_a = a.deployment(da["id"].as_str().unwrap()).await;
-    assert_eq!(rec_a["status"], "FAILED", "{rec_a}");
+    assert_eq!(rec_a["status"], "RUNNING", "{rec_a}");
+    assert_eq!(rec_a["pid"].as_u64(), Some(u64::from(a_pid)), "{rec_a}");
     let rec_b = a.deployment(db["id"].as_str().unwrap()).await;
     assert_eq!(rec_b["status"], "RUNNING", "{rec_b}");
     a.stop().await;
@@ -521,4 +528,59 @@ async fn listings_page_in_deployment_order(s: Store) {
     assert_eq!(page(Some(2), Some(2)).await, ids[2..4]);
     assert_eq!(page(None, Some(3)).await, ids[3..]);
     assert_eq!(page(Some(10), Some(5)).await, Vec::<Uuid>::new());
+}
+
+async fn restarts_keep_the_record_until_a_stop_is_desired(s: Store) {
+    use switchboard::deployment::Desired;
+    let t = s.insert_tool(&spec("t")).await.unwrap();
+    let d = deployment(&t, 9100, DeploymentStatus::Starting);
+    s.insert_deployment(&d).await.unwrap();
+    s.set_process(d.id, 777, Some(123)).await.unwrap();
+    assert!(s.mark_running(d.id).await.unwrap());
+    assert!(
+        s.set_health(d.id, HealthStatus::Unhealthy, now())
+            .await
+            .unwrap()
+    );
+    let at = now() + chrono::Duration::seconds(4);
+    assert!(
+        s.mark_restarting(d.id, "exited (exit status 1)", at)
+            .await
+            .unwrap()
+    );
+    let got = s.get_deployment(d.id).await.unwrap().unwrap();
+    assert_eq!(got.status, DeploymentStatus::Starting);
+    assert_eq!(got.restart_count, 1);
+    assert_eq!(got.last_exit.as_deref(), Some("exited (exit status 1)"));
+    assert_eq!(got.next_restart_at, Some(at));
+    assert_eq!(
+        got.pid, None,
+        "the old process is no longer the deployment's"
+    );
+    assert_eq!(got.port, Some(9100), "a restart keeps the port");
+    assert!(s.mark_running(d.id).await.unwrap());
+    let got = s.get_deployment(d.id).await.unwrap().unwrap();
+    assert_eq!(got.next_restart_at, None);
+    assert_eq!(got.health_status, HealthStatus::Healthy);
+
+    // Once a stop is desired, no restart is recorded any more.
+    assert!(s.set_desired(d.id, Desired::Stopped).await.unwrap());
+    assert!(!s.mark_restarting(d.id, "late crash", at).await.unwrap());
+    let got = s.get_deployment(d.id).await.unwrap().unwrap();
+    assert_eq!(got.desired, Desired::Stopped);
+    assert_eq!(got.restart_count, 1);
+    assert!(
+        s.mark_ended(d.id, DeploymentStatus::Stopped, None, None)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.set_desired(d.id, Desired::Running).await.unwrap(),
+        "an ended record stays ended"
+    );
+    assert!(
+        !s.set_health(d.id, HealthStatus::Healthy, now())
+            .await
+            .unwrap()
+    );
 }

@@ -88,6 +88,7 @@ impl From<ManagerError> for ApiError {
             M::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             M::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             M::NotOwner { .. } => (StatusCode::CONFLICT, "not_owner"),
+            M::NotLive { .. } => (StatusCode::CONFLICT, "not_live"),
         };
         ApiError::new(status, code, msg)
     }

@@ -130,8 +130,7 @@ impl RouteTable {
         });
     }
 
-    pub fn add_backend(&self, slug: &str, backend: Backend) {
-        let backend = Arc::new(backend);
+    pub fn add_backend(&self, slug: &str, backend: Arc<Backend>) {
         self.update(|m| {
             let old = m.get(slug).map(|t| t.backends.clone()).unwrap_or_default();
             let mut backends: Vec<_> = old

@@ -30,6 +30,43 @@ pub struct LaunchSpec {
     pub working_dir: Option<PathBuf>,
 }
 
+/// One process, named so that a reused pid is never mistaken for it: the pid and the time the
+/// process started (clock ticks after boot, /proc/PID/stat field 22).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessId {
+    pub pid: u32,
+    /// `None` where /proc could not be read (the process already gone).
+    pub start_time: Option<u64>,
+}
+
+impl ProcessId {
+    /// The live process `pid` is now, or `None` when there is none.
+    pub fn of(pid: u32) -> Option<ProcessId> {
+        process_start_time(pid).map(|t| ProcessId {
+            pid,
+            start_time: Some(t),
+        })
+    }
+
+    /// Whether `pid` is still this very process (false when it is gone or the pid was reused).
+    pub fn is_alive(&self) -> bool {
+        self.start_time.is_some() && process_start_time(self.pid) == self.start_time
+    }
+}
+
+/// Field 22 of /proc/PID/stat. The command name (field 2) may hold spaces and parentheses, so
+/// fields are counted after its closing parenthesis.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    // A zombie has exited; it only waits to be reaped.
+    if matches!(fields.next(), Some("Z" | "X" | "x")) {
+        return None;
+    }
+    // After the name and the state (field 3), starttime (22) is the 19th.
+    fields.nth(18)?.parse().ok()
+}
+
 /// What a runtime can say about a running or finished instance.
 #[derive(Debug, Clone)]
 pub struct InstanceInfo {
@@ -63,8 +100,13 @@ pub enum RuntimeError {
 }
 
 pub trait Runtime: Send + Sync + 'static {
-    /// Starts the instance and returns its main pid once the process exists.
-    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<u32, RuntimeError>>;
+    /// Starts the instance and returns its main process once it exists. Starting an id again
+    /// (a restart) replaces the ended instance.
+    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<ProcessId, RuntimeError>>;
+    /// Takes charge of an instance an earlier Switchboard process started, if `process` is
+    /// still that instance's (same pid and start time, and in its cgroup where there are
+    /// cgroups). Returns false, having signalled nothing, when it is not.
+    fn adopt(&self, id: Uuid, process: ProcessId) -> bool;
     /// Resolves when the instance's main process exits (at once if it already has).
     fn wait(&self, id: Uuid) -> BoxFuture<'_, Result<ExitInfo, RuntimeError>>;
     /// Stops the whole tree: SIGTERM to every process, SIGKILL to what is left after `grace`.

@@ -24,7 +24,7 @@ use tokio::{process::Command, sync::watch};
 use uuid::Uuid;
 
 use super::{
-    InstanceInfo, LaunchSpec, Runtime, RuntimeError,
+    InstanceInfo, LaunchSpec, ProcessId, Runtime, RuntimeError,
     cgroup::{self, CgroupRoot},
     launch::SHIM_ARG,
 };
@@ -273,6 +273,39 @@ impl ProcessRuntime {
     }
 }
 
+/// Kills what a main process that exited left behind in its tree.
+fn reap_tree(cgroup_dir: Option<&Path>, pid: u32) {
+    if let Some(dir) = cgroup_dir {
+        let _ = cgroup::kill_all(dir);
+    } else if let Ok(pgid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    }
+}
+
+/// A pidfd for `pid` (Linux 5.3+): it becomes readable when that process exits, which is how
+/// the exit of a process that is not our child is noticed without polling.
+fn pidfd_open(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+}
+
+/// Resolves when `process` exits: on its pidfd when there is one, else by polling /proc.
+async fn wait_exit(process: ProcessId, pidfd: Option<std::os::fd::OwnedFd>) {
+    // `AsyncFd::new` is deprecated because a caller could close the fd while it is registered;
+    // here the AsyncFd owns the OwnedFd, so nothing else can (and its replacement is `unsafe`,
+    // which this crate forbids).
+    #[allow(deprecated)]
+    if let Some(fd) = pidfd
+        && let Ok(fd) = tokio::io::unix::AsyncFd::new(fd)
+    {
+        let _ = fd.readable().await;
+        return;
+    }
+    while process.is_alive() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until the main process has exited and the tree is empty.
 async fn wait_gone(inst: &Instance) {
     let mut exit = inst.exit.clone();
@@ -285,17 +318,24 @@ async fn wait_gone(inst: &Instance) {
 }
 
 impl Runtime for ProcessRuntime {
-    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<u32, RuntimeError>> {
+    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<ProcessId, RuntimeError>> {
         async move {
             let id = spec.deployment_id;
             let (pid, cgroup_dir, mut child) = self.spawn(&spec)?;
-            let (tx, rx) = watch::channel(None);
-            let inst = Arc::new(Instance {
+            // Read before anything can reap the child, so it names this process.
+            let process = ProcessId {
                 pid,
-                cgroup: cgroup_dir.clone(),
-                exit: rx,
-            });
-            self.instances().insert(id, inst);
+                start_time: super::process_start_time(pid),
+            };
+            let (tx, rx) = watch::channel(None);
+            self.instances().insert(
+                id,
+                Arc::new(Instance {
+                    pid,
+                    cgroup: cgroup_dir.clone(),
+                    exit: rx,
+                }),
+            );
             tokio::spawn(async move {
                 let exit = match child.wait().await {
                     Ok(status) => ExitInfo::from(status),
@@ -304,17 +344,50 @@ impl Runtime for ProcessRuntime {
                         ExitInfo::default()
                     }
                 };
-                // What the main process leaves behind dies with it.
-                if let Some(dir) = &cgroup_dir {
-                    let _ = cgroup::kill_all(dir);
-                } else if let Ok(pgid) = i32::try_from(pid) {
-                    let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-                }
+                reap_tree(cgroup_dir.as_deref(), pid);
                 let _ = tx.send(Some(exit));
             });
-            Ok(pid)
+            Ok(process)
         }
         .boxed()
+    }
+
+    fn adopt(&self, id: Uuid, process: ProcessId) -> bool {
+        // The pidfd first, then the identity check: if the check passes, the pidfd refers to
+        // the process that has this start time, even if the pid is reused right after.
+        let pidfd = pidfd_open(process.pid);
+        if !process.is_alive() {
+            return false;
+        }
+        let cgroup_dir = match &self.tracking {
+            TreeTracking::Cgroup { root, .. } => {
+                let dir = root.path(id);
+                if !cgroup::procs(&dir)
+                    .unwrap_or_default()
+                    .contains(&process.pid)
+                {
+                    return false;
+                }
+                Some(dir)
+            }
+            TreeTracking::ProcessGroup => None,
+        };
+        let (tx, rx) = watch::channel(None);
+        self.instances().insert(
+            id,
+            Arc::new(Instance {
+                pid: process.pid,
+                cgroup: cgroup_dir.clone(),
+                exit: rx,
+            }),
+        );
+        tokio::spawn(async move {
+            wait_exit(process, pidfd).await;
+            reap_tree(cgroup_dir.as_deref(), process.pid);
+            // Not our child: its exit status went to whoever reaped it.
+            let _ = tx.send(Some(ExitInfo::default()));
+        });
+        true
     }
 
     fn wait(&self, id: Uuid) -> BoxFuture<'_, Result<ExitInfo, RuntimeError>> {

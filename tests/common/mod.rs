@@ -55,6 +55,7 @@ pub struct AppOptions {
     pub edge: EdgeLimits,
     /// `None`: SQLite in the data directory.
     pub database_url: Option<String>,
+    pub exit_policy: switchboard::manager::ExitPolicy,
 }
 
 impl Default for AppOptions {
@@ -65,6 +66,7 @@ impl Default for AppOptions {
             proxy: ProxyConfig::default(),
             edge: EdgeLimits::default(),
             database_url: None,
+            exit_policy: switchboard::manager::ExitPolicy::Stop,
         }
     }
 }
@@ -100,6 +102,7 @@ impl TestApp {
             launcher: Some(switchboard_bin()),
             node_id: None,
             worker_threads: 1,
+            exit_policy: opts.exit_policy,
         };
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(switchboard::server::run(listener, config, async move {
@@ -255,15 +258,20 @@ impl TestApp {
 
     /// Polls a deployment until its status is `want`.
     pub async fn wait_status(&self, id: &str, want: &str) -> Value {
+        self.wait_record(id, want, |d| d["status"] == want).await
+    }
+
+    /// Polls a deployment's record until `pred` holds (`what` names the wait in the failure).
+    pub async fn wait_record(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let d = self.deployment(id).await;
-            if d["status"] == want {
+            if pred(&d) {
                 return d;
             }
             assert!(
                 Instant::now() < deadline,
-                "deployment never became {want}: {d}"
+                "deployment never became {what}: {d}"
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
