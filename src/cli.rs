@@ -73,6 +73,14 @@ pub enum Command {
     },
     /// Stop a deployment (an id or a unique prefix of one).
     Stop { id: String },
+    /// Check a deployment's health now and print the result.
+    Health { id: String },
+    /// Follow status and health transitions as they happen (Ctrl-C to stop).
+    Events {
+        /// Only this tool's events.
+        #[arg(long)]
+        tool: Option<String>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -291,14 +299,22 @@ fn age(d: &Deployment) -> String {
 
 fn print_deployments(ds: &[Deployment]) {
     let mut t = table(&[
-        "ID", "TOOL", "STATUS", "HEALTH", "PORT", "PID", "AGE", "ENDPOINT",
+        "ID", "TOOL", "STATUS", "HEALTH", "RESTARTS", "PORT", "PID", "AGE", "ENDPOINT",
     ]);
     for d in ds {
+        let status = match (d.status, d.next_restart_at) {
+            (crate::deployment::DeploymentStatus::Starting, Some(at)) => {
+                let wait = (at - Utc::now()).num_seconds().max(0);
+                format!("STARTING (restart in {wait}s)")
+            }
+            (s, _) => s.to_string(),
+        };
         t.add_row(vec![
             short(&d.id),
             d.tool_slug.clone(),
-            d.status.to_string(),
+            status,
             d.health_status.to_string(),
+            d.restart_count.to_string(),
             d.port.map(|p| p.to_string()).unwrap_or_default(),
             d.pid.map(|p| p.to_string()).unwrap_or_default(),
             age(d),
@@ -310,6 +326,9 @@ fn print_deployments(ds: &[Deployment]) {
 
 fn print_deployment(d: &Deployment) {
     print_deployments(std::slice::from_ref(d));
+    if let Some(e) = &d.last_exit {
+        println!("\nlast exit: {e}");
+    }
     if let Some(e) = &d.error {
         println!("\nerror: {e}");
     }
@@ -439,6 +458,75 @@ fn print_tool(t: &Tool) {
     }
 }
 
+/// Prints transitions from `GET /api/v1/events` until the server ends the stream.
+async fn follow_events(client: &Client, tool: Option<&str>, json: bool) -> anyhow::Result<()> {
+    use futures_util::StreamExt as _;
+    let mut url = format!("{}/api/v1/events", client.base);
+    if let Some(t) = tool {
+        url.push_str(&format!("?tool={t}"));
+    }
+    let mut req = client.http.get(&url);
+    if let Some(t) = &client.token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| anyhow!("cannot reach Switchboard at {}: {e}", client.base))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        bail!("HTTP {status}: {}", resp.text().await.unwrap_or_default());
+    }
+    if !json {
+        eprintln!("Following events (Ctrl-C to stop)...");
+    }
+    let mut body = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let mut event = String::new();
+    while let Some(chunk) = body.next().await {
+        buf.extend_from_slice(&chunk.context("the event stream broke")?);
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end_matches(['\r', '\n']);
+            if let Some(name) = line.strip_prefix("event:") {
+                event = name.trim().to_owned();
+            } else if let Some(data) = line.strip_prefix("data:") {
+                print_event(&event, data.trim(), json);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_event(event: &str, data: &str, json: bool) {
+    if event == "lagged" {
+        eprintln!("warning: missed {data} events (reading too slowly)");
+        return;
+    }
+    if json {
+        println!("{data}");
+        return;
+    }
+    let Ok(e) = serde_json::from_str::<crate::events::Event>(data) else {
+        println!("{data}");
+        return;
+    };
+    let kind = match e.kind {
+        crate::events::EventKind::Status => "status",
+        crate::events::EventKind::Health => "health",
+    };
+    let reason = e.reason.map(|r| format!("  ({r})")).unwrap_or_default();
+    println!(
+        "{}  {:<16} {}  {kind:<6} {} -> {}{reason}",
+        e.at.format("%H:%M:%S%.3f"),
+        e.tool,
+        short(&e.deployment),
+        e.from.as_deref().unwrap_or("-"),
+        e.to
+    );
+}
+
 /// Resolves a full id or a unique prefix of one (as `ps` prints them).
 async fn resolve_id(client: &Client, id: &str) -> anyhow::Result<String> {
     if uuid::Uuid::parse_str(id).is_ok() {
@@ -564,6 +652,40 @@ pub async fn run_client(command: Command, args: &ClientArgs) -> anyhow::Result<(
                 print_deployments(&ds);
             }
         }
+        Command::Health { id } => {
+            let id = resolve_id(&client, &id).await?;
+            let r = client
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/api/v1/deployments/{id}/health"),
+                    None,
+                )
+                .await?;
+            if args.json {
+                print_json(&r);
+            } else {
+                let field = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
+                println!("status:    {}", field("status"));
+                println!(
+                    "latency:   {:.1} ms",
+                    r.get("latency_ms").and_then(Value::as_f64).unwrap_or(0.0)
+                );
+                println!("era:       {}", field("era"));
+                println!("protocol:  {}", field("protocol_version"));
+                println!(
+                    "server:    {} {}",
+                    field("server_name"),
+                    field("server_version")
+                );
+                if let Some(e) = r.get("error").and_then(Value::as_str) {
+                    println!("error:     {e}");
+                }
+            }
+            if r.get("status").and_then(Value::as_str) != Some("HEALTHY") {
+                bail!("deployment {id} is not healthy");
+            }
+        }
+        Command::Events { tool } => follow_events(&client, tool.as_deref(), args.json).await?,
         Command::Stop { id } => {
             let id = resolve_id(&client, &id).await?;
             let (d, raw): (Deployment, _) = client

@@ -183,7 +183,7 @@ impl Manager {
         to: &str,
         reason: Option<String>,
     ) {
-        if from == Some(to) {
+        if kind == EventKind::Health && from == Some(to) {
             return;
         }
         self.events.publish(Event {
@@ -687,6 +687,8 @@ impl Manager {
                 if let Some(l) = live.get_mut(&id).filter(|l| !l.stopping) {
                     l.status.send_modify(|s| s.0 = DeploymentStatus::Running);
                     l.health = HealthStatus::Healthy;
+                    // A fresh process: what the breaker learned about the last one is moot.
+                    backend.reset_breaker();
                     self.routes.add_backend(&l.slug, Arc::clone(backend));
                 }
             }
@@ -860,15 +862,17 @@ impl Manager {
             Some(true) => {}
             _ => return false,
         }
-        if let Some(l) = self.live().get(&id) {
+        let from = self.live().get(&id).map(|l| {
+            let from = l.status.borrow().0;
             l.status
                 .send_modify(|s| *s = (DeploymentStatus::Starting, s.1 + 1));
-        }
+            from
+        });
         self.publish(
             EventKind::Status,
             id,
             &spec.slug,
-            None,
+            from.map(DeploymentStatus::as_str),
             DeploymentStatus::Starting.as_str(),
             Some(format!("restarting in {} ms: {why}", delay.as_millis())),
         );

@@ -388,6 +388,68 @@ fn a_stale_record_never_gets_an_unrelated_process_signalled() {
     let _ = bystander.wait();
 }
 
+#[test]
+fn health_and_events_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let sb = Serve::start(dir.path(), &[]);
+    sb.ok(&[
+        "tool",
+        "add",
+        "echo",
+        "--",
+        test_server_bin().to_str().unwrap(),
+        "--port",
+        "{port}",
+    ]);
+    let mut follower = Command::new(switchboard_bin())
+        .args(["--url", &sb.url, "events", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The follower subscribes asynchronously: deploy until it has seen a deployment run.
+    let mut ids = Vec::new();
+    let seen = 'outer: loop {
+        let d = sb.json(&["deploy", "echo", "--wait"]);
+        ids.push(d["id"].as_str().unwrap().to_owned());
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(2)) {
+            let e: Value = serde_json::from_str(&line).unwrap();
+            if e["to"] == "RUNNING" {
+                break 'outer e;
+            }
+        }
+        assert!(
+            ids.len() < 5,
+            "`switchboard events` printed no RUNNING transition"
+        );
+    };
+    assert!(
+        ids.contains(&seen["deployment"].as_str().unwrap().to_owned()),
+        "{seen}"
+    );
+    assert_eq!(seen["tool"], "echo");
+    let _ = follower.kill();
+    let _ = follower.wait();
+
+    let id = &ids[0];
+    let out = sb.ok(&["health", &id[..8]]);
+    assert!(out.contains("status:    HEALTHY"), "{out}");
+    assert!(out.contains("server:"), "{out}");
+    sb.ok(&["stop", id]);
+    let (ok, _, err) = sb.cli(&["health", id]);
+    assert!(!ok);
+    assert!(err.contains("not_live"), "{err}");
+}
+
 fn add_tree_tool(sb: &Serve, pids: &Path) {
     sb.ok(&[
         "tool",

@@ -393,3 +393,132 @@ async fn a_hung_server_turns_unhealthy_leaves_routing_and_is_restarted() {
     assert_eq!(r["health_status"], "HEALTHY", "{r}");
     app.stop().await;
 }
+
+/// Reads `transition` events from an open `GET /api/v1/events` until `until` holds for one.
+async fn events_until(
+    stream: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    seen: &mut Vec<serde_json::Value>,
+    until: impl Fn(&serde_json::Value) -> bool,
+) {
+    use futures_util::StreamExt as _;
+    let mut buf = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let chunk = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("the awaited event never came")
+            .unwrap()
+            .unwrap();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let frame: String = buf.drain(..end + 2).collect();
+            if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data:")) {
+                let v: serde_json::Value = serde_json::from_str(data.trim()).unwrap();
+                let done = until(&v);
+                seen.push(v);
+                if done {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn events_stream_every_transition_and_health_checks_run_on_demand() {
+    let app = TestApp::start().await;
+    app.add_test_tool("ev", &[], json!({})).await;
+    app.add_test_tool("other", &[], json!({})).await;
+    let resp = reqwest::Client::new()
+        .get(format!("{}/api/v1/events?tool=ev", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut stream = Box::pin(resp.bytes_stream());
+    app.deploy_wait("other").await;
+    let d = app.deploy_wait("ev").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+
+    // On demand: the real MCP probe's findings.
+    let (st, h) = app
+        .call("POST", &format!("/api/v1/deployments/{id}/health"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{h}");
+    assert_eq!(h["status"], "HEALTHY", "{h}");
+    assert!(h["era"].is_string(), "{h}");
+    assert!(h["protocol_version"].is_string(), "{h}");
+    assert!(h["server_name"].is_string(), "{h}");
+    assert!(h["latency_ms"].as_f64().unwrap() > 0.0, "{h}");
+
+    let pid = d["pid"].as_u64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    // Two RUNNINGs: the deploy's, then the restart's.
+    let runnings = std::cell::Cell::new(0);
+    events_until(&mut stream, &mut seen, |e| {
+        if e["to"] == "RUNNING" {
+            runnings.set(runnings.get() + 1);
+        }
+        runnings.get() == 2
+    })
+    .await;
+    app.stop_deployment(&id).await;
+    events_until(&mut stream, &mut seen, |e| e["to"] == "STOPPED").await;
+    let path: Vec<String> = seen
+        .iter()
+        .filter(|e| e["kind"] == "status")
+        .map(|e| {
+            format!(
+                "{}>{}",
+                e["from"].as_str().unwrap_or("-"),
+                e["to"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        path,
+        [
+            "->STARTING",
+            "STARTING>RUNNING",
+            "RUNNING>STARTING",
+            "STARTING>RUNNING",
+            "RUNNING>STOPPED"
+        ],
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|e| e["tool"] == "ev" && e["deployment"] == id.as_str()),
+        "{seen:?}"
+    );
+    let restart = &seen[2];
+    assert!(
+        restart["reason"].as_str().unwrap().contains("SIGKILL"),
+        "{restart}"
+    );
+
+    // A stopped deployment cannot be checked; an unknown one does not exist.
+    let (st, e) = app
+        .call("POST", &format!("/api/v1/deployments/{id}/health"), None)
+        .await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("not_live"))
+    );
+    let (st, e) = app
+        .call("POST", "/api/v1/deployments/nope/health", None)
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{e}");
+    app.stop().await;
+}

@@ -558,3 +558,68 @@ async fn an_upstream_that_refuses_connections_is_a_502() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn a_failing_replica_is_ejected_from_balancing() {
+    use std::sync::Arc;
+    use switchboard::proxy::{
+        Proxy,
+        routes::{Backend, EJECT_AFTER, RouteTable},
+    };
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    // A real server on one port; nothing on the other.
+    let live = free_port();
+    let dead = free_port();
+    let mut server = std::process::Command::new(common::test_server_bin())
+        .args(["--port", &live.to_string()])
+        .spawn()
+        .unwrap();
+    common::eventually(Duration::from_secs(20), || async move {
+        client()
+            .get(format!("http://127.0.0.1:{live}/stats"))
+            .send()
+            .await
+            .is_ok()
+    })
+    .await;
+    let routes = Arc::new(RouteTable::new());
+    routes.add_tool("t");
+    for port in [live, dead] {
+        routes.add_backend(
+            "t",
+            Arc::new(Backend::new(
+                uuid::Uuid::new_v4(),
+                format!("127.0.0.1:{port}").parse().unwrap(),
+                "/mcp".into(),
+            )),
+        );
+    }
+    let proxy = Proxy::new(routes, ProxyConfig::default());
+    let mut failures = 0;
+    for _ in 0..200 {
+        let req = axum::http::Request::get("/mcp/t/stats")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = proxy.handle(req, None).await;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::BAD_GATEWAY => failures += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    // Without the breaker about half of 200 requests would fail; with it, the failures that
+    // trip it and at most a half-open trial now and then.
+    assert!(failures >= EJECT_AFTER, "{failures}");
+    assert!(
+        failures <= 25,
+        "{failures} requests still went to the dead replica"
+    );
+}

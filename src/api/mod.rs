@@ -12,6 +12,8 @@
 //! GET    /api/v1/deployments                    list (?tool=SLUG&status=RUNNING,STARTING&node=ID&limit=N&offset=M)
 //! GET    /api/v1/deployments/{id}               one deployment
 //! POST   /api/v1/deployments/{id}/stop          stop (idempotent)
+//! POST   /api/v1/deployments/{id}/health        run a health check now
+//! GET    /api/v1/events                         status and health transitions (SSE; ?tool=SLUG)
 //! ANY    /mcp/{slug}[/{rest}]                   MCP traffic, proxied to a live deployment
 //! ```
 //!
@@ -40,6 +42,8 @@ use uuid::Uuid;
 use self::error::{ApiError, Body, ErrorBody, Query};
 use crate::{
     deployment::{Deployment, DeploymentStatus},
+    events::Event,
+    health::HealthCheckResult,
     manager::Manager,
     proxy::Proxy,
     registry::{Tool, ToolSpec},
@@ -89,6 +93,8 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(list_deployments))
         .routes(routes!(get_deployment))
         .routes(routes!(stop_deployment))
+        .routes(routes!(check_health))
+        .routes(routes!(events))
         .split_for_parts();
     let doc = Arc::new(doc);
     let api = api
@@ -366,4 +372,55 @@ async fn stop_deployment(
     Path(id): Path<String>,
 ) -> Result<Json<Deployment>, ApiError> {
     Ok(Json(s.manager.stop(parse_id(&id)?).await?))
+}
+
+/// The check runs outside the deployment's schedule and does not count toward its thresholds.
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/health", tag = "deployments",
+    params(("id" = String, Path)),
+    responses((status = 200, body = HealthCheckResult), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
+async fn check_health(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<HealthCheckResult>, ApiError> {
+    Ok(Json(s.manager.check_now(parse_id(&id)?).await?))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct EventParams {
+    /// Only this tool's events.
+    tool: Option<String>,
+}
+
+/// A server-sent event stream: one `transition` event (JSON [`Event`]) per status or health
+/// change, as it happens; a `lagged` event (data: how many were missed) if this client reads
+/// too slowly; a comment every 15 s so idle proxies keep the stream open.
+#[utoipa::path(get, path = "/api/v1/events", tag = "events", params(EventParams),
+    responses((status = 200, content_type = "text/event-stream", body = Event)))]
+async fn events(
+    State(s): State<AppState>,
+    Query(p): Query<EventParams>,
+) -> axum::response::sse::Sse<
+    impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event as Sse, KeepAlive};
+    use tokio::sync::broadcast::error::RecvError;
+    let rx = s.manager.events().subscribe();
+    let stream = futures_util::stream::unfold((rx, p.tool), |(mut rx, tool)| async move {
+        loop {
+            let item = match rx.recv().await {
+                Ok(ev) if tool.as_ref().is_some_and(|t| *t != ev.tool) => continue,
+                Ok(ev) => Sse::default()
+                    .event("transition")
+                    .json_data(&ev)
+                    .unwrap_or_else(|_| Sse::default().comment("unencodable event")),
+                Err(RecvError::Lagged(n)) => Sse::default().event("lagged").data(n.to_string()),
+                Err(RecvError::Closed) => return None,
+            };
+            return Some((Ok(item), (rx, tool)));
+        }
+    });
+    axum::response::sse::Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
 }

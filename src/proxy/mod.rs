@@ -236,10 +236,17 @@ impl Proxy {
             None => match tool.pick() {
                 Some(b) => Arc::clone(b),
                 None => {
+                    let msg = match tool.backends.len() {
+                        0 => format!("tool '{slug}' has no running deployment"),
+                        n => format!(
+                            "all {n} deployment(s) of tool '{slug}' are failing requests and are \
+                             ejected for now"
+                        ),
+                    };
                     let mut r = error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "no_healthy_deployment",
-                        format!("tool '{slug}' has no running deployment"),
+                        msg,
                     );
                     r.headers_mut()
                         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -346,6 +353,7 @@ impl Proxy {
         .await
         {
             Err(_) => {
+                self.record_failure(&backend);
                 return error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream_timeout",
@@ -356,7 +364,14 @@ impl Proxy {
                 );
             }
             Ok(Err(e)) => return self.upstream_error(e, &backend),
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => {
+                if r.status().is_server_error() {
+                    self.record_failure(&backend);
+                } else {
+                    backend.record(true);
+                }
+                r
+            }
         };
 
         let (mut rparts, rbody) = resp.into_parts();
@@ -412,6 +427,16 @@ impl Proxy {
         Response::from_parts(rparts, body)
     }
 
+    fn record_failure(&self, backend: &Backend) {
+        if backend.record(false) {
+            tracing::warn!(
+                deployment = %backend.deployment,
+                failures = routes::EJECT_AFTER,
+                "Deployment failing requests; ejected from balancing for now"
+            );
+        }
+    }
+
     fn upstream_error(&self, e: hyper_util::client::legacy::Error, backend: &Backend) -> Response {
         let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = src {
@@ -420,6 +445,7 @@ impl Proxy {
             }
             src = s.source();
         }
+        self.record_failure(backend);
         if e.is_connect() {
             return error(
                 StatusCode::BAD_GATEWAY,

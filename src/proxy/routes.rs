@@ -8,9 +8,10 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicU32, Ordering},
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
@@ -27,6 +28,81 @@ pub struct Backend {
     pub endpoint_path: String,
     /// Requests in flight (including open streams), for least-outstanding balancing.
     outstanding: AtomicU32,
+    breaker: Breaker,
+}
+
+/// Consecutive failures (connect errors, timeouts, 5xx) that take a backend out of balancing.
+pub const EJECT_AFTER: u32 = 5;
+const FIRST_EJECTION: Duration = Duration::from_secs(1);
+const MAX_EJECTION: Duration = Duration::from_secs(30);
+
+/// Passive health: a circuit breaker per backend. Closed, it admits everything; after
+/// [`EJECT_AFTER`] consecutive failures it opens for an ejection time (1 s, doubling per trip
+/// up to 30 s); then it is half-open: one request is let through, and its outcome closes the
+/// breaker or opens it again for longer. Active health checks (the manager's) are separate and
+/// slower; this reacts within a few requests. The hot path costs one relaxed load when closed.
+#[derive(Debug, Default)]
+struct Breaker {
+    failures: AtomicU32,
+    /// Milliseconds after [`epoch`] until which the breaker is open; 0 when closed.
+    open_until: AtomicU64,
+    /// Trips since it last closed, for the ejection time.
+    trips: AtomicU32,
+    /// A half-open trial request is out.
+    trial: AtomicBool,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Breaker {
+    fn admits(&self, now: impl FnOnce() -> u64) -> bool {
+        let until = self.open_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        now() >= until && !self.trial.swap(true, Ordering::AcqRel)
+    }
+
+    /// Returns true when this outcome opened the breaker.
+    fn record(&self, ok: bool, now: impl FnOnce() -> u64) -> bool {
+        if ok {
+            if self.failures.load(Ordering::Relaxed) != 0 {
+                self.failures.store(0, Ordering::Relaxed);
+            }
+            if self.open_until.load(Ordering::Relaxed) != 0 {
+                self.reset();
+            }
+            return false;
+        }
+        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        let half_open_trial_failed = self.trial.load(Ordering::Acquire);
+        if failures < EJECT_AFTER && !half_open_trial_failed {
+            return false;
+        }
+        let trips = self.trips.fetch_add(1, Ordering::AcqRel);
+        let ejection = FIRST_EJECTION
+            .saturating_mul(1u32.checked_shl(trips).unwrap_or(u32::MAX))
+            .min(MAX_EJECTION);
+        let until = now().saturating_add(u64::try_from(ejection.as_millis()).unwrap_or(u64::MAX));
+        self.open_until.store(until.max(1), Ordering::Release);
+        self.failures.store(0, Ordering::Relaxed);
+        self.trial.store(false, Ordering::Release);
+        true
+    }
+
+    fn reset(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        self.trips.store(0, Ordering::Relaxed);
+        self.open_until.store(0, Ordering::Release);
+        self.trial.store(false, Ordering::Release);
+    }
 }
 
 impl Backend {
@@ -36,7 +112,25 @@ impl Backend {
             authority,
             endpoint_path,
             outstanding: AtomicU32::new(0),
+            breaker: Breaker::default(),
         }
+    }
+
+    /// Whether balancing may send this backend a request now (its breaker is closed, or
+    /// half-open and this is the trial request).
+    pub fn admits(&self) -> bool {
+        self.breaker.admits(now_ms)
+    }
+
+    /// Feeds the breaker a request's outcome (`ok`: the upstream answered with a status below
+    /// 500). Returns true when this failure took the backend out of balancing.
+    pub fn record(&self, ok: bool) -> bool {
+        self.breaker.record(ok, now_ms)
+    }
+
+    /// Closes the breaker (a fresh process behind the backend).
+    pub fn reset_breaker(&self) {
+        self.breaker.reset();
     }
 
     pub fn outstanding(&self) -> u32 {
@@ -74,10 +168,11 @@ impl ToolRoutes {
     /// Power of two choices on outstanding requests: two random backends, take the less busy.
     /// It spreads load nearly as well as a global least-loaded scan, needs no lock or shared
     /// queue, and avoids the herd a strict least-loaded pick sends to a newly started replica.
+    /// A backend whose breaker is open is skipped; `None` when no backend admits a request.
     pub fn pick(&self) -> Option<&Arc<Backend>> {
-        match self.backends.len() {
-            0 => None,
-            1 => self.backends.first(),
+        let chosen = match self.backends.len() {
+            0 => return None,
+            1 => &self.backends[0],
             n => {
                 let a = fastrand::usize(..n);
                 let mut b = fastrand::usize(..n - 1);
@@ -85,13 +180,20 @@ impl ToolRoutes {
                     b += 1;
                 }
                 let (x, y) = (&self.backends[a], &self.backends[b]);
-                Some(if y.outstanding() < x.outstanding() {
+                if y.outstanding() < x.outstanding() {
                     y
                 } else {
                     x
-                })
+                }
             }
+        };
+        if chosen.admits() {
+            return Some(chosen);
         }
+        self.backends
+            .iter()
+            .filter(|b| b.deployment != chosen.deployment)
+            .find(|b| b.admits())
     }
 }
 
@@ -154,5 +256,81 @@ impl RouteTable {
                 m.insert(slug.to_owned(), Arc::new(ToolRoutes { backends }));
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The breaker with an injected clock: no waiting.
+    #[test]
+    fn breaker_opens_after_consecutive_failures_then_half_opens_and_backs_off() {
+        let b = Breaker::default();
+        for _ in 0..EJECT_AFTER - 1 {
+            assert!(!b.record(false, || 0));
+        }
+        assert!(b.admits(|| 0), "still closed below the threshold");
+        // A success in between resets the count.
+        b.record(true, || 0);
+        for _ in 0..EJECT_AFTER - 1 {
+            b.record(false, || 0);
+        }
+        assert!(
+            b.record(false, || 1_000),
+            "the fifth failure in a row opens it"
+        );
+        assert!(!b.admits(|| 1_500), "open for 1 s");
+        assert!(b.admits(|| 2_000), "half-open: one trial");
+        assert!(!b.admits(|| 2_001), "only one trial at a time");
+        // The trial fails: open again, for twice as long.
+        assert!(b.record(false, || 2_010));
+        assert!(!b.admits(|| 3_500));
+        assert!(b.admits(|| 4_010));
+        // The trial succeeds: closed.
+        b.record(true, || 4_020);
+        assert!(b.admits(|| 4_021));
+        assert!(b.admits(|| 4_022));
+    }
+
+    #[test]
+    fn ejection_is_capped() {
+        let b = Breaker::default();
+        let mut now = 0;
+        for _ in 0..20 {
+            for _ in 0..EJECT_AFTER {
+                b.record(false, || now);
+            }
+            let until = b.open_until.load(Ordering::Relaxed);
+            assert!(until - now <= 30_000, "{}", until - now);
+            now = until;
+            assert!(b.admits(|| now));
+        }
+    }
+
+    #[test]
+    fn pick_skips_open_backends_and_gives_none_when_all_are_open() {
+        let mk = || {
+            Arc::new(Backend::new(
+                Uuid::new_v4(),
+                "127.0.0.1:1".parse().unwrap(),
+                "/mcp".into(),
+            ))
+        };
+        let routes = ToolRoutes {
+            backends: vec![mk(), mk(), mk()],
+        };
+        for _ in 0..EJECT_AFTER {
+            routes.backends[0].record(false);
+            routes.backends[1].record(false);
+        }
+        for _ in 0..50 {
+            let b = routes.pick().unwrap();
+            assert_eq!(b.deployment, routes.backends[2].deployment);
+        }
+        for _ in 0..EJECT_AFTER {
+            routes.backends[2].record(false);
+        }
+        assert!(routes.pick().is_none());
     }
 }
