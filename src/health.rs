@@ -501,6 +501,13 @@ async fn read_sse_response(
                 && (id.is_none() || msg.get("id") == id)
                 && (msg.get("result").is_some() || msg.get("error").is_some())
             {
+                // A stateless server ends the stream right after the response: read to the
+                // end (briefly) so the connection goes back to the pool instead of being
+                // dropped and reconnected for every probe.
+                let _ = tokio::time::timeout(Duration::from_millis(20), async {
+                    while let Some(Ok(_)) = stream.next().await {}
+                })
+                .await;
                 return Ok(Some(msg));
             }
             buf = rest.to_vec();

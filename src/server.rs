@@ -99,6 +99,7 @@ pub async fn run(
     let proxy = Arc::new(Proxy::new(routes, config.proxy.clone()));
 
     manager.set_exit_policy(config.exit_policy);
+    manager.start_background();
     let r = manager
         .reconcile(|| runtime.sweep_orphans(&|_| false))
         .await

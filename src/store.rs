@@ -616,6 +616,35 @@ impl Store {
         Ok(affected == 1)
     }
 
+    /// Records many health checks in one transaction (one commit, so one fsync, for a whole
+    /// round of checks instead of one per check).
+    pub async fn set_health_many(
+        &self,
+        checks: &[(Uuid, HealthStatus, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
+        if checks.is_empty() {
+            return Ok(());
+        }
+        let now = now();
+        on_pool!(self, pool, sql => {
+            let mut tx = pool.begin().await?;
+            for (id, health, at) in checks {
+                sqlx::query(sql(
+                    "UPDATE deployments SET health_status = ?, last_health_check = ?, \
+                     updated_at = ? WHERE id = ? AND status = 'RUNNING'",
+                ))
+                .bind(health.as_str())
+                .bind(*at)
+                .bind(now)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
     /// Records a health check's outcome on a live deployment.
     pub async fn set_health(
         &self,

@@ -318,7 +318,8 @@ fn what_died_while_switchboard_was_down_is_restarted_and_its_leftovers_killed() 
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let rec = loop {
         let rec = record(&sb, &id);
-        if rec["status"] == "RUNNING" || std::time::Instant::now() > deadline {
+        let restarted = rec["status"] == "RUNNING" && rec["restart_count"] == 1;
+        if restarted || std::time::Instant::now() > deadline {
             break rec;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -372,7 +373,8 @@ fn a_stale_record_never_gets_an_unrelated_process_signalled() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let rec = loop {
         let rec = record(&sb, &id);
-        if rec["status"] == "RUNNING" || std::time::Instant::now() > deadline {
+        let restarted = rec["status"] == "RUNNING" && rec["restart_count"] == 1;
+        if restarted || std::time::Instant::now() > deadline {
             break rec;
         }
         std::thread::sleep(Duration::from_millis(50));
