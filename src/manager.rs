@@ -725,7 +725,7 @@ impl Manager {
             let deadline = Instant::now() + startup;
             let ready = tokio::select! {
                 e = &mut exit => return Ending::Exited(e.unwrap_or_default()),
-                r = self.wait_ready(url, deadline) => r,
+                r = self.wait_ready(url, spec, deadline) => r,
             };
             if let Err(last) = ready {
                 return Ending::NotReady(format!(
@@ -861,10 +861,7 @@ impl Manager {
 
     /// One health check of a deployment's server, as its tool's settings say.
     async fn check(&self, url: &str, spec: &ToolSpec) -> HealthCheckResult {
-        let plain = spec.health.http_path.as_ref().map(|p| {
-            let base = url.strip_suffix(spec.endpoint_path.as_str()).unwrap_or(url);
-            format!("{base}{p}")
-        });
+        let plain = self.plain_health_url(url, spec);
         self.prober
             .check_within(
                 url,
@@ -872,6 +869,14 @@ impl Manager {
                 Duration::from_millis(spec.health.timeout_ms),
             )
             .await
+    }
+
+    /// The tool's plain HTTP health URL on the same server, when it names one.
+    fn plain_health_url(&self, url: &str, spec: &ToolSpec) -> Option<String> {
+        spec.health.http_path.as_ref().map(|p| {
+            let base = url.strip_suffix(spec.endpoint_path.as_str()).unwrap_or(url);
+            format!("{base}{p}")
+        })
     }
 
     /// Runs a health check of a live deployment now (outside its schedule).
@@ -953,8 +958,15 @@ impl Manager {
         true
     }
 
-    /// Probes until the server answers or the deadline passes; the error is the last failure.
-    async fn wait_ready(&self, url: &str, deadline: Instant) -> Result<(), String> {
+    /// Probes (as the tool's health settings say: MCP, or its plain HTTP path) until the
+    /// server answers or the deadline passes; the error is the last failure.
+    async fn wait_ready(
+        &self,
+        url: &str,
+        spec: &ToolSpec,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        let plain = self.plain_health_url(url, spec);
         let mut delay = Duration::from_millis(5);
         let mut last = String::from("no probe completed");
         loop {
@@ -962,7 +974,10 @@ impl Manager {
             if remaining.is_zero() {
                 return Err(last);
             }
-            let r = self.prober.check(url, remaining.min(PROBE_TIMEOUT)).await;
+            let r = self
+                .prober
+                .check_within(url, plain.as_deref(), remaining.min(PROBE_TIMEOUT))
+                .await;
             if r.status == HealthStatus::Healthy {
                 return Ok(());
             }

@@ -452,6 +452,48 @@ fn health_and_events_through_the_cli() {
     assert!(err.contains("not_live"), "{err}");
 }
 
+#[test]
+fn on_exit_keep_leaves_deployments_running_for_the_next_start_and_stop_is_the_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("tree.pids");
+    let mut sb = Serve::start(dir.path(), &["--on-exit", "keep"]);
+    add_tree_tool(&sb, &pids);
+    let d = sb.json(&["deploy", "tree", "--wait"]);
+    let id = d["id"].as_str().unwrap().to_owned();
+    sb.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(sb.wait().success());
+    assert!(
+        sb.all_log().contains("Leaving deployments running"),
+        "the exit policy is logged"
+    );
+    let tree = read_pids(&pids);
+    assert_eq!(tree.len(), 2);
+    for pid in &tree {
+        assert!(alive(*pid), "{pid} was stopped although on_exit = keep");
+    }
+    // Not dropped: a Serve's drop kills its node's trees, and they must live on here.
+    std::mem::forget(sb);
+
+    // The next start (default policy: stop) adopts them...
+    let mut sb = Serve::start(dir.path(), &[]);
+    let rec = record(&sb, &id);
+    assert_eq!(rec["status"], "RUNNING", "{rec}");
+    assert_eq!(rec["pid"].as_u64(), Some(u64::from(tree[0])), "{rec}");
+    // ...and stops them when it exits.
+    sb.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(sb.wait().success());
+    for pid in &tree {
+        assert!(
+            !alive(*pid),
+            "{pid} outlived a graceful exit with on_exit = stop"
+        );
+    }
+    drop(sb);
+    let sb = Serve::start(dir.path(), &[]);
+    let rec = record(&sb, &id);
+    assert_eq!(rec["status"], "STOPPED", "{rec}");
+}
+
 fn add_tree_tool(sb: &Serve, pids: &Path) {
     sb.ok(&[
         "tool",

@@ -522,3 +522,47 @@ async fn events_stream_every_transition_and_health_checks_run_on_demand() {
     assert_eq!(st, StatusCode::NOT_FOUND, "{e}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_plain_http_health_path_replaces_the_mcp_probe() {
+    let app = TestApp::start().await;
+    // The test server's /stats answers a plain GET.
+    app.add_test_tool(
+        "plain",
+        &[],
+        json!({"health": {"http_path": "/stats", "interval_ms": 200, "timeout_ms": 150}}),
+    )
+    .await;
+    let d = app.deploy_wait("plain").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let id = d["id"].as_str().unwrap();
+    let (st, h) = app
+        .call("POST", &format!("/api/v1/deployments/{id}/health"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{h}");
+    assert_eq!(h["status"], "HEALTHY", "{h}");
+    assert!(h["era"].is_null(), "a plain check speaks no MCP: {h}");
+
+    // A path the server does not have: never ready, and the reason says what was asked.
+    app.add_test_tool(
+        "wrongpath",
+        &[],
+        json!({"health": {"http_path": "/nope"}, "startup_timeout_ms": 1000,
+               "restart": {"policy": "never"}}),
+    )
+    .await;
+    let d = app.deploy_wait("wrongpath").await;
+    assert_eq!(d["status"], "FAILED", "{d}");
+    assert!(
+        d["error"]
+            .as_str()
+            .unwrap()
+            .contains("GET http://127.0.0.1:"),
+        "{d}"
+    );
+    assert!(
+        d["error"].as_str().unwrap().contains("/nope answered 404"),
+        "{d}"
+    );
+    app.stop().await;
+}

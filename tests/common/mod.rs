@@ -46,6 +46,9 @@ pub struct TestApp {
     pub data_dir: tempfile::TempDir,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The server's own runtime: dropping it ends every task of that Switchboard (server,
+    /// supervisors, exit watchers) at once, which is what `crash` needs to be a real crash.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 pub struct AppOptions {
@@ -83,7 +86,8 @@ impl TestApp {
 
     /// Starts on an existing data directory (to test what survives a restart).
     pub async fn start_in(data_dir: tempfile::TempDir, opts: AppOptions) -> TestApp {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let config = Config {
             listen: listener.local_addr().unwrap(),
@@ -105,9 +109,18 @@ impl TestApp {
             exit_policy: opts.exit_policy,
         };
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(switchboard::server::run(listener, config, async move {
-            let _ = rx.await;
-        }));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            switchboard::server::run(listener, config, async move {
+                let _ = rx.await;
+            })
+            .await
+        });
         let mut http = reqwest::Client::builder().no_proxy();
         if let Some(t) = &opts.token {
             let mut h = reqwest::header::HeaderMap::new();
@@ -123,6 +136,7 @@ impl TestApp {
             data_dir,
             shutdown: Some(tx),
             handle: Some(handle),
+            runtime: Some(runtime),
         };
         app.wait_until_up().await;
         app
@@ -150,9 +164,10 @@ impl TestApp {
     /// (until a Switchboard on this data directory starts again). Returns the data directory.
     pub async fn crash(mut self) -> tempfile::TempDir {
         self.shutdown.take();
-        if let Some(h) = self.handle.take() {
-            h.abort();
-            let _ = h.await;
+        self.handle.take();
+        // Every task of that Switchboard goes, as with SIGKILL; its children keep running.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
         let dir = tempfile::tempdir().unwrap();
         std::mem::replace(&mut self.data_dir, dir)
@@ -164,6 +179,9 @@ impl TestApp {
         }
         if let Some(h) = self.handle.take() {
             h.await.unwrap().unwrap();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
     }
 
@@ -286,6 +304,9 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
         // A test that ends without `stop()` drops the server mid-flight, like a crash: its
         // deployments would outlive the test. Kill them the way the next start would.
