@@ -163,12 +163,12 @@ impl TestApp {
     /// Ends the server abruptly, like SIGKILL: no graceful stop, deployments keep running
     /// (until a Switchboard on this data directory starts again). Returns the data directory.
     pub async fn crash(mut self) -> tempfile::TempDir {
-        self.shutdown.take();
-        self.handle.take();
         // Every task of that Switchboard goes, as with SIGKILL; its children keep running.
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
+        // The shutdown sender is dropped only afterwards: dropping it first would start a
+        // graceful shutdown, which stops the deployments.
+        self.handle.take();
+        self.end_runtime().await;
+        self.shutdown.take();
         let dir = tempfile::tempdir().unwrap();
         std::mem::replace(&mut self.data_dir, dir)
     }
@@ -180,8 +180,16 @@ impl TestApp {
         if let Some(h) = self.handle.take() {
             h.await.unwrap().unwrap();
         }
+        self.end_runtime().await;
+    }
+
+    /// Drops the server's runtime and waits until its tasks are gone (so the data directory's
+    /// lock and the store's connections are released before anything starts on it again).
+    async fn end_runtime(&mut self) {
         if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+            tokio::task::spawn_blocking(move || rt.shutdown_timeout(Duration::from_secs(30)))
+                .await
+                .unwrap();
         }
     }
 
