@@ -150,6 +150,8 @@ pub struct ServerSection {
     pub worker_threads: Option<usize>,
     /// What happens to running deployments when Switchboard exits: `stop` (default) or `keep`.
     pub on_exit: Option<ExitPolicy>,
+    /// Serve Prometheus metrics at /metrics and count requests (default true).
+    pub metrics: Option<bool>,
     /// This node's id, when several Switchboards share one database; default: one generated
     /// once and kept in the data directory.
     pub node_id: Option<String>,
@@ -199,6 +201,8 @@ pub struct Config {
     pub worker_threads: usize,
     /// Stop deployments at exit, or keep them running for the next start to adopt.
     pub exit_policy: ExitPolicy,
+    /// Count requests, checks and restarts and serve them at `GET /metrics`.
+    pub metrics: bool,
 }
 
 /// One per CPU this process may use (tokio's own default).
@@ -325,6 +329,7 @@ impl Config {
             node_id,
             worker_threads,
             exit_policy: o.on_exit.or(file.server.on_exit).unwrap_or_default(),
+            metrics: file.server.metrics.unwrap_or(true),
             database_url,
             data_dir,
             port_range: o.port_range.or(file.ports.range).unwrap_or_default(),

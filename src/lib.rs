@@ -7,6 +7,7 @@ pub mod deployment;
 pub mod events;
 pub mod health;
 pub mod manager;
+pub mod metrics;
 pub mod ports;
 pub mod proxy;
 pub mod registry;

@@ -34,6 +34,7 @@ use crate::{
     deployment::{Deployment, DeploymentStatus, Desired, ExitInfo, HealthStatus},
     events::{Event, EventKind, Events},
     health::{HealthCheckResult, Prober},
+    metrics::Metrics,
     ports::{PortAllocator, PortsExhausted},
     proxy::routes::{Backend, RouteTable},
     registry::{SpecError, Tool, ToolSpec},
@@ -123,6 +124,8 @@ pub struct Manager {
     events: Events,
     exit_policy: Mutex<ExitPolicy>,
     health_log: HealthLog,
+    /// `None` when metrics are off.
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// Unchanged health-check results, written to the store in batches: with 1,000 deployments
@@ -201,6 +204,7 @@ impl Manager {
         prober: Prober,
         routes: Arc<RouteTable>,
         node_id: String,
+        metrics: Option<Arc<Metrics>>,
     ) -> Arc<Manager> {
         Arc::new_cyclic(|me| Manager {
             me: me.clone(),
@@ -217,7 +221,63 @@ impl Manager {
             events: Events::default(),
             exit_policy: Mutex::new(ExitPolicy::default()),
             health_log: HealthLog::new(),
+            metrics,
         })
+    }
+
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.metrics.as_ref()
+    }
+
+    /// Refreshes the scrape-time gauges: statuses, in-flight requests and streams, the
+    /// processes' CPU and memory, ports, and Switchboard's own process.
+    pub fn refresh_metrics(&self) {
+        let Some(m) = &self.metrics else { return };
+        m.clear_snapshot();
+        let live: Vec<(Uuid, String, DeploymentStatus)> = self
+            .live()
+            .iter()
+            .map(|(id, l)| (*id, l.slug.clone(), l.status.borrow().0))
+            .collect();
+        for (id, slug, status) in &live {
+            m.deployments
+                .get_or_create(&crate::metrics::StatusLabels {
+                    tool: slug.clone(),
+                    status: status.as_str(),
+                })
+                .inc();
+            if let Some(info) = self.runtime.inspect(*id) {
+                let (cpu, rss) = crate::metrics::process_usage(&info.tree);
+                let labels = crate::metrics::DeploymentLabels {
+                    tool: slug.clone(),
+                    deployment: id.to_string(),
+                };
+                m.process_cpu.get_or_create(&labels).set(cpu);
+                m.process_memory
+                    .get_or_create(&labels)
+                    .set(i64::try_from(rss).unwrap_or(i64::MAX));
+            }
+        }
+        for (slug, b) in self.routes.all_backends() {
+            let labels = crate::metrics::DeploymentLabels {
+                tool: slug,
+                deployment: b.deployment.to_string(),
+            };
+            m.in_flight
+                .get_or_create(&labels)
+                .set(i64::from(b.outstanding()));
+            m.open_streams
+                .get_or_create(&labels)
+                .set(i64::from(b.open_streams()));
+        }
+        let used = self.ports.in_use().len();
+        let total = self.ports.range().len();
+        m.ports_in_use.set(i64::try_from(used).unwrap_or(0));
+        m.ports_free
+            .set(i64::try_from(total.saturating_sub(used)).unwrap_or(0));
+        let (cpu, rss) = crate::metrics::process_usage(&[std::process::id()]);
+        m.own_cpu.set(cpu);
+        m.own_memory.set(i64::try_from(rss).unwrap_or(i64::MAX));
     }
 
     /// Starts the background writer of batched health results (needs a runtime, so it is
@@ -612,7 +672,11 @@ impl Manager {
         let authority =
             http::uri::Authority::try_from(format!("{}:{port}", self.advertise_host))
                 .map_err(|e| ManagerError::Internal(format!("bad upstream authority: {e}")))?;
-        Ok(Backend::new(d.id, authority, spec.endpoint_path.clone()))
+        let backend = Backend::new(d.id, authority, spec.endpoint_path.clone());
+        Ok(match &self.metrics {
+            Some(m) => backend.with_metrics(m.backend(&spec.slug, &d.id.to_string())),
+            None => backend,
+        })
     }
 
     fn insert_live(
@@ -797,6 +861,9 @@ impl Manager {
             ticks.tick().await;
             let r = self.check(url, spec).await;
             let healthy = r.status == HealthStatus::Healthy;
+            if let Some(m) = &self.metrics {
+                m.health_check(&spec.slug, &id.to_string(), healthy, r.latency_ms / 1000.0);
+            }
             if healthy {
                 fails = 0;
                 oks = oks.saturating_add(1);
@@ -932,6 +999,9 @@ impl Manager {
         {
             Some(true) => {}
             _ => return false,
+        }
+        if let Some(m) = &self.metrics {
+            m.restart(&spec.slug, &id.to_string());
         }
         let from = self.live().get(&id).map(|l| {
             let from = l.status.borrow().0;

@@ -50,7 +50,7 @@ pub enum RestartPolicy {
 pub struct HealthSpec {
     /// Time between checks.
     pub interval_ms: u64,
-    /// A check that takes longer fails.
+    /// A check that takes longer fails (default 5 s, or the interval when that is shorter).
     pub timeout_ms: u64,
     /// Consecutive failed checks that make a deployment UNHEALTHY (it leaves routing, and is
     /// restarted as the restart policy says).
@@ -288,6 +288,10 @@ impl ToolSpec {
                 "replicas",
                 format!("must be between 1 and {MAX_REPLICAS}"),
             ));
+        }
+        // The timeout defaults to 5 s or the interval, whichever is shorter.
+        if self.health.timeout_ms == HealthSpec::default().timeout_ms {
+            self.health.timeout_ms = self.health.timeout_ms.min(self.health.interval_ms);
         }
         let h = &self.health;
         if !(100..=HOUR_MS).contains(&h.interval_ms) {

@@ -21,6 +21,7 @@ use crate::{
     config::{Config, EdgeLimits},
     health::Prober,
     manager::{Manager, Reconciled},
+    metrics::Metrics,
     ports::PortAllocator,
     proxy::{Proxy, routes::RouteTable},
     runtime::process::{ProcessRuntime, TreeTracking},
@@ -95,6 +96,7 @@ pub async fn run(
         Prober::new(),
         Arc::clone(&routes),
         node.clone(),
+        config.metrics.then(|| Arc::new(Metrics::new())),
     );
     let proxy = Arc::new(Proxy::new(routes, config.proxy.clone()));
 

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! GET    /healthz                               liveness of Switchboard itself (no auth)
+//! GET    /metrics                               Prometheus metrics (OpenMetrics text)
 //! GET    /api/v1/openapi.json                   this API, generated from the handlers below
 //! GET    /api/v1/tools                          list tools
 //! POST   /api/v1/tools                          register a tool (201)
@@ -98,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .split_for_parts();
     let doc = Arc::new(doc);
     let api = api
+        .route("/metrics", axum::routing::get(metrics))
         .route(
             "/api/v1/openapi.json",
             axum::routing::get(move || {
@@ -158,6 +160,42 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
         "internal error (this is a bug in Switchboard; its log has details)",
     )
     .into_response()
+}
+
+/// Prometheus metrics, behind the API token like the API: OpenMetrics text when the client
+/// asks for it (Prometheus does), the classic text format otherwise.
+async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let Some(m) = s.manager.metrics() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "metrics_off",
+            "metrics are turned off ([server] metrics = false)",
+        ));
+    };
+    s.manager.refresh_metrics();
+    let open_metrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    Ok(if open_metrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            m.encode(),
+        )
+            .into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            m.encode_prometheus(),
+        )
+            .into_response()
+    })
 }
 
 async fn proxy(State(s): State<AppState>, req: axum::extract::Request) -> Response {

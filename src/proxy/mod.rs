@@ -345,7 +345,17 @@ impl Proxy {
             Limited::new(body, self.config.max_body_bytes as usize),
         );
 
-        let in_flight = backend.track();
+        let mut in_flight = backend.track();
+        let started = backend.metrics.as_ref().map(|_| std::time::Instant::now());
+        let method_ix = crate::metrics::method_index(&method);
+        let observe = |status: StatusCode, error_kind: Option<usize>| {
+            if let (Some(m), Some(t)) = (&backend.metrics, started) {
+                m.observe(method_ix, status, t.elapsed().as_secs_f64());
+                if let Some(k) = error_kind {
+                    m.upstream_error(k);
+                }
+            }
+        };
         let resp = match tokio::time::timeout(
             self.config.header_timeout,
             self.client.request(upstream_req),
@@ -354,6 +364,7 @@ impl Proxy {
         {
             Err(_) => {
                 self.record_failure(&backend);
+                observe(StatusCode::GATEWAY_TIMEOUT, Some(1));
                 return error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream_timeout",
@@ -363,12 +374,24 @@ impl Proxy {
                     ),
                 );
             }
-            Ok(Err(e)) => return self.upstream_error(e, &backend),
+            Ok(Err(e)) => {
+                // A body over the limit is the client's fault, not the upstream's.
+                let kind = match resp_kind(&e) {
+                    ErrorKind::BodyTooLarge => None,
+                    ErrorKind::Connect => Some(0),
+                    ErrorKind::Other => Some(3),
+                };
+                let resp = self.upstream_error(e, &backend);
+                observe(resp.status(), kind);
+                return resp;
+            }
             Ok(Ok(r)) => {
                 if r.status().is_server_error() {
                     self.record_failure(&backend);
+                    observe(r.status(), Some(2));
                 } else {
                     backend.record(true);
+                    observe(r.status(), None);
                 }
                 r
             }
@@ -404,6 +427,9 @@ impl Proxy {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
+        if is_sse {
+            in_flight.mark_stream();
+        }
         let body = Tracked {
             inner: rbody,
             _in_flight: in_flight,
@@ -438,15 +464,12 @@ impl Proxy {
     }
 
     fn upstream_error(&self, e: hyper_util::client::legacy::Error, backend: &Backend) -> Response {
-        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(s) = src {
-            if s.is::<http_body_util::LengthLimitError>() {
-                return body_too_large(self.config.max_body_bytes);
-            }
-            src = s.source();
+        let kind = resp_kind(&e);
+        if kind == ErrorKind::BodyTooLarge {
+            return body_too_large(self.config.max_body_bytes);
         }
         self.record_failure(backend);
-        if e.is_connect() {
+        if kind == ErrorKind::Connect {
             return error(
                 StatusCode::BAD_GATEWAY,
                 "upstream_unavailable",
@@ -461,6 +484,30 @@ impl Proxy {
             "upstream_error",
             format!("deployment {} failed the request: {e}", backend.deployment),
         )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ErrorKind {
+    /// The request body went over the limit while streaming (the client's fault).
+    BodyTooLarge,
+    /// No connection to the upstream.
+    Connect,
+    Other,
+}
+
+fn resp_kind(e: &hyper_util::client::legacy::Error) -> ErrorKind {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return ErrorKind::BodyTooLarge;
+        }
+        src = s.source();
+    }
+    if e.is_connect() {
+        ErrorKind::Connect
+    } else {
+        ErrorKind::Other
     }
 }
 

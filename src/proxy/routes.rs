@@ -28,7 +28,11 @@ pub struct Backend {
     pub endpoint_path: String,
     /// Requests in flight (including open streams), for least-outstanding balancing.
     outstanding: AtomicU32,
+    /// Open SSE response streams (a subset of `outstanding`), for metrics.
+    streams: AtomicU32,
     breaker: Breaker,
+    /// Per-request metrics, when metrics are on.
+    pub metrics: Option<crate::metrics::BackendMetrics>,
 }
 
 /// Consecutive failures (connect errors, timeouts, 5xx) that take a backend out of balancing.
@@ -112,8 +116,19 @@ impl Backend {
             authority,
             endpoint_path,
             outstanding: AtomicU32::new(0),
+            streams: AtomicU32::new(0),
             breaker: Breaker::default(),
+            metrics: None,
         }
+    }
+
+    pub fn with_metrics(mut self, metrics: crate::metrics::BackendMetrics) -> Backend {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn open_streams(&self) -> u32 {
+        self.streams.load(Ordering::Relaxed)
     }
 
     /// Whether balancing may send this backend a request now (its breaker is closed, or
@@ -140,17 +155,36 @@ impl Backend {
     /// Counts a request until the guard drops (when the response body ends or is dropped).
     pub fn track(self: &Arc<Self>) -> InFlight {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(self))
+        InFlight {
+            backend: Arc::clone(self),
+            stream: false,
+        }
     }
 }
 
 /// A request in flight on a backend.
 #[derive(Debug)]
-pub struct InFlight(Arc<Backend>);
+pub struct InFlight {
+    backend: Arc<Backend>,
+    stream: bool,
+}
+
+impl InFlight {
+    /// The response is a stream: counted as an open stream until it ends.
+    pub fn mark_stream(&mut self) {
+        if !self.stream {
+            self.stream = true;
+            self.backend.streams.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.backend.outstanding.fetch_sub(1, Ordering::Relaxed);
+        if self.stream {
+            self.backend.streams.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -210,6 +244,15 @@ impl RouteTable {
 
     pub fn get(&self, slug: &str) -> Option<Arc<ToolRoutes>> {
         self.map.load().get(slug).cloned()
+    }
+
+    /// Every routed backend, with its tool's slug (for metrics).
+    pub fn all_backends(&self) -> Vec<(String, Arc<Backend>)> {
+        self.map
+            .load()
+            .iter()
+            .flat_map(|(slug, t)| t.backends.iter().map(|b| (slug.clone(), Arc::clone(b))))
+            .collect()
     }
 
     fn update(&self, f: impl FnOnce(&mut HashMap<String, Arc<ToolRoutes>>)) {

@@ -107,6 +107,7 @@ impl TestApp {
             node_id: None,
             worker_threads: 1,
             exit_policy: opts.exit_policy,
+            metrics: true,
         };
         let (tx, rx) = oneshot::channel::<()>();
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -1,0 +1,176 @@
+//! `GET /metrics`: real traffic, checks and restarts show up, and the output passes
+//! `promtool check metrics` (Debian package `prometheus`).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestApp, whoami};
+use reqwest::StatusCode;
+use serde_json::json;
+
+fn promtool() -> std::path::PathBuf {
+    let p = std::path::PathBuf::from("/usr/bin/promtool");
+    assert!(
+        p.exists(),
+        "promtool is missing: apt-get install --no-install-recommends prometheus (scripts/test does this)"
+    );
+    p
+}
+
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_count_real_traffic_checks_and_restarts_and_pass_promtool() {
+    let promtool = promtool();
+    let app = TestApp::start().await;
+    app.add_test_tool("echo", &[], json!({"health": {"interval_ms": 200}}))
+        .await;
+    let d = app.deploy_wait("echo").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/mcp/echo", app.url);
+    for _ in 0..3 {
+        whoami(&url).await;
+    }
+    let get = |path: &str| app.http.get(format!("{}{path}", app.url)).send();
+    for _ in 0..2 {
+        assert_eq!(get("/mcp/echo/bytes?n=10").await.unwrap().status(), 200);
+    }
+    // Two health checks at least.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let pid = d["pid"].as_u64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    app.wait_record(&id, "restarted", |r| {
+        r["status"] == "RUNNING" && r["restart_count"] == 1
+    })
+    .await;
+
+    // Prometheus asks for OpenMetrics and gets it.
+    let resp = app
+        .http
+        .get(format!("{}/metrics", app.url))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    assert!(resp.text().await.unwrap().ends_with("# EOF\n"));
+    // Anything else gets the classic text format.
+    let resp = get("/metrics").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = resp.text().await.unwrap();
+    let lbl = format!(r#"tool="echo",deployment="{id}""#);
+    assert_eq!(
+        value(
+            &text,
+            &format!(r#"switchboard_proxy_requests_total{{{lbl},method="POST",class="2xx"}}"#)
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            &format!(r#"switchboard_proxy_requests_total{{{lbl},method="GET",class="2xx"}}"#)
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            &format!("switchboard_proxy_response_header_latency_seconds_count{{{lbl}}}")
+        ),
+        5.0
+    );
+    assert!(
+        value(
+            &text,
+            &format!(r#"switchboard_health_checks_total{{{lbl},result="healthy"}}"#)
+        ) >= 2.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            &format!("switchboard_deployment_restarts_total{{{lbl}}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"switchboard_deployments{tool="echo",status="RUNNING"}"#
+        ),
+        1.0
+    );
+    assert!(
+        value(
+            &text,
+            &format!("switchboard_deployment_resident_memory_bytes{{{lbl}}}")
+        ) > 1e6
+    );
+    assert!(
+        value(
+            &text,
+            &format!("switchboard_deployment_cpu_seconds{{{lbl}}}")
+        ) >= 0.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            &format!("switchboard_proxy_in_flight_requests{{{lbl}}}")
+        ),
+        0.0
+    );
+    assert_eq!(value(&text, "switchboard_ports_in_use"), 1.0);
+    assert_eq!(value(&text, "switchboard_ports_free"), 9.0);
+    assert!(value(&text, "switchboard_process_resident_memory_bytes") > 1e6);
+
+    // promtool reads it as Prometheus would.
+    let mut child = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}\n{}\n---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    app.stop().await;
+}
