@@ -109,6 +109,21 @@ pub struct ServeArgs {
     /// What happens to running deployments when Switchboard exits [default: stop].
     #[arg(long, env = "SWITCHBOARD_ON_EXIT", value_enum)]
     pub on_exit: Option<OnExit>,
+    /// Switchboard's own log lines: `text` for people, `json` (one object per line) for
+    /// log pipelines. The level comes from RUST_LOG [default: info].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// `--on-exit` values.

@@ -83,6 +83,8 @@ pub struct ProxySection {
     /// 0 (the default) means streams are never closed for being idle.
     pub stream_idle_timeout_secs: Option<u64>,
     pub upstream_idle_timeout_secs: Option<u64>,
+    /// Share of proxied requests logged, 0 to 1 (default 1: each one, once).
+    pub access_log_sample: Option<f64>,
 }
 
 impl ProxySection {
@@ -108,6 +110,10 @@ impl ProxySection {
             upstream_idle_timeout: self
                 .upstream_idle_timeout_secs
                 .map_or(d.upstream_idle_timeout, Duration::from_secs),
+            access_log_sample: self
+                .access_log_sample
+                .filter(|r| r.is_finite())
+                .map_or(d.access_log_sample, |r| r.clamp(0.0, 1.0)),
         }
     }
 }

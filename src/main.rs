@@ -36,13 +36,17 @@ fn main() -> std::process::ExitCode {
 }
 
 fn serve(args: switchboard::cli::ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        switchboard::cli::LogFormat::Json => logs.json().flatten_event(true).init(),
+        switchboard::cli::LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     // The config is read first because it sizes the runtime.
     let config = Config::load(args.overrides())?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -946,6 +946,50 @@ impl Manager {
         })
     }
 
+    /// A live deployment's resource use and traffic.
+    pub async fn stats(&self, id: Uuid) -> Result<crate::metrics::DeploymentStats, ManagerError> {
+        let d = self.get_deployment(id).await?;
+        if !d.status.is_live() {
+            return Err(ManagerError::NotLive {
+                id,
+                status: d.status,
+            });
+        }
+        let tree = self.runtime.inspect(id).map(|i| i.tree).unwrap_or_default();
+        let (cpu, rss) = crate::metrics::process_usage(&tree);
+        let backend = self
+            .routes
+            .all_backends()
+            .into_iter()
+            .find(|(_, b)| b.deployment == id)
+            .map(|(_, b)| b);
+        let by_class = backend
+            .as_ref()
+            .and_then(|b| b.metrics.as_ref())
+            .map(|m| m.by_class())
+            .unwrap_or_default();
+        Ok(crate::metrics::DeploymentStats {
+            deployment: id,
+            tool: d.tool_slug,
+            status: d.status,
+            pid: d.pid,
+            processes: tree.len(),
+            cpu_seconds: cpu,
+            resident_memory_bytes: rss,
+            open_fds: crate::metrics::open_fds(&tree),
+            uptime_seconds: d.pid.and_then(crate::metrics::uptime_seconds),
+            restart_count: d.restart_count,
+            requests_total: by_class.iter().sum(),
+            requests_by_class: crate::metrics::CLASSES
+                .iter()
+                .zip(by_class)
+                .map(|(c, n)| ((*c).to_owned(), n))
+                .collect(),
+            in_flight: backend.as_ref().map_or(0, |b| b.outstanding()),
+            open_streams: backend.as_ref().map_or(0, |b| b.open_streams()),
+        })
+    }
+
     /// Runs a health check of a live deployment now (outside its schedule).
     pub async fn check_now(&self, id: Uuid) -> Result<HealthCheckResult, ManagerError> {
         let d = self.get_deployment(id).await?;

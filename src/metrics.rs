@@ -99,6 +99,11 @@ impl BackendMetrics {
         self.latency.observe(seconds);
     }
 
+    /// Responses so far by status class (`CLASSES` order), all methods together.
+    pub fn by_class(&self) -> [u64; 5] {
+        std::array::from_fn(|c| self.requests.iter().map(|m| m[c].get()).sum())
+    }
+
     /// Counts an upstream failure of kind `ERROR_KINDS[kind]`.
     pub fn upstream_error(&self, kind: usize) {
         self.errors[kind].inc();
@@ -351,6 +356,50 @@ fn to_prometheus_text(open_metrics: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// What `GET /api/v1/deployments/{id}/stats` says: the deployment's processes as /proc sees
+/// them now, and its traffic since it was deployed.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct DeploymentStats {
+    pub deployment: uuid::Uuid,
+    pub tool: String,
+    pub status: crate::deployment::DeploymentStatus,
+    pub pid: Option<u32>,
+    /// Live processes in the deployment's tree.
+    pub processes: usize,
+    pub cpu_seconds: f64,
+    pub resident_memory_bytes: u64,
+    pub open_fds: usize,
+    /// Since the current main process started.
+    pub uptime_seconds: Option<f64>,
+    pub restart_count: u32,
+    /// Responses sent through the proxy, all and by status class (`2xx`, ...).
+    pub requests_total: u64,
+    pub requests_by_class: std::collections::BTreeMap<String, u64>,
+    pub in_flight: u32,
+    pub open_streams: u32,
+}
+
+/// Open file descriptors of a set of processes.
+pub fn open_fds(pids: &[u32]) -> usize {
+    pids.iter()
+        .filter_map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).ok())
+        .map(|d| d.count())
+        .sum()
+}
+
+/// Seconds since process `pid` started, from its start time and the system's uptime.
+pub fn uptime_seconds(pid: u32) -> Option<f64> {
+    let start_ticks = crate::runtime::process_start_time(pid)?;
+    let ticks = rustix::param::clock_ticks_per_second().max(1);
+    let up: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((up - start_ticks as f64 / ticks as f64).max(0.0))
 }
 
 /// CPU seconds and resident bytes of a set of processes, from /proc (gone ones count zero).

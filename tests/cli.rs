@@ -65,7 +65,12 @@ impl Serve {
                 .expect("switchboard serve did not report its address");
             head.push(line.clone());
             if let Some((_, rest)) = line.split_once("listening on ") {
-                break rest.split_whitespace().next().unwrap().to_owned();
+                // Text or JSON logs: the URL ends at whitespace or a quote.
+                break rest
+                    .split(|c: char| c.is_whitespace() || c == '"')
+                    .next()
+                    .unwrap()
+                    .to_owned();
             }
         };
         Serve {
@@ -492,6 +497,55 @@ fn on_exit_keep_leaves_deployments_running_for_the_next_start_and_stop_is_the_de
     let sb = Serve::start(dir.path(), &[]);
     let rec = record(&sb, &id);
     assert_eq!(rec["status"], "STOPPED", "{rec}");
+}
+
+#[test]
+fn json_logs_carry_one_access_line_per_proxied_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sb = Serve::start(dir.path(), &["--log-format", "json"]);
+    sb.ok(&[
+        "tool",
+        "add",
+        "echo",
+        "--",
+        test_server_bin().to_str().unwrap(),
+        "--port",
+        "{port}",
+    ]);
+    let d = sb.json(&["deploy", "echo", "--wait"]);
+    let id = d["id"].as_str().unwrap().to_owned();
+    // One plain proxied request, by hand.
+    let addr = sb.url.trim_start_matches("http://").to_owned();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    {
+        use std::io::{Read as _, Write as _};
+        write!(
+            conn,
+            "GET /mcp/echo/bytes?n=5 HTTP/1.1\r\nHost: {addr}\r\nX-Request-Id: req-42\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        conn.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    }
+    sb.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(sb.wait().success());
+    let log = sb.all_log();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let access: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "switchboard::access")
+        .collect();
+    assert_eq!(access.len(), 1, "{log}");
+    let a = access[0];
+    assert_eq!(a["request_id"], "req-42", "{a}");
+    assert_eq!(a["status"], 200, "{a}");
+    assert_eq!(a["deployment"], id.as_str(), "{a}");
+    assert_eq!(a["path"], "/mcp/echo/bytes", "{a}");
+    assert!(a["duration_ms"].as_f64().unwrap() > 0.0, "{a}");
 }
 
 fn add_tree_tool(sb: &Serve, pids: &Path) {

@@ -148,6 +148,23 @@ async fn metrics_count_real_traffic_checks_and_restarts_and_pass_promtool() {
     assert_eq!(value(&text, "switchboard_ports_free"), 9.0);
     assert!(value(&text, "switchboard_process_resident_memory_bytes") > 1e6);
 
+    // The same deployment's stats.
+    let (st, stats) = app
+        .call("GET", &format!("/api/v1/deployments/{id}/stats"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{stats}");
+    assert_eq!(stats["requests_total"], 5, "{stats}");
+    assert_eq!(stats["requests_by_class"]["2xx"], 5, "{stats}");
+    assert_eq!(stats["processes"], 1, "{stats}");
+    assert_eq!(stats["restart_count"], 1, "{stats}");
+    assert!(
+        stats["resident_memory_bytes"].as_u64().unwrap() > 1_000_000,
+        "{stats}"
+    );
+    assert!(stats["open_fds"].as_u64().unwrap() >= 3, "{stats}");
+    assert!(stats["uptime_seconds"].as_f64().unwrap() >= 0.0, "{stats}");
+    assert_eq!(stats["in_flight"], 0, "{stats}");
+
     // promtool reads it as Prometheus would.
     let mut child = std::process::Command::new(&promtool)
         .args(["check", "metrics"])
@@ -172,5 +189,17 @@ async fn metrics_count_real_traffic_checks_and_restarts_and_pass_promtool() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    app.stop_deployment(&id).await;
+    let (st, e) = app
+        .call("GET", &format!("/api/v1/deployments/{id}/stats"), None)
+        .await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("not_live"))
+    );
+    let (st, _) = app
+        .call("GET", "/api/v1/deployments/nope/stats", None)
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
     app.stop().await;
 }

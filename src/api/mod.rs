@@ -14,6 +14,7 @@
 //! GET    /api/v1/deployments/{id}               one deployment
 //! POST   /api/v1/deployments/{id}/stop          stop (idempotent)
 //! POST   /api/v1/deployments/{id}/health        run a health check now
+//! GET    /api/v1/deployments/{id}/stats         CPU, memory, fds, uptime, request counts
 //! GET    /api/v1/events                         status and health transitions (SSE; ?tool=SLUG)
 //! ANY    /mcp/{slug}[/{rest}]                   MCP traffic, proxied to a live deployment
 //! ```
@@ -95,6 +96,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(get_deployment))
         .routes(routes!(stop_deployment))
         .routes(routes!(check_health))
+        .routes(routes!(deployment_stats))
         .routes(routes!(events))
         .split_for_parts();
     let doc = Arc::new(doc);
@@ -422,6 +424,17 @@ async fn check_health(
     Path(id): Path<String>,
 ) -> Result<Json<HealthCheckResult>, ApiError> {
     Ok(Json(s.manager.check_now(parse_id(&id)?).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/deployments/{id}/stats", tag = "deployments",
+    params(("id" = String, Path)),
+    responses((status = 200, body = crate::metrics::DeploymentStats),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn deployment_stats(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::metrics::DeploymentStats>, ApiError> {
+    Ok(Json(s.manager.stats(parse_id(&id)?).await?))
 }
 
 #[derive(Deserialize, IntoParams)]

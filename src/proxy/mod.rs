@@ -63,6 +63,8 @@ pub struct ProxyConfig {
     pub stream_idle_timeout: Option<Duration>,
     /// Idle upstream connections are kept this long for reuse.
     pub upstream_idle_timeout: Duration,
+    /// Share of proxied requests logged (0 to 1; 1 logs each once).
+    pub access_log_sample: f64,
 }
 
 impl Default for ProxyConfig {
@@ -80,6 +82,7 @@ impl Default for ProxyConfig {
             max_sessions: 100_000,
             stream_idle_timeout: None,
             upstream_idle_timeout: Duration::from_secs(90),
+            access_log_sample: 1.0,
         }
     }
 }
@@ -167,8 +170,44 @@ impl Proxy {
     }
 
     /// Handles a request whose path starts with `/mcp/`; `client` is the peer address, for
-    /// `X-Forwarded-For`.
+    /// `X-Forwarded-For`. A sampled share of requests (`access_log_sample`) is logged once,
+    /// when the response headers are sent, at INFO under `switchboard::access`.
     pub async fn handle(&self, req: Request, client: Option<SocketAddr>) -> Response {
+        let rate = self.config.access_log_sample;
+        if rate <= 0.0
+            || !tracing::enabled!(target: "switchboard::access", tracing::Level::INFO)
+            || (rate < 1.0 && fastrand::f64() >= rate)
+        {
+            return self.route(req, client, &mut None).await;
+        }
+        let started = std::time::Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let mut deployment = None;
+        let resp = self.route(req, client, &mut deployment).await;
+        tracing::info!(
+            target: "switchboard::access",
+            request_id = resp
+                .headers()
+                .get(&X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-"),
+            %method,
+            path,
+            deployment = deployment.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
+            status = resp.status().as_u16(),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "proxied"
+        );
+        resp
+    }
+
+    async fn route(
+        &self,
+        req: Request,
+        client: Option<SocketAddr>,
+        chosen: &mut Option<uuid::Uuid>,
+    ) -> Response {
         let (parts, body) = req.into_parts();
         // A cheap (reference-counted) copy, so the slug and rest can borrow from it while
         // `parts` is rewritten for the upstream.
@@ -254,6 +293,7 @@ impl Proxy {
                 }
             },
         };
+        *chosen = Some(backend.deployment);
         self.forward(parts, body, slug, rest, session, backend, client)
             .await
     }
