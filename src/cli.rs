@@ -75,6 +75,16 @@ pub enum Command {
     Stop { id: String },
     /// Check a deployment's health now and print the result.
     Health { id: String },
+    /// Print a deployment's output (stdout and stderr).
+    Logs {
+        id: String,
+        /// Keep printing new output until the deployment ends (Ctrl-C to stop).
+        #[arg(long, short)]
+        follow: bool,
+        /// Lines from the end to start with.
+        #[arg(long, default_value_t = 100)]
+        tail: usize,
+    },
     /// Follow status and health transitions as they happen (Ctrl-C to stop).
     Events {
         /// Only this tool's events.
@@ -701,6 +711,33 @@ pub async fn run_client(command: Command, args: &ClientArgs) -> anyhow::Result<(
             }
         }
         Command::Events { tool } => follow_events(&client, tool.as_deref(), args.json).await?,
+        Command::Logs { id, follow, tail } => {
+            use futures_util::StreamExt as _;
+            use std::io::Write as _;
+            let id = resolve_id(&client, &id).await?;
+            let url = format!(
+                "{}/api/v1/deployments/{id}/logs?tail={tail}&follow={follow}",
+                client.base
+            );
+            let mut req = client.http.get(&url);
+            if let Some(t) = &client.token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| anyhow!("cannot reach Switchboard at {}: {e}", client.base))?;
+            if !resp.status().is_success() {
+                let status = resp.status();
+                bail!("HTTP {status}: {}", resp.text().await.unwrap_or_default());
+            }
+            let mut body = resp.bytes_stream();
+            let mut out = std::io::stdout().lock();
+            while let Some(chunk) = body.next().await {
+                out.write_all(&chunk.context("the log stream broke")?)?;
+                out.flush()?;
+            }
+        }
         Command::Stop { id } => {
             let id = resolve_id(&client, &id).await?;
             let (d, raw): (Deployment, _) = client

@@ -946,6 +946,17 @@ impl Manager {
         })
     }
 
+    /// The file a deployment's output goes to, for reading its logs; `None` when it has
+    /// none (yet) on this node.
+    pub async fn log_file(
+        &self,
+        id: Uuid,
+    ) -> Result<(Deployment, Option<std::path::PathBuf>), ManagerError> {
+        let d = self.get_deployment(id).await?;
+        let path = self.runtime.log_file(id).filter(|p| p.exists());
+        Ok((d, path))
+    }
+
     /// A live deployment's resource use and traffic.
     pub async fn stats(&self, id: Uuid) -> Result<crate::metrics::DeploymentStats, ManagerError> {
         let d = self.get_deployment(id).await?;

@@ -548,6 +548,72 @@ fn json_logs_carry_one_access_line_per_proxied_request() {
     assert!(a["duration_ms"].as_f64().unwrap() > 0.0, "{a}");
 }
 
+#[test]
+fn logs_print_and_follow_a_deployments_output_until_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let sb = Serve::start(dir.path(), &[]);
+    sb.ok(&[
+        "tool",
+        "add",
+        "echo",
+        "--",
+        test_server_bin().to_str().unwrap(),
+        "--port",
+        "{port}",
+    ]);
+    let d = sb.json(&["deploy", "echo", "--wait"]);
+    let id = d["id"].as_str().unwrap().to_owned();
+    let started = format!("--- switchboard: starting deployment {id}");
+    let out = sb.ok(&["logs", &id[..8]]);
+    assert!(out.contains(&started), "{out}");
+
+    let mut follower = Command::new(switchboard_bin())
+        .args(["--url", &sb.url, "logs", "-f", "--tail", "1000", &id])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_start = |rx: &mpsc::Receiver<String>| loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("no new output reached `logs -f`");
+        if line.starts_with(&started) {
+            break;
+        }
+    };
+    // The tail first; then output written after the follower attached: a restart's banner.
+    next_start(&rx);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d["pid"].as_u64().unwrap() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    next_start(&rx);
+    sb.ok(&["stop", &id]);
+    // The deployment ended: the stream ends and the follower exits by itself.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = follower.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "`logs -f` did not end with the deployment"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+}
+
 fn add_tree_tool(sb: &Serve, pids: &Path) {
     sb.ok(&[
         "tool",

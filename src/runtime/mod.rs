@@ -120,4 +120,6 @@ pub trait Runtime: Send + Sync + 'static {
     fn inspect(&self, id: Uuid) -> Option<InstanceInfo>;
     /// The last `lines` lines of the instance's output.
     fn logs_tail(&self, id: Uuid, lines: usize) -> BoxFuture<'_, String>;
+    /// The file the instance's output goes to (kept after it ends), if it has one.
+    fn log_file(&self, id: Uuid) -> Option<PathBuf>;
 }

@@ -430,6 +430,10 @@ impl Runtime for ProcessRuntime {
         })
     }
 
+    fn log_file(&self, id: Uuid) -> Option<PathBuf> {
+        Some(self.log_path(id))
+    }
+
     fn logs_tail(&self, id: Uuid, lines: usize) -> BoxFuture<'_, String> {
         let path = self.log_path(id);
         async move {
@@ -443,16 +447,41 @@ impl Runtime for ProcessRuntime {
 
 /// The last `lines` lines of a file, reading at most `max_bytes` from its end.
 pub fn tail(path: &Path, lines: usize, max_bytes: u64) -> String {
+    tail_with_end(path, lines, max_bytes).0
+}
+
+/// [`tail`], and the file offset it read up to (where following the file goes on from).
+pub fn tail_with_end(path: &Path, lines: usize, max_bytes: u64) -> (String, u64) {
     let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
+        return (String::new(), 0);
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    (tail_of(&mut f, len, lines, max_bytes), len)
+}
+
+/// Bytes `from..` of a file as they are now, at most `max` of them, and the offset reached.
+pub fn read_from(path: &Path, from: u64, max: u64) -> (Vec<u8>, u64) {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return (Vec::new(), from);
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    // A file that shrank (rotated or truncated) is read again from its start.
+    let from = if len < from { 0 } else { from };
+    if f.seek(SeekFrom::Start(from)).is_err() {
+        return (Vec::new(), from);
+    }
+    let mut buf = Vec::new();
+    let n = (&mut f).take(max).read_to_end(&mut buf).unwrap_or(0);
+    (buf, from + n as u64)
+}
+
+fn tail_of(f: &mut std::fs::File, len: u64, lines: usize, max_bytes: u64) -> String {
     let start = len.saturating_sub(max_bytes);
     if f.seek(SeekFrom::Start(start)).is_err() {
         return String::new();
     }
     let mut buf = Vec::new();
-    if f.read_to_end(&mut buf).is_err() {
+    if f.take(len - start).read_to_end(&mut buf).is_err() {
         return String::new();
     }
     let text = String::from_utf8_lossy(&buf);
