@@ -191,6 +191,10 @@ pub struct ToolAddArgs {
     /// Environment for the server, KEY=VALUE; repeatable.
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     pub env: Vec<String>,
+    /// Secret environment for the server (never shown by the API): KEY takes the value of
+    /// KEY from this command's own environment (so it stays out of `ps`), KEY=VALUE gives it.
+    #[arg(long = "secret-env", value_name = "KEY[=VALUE]")]
+    pub secret_env: Vec<String>,
     #[arg(long)]
     pub working_dir: Option<PathBuf>,
     #[arg(long, value_parser = ["streamable-http", "stdio"])]
@@ -408,6 +412,22 @@ fn tool_body(a: ToolAddArgs) -> anyhow::Result<Value> {
         }
         set("env", json!(env));
     }
+    if !a.secret_env.is_empty() {
+        let mut env = BTreeMap::new();
+        for kv in &a.secret_env {
+            let (k, v) = match kv.split_once('=') {
+                Some((k, v)) => (k.to_owned(), v.to_owned()),
+                None => (
+                    kv.clone(),
+                    std::env::var(kv).map_err(|_| {
+                        anyhow!("--secret-env {kv}: {kv} is not set in this environment")
+                    })?,
+                ),
+            };
+            env.insert(k, v);
+        }
+        set("secret_env", json!(env));
+    }
     if let Some(v) = a.working_dir {
         set("working_dir", json!(v));
     }
@@ -456,6 +476,10 @@ fn print_tool(t: &Tool) {
         ("command", s.command.clone()),
         ("args", s.args.join(" ")),
         ("env", env_keys.join(", ")),
+        (
+            "secret_env",
+            s.secret_env.keys().cloned().collect::<Vec<_>>().join(", "),
+        ),
         (
             "working_dir",
             s.working_dir

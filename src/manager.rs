@@ -510,7 +510,10 @@ impl Manager {
         Ok(tool)
     }
 
-    pub async fn update_tool(&self, spec: ToolSpec) -> Result<Tool, ManagerError> {
+    pub async fn update_tool(&self, mut spec: ToolSpec) -> Result<Tool, ManagerError> {
+        if let Some(stored) = self.store.get_tool(&spec.slug).await? {
+            spec.keep_secrets_from(&stored.spec);
+        }
         let spec = spec.validate()?;
         self.store
             .update_tool(&spec)
@@ -1340,7 +1343,8 @@ enum Start {
 fn launch_spec(id: Uuid, spec: &ToolSpec, port: u16) -> LaunchSpec {
     let port_s = port.to_string();
     let subst = |s: &str| s.replace("{port}", &port_s);
-    let mut env: Vec<(String, String)> = Vec::with_capacity(spec.env.len() + 3);
+    let mut env: Vec<(String, String)> =
+        Vec::with_capacity(spec.env.len() + spec.secret_env.len() + 3);
     if let Some(name) = &spec.port_env {
         env.push((name.clone(), port_s.clone()));
     }
@@ -1348,6 +1352,7 @@ fn launch_spec(id: Uuid, spec: &ToolSpec, port: u16) -> LaunchSpec {
     env.push(("SWITCHBOARD_DEPLOYMENT_ID".into(), id.to_string()));
     // The tool's own env last, so it can override the defaults above.
     env.extend(spec.env.iter().map(|(k, v)| (k.clone(), subst(v))));
+    env.extend(spec.secret_env.iter().map(|(k, v)| (k.clone(), v.clone())));
     LaunchSpec {
         deployment_id: id,
         program: subst(&spec.command),

@@ -126,6 +126,12 @@ pub struct ToolSpec {
     #[serde(default)]
     #[schema(value_type = BTreeMap<String, String>)]
     pub env: BTreeMap<String, String>,
+    /// Environment holding secrets (API keys, tokens): given to the server like `env`, but
+    /// the API never shows the values (they read as `********`; sending that marker back in
+    /// an update keeps the stored value), and Switchboard never logs them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub secret_env: BTreeMap<String, String>,
     /// Working directory of the server process; Switchboard's own when absent.
     #[serde(default)]
     #[schema(value_type = Option<String>)]
@@ -249,6 +255,26 @@ impl ToolSpec {
                 ));
             }
         }
+        for (k, v) in &self.secret_env {
+            if !valid_env_name(k) {
+                return Err(invalid(
+                    "secret_env",
+                    format!("'{k}' is not a valid environment variable name"),
+                ));
+            }
+            if v.contains('\0') {
+                return Err(invalid(
+                    "secret_env",
+                    format!("the value of '{k}' contains a NUL byte"),
+                ));
+            }
+            if self.env.contains_key(k) {
+                return Err(invalid(
+                    "secret_env",
+                    format!("'{k}' is in env too; give it in one of them"),
+                ));
+            }
+        }
         if self.port_env.as_deref() == Some("") {
             // TOML has no null: an empty name is how a config file says "no port variable".
             self.port_env = None;
@@ -358,6 +384,30 @@ impl ToolSpec {
     }
 }
 
+/// How a secret value reads in API responses.
+pub const REDACTED: &str = "********";
+
+impl ToolSpec {
+    /// The spec as the API shows it: secret values replaced by [`REDACTED`].
+    pub fn redacted(mut self) -> ToolSpec {
+        for v in self.secret_env.values_mut() {
+            *v = REDACTED.to_owned();
+        }
+        self
+    }
+
+    /// For an update: a secret sent back as [`REDACTED`] keeps its value from `stored`.
+    pub fn keep_secrets_from(&mut self, stored: &ToolSpec) {
+        for (k, v) in self.secret_env.iter_mut() {
+            if v == REDACTED
+                && let Some(old) = stored.secret_env.get(k)
+            {
+                v.clone_from(old);
+            }
+        }
+    }
+}
+
 /// A registered tool.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Tool {
@@ -368,9 +418,39 @@ pub struct Tool {
     pub updated_at: DateTime<Utc>,
 }
 
+impl Tool {
+    /// The tool as the API shows it (see [`ToolSpec::redacted`]).
+    pub fn redacted(mut self) -> Tool {
+        self.spec = self.spec.redacted();
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_are_redacted_and_kept_through_an_update() {
+        let stored: ToolSpec = serde_json::from_value(serde_json::json!(
+            {"slug": "a", "command": "x", "secret_env": {"API_KEY": "s3cr3t"}}))
+        .unwrap();
+        let shown = stored.clone().redacted();
+        assert_eq!(shown.secret_env["API_KEY"], REDACTED);
+        assert!(!serde_json::to_string(&shown).unwrap().contains("s3cr3t"));
+        let mut update = shown;
+        update.keep_secrets_from(&stored);
+        assert_eq!(update.secret_env["API_KEY"], "s3cr3t");
+        let both: ToolSpec = serde_json::from_value(serde_json::json!(
+            {"slug": "a", "command": "x", "env": {"K": "1"}, "secret_env": {"K": "2"}}))
+        .unwrap();
+        assert!(
+            both.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("secret_env")
+        );
+    }
 
     fn spec(slug: &str) -> ToolSpec {
         serde_json::from_value(serde_json::json!({"slug": slug, "command": "x"})).unwrap()

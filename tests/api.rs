@@ -336,3 +336,30 @@ async fn openapi_describes_every_route() {
         assert!(schemas.contains_key(s), "schema {s} missing");
     }
 }
+
+#[tokio::test]
+async fn a_tool_read_back_and_put_keeps_its_secrets() {
+    let app = common::TestApp::start().await;
+    app.add_test_tool(
+        "vault",
+        &[],
+        serde_json::json!({"secret_env": {"VAULT_KEY": "s3cr3t-55"}}),
+    )
+    .await;
+    let (st, shown) = app.call("GET", "/api/v1/tools/vault", None).await;
+    assert_eq!(st, reqwest::StatusCode::OK);
+    assert_eq!(shown["secret_env"]["VAULT_KEY"], "********", "{shown}");
+    // Read, edit, write back: the redaction marker keeps the stored value.
+    let mut body = shown.clone();
+    for k in ["id", "created_at", "updated_at"] {
+        body.as_object_mut().unwrap().remove(k);
+    }
+    body["description"] = "edited".into();
+    let (st, updated) = app.call("PUT", "/api/v1/tools/vault", Some(body)).await;
+    assert_eq!(st, reqwest::StatusCode::OK, "{updated}");
+    assert!(!updated.to_string().contains("s3cr3t"), "{updated}");
+    let d = app.deploy_wait("vault").await;
+    let environ = std::fs::read(format!("/proc/{}/environ", d["pid"])).unwrap();
+    assert!(String::from_utf8_lossy(&environ).contains("VAULT_KEY=s3cr3t-55"));
+    app.stop().await;
+}

@@ -668,7 +668,7 @@ fn one_data_directory_serves_one_switchboard() {
 }
 
 #[test]
-fn the_token_is_required_and_never_logged() {
+fn the_token_and_secrets_are_required_or_hidden_and_never_logged() {
     let dir = tempfile::tempdir().unwrap();
     let token = "tok-8d1f2c0e9b";
     let mut sb = Serve::start_env(
@@ -681,11 +681,42 @@ fn the_token_is_required_and_never_logged() {
     assert!(err.contains("unauthorized"), "{err}");
     let (ok, out, err) = sb.cli(&["--token", token, "tool", "list"]);
     assert!(ok, "{out}{err}");
+
+    // A secret reaches the server's environment and nothing else.
+    let secret = "hunter2-7f3a91";
+    let add = Command::new(switchboard_bin())
+        .args(["--url", &sb.url, "--token", token, "tool", "add", "vault"])
+        .args(["--secret-env", "VAULT_KEY", "--"])
+        .arg(test_server_bin())
+        .args(["--port", "{port}"])
+        .env("VAULT_KEY", secret)
+        .output()
+        .unwrap();
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    let d = sb.json(&["--token", token, "deploy", "vault", "--wait"]);
+    let pid = d["pid"].as_u64().unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&environ).contains(&format!("VAULT_KEY={secret}")),
+        "the server did not get its secret"
+    );
+    let shown = sb.ok(&["--token", token, "tool", "show", "vault", "--json"]);
+    assert!(!shown.contains(secret), "{shown}");
+    assert!(shown.contains("********"), "{shown}");
+    let listed = sb.ok(&["--token", token, "tool", "list", "--json"]);
+    assert!(!listed.contains(secret), "{listed}");
+    sb.ok(&["--token", token, "stop", d["id"].as_str().unwrap()]);
+
     sb.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(sb.wait().success());
     let all = sb.all_log();
     assert!(all.contains("Shutting down"), "{all}");
     assert!(!all.contains(token), "the token appeared in the log");
+    assert!(!all.contains(secret), "a secret appeared in the log");
 }
 
 /// Runs `sh -c script` inside the mount namespace of `pid`.

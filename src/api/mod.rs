@@ -251,7 +251,14 @@ async fn healthz(State(s): State<AppState>) -> Json<Healthz> {
 #[utoipa::path(get, path = "/api/v1/tools", tag = "tools",
     responses((status = 200, body = Vec<Tool>)))]
 async fn list_tools(State(s): State<AppState>) -> Result<Json<Vec<Tool>>, ApiError> {
-    Ok(Json(s.manager.list_tools().await?))
+    Ok(Json(
+        s.manager
+            .list_tools()
+            .await?
+            .into_iter()
+            .map(Tool::redacted)
+            .collect(),
+    ))
 }
 
 #[utoipa::path(post, path = "/api/v1/tools", tag = "tools", request_body = ToolSpec,
@@ -263,7 +270,7 @@ async fn create_tool(
 ) -> Result<(StatusCode, Json<Tool>), ApiError> {
     Ok((
         StatusCode::CREATED,
-        Json(s.manager.create_tool(spec).await?),
+        Json(s.manager.create_tool(spec).await?.redacted()),
     ))
 }
 
@@ -274,7 +281,7 @@ async fn get_tool(
     State(s): State<AppState>,
     Path(slug): Path<String>,
 ) -> Result<Json<Tool>, ApiError> {
-    Ok(Json(s.manager.get_tool(&slug).await?))
+    Ok(Json(s.manager.get_tool(&slug).await?.redacted()))
 }
 
 /// The body may omit `slug`; when present it must equal the one in the path.
@@ -299,7 +306,7 @@ async fn update_tool(
             ),
         ));
     }
-    Ok(Json(s.manager.update_tool(spec).await?))
+    Ok(Json(s.manager.update_tool(spec).await?.redacted()))
 }
 
 #[utoipa::path(delete, path = "/api/v1/tools/{slug}", tag = "tools",
