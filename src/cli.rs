@@ -85,6 +85,12 @@ pub enum Command {
         #[arg(long, default_value_t = 100)]
         tail: usize,
     },
+    /// A live view of the deployments: status, health, CPU, memory, request rate (q quits).
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
     /// Follow status and health transitions as they happen (Ctrl-C to stop).
     Events {
         /// Only this tool's events.
@@ -735,6 +741,27 @@ pub async fn run_client(command: Command, args: &ClientArgs) -> anyhow::Result<(
             }
         }
         Command::Events { tool } => follow_events(&client, tool.as_deref(), args.json).await?,
+        Command::Top { interval } => {
+            if !(0.1..=3600.0).contains(&interval) {
+                bail!("--interval must be between 0.1 and 3600 seconds");
+            }
+            let fetch = async || -> anyhow::Result<(Vec<Deployment>, String)> {
+                let (ds, _): (Vec<Deployment>, _) = client
+                    .get("/api/v1/deployments?status=STARTING,RUNNING")
+                    .await?;
+                let mut req = client.http.get(format!("{}/metrics", client.base));
+                if let Some(t) = &client.token {
+                    req = req.bearer_auth(t);
+                }
+                // Without metrics (turned off), the table still shows statuses.
+                let metrics = match req.send().await {
+                    Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
+                    _ => String::new(),
+                };
+                Ok((ds, metrics))
+            };
+            crate::top::run(fetch, &client.base, Duration::from_secs_f64(interval)).await?;
+        }
         Command::Logs { id, follow, tail } => {
             use futures_util::StreamExt as _;
             use std::io::Write as _;

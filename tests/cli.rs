@@ -614,6 +614,99 @@ fn logs_print_and_follow_a_deployments_output_until_it_ends() {
     assert!(status.success());
 }
 
+/// Runs `tmux` with these arguments, returning its stdout.
+fn tmux(args: &[&str]) -> String {
+    let out = Command::new("tmux")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("tmux is missing ({e}): apt-get install tmux (scripts/test does this)")
+        });
+    assert!(
+        out.status.success(),
+        "tmux {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn top_shows_live_deployments_in_a_real_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let sb = Serve::start(dir.path(), &[]);
+    sb.ok(&[
+        "tool",
+        "add",
+        "topped",
+        "--",
+        test_server_bin().to_str().unwrap(),
+        "--port",
+        "{port}",
+    ]);
+    let d = sb.json(&["deploy", "topped", "--wait"]);
+    let short = d["id"].as_str().unwrap().replace('-', "")[..12].to_owned();
+    let session = format!("sbtop-{}", std::process::id());
+    let cmd = format!(
+        "{} --url {} top --interval 0.2",
+        switchboard_bin().display(),
+        sb.url
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "150",
+        "-y",
+        "30",
+        &cmd,
+    ]);
+    let screen = |session: &str| tmux(&["capture-pane", "-p", "-t", session]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let shown = loop {
+        let s = screen(&session);
+        if s.contains(&short) && s.contains("HEALTHY") || std::time::Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(shown.contains("switchboard top"), "{shown}");
+    assert!(shown.contains("topped"), "{shown}");
+    assert!(shown.contains(&short), "{shown}");
+    assert!(shown.contains("RUNNING"), "{shown}");
+    assert!(shown.contains("HEALTHY"), "{shown}");
+    assert!(shown.contains("MiB"), "memory is shown: {shown}");
+    // It refreshes in place: a stop shows up without restarting top.
+    sb.ok(&["stop", d["id"].as_str().unwrap()]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = screen(&session);
+        if !s.contains(&short) {
+            assert!(s.contains("0 live"), "{s}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stop never showed: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // q quits and the session (whose only program was top) ends.
+    tmux(&["send-keys", "-t", &session, "q"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Command::new("tmux")
+        .args(["has-session", "-t", &session])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(std::time::Instant::now() < deadline, "q did not quit top");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn add_tree_tool(sb: &Serve, pids: &Path) {
     sb.ok(&[
         "tool",
