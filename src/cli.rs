@@ -292,6 +292,24 @@ impl Client {
         }
     }
 
+    /// A GET whose body is read as it arrives (event and log streams); fails on an error
+    /// status.
+    async fn get_stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| anyhow!("cannot reach Switchboard at {}: {e}", self.base))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            bail!("HTTP {status}: {}", resp.text().await.unwrap_or_default());
+        }
+        Ok(resp)
+    }
+
     async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<(T, Value)> {
         let v = self.call(reqwest::Method::GET, path, None).await?;
         Ok((serde_json::from_value(v.clone())?, v))
@@ -516,22 +534,11 @@ fn print_tool(t: &Tool) {
 /// Prints transitions from `GET /api/v1/events` until the server ends the stream.
 async fn follow_events(client: &Client, tool: Option<&str>, json: bool) -> anyhow::Result<()> {
     use futures_util::StreamExt as _;
-    let mut url = format!("{}/api/v1/events", client.base);
-    if let Some(t) = tool {
-        url.push_str(&format!("?tool={t}"));
-    }
-    let mut req = client.http.get(&url);
-    if let Some(t) = &client.token {
-        req = req.bearer_auth(t);
-    }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| anyhow!("cannot reach Switchboard at {}: {e}", client.base))?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        bail!("HTTP {status}: {}", resp.text().await.unwrap_or_default());
-    }
+    let path = match tool {
+        Some(t) => format!("/api/v1/events?tool={t}"),
+        None => "/api/v1/events".to_owned(),
+    };
+    let resp = client.get_stream(&path).await?;
     if !json {
         eprintln!("Following events (Ctrl-C to stop)...");
     }
@@ -766,22 +773,11 @@ pub async fn run_client(command: Command, args: &ClientArgs) -> anyhow::Result<(
             use futures_util::StreamExt as _;
             use std::io::Write as _;
             let id = resolve_id(&client, &id).await?;
-            let url = format!(
-                "{}/api/v1/deployments/{id}/logs?tail={tail}&follow={follow}",
-                client.base
-            );
-            let mut req = client.http.get(&url);
-            if let Some(t) = &client.token {
-                req = req.bearer_auth(t);
-            }
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| anyhow!("cannot reach Switchboard at {}: {e}", client.base))?;
-            if !resp.status().is_success() {
-                let status = resp.status();
-                bail!("HTTP {status}: {}", resp.text().await.unwrap_or_default());
-            }
+            let resp = client
+                .get_stream(&format!(
+                    "/api/v1/deployments/{id}/logs?tail={tail}&follow={follow}"
+                ))
+                .await?;
             let mut body = resp.bytes_stream();
             let mut out = std::io::stdout().lock();
             while let Some(chunk) = body.next().await {

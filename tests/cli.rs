@@ -97,6 +97,28 @@ impl Serve {
         )
     }
 
+    /// Starts a long-running client command; its stdout lines arrive on the receiver.
+    fn spawn_lines(&self, args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+        let mut child = Command::new(switchboard_bin())
+            .arg("--url")
+            .arg(&self.url)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        (child, rx)
+    }
+
     fn ok(&self, args: &[&str]) -> String {
         let (ok, out, err) = self.cli(args);
         assert!(ok, "switchboard {args:?} failed:\n{out}\n{err}");
@@ -399,30 +421,8 @@ fn a_stale_record_never_gets_an_unrelated_process_signalled() {
 fn health_and_events_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let sb = Serve::start(dir.path(), &[]);
-    sb.ok(&[
-        "tool",
-        "add",
-        "echo",
-        "--",
-        test_server_bin().to_str().unwrap(),
-        "--port",
-        "{port}",
-    ]);
-    let mut follower = Command::new(switchboard_bin())
-        .args(["--url", &sb.url, "events", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = follower.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    add_server_tool(&sb, "echo");
+    let (mut follower, rx) = sb.spawn_lines(&["events", "--json"]);
     // The follower subscribes asynchronously: deploy until it has seen a deployment run.
     let mut ids = Vec::new();
     let seen = 'outer: loop {
@@ -503,15 +503,7 @@ fn on_exit_keep_leaves_deployments_running_for_the_next_start_and_stop_is_the_de
 fn json_logs_carry_one_access_line_per_proxied_request() {
     let dir = tempfile::tempdir().unwrap();
     let mut sb = Serve::start(dir.path(), &["--log-format", "json"]);
-    sb.ok(&[
-        "tool",
-        "add",
-        "echo",
-        "--",
-        test_server_bin().to_str().unwrap(),
-        "--port",
-        "{port}",
-    ]);
+    add_server_tool(&sb, "echo");
     let d = sb.json(&["deploy", "echo", "--wait"]);
     let id = d["id"].as_str().unwrap().to_owned();
     // One plain proxied request, by hand.
@@ -552,36 +544,14 @@ fn json_logs_carry_one_access_line_per_proxied_request() {
 fn logs_print_and_follow_a_deployments_output_until_it_ends() {
     let dir = tempfile::tempdir().unwrap();
     let sb = Serve::start(dir.path(), &[]);
-    sb.ok(&[
-        "tool",
-        "add",
-        "echo",
-        "--",
-        test_server_bin().to_str().unwrap(),
-        "--port",
-        "{port}",
-    ]);
+    add_server_tool(&sb, "echo");
     let d = sb.json(&["deploy", "echo", "--wait"]);
     let id = d["id"].as_str().unwrap().to_owned();
     let started = format!("--- switchboard: starting deployment {id}");
     let out = sb.ok(&["logs", &id[..8]]);
     assert!(out.contains(&started), "{out}");
 
-    let mut follower = Command::new(switchboard_bin())
-        .args(["--url", &sb.url, "logs", "-f", "--tail", "1000", &id])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = follower.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut follower, rx) = sb.spawn_lines(&["logs", "-f", "--tail", "1000", &id]);
     let next_start = |rx: &mpsc::Receiver<String>| loop {
         let line = rx
             .recv_timeout(Duration::from_secs(30))
@@ -634,15 +604,7 @@ fn tmux(args: &[&str]) -> String {
 fn top_shows_live_deployments_in_a_real_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let sb = Serve::start(dir.path(), &[]);
-    sb.ok(&[
-        "tool",
-        "add",
-        "topped",
-        "--",
-        test_server_bin().to_str().unwrap(),
-        "--port",
-        "{port}",
-    ]);
+    add_server_tool(&sb, "topped");
     let d = sb.json(&["deploy", "topped", "--wait"]);
     let short = d["id"].as_str().unwrap().replace('-', "")[..12].to_owned();
     let session = format!("sbtop-{}", std::process::id());
@@ -705,6 +667,19 @@ fn top_shows_live_deployments_in_a_real_terminal() {
         assert!(std::time::Instant::now() < deadline, "q did not quit top");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Registers the repo's test server as tool `slug`.
+fn add_server_tool(sb: &Serve, slug: &str) {
+    sb.ok(&[
+        "tool",
+        "add",
+        slug,
+        "--",
+        test_server_bin().to_str().unwrap(),
+        "--port",
+        "{port}",
+    ]);
 }
 
 fn add_tree_tool(sb: &Serve, pids: &Path) {
