@@ -771,7 +771,12 @@ impl Manager {
                 return;
             }
             tracing::warn!(deployment = %id, tool = %spec.slug, reason = %ending, "Deployment ended; restarting per its policy");
-            pending_restart = Some(ending.to_string());
+            // The server's last words usually say why (a missing file, a bad flag).
+            let last_line = self.runtime.logs_tail(id, 1).await;
+            pending_restart = Some(match last_line.trim() {
+                "" => ending.to_string(),
+                line => format!("{ending}; last log line: {line}"),
+            });
         }
     }
 

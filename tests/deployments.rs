@@ -566,3 +566,26 @@ async fn a_plain_http_health_path_replaces_the_mcp_probe() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_crash_loop_shows_in_the_record_with_the_servers_last_words() {
+    let app = TestApp::start().await;
+    app.add_test_tool(
+        "loop",
+        &["--exit-after-ms", "100"],
+        json!({"restart": {"initial_delay_ms": 100, "max_delay_ms": 100}}),
+    )
+    .await;
+    let d = app.deploy_wait("loop").await;
+    let id = d["id"].as_str().unwrap();
+    let r = app
+        .wait_record(id, "in a crash loop", |r| {
+            r["restart_count"].as_u64().unwrap_or(0) >= 2
+        })
+        .await;
+    assert_eq!(r["desired"], "RUNNING", "{r}");
+    let last = r["last_exit"].as_str().unwrap();
+    assert!(last.contains("exit status 3"), "{r}");
+    assert!(last.contains("exiting after 100 ms as asked"), "{r}");
+    app.stop().await;
+}
