@@ -342,15 +342,7 @@ fn what_died_while_switchboard_was_down_is_restarted_and_its_leftovers_killed() 
         !alive(tree[1]),
         "the leftover grandchild survived the restart"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let rec = loop {
-        let rec = record(&sb, &id);
-        let restarted = rec["status"] == "RUNNING" && rec["restart_count"] == 1;
-        if restarted || std::time::Instant::now() > deadline {
-            break rec;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let rec = restarted_record(&sb, &id);
     assert_eq!(rec["status"], "RUNNING", "{rec}");
     assert_eq!(rec["restart_count"], 1, "{rec}");
     assert_ne!(rec["pid"].as_u64(), Some(u64::from(tree[0])), "{rec}");
@@ -397,15 +389,7 @@ fn a_stale_record_never_gets_an_unrelated_process_signalled() {
         alive(by_pid),
         "an unrelated process with a reused pid was signalled"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let rec = loop {
-        let rec = record(&sb, &id);
-        let restarted = rec["status"] == "RUNNING" && rec["restart_count"] == 1;
-        if restarted || std::time::Instant::now() > deadline {
-            break rec;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let rec = restarted_record(&sb, &id);
     assert_eq!(rec["status"], "RUNNING", "restarted, not adopted: {rec}");
     assert_ne!(rec["pid"].as_u64(), Some(u64::from(by_pid)), "{rec}");
     sb.json(&["stop", &id]);
@@ -695,6 +679,20 @@ fn add_tree_tool(sb: &Serve, pids: &Path) {
         "--pid-file",
         pids.to_str().unwrap(),
     ]);
+}
+
+/// The deployment's record once its first restart is recorded and it runs again (or, after
+/// 30 s, as it is, for the caller's assertions to describe).
+fn restarted_record(sb: &Serve, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let rec = record(sb, id);
+        let restarted = rec["status"] == "RUNNING" && rec["restart_count"] == 1;
+        if restarted || std::time::Instant::now() > deadline {
+            return rec;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn record(sb: &Serve, id: &str) -> Value {
