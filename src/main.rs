@@ -16,6 +16,9 @@ fn main() -> std::process::ExitCode {
     if launch::is_shim_invocation() {
         launch::run_shim();
     }
+    if launch::is_log_invocation() {
+        launch::run_log_writer();
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),

@@ -534,6 +534,17 @@ fn logs_print_and_follow_a_deployments_output_until_it_ends() {
     let started = format!("--- switchboard: starting deployment {id}");
     let out = sb.ok(&["logs", &id[..8]]);
     assert!(out.contains(&started), "{out}");
+    // The server's own lines carry the time they were written.
+    let line = out
+        .lines()
+        .find(|l| l.contains("mcp-test-server: listening on"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let (stamp, rest) = line.split_once(' ').unwrap();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(stamp).is_ok(),
+        "no timestamp: {line}"
+    );
+    assert!(rest.starts_with("mcp-test-server: listening on"), "{line}");
 
     let (mut follower, rx) = sb.spawn_lines(&["logs", "-f", "--tail", "1000", &id]);
     let next_start = |rx: &mpsc::Receiver<String>| loop {
@@ -566,6 +577,26 @@ fn logs_print_and_follow_a_deployments_output_until_it_ends() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success());
+    // The log writers (one per process run) end with the deployment too.
+    let writers = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .filter(|c| {
+                let c = String::from_utf8_lossy(c);
+                c.contains("__log") && c.contains(&id)
+            })
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while writers() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a log writer outlived its deployment"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Runs `tmux` with these arguments, returning its stdout.

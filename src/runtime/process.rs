@@ -30,6 +30,11 @@ use super::{
 };
 use crate::deployment::ExitInfo;
 
+/// A deployment's log is rotated at this size (by the log writer the launch shim starts)...
+pub const LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
+/// ...keeping this many older files (`<id>.log.1` …).
+pub const LOG_KEEP: u32 = 3;
+
 /// Environment variables a server must never inherit from Switchboard.
 const SCRUBBED_ENV: &[&str] = &["SWITCHBOARD_API_TOKEN", "SWITCHBOARD_TOKEN"];
 
@@ -208,6 +213,10 @@ impl ProcessRuntime {
                 let mut cmd = Command::new(shim);
                 cmd.arg(SHIM_ARG)
                     .arg(dir.join("cgroup.procs"))
+                    .arg("--log")
+                    .arg(&log_path)
+                    .arg(LOG_MAX_BYTES.to_string())
+                    .arg(LOG_KEEP.to_string())
                     .arg("--")
                     .arg(&spec.program);
                 (cmd, Some(dir))
@@ -437,6 +446,17 @@ impl Runtime for ProcessRuntime {
     fn logs_tail(&self, id: Uuid, lines: usize) -> BoxFuture<'_, String> {
         let path = self.log_path(id);
         async move {
+            // Called when a server has just ended: its log writer may still be writing its
+            // last words. Wait (briefly) until the file stops growing.
+            let mut last = None;
+            for _ in 0..25 {
+                let len = std::fs::metadata(&path).map(|m| m.len()).ok();
+                if len.is_some() && len == last {
+                    break;
+                }
+                last = len;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             tokio::task::spawn_blocking(move || tail(&path, lines, 8192))
                 .await
                 .unwrap_or_default()
