@@ -616,32 +616,46 @@ impl Store {
         Ok(affected == 1)
     }
 
-    /// Records many health checks in one transaction (one commit, so one fsync, for a whole
-    /// round of checks instead of one per check).
+    /// Records a round of health checks whose results did not change: one UPDATE per health
+    /// value (so at most three statements for any number of deployments), all stamped with the
+    /// round's newest check time.
     pub async fn set_health_many(
         &self,
         checks: &[(Uuid, HealthStatus, DateTime<Utc>)],
     ) -> Result<(), StoreError> {
-        if checks.is_empty() {
+        let Some(at) = checks.iter().map(|c| c.2).max() else {
             return Ok(());
-        }
+        };
         let now = now();
-        on_pool!(self, pool, sql => {
-            let mut tx = pool.begin().await?;
-            for (id, health, at) in checks {
-                sqlx::query(sql(
-                    "UPDATE deployments SET health_status = ?, last_health_check = ?, \
-                     updated_at = ? WHERE id = ? AND status = 'RUNNING'",
-                ))
-                .bind(health.as_str())
-                .bind(*at)
-                .bind(now)
-                .bind(id.to_string())
-                .execute(&mut *tx)
-                .await?;
+        for health in [
+            HealthStatus::Healthy,
+            HealthStatus::Unhealthy,
+            HealthStatus::Unknown,
+        ] {
+            // Bounded IN lists: every backend takes a few hundred binds in one statement.
+            let ids: Vec<String> = checks
+                .iter()
+                .filter(|c| c.1 == health)
+                .map(|c| c.0.to_string())
+                .collect();
+            for chunk in ids.chunks(500) {
+                on_pool!(self, pool, _sql => {
+                    let mut qb = sqlx::QueryBuilder::new("UPDATE deployments SET health_status = ");
+                    qb.push_bind(health.as_str())
+                        .push(", last_health_check = ")
+                        .push_bind(at)
+                        .push(", updated_at = ")
+                        .push_bind(now)
+                        .push(" WHERE status = 'RUNNING' AND id IN (");
+                    let mut sep = qb.separated(", ");
+                    for id in chunk {
+                        sep.push_bind(id.clone());
+                    }
+                    qb.push(")");
+                    qb.build().execute(pool).await?;
+                });
             }
-            tx.commit().await?;
-        });
+        }
         Ok(())
     }
 

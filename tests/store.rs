@@ -66,6 +66,7 @@ contract!(
     nodes_own_their_deployments_and_ports,
     listings_page_in_deployment_order,
     restarts_keep_the_record_until_a_stop_is_desired,
+    a_round_of_health_checks_is_written_at_once,
 );
 
 fn spec(slug: &str) -> ToolSpec {
@@ -583,4 +584,42 @@ async fn restarts_keep_the_record_until_a_stop_is_desired(s: Store) {
             .await
             .unwrap()
     );
+}
+
+async fn a_round_of_health_checks_is_written_at_once(s: Store) {
+    let t = s.insert_tool(&spec("t")).await.unwrap();
+    let a = deployment(&t, 9101, DeploymentStatus::Starting);
+    let b = deployment(&t, 9102, DeploymentStatus::Starting);
+    let c = deployment(&t, 9103, DeploymentStatus::Starting);
+    for d in [&a, &b, &c] {
+        s.insert_deployment(d).await.unwrap();
+    }
+    s.mark_running(a.id).await.unwrap();
+    s.mark_running(b.id).await.unwrap();
+    // c stays STARTING: a check result for it is not written.
+    let t1 = now() + chrono::Duration::seconds(1);
+    let t2 = now() + chrono::Duration::seconds(2);
+    s.set_health_many(&[
+        (a.id, HealthStatus::Healthy, t1),
+        (b.id, HealthStatus::Unhealthy, t2),
+        (c.id, HealthStatus::Healthy, t2),
+    ])
+    .await
+    .unwrap();
+    let got = |id| {
+        let s = s.clone();
+        async move { s.get_deployment(id).await.unwrap().unwrap() }
+    };
+    let (ga, gb, gc) = (got(a.id).await, got(b.id).await, got(c.id).await);
+    assert_eq!(ga.health_status, HealthStatus::Healthy);
+    assert_eq!(gb.health_status, HealthStatus::Unhealthy);
+    assert_eq!(
+        ga.last_health_check,
+        Some(t2),
+        "stamped with the round's newest check"
+    );
+    assert_eq!(gb.last_health_check, Some(t2));
+    assert_eq!(gc.health_status, HealthStatus::Unknown);
+    assert_eq!(gc.last_health_check, None);
+    s.set_health_many(&[]).await.unwrap();
 }

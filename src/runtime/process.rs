@@ -447,15 +447,16 @@ impl Runtime for ProcessRuntime {
         let path = self.log_path(id);
         async move {
             // Called when a server has just ended: its log writer may still be writing its
-            // last words. Wait (briefly) until the file stops growing.
+            // last words (it reads them off the pipe within microseconds of the exit). Wait
+            // until the file stops growing: two equal sizes 5 ms apart, 200 ms at most.
             let mut last = None;
-            for _ in 0..25 {
+            for _ in 0..40 {
                 let len = std::fs::metadata(&path).map(|m| m.len()).ok();
                 if len.is_some() && len == last {
                     break;
                 }
                 last = len;
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
             tokio::task::spawn_blocking(move || tail(&path, lines, 8192))
                 .await
