@@ -1018,13 +1018,7 @@ impl Manager {
                 status: d.status,
             });
         }
-        let tool = self
-            .store
-            .list_tools()
-            .await?
-            .into_iter()
-            .find(|t| t.id == d.tool_id)
-            .ok_or_else(|| ManagerError::ToolNotFound(d.tool_slug.clone()))?;
+        let tool = self.get_tool(&d.tool_slug).await?;
         Ok(self.check(&d.endpoint_url, &tool.spec).await)
     }
 

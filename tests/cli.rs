@@ -330,11 +330,7 @@ fn what_died_while_switchboard_was_down_is_restarted_and_its_leftovers_killed() 
     sb.wait();
     let tree = read_pids(&pids);
     // The server dies while nobody supervises it; its setsid grandchild lives on.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(tree[0] as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    common::sigkill(tree[0] as i32);
     assert!(alive(tree[1]));
 
     let sb = Serve::start(dir.path(), &[]);
@@ -557,11 +553,7 @@ fn logs_print_and_follow_a_deployments_output_until_it_ends() {
     };
     // The tail first; then output written after the follower attached: a restart's banner.
     next_start(&rx);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(d["pid"].as_u64().unwrap() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    common::sigkill(d["pid"].as_u64().unwrap() as i32);
     next_start(&rx);
     sb.ok(&["stop", &id]);
     // The deployment ended: the stream ends and the follower exits by itself.

@@ -336,11 +336,7 @@ async fn a_killed_server_is_restarted_on_its_port_and_the_record_says_so() {
     let d = app.deploy_wait("phoenix").await;
     let id = d["id"].as_str().unwrap();
     let pid = d["pid"].as_u64().unwrap() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    common::sigkill(pid);
     // The first restart is immediate (no backoff before it).
     let r = app
         .wait_record(id, "RUNNING again", |r| {
@@ -458,11 +454,7 @@ async fn events_stream_every_transition_and_health_checks_run_on_demand() {
     assert!(h["latency_ms"].as_f64().unwrap() > 0.0, "{h}");
 
     let pid = d["pid"].as_u64().unwrap() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    common::sigkill(pid);
     let mut seen = Vec::new();
     // Two RUNNINGs: the deploy's, then the restart's.
     let runnings = std::cell::Cell::new(0);

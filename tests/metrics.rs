@@ -44,11 +44,7 @@ async fn metrics_count_real_traffic_checks_and_restarts_and_pass_promtool() {
     // Two health checks at least.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let pid = d["pid"].as_u64().unwrap() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    common::sigkill(pid);
     app.wait_record(&id, "restarted", |r| {
         r["status"] == "RUNNING" && r["restart_count"] == 1
     })

@@ -341,11 +341,7 @@ async fn a_killed_replica_drops_its_sessions() {
     let sid = legacy_session(&url).await;
     whoami_in_session(&url, &sid).await.unwrap();
     let pid = d["pid"].as_u64().unwrap() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    common::sigkill(pid);
     // Restarted (same deployment, same port, a fresh process): the session is gone with the
     // old process, and the client hears 404, never another session's answers.
     app.wait_record(d["id"].as_str().unwrap(), "restarted", |r| {
@@ -524,11 +520,7 @@ async fn an_upstream_that_refuses_connections_is_a_502() {
         routes::{Backend, RouteTable},
     };
     // A port nothing listens on: bind, note it, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let routes = Arc::new(RouteTable::new());
     routes.add_tool("gone");
     routes.add_backend(
@@ -566,16 +558,9 @@ async fn a_failing_replica_is_ejected_from_balancing() {
         Proxy,
         routes::{Backend, EJECT_AFTER, RouteTable},
     };
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
     // A real server on one port; nothing on the other.
-    let live = free_port();
-    let dead = free_port();
+    let live = common::free_port();
+    let dead = common::free_port();
     let mut server = std::process::Command::new(common::test_server_bin())
         .args(["--port", &live.to_string()])
         .spawn()

@@ -65,11 +65,7 @@ async fn outage(url: String, halt: impl Fn(), resume: impl Fn()) {
 
     // Something happens while the database is away: a deployment dies.
     let pid = victim["pid"].as_u64().unwrap() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    common::sigkill(pid);
     eventually(Duration::from_secs(10), || async {
         let (st, b) = app.call("POST", "/mcp/victim", Some(json!({}))).await;
         st == StatusCode::SERVICE_UNAVAILABLE && b["error"]["code"] == "no_healthy_deployment"

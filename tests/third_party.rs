@@ -66,11 +66,7 @@ async fn the_probe_speaks_the_modern_era_to_a_dual_era_server() {
 
 #[tokio::test]
 async fn the_probe_reports_a_dead_endpoint() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let check = Prober::new()
         .check(
             &format!("http://127.0.0.1:{port}/mcp"),

@@ -346,6 +346,24 @@ pub fn kill_node_trees(data_dir: &std::path::Path) {
     let _ = std::fs::remove_dir(root.base());
 }
 
+/// SIGKILLs one process (a server the test wants to see crash).
+pub fn sigkill(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+/// A loopback port nothing listens on (bound, noted, closed).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Waits until `cond` holds, failing the test after `timeout`.
 pub async fn eventually<F, Fut>(timeout: Duration, mut cond: F)
 where
@@ -531,11 +549,7 @@ impl PgServer {
             .filter(|b| b.join("initdb").exists())
             .expect("PostgreSQL server binaries are missing: apt-get install postgresql");
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let pgdir = dir.path().join("pg");
         std::fs::create_dir(&pgdir).unwrap();
         let chown = |p: &std::path::Path, mode: &str| {
@@ -629,11 +643,7 @@ impl MariaServer {
             "mariadbd is missing: apt-get install mariadb-server (scripts/test installs it)"
         );
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let my = dir.path().join("my");
         std::fs::create_dir(&my).unwrap();
         for (p, mode, owner) in [(dir.path(), "1777", "root"), (my.as_path(), "700", "mysql")] {
