@@ -124,6 +124,18 @@ impl Prober {
         Prober { client }
     }
 
+    /// A prober whose every connection goes to the Unix socket at `path` (a stdio
+    /// deployment's bridge); URLs then only name the path.
+    pub fn unix(path: &std::path::Path) -> Prober {
+        let client = reqwest::Client::builder()
+            .unix_socket(path)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
+        Prober { client }
+    }
+
     /// One full check of the MCP endpoint at `url`, bounded by `timeout` per request.
     pub async fn check(&self, url: &str, timeout: Duration) -> HealthCheckResult {
         let started = Instant::now();

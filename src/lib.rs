@@ -14,5 +14,6 @@ pub mod registry;
 pub mod restart;
 pub mod runtime;
 pub mod server;
+pub mod stdio;
 pub mod store;
 pub mod top;

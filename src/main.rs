@@ -19,6 +19,9 @@ fn main() -> std::process::ExitCode {
     if launch::is_log_invocation() {
         launch::run_log_writer();
     }
+    if switchboard::stdio::is_bridge_invocation() {
+        switchboard::stdio::run_bridge();
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),

@@ -37,9 +37,9 @@ use crate::{
     metrics::Metrics,
     ports::{PortAllocator, PortsExhausted},
     proxy::routes::{Backend, RouteTable},
-    registry::{SpecError, Tool, ToolSpec},
+    registry::{SpecError, Tool, ToolSpec, Transport},
     restart::{Backoff, Ending},
-    runtime::{LaunchSpec, ProcessId, Runtime, RuntimeError},
+    runtime::{LaunchSpec, ProcessId, Runtime, RuntimeError, StopMode},
     store::{DeleteTool, DeploymentFilter, Store, StoreError},
 };
 
@@ -85,6 +85,10 @@ pub enum ManagerError {
     NotOwner { id: Uuid, node: String },
     #[error("deployment {id} is {status}: only a live deployment can be checked")]
     NotLive { id: Uuid, status: DeploymentStatus },
+    #[error("deployment {0} is not a stdio deployment: it has no sessions of its own")]
+    NotStdio(Uuid),
+    #[error("the stdio bridge of deployment {id} did not answer: {message}")]
+    Bridge { id: Uuid, message: String },
 }
 
 /// Lines of a failed server's log quoted in its record's `error`.
@@ -126,7 +130,32 @@ pub struct Manager {
     health_log: HealthLog,
     /// `None` when metrics are off.
     metrics: Option<Arc<Metrics>>,
+    stdio: StdioHosting,
 }
+
+/// How `stdio` tools are run: through the bridge (`switchboard __stdio`, see `stdio`), which
+/// listens on a Unix socket per deployment.
+#[derive(Debug, Clone)]
+pub struct StdioHosting {
+    /// The switchboard executable (the bridge is one of its modes).
+    pub bridge: std::path::PathBuf,
+    /// Where the bridges' sockets live (`<data dir>/run`).
+    pub socket_dir: std::path::PathBuf,
+    /// Switchboard's own URL (`http://127.0.0.1:7300`): a stdio deployment's endpoint is
+    /// `<public_url>/mcp/<slug>`.
+    pub public_url: String,
+}
+
+/// Where and how a deployment's health is probed.
+struct ProbeTarget {
+    prober: Prober,
+    url: String,
+    /// A plain HTTP health URL, probed instead of the MCP endpoint when present.
+    plain: Option<String>,
+}
+
+/// The longest Unix socket path Linux accepts (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
 
 /// Unchanged health-check results, written to the store in batches: with 1,000 deployments
 /// checked every 10 s, one commit per second instead of a hundred (each commit is an fsync on
@@ -197,6 +226,7 @@ pub struct Applied {
 }
 
 impl Manager {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         ports: PortAllocator,
@@ -205,6 +235,7 @@ impl Manager {
         routes: Arc<RouteTable>,
         node_id: String,
         metrics: Option<Arc<Metrics>>,
+        stdio: StdioHosting,
     ) -> Arc<Manager> {
         Arc::new_cyclic(|me| Manager {
             me: me.clone(),
@@ -222,7 +253,35 @@ impl Manager {
             exit_policy: Mutex::new(ExitPolicy::default()),
             health_log: HealthLog::new(),
             metrics,
+            stdio,
         })
+    }
+
+    /// The Unix socket a stdio deployment's bridge serves on.
+    fn socket_path(&self, id: Uuid) -> std::path::PathBuf {
+        self.stdio.socket_dir.join(format!("{}.sock", id.simple()))
+    }
+
+    /// How a deployment is probed: its MCP endpoint (or plain health path) over TCP, or, for a
+    /// stdio deployment, the bridge's `/health` on its socket (a probe on the server's pipe).
+    fn probe_target(&self, id: Uuid, endpoint_url: &str, spec: &ToolSpec) -> ProbeTarget {
+        if spec.transport == Transport::Stdio {
+            return ProbeTarget {
+                prober: Prober::unix(&self.socket_path(id)),
+                url: "http://bridge/mcp".to_owned(),
+                plain: Some("http://bridge/health".to_owned()),
+            };
+        }
+        ProbeTarget {
+            prober: self.prober.clone(),
+            url: endpoint_url.to_owned(),
+            plain: spec.health.http_path.as_ref().map(|p| {
+                let base = endpoint_url
+                    .strip_suffix(spec.endpoint_path.as_str())
+                    .unwrap_or(endpoint_url);
+                format!("{base}{p}")
+            }),
+        }
     }
 
     pub fn metrics(&self) -> Option<&Arc<Metrics>> {
@@ -393,6 +452,11 @@ impl Manager {
                                 pid,
                                 start_time: Some(t),
                             },
+                            if tool.spec.transport == Transport::Stdio {
+                                StopMode::MainFirst
+                            } else {
+                                StopMode::Tree
+                            },
                         ),
                         _ => false,
                     };
@@ -459,8 +523,10 @@ impl Manager {
     /// Puts a deployment found in the store under supervision: adopted (its process runs) or
     /// to be started again at once.
     fn supervise_existing(self: &Arc<Self>, d: Deployment, tool: Tool, adopted: bool) {
-        let Some(port) = d.port else { return };
-        let Ok(backend) = self.backend_for(&d, &tool.spec, port) else {
+        if d.port.is_none() && tool.spec.transport != Transport::Stdio {
+            return;
+        }
+        let Ok(backend) = self.backend_for(&d, &tool.spec) else {
             return;
         };
         let (cancel, done_tx) = self.insert_live(&d, &tool.spec, d.status);
@@ -597,19 +663,40 @@ impl Manager {
             return Err(ManagerError::ShuttingDown);
         }
         let spec = &tool.spec;
-        spec.check_deployable()?;
-        let port = self.ports.allocate()?;
+        let stdio = spec.transport == Transport::Stdio;
+        // A stdio server is reached through its bridge's socket: no port from the range.
+        let port = if stdio {
+            None
+        } else {
+            Some(self.ports.allocate()?)
+        };
+        let release = |port: Option<u16>| {
+            if let Some(p) = port {
+                self.ports.release(p);
+            }
+        };
+        let id = Uuid::new_v4();
+        if stdio && self.socket_path(id).as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(ManagerError::Internal(format!(
+                "the data directory's path is too long for a Unix socket ({} > {MAX_SOCKET_PATH} \
+                 bytes): use a shorter data_dir to host stdio servers",
+                self.socket_path(id).display()
+            )));
+        }
         let now = crate::store::now();
         let d = Deployment {
-            id: Uuid::new_v4(),
+            id,
             tool_id: tool.id,
             tool_slug: spec.slug.clone(),
             node_id: self.node_id.clone(),
-            endpoint_url: format!(
-                "http://{}:{port}{}",
-                self.advertise_host, spec.endpoint_path
-            ),
-            port: Some(port),
+            endpoint_url: match port {
+                Some(port) => format!(
+                    "http://{}:{port}{}",
+                    self.advertise_host, spec.endpoint_path
+                ),
+                None => format!("{}/mcp/{}", self.stdio.public_url, spec.slug),
+            },
+            port,
             status: DeploymentStatus::Starting,
             health_status: HealthStatus::Unknown,
             last_health_check: None,
@@ -626,15 +713,15 @@ impl Manager {
             next_restart_at: None,
             pid_start_time: None,
         };
-        let backend = match self.backend_for(&d, spec, port) {
+        let backend = match self.backend_for(&d, spec) {
             Ok(b) => b,
             Err(e) => {
-                self.ports.release(port);
+                release(port);
                 return Err(e);
             }
         };
         if let Err(e) = self.store.insert_deployment(&d).await {
-            self.ports.release(port);
+            release(port);
             return Err(e.into());
         }
         self.publish(
@@ -666,16 +753,19 @@ impl Manager {
         self.get_deployment(d.id).await
     }
 
-    fn backend_for(
-        &self,
-        d: &Deployment,
-        spec: &ToolSpec,
-        port: u16,
-    ) -> Result<Backend, ManagerError> {
-        let authority =
-            http::uri::Authority::try_from(format!("{}:{port}", self.advertise_host))
-                .map_err(|e| ManagerError::Internal(format!("bad upstream authority: {e}")))?;
-        let backend = Backend::new(d.id, authority, spec.endpoint_path.clone());
+    fn backend_for(&self, d: &Deployment, spec: &ToolSpec) -> Result<Backend, ManagerError> {
+        // A stdio deployment's authority names its bridge's socket (the proxy's connector
+        // resolves `<id>.sock` in the socket directory).
+        let (authority, path) = match d.port {
+            Some(port) => (
+                format!("{}:{port}", self.advertise_host),
+                spec.endpoint_path.clone(),
+            ),
+            None => (format!("{}.sock", d.id.simple()), "/mcp".to_owned()),
+        };
+        let authority = http::uri::Authority::try_from(authority)
+            .map_err(|e| ManagerError::Internal(format!("bad upstream authority: {e}")))?;
+        let backend = Backend::new(d.id, authority, path);
         Ok(match &self.metrics {
             Some(m) => backend.with_metrics(m.backend(&spec.slug, &d.id.to_string())),
             None => backend,
@@ -712,9 +802,13 @@ impl Manager {
         &self,
         id: Uuid,
         spec: &ToolSpec,
-        port: u16,
+        port: Option<u16>,
     ) -> Result<(), RuntimeError> {
-        let process = self.runtime.start(launch_spec(id, spec, port)).await?;
+        let launch = match port {
+            Some(port) => launch_spec(id, spec, port),
+            None => self.bridge_launch_spec(id, spec),
+        };
+        let process = self.runtime.start(launch).await?;
         // The record exists and the process runs: a failure to note the pid must not leave
         // the process unsupervised (adoption after a crash then restarts it instead).
         if let Err(e) = self
@@ -728,6 +822,40 @@ impl Manager {
         Ok(())
     }
 
+    /// A stdio deployment runs the bridge, which runs the server: `switchboard __stdio
+    /// --socket ... -- <command> <args>`. The tool's environment reaches the server through
+    /// the bridge (never its command line, which any local user can read).
+    fn bridge_launch_spec(&self, id: Uuid, spec: &ToolSpec) -> LaunchSpec {
+        let mut launch = launch_spec(id, spec, 0);
+        let replicas = u64::from(spec.replicas.max(1));
+        let sessions = u64::from(spec.stdio.max_sessions).div_ceil(replicas);
+        // The bridge splits the grace period: half for stdin-closed, half after SIGTERM; the
+        // runtime kills what is left once the whole period is over.
+        let child_grace = spec.stop_grace_period_ms / 3;
+        let mut args = vec![
+            crate::stdio::BRIDGE_ARG.to_owned(),
+            "--socket".to_owned(),
+            self.socket_path(id).display().to_string(),
+            "--max-sessions".to_owned(),
+            sessions.to_string(),
+            "--idle-ms".to_owned(),
+            spec.stdio.session_idle_ms.to_string(),
+            "--pool".to_owned(),
+            spec.stdio.pool_size.to_string(),
+            "--grace-ms".to_owned(),
+            child_grace.to_string(),
+            "--startup-ms".to_owned(),
+            spec.startup_timeout_ms.to_string(),
+            "--".to_owned(),
+            launch.program,
+        ];
+        args.append(&mut launch.args);
+        launch.program = self.stdio.bridge.display().to_string();
+        launch.args = args;
+        launch.stop = StopMode::MainFirst;
+        launch
+    }
+
     /// The one task that runs a deployment's processes, from the first spawn (or adoption) to
     /// a final status: readiness, health, restarts. Returns at once when `cancel` fires; the
     /// canceller then owns the process.
@@ -735,12 +863,13 @@ impl Manager {
         self: Arc<Self>,
         id: Uuid,
         tool: Tool,
-        url: String,
+        endpoint_url: String,
         backend: Backend,
         start: Start,
         cancel: CancellationToken,
     ) {
         let spec = &tool.spec;
+        let target = self.probe_target(id, &endpoint_url, spec);
         let backend = Arc::new(backend);
         let mut backoff = Backoff::new(&spec.restart);
         let (mut running, mut pending_restart) = match start {
@@ -760,7 +889,7 @@ impl Manager {
             }
             let ending = tokio::select! {
                 _ = cancel.cancelled() => return,
-                e = self.run_once(id, spec, &url, &backend, running) => e,
+                e = self.run_once(id, spec, &target, &backend, running) => e,
             };
             running = false;
             if cancel.is_cancelled() {
@@ -786,7 +915,7 @@ impl Manager {
         &self,
         id: Uuid,
         spec: &ToolSpec,
-        url: &str,
+        target: &ProbeTarget,
         backend: &Arc<Backend>,
         already_running: bool,
     ) -> Ending {
@@ -797,7 +926,7 @@ impl Manager {
             let deadline = Instant::now() + startup;
             let ready = tokio::select! {
                 e = &mut exit => return Ending::Exited(e.unwrap_or_default()),
-                r = self.wait_ready(url, spec, deadline) => r,
+                r = self.wait_ready(target, deadline) => r,
             };
             if let Err(last) = ready {
                 return Ending::NotReady(format!(
@@ -845,7 +974,7 @@ impl Manager {
         }
         tokio::select! {
             e = &mut exit => Ending::Exited(e.unwrap_or_default()),
-            why = self.watch_health(id, spec, url, backend) => Ending::Unhealthy(why),
+            why = self.watch_health(id, spec, target, backend) => Ending::Unhealthy(why),
         }
     }
 
@@ -856,7 +985,7 @@ impl Manager {
         &self,
         id: Uuid,
         spec: &ToolSpec,
-        url: &str,
+        target: &ProbeTarget,
         backend: &Arc<Backend>,
     ) -> String {
         let h = &spec.health;
@@ -867,7 +996,7 @@ impl Manager {
         let (mut fails, mut oks) = (0u32, 0u32);
         loop {
             ticks.tick().await;
-            let r = self.check(url, spec).await;
+            let r = self.check(target, spec).await;
             let healthy = r.status == HealthStatus::Healthy;
             if let Some(m) = &self.metrics {
                 m.health_check(&spec.slug, &id.to_string(), healthy, r.latency_ms / 1000.0);
@@ -935,23 +1064,15 @@ impl Manager {
     }
 
     /// One health check of a deployment's server, as its tool's settings say.
-    async fn check(&self, url: &str, spec: &ToolSpec) -> HealthCheckResult {
-        let plain = self.plain_health_url(url, spec);
-        self.prober
+    async fn check(&self, target: &ProbeTarget, spec: &ToolSpec) -> HealthCheckResult {
+        target
+            .prober
             .check_within(
-                url,
-                plain.as_deref(),
+                &target.url,
+                target.plain.as_deref(),
                 Duration::from_millis(spec.health.timeout_ms),
             )
             .await
-    }
-
-    /// The tool's plain HTTP health URL on the same server, when it names one.
-    fn plain_health_url(&self, url: &str, spec: &ToolSpec) -> Option<String> {
-        spec.health.http_path.as_ref().map(|p| {
-            let base = url.strip_suffix(spec.endpoint_path.as_str()).unwrap_or(url);
-            format!("{base}{p}")
-        })
     }
 
     /// The file a deployment's output goes to, for reading its logs; `None` when it has
@@ -1009,6 +1130,47 @@ impl Manager {
         })
     }
 
+    /// A live stdio deployment's open MCP sessions and server processes, from its bridge.
+    pub async fn stdio_sessions(
+        &self,
+        id: Uuid,
+    ) -> Result<crate::stdio::BridgeSessions, ManagerError> {
+        let d = self.get_deployment(id).await?;
+        let tool = self.get_tool(&d.tool_slug).await?;
+        if tool.spec.transport != Transport::Stdio {
+            return Err(ManagerError::NotStdio(id));
+        }
+        if !d.status.is_live() {
+            return Err(ManagerError::NotLive {
+                id,
+                status: d.status,
+            });
+        }
+        if d.node_id != self.node_id {
+            return Err(ManagerError::NotOwner {
+                id,
+                node: d.node_id,
+            });
+        }
+        let bridge_error = |e: reqwest::Error| ManagerError::Bridge {
+            id,
+            message: e.to_string(),
+        };
+        reqwest::Client::builder()
+            .unix_socket(self.socket_path(id))
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(bridge_error)?
+            .get("http://bridge/sessions")
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(bridge_error)?
+            .json()
+            .await
+            .map_err(bridge_error)
+    }
+
     /// Runs a health check of a live deployment now (outside its schedule).
     pub async fn check_now(&self, id: Uuid) -> Result<HealthCheckResult, ManagerError> {
         let d = self.get_deployment(id).await?;
@@ -1019,7 +1181,8 @@ impl Manager {
             });
         }
         let tool = self.get_tool(&d.tool_slug).await?;
-        Ok(self.check(&d.endpoint_url, &tool.spec).await)
+        let target = self.probe_target(id, &d.endpoint_url, &tool.spec);
+        Ok(self.check(&target, &tool.spec).await)
     }
 
     /// Tears down what is left of an ended process, records the restart, waits out the
@@ -1042,7 +1205,6 @@ impl Manager {
             l.health = HealthStatus::Unknown;
             l.port
         };
-        let Some(port) = port else { return false };
         if let Err(e) = self.runtime.stop(id, Duration::ZERO).await {
             tracing::error!(deployment = %id, error = %e, "Could not clean up before a restart");
         }
@@ -1087,13 +1249,7 @@ impl Manager {
 
     /// Probes (as the tool's health settings say: MCP, or its plain HTTP path) until the
     /// server answers or the deadline passes; the error is the last failure.
-    async fn wait_ready(
-        &self,
-        url: &str,
-        spec: &ToolSpec,
-        deadline: Instant,
-    ) -> Result<(), String> {
-        let plain = self.plain_health_url(url, spec);
+    async fn wait_ready(&self, target: &ProbeTarget, deadline: Instant) -> Result<(), String> {
         let mut delay = Duration::from_millis(5);
         let mut last = String::from("no probe completed");
         loop {
@@ -1101,9 +1257,13 @@ impl Manager {
             if remaining.is_zero() {
                 return Err(last);
             }
-            let r = self
+            let r = target
                 .prober
-                .check_within(url, plain.as_deref(), remaining.min(PROBE_TIMEOUT))
+                .check_within(
+                    &target.url,
+                    target.plain.as_deref(),
+                    remaining.min(PROBE_TIMEOUT),
+                )
                 .await;
             if r.status == HealthStatus::Healthy {
                 return Ok(());
@@ -1358,5 +1518,6 @@ fn launch_spec(id: Uuid, spec: &ToolSpec, port: u16) -> LaunchSpec {
         args: spec.args.iter().map(|a| subst(a)).collect(),
         env,
         working_dir: spec.working_dir.clone(),
+        stop: StopMode::Tree,
     }
 }

@@ -160,6 +160,33 @@ pub struct ToolSpec {
     pub health: HealthSpec,
     #[serde(default)]
     pub restart: RestartSpec,
+    /// How a `stdio` tool's processes serve clients.
+    #[serde(default)]
+    pub stdio: StdioSpec,
+}
+
+/// A `stdio` tool's hosting settings (see ARCHITECTURE.md, `stdio`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct StdioSpec {
+    /// Legacy MCP sessions open at once across the tool's replicas; each has a server process
+    /// of its own. One more gets 429.
+    pub max_sessions: u32,
+    /// A legacy session with no request and no open stream for this long is closed (and its
+    /// process stopped).
+    pub session_idle_ms: u64,
+    /// Processes per deployment shared by stateless (2026-07-28) requests.
+    pub pool_size: u32,
+}
+
+impl Default for StdioSpec {
+    fn default() -> Self {
+        StdioSpec {
+            max_sessions: 100,
+            session_idle_ms: 600_000,
+            pool_size: 2,
+        }
+    }
 }
 
 fn default_endpoint_path() -> String {
@@ -192,10 +219,6 @@ pub enum SpecError {
         field: &'static str,
         message: String,
     },
-    #[error(
-        "transport '{0}' is not supported yet: only 'streamable-http' can be deployed by this version"
-    )]
-    UnsupportedTransport(&'static str),
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> SpecError {
@@ -371,16 +394,29 @@ impl ToolSpec {
                 format!("must be at most {}", 7 * DAY_MS),
             ));
         }
-        Ok(self)
-    }
-
-    /// Whether this version can run the tool. Kept apart from [`validate`](Self::validate) so a
-    /// stdio tool can be registered now and deployed once the transport exists.
-    pub fn check_deployable(&self) -> Result<(), SpecError> {
-        match self.transport {
-            Transport::StreamableHttp => Ok(()),
-            other => Err(SpecError::UnsupportedTransport(other.as_str())),
+        let st = &self.stdio;
+        if !(1..=10_000).contains(&st.max_sessions) {
+            return Err(invalid("stdio.max_sessions", "must be between 1 and 10000"));
         }
+        if !(1_000..=7 * DAY_MS).contains(&st.session_idle_ms) {
+            return Err(invalid(
+                "stdio.session_idle_ms",
+                format!("must be between 1000 and {}", 7 * DAY_MS),
+            ));
+        }
+        if !(1..=64).contains(&st.pool_size) {
+            return Err(invalid("stdio.pool_size", "must be between 1 and 64"));
+        }
+        if self.transport == Transport::Stdio
+            && (self.args.iter().any(|a| a.contains("{port}"))
+                || self.env.values().any(|v| v.contains("{port}")))
+        {
+            return Err(invalid(
+                "args",
+                "a stdio server gets no port: '{port}' cannot be used with transport 'stdio'",
+            ));
+        }
+        Ok(self)
     }
 }
 
@@ -528,12 +564,13 @@ mod tests {
     }
 
     #[test]
-    fn stdio_is_accepted_but_not_deployable() {
+    fn stdio_tools_get_no_port() {
         let mut s = spec("demo");
         s.transport = Transport::Stdio;
-        let s = s.validate().unwrap();
-        let err = s.check_deployable().unwrap_err();
-        assert!(err.to_string().contains("not supported yet"), "{err}");
+        assert!(s.clone().validate().is_ok());
+        s.args = vec!["--port={port}".into()];
+        let err = s.validate().unwrap_err();
+        assert!(err.to_string().contains("gets no port"), "{err}");
     }
 
     #[test]

@@ -20,10 +20,10 @@ use crate::{
     api::{self, ApiToken, AppState},
     config::{Config, EdgeLimits},
     health::Prober,
-    manager::{Manager, Reconciled},
+    manager::{Manager, Reconciled, StdioHosting},
     metrics::Metrics,
     ports::PortAllocator,
-    proxy::{Proxy, routes::RouteTable},
+    proxy::{Proxy, ProxyConfig, routes::RouteTable},
     runtime::process::{ProcessRuntime, TreeTracking},
     store::{Store, redact_url},
 };
@@ -81,11 +81,27 @@ pub async fn run(
         Some(p) => p.clone(),
         None => std::env::current_exe().context("locating the switchboard executable")?,
     };
-    let (tracking, warning) = TreeTracking::detect(&node, shim);
+    let (tracking, warning) = TreeTracking::detect(&node, shim.clone());
     if let Some(w) = warning {
         tracing::warn!("{w}");
     }
     tracing::info!(tracking = %tracking.describe(), node = %node, "Process runtime ready");
+    let socket_dir = data_dir.join("run");
+    std::fs::create_dir_all(&socket_dir)
+        .with_context(|| format!("creating {}", socket_dir.display()))?;
+    let addr = listener.local_addr()?;
+    let stdio = StdioHosting {
+        bridge: shim.clone(),
+        socket_dir: socket_dir.clone(),
+        public_url: format!(
+            "http://{}",
+            if addr.ip().is_unspecified() {
+                std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+            } else {
+                addr
+            }
+        ),
+    };
     let runtime = Arc::new(ProcessRuntime::new(tracking, data_dir.join("logs")));
     let ports = PortAllocator::new(config.port_range.clone());
     let routes = Arc::new(RouteTable::new());
@@ -97,8 +113,15 @@ pub async fn run(
         Arc::clone(&routes),
         node.clone(),
         config.metrics.then(|| Arc::new(Metrics::new())),
+        stdio,
     );
-    let proxy = Arc::new(Proxy::new(routes, config.proxy.clone()));
+    let proxy = Arc::new(Proxy::new(
+        routes,
+        ProxyConfig {
+            socket_dir,
+            ..config.proxy.clone()
+        },
+    ));
 
     manager.set_exit_policy(config.exit_policy);
     manager.start_background();
@@ -132,7 +155,6 @@ pub async fn run(
         token: config.api_token.as_deref().map(ApiToken::new),
     };
     let app = api::router(state);
-    let addr = listener.local_addr()?;
     tracing::info!(
         auth = config.api_token.is_some(),
         worker_threads = config.worker_threads,

@@ -239,32 +239,6 @@ async fn bad_input_gets_clear_4xx_json_errors() {
 }
 
 #[tokio::test]
-async fn stdio_tools_register_but_refuse_to_deploy() {
-    let app = TestApp::start().await;
-    let (st, t) = app
-        .call(
-            "POST",
-            "/api/v1/tools",
-            Some(json!({"slug": "io", "command": "x", "transport": "stdio"})),
-        )
-        .await;
-    assert_eq!(st, StatusCode::CREATED, "{t}");
-    let (st, b) = app.call("POST", "/api/v1/tools/io/deployments", None).await;
-    assert_error(
-        st,
-        &b,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "unsupported_transport",
-    );
-    assert!(
-        b["error"]["message"].as_str().unwrap().contains("stdio"),
-        "{b}"
-    );
-    let (_, ds) = app.call("GET", "/api/v1/deployments", None).await;
-    assert_eq!(ds, json!([]), "a refused deploy leaves no record");
-}
-
-#[tokio::test]
 async fn token_guards_the_api_but_not_healthz() {
     let app = TestApp::with(AppOptions {
         token: Some("let-me-in".into()),

@@ -75,9 +75,6 @@ impl From<ManagerError> for ApiError {
             M::Spec(SpecError::Invalid { .. }) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid_tool")
             }
-            M::Spec(SpecError::UnsupportedTransport(_)) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_transport")
-            }
             M::PortsExhausted(_) => (StatusCode::SERVICE_UNAVAILABLE, "ports_exhausted"),
             M::Store(StoreError::Conflict(_)) => (StatusCode::CONFLICT, "conflict"),
             M::Store(StoreError::Corrupt(_)) => {
@@ -89,6 +86,8 @@ impl From<ManagerError> for ApiError {
             M::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             M::NotOwner { .. } => (StatusCode::CONFLICT, "not_owner"),
             M::NotLive { .. } => (StatusCode::CONFLICT, "not_live"),
+            M::NotStdio(_) => (StatusCode::CONFLICT, "not_stdio"),
+            M::Bridge { .. } => (StatusCode::BAD_GATEWAY, "bridge_unavailable"),
         };
         ApiError::new(status, code, msg)
     }

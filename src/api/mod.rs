@@ -15,6 +15,7 @@
 //! POST   /api/v1/deployments/{id}/stop          stop (idempotent)
 //! POST   /api/v1/deployments/{id}/health        run a health check now
 //! GET    /api/v1/deployments/{id}/stats         CPU, memory, fds, uptime, request counts
+//! GET    /api/v1/deployments/{id}/sessions      a stdio deployment's MCP sessions and processes
 //! GET    /api/v1/deployments/{id}/logs          output (?tail=N, ?follow=true streams new lines)
 //! GET    /api/v1/events                         status and health transitions (SSE; ?tool=SLUG)
 //! ANY    /mcp/{slug}[/{rest}]                   MCP traffic, proxied to a live deployment
@@ -98,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(stop_deployment))
         .routes(routes!(check_health))
         .routes(routes!(deployment_stats))
+        .routes(routes!(deployment_sessions))
         .routes(routes!(deployment_logs))
         .routes(routes!(events))
         .split_for_parts();
@@ -444,6 +446,20 @@ async fn deployment_stats(
     Path(id): Path<String>,
 ) -> Result<Json<crate::metrics::DeploymentStats>, ApiError> {
     Ok(Json(s.manager.stats(parse_id(&id)?).await?))
+}
+
+/// A stdio deployment's open legacy sessions (each with its own server process) and every
+/// server process its bridge runs.
+#[utoipa::path(get, path = "/api/v1/deployments/{id}/sessions", tag = "deployments",
+    params(("id" = String, Path)),
+    responses((status = 200, body = crate::stdio::BridgeSessions),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 502, body = ErrorBody)))]
+async fn deployment_sessions(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::stdio::BridgeSessions>, ApiError> {
+    Ok(Json(s.manager.stdio_sessions(parse_id(&id)?).await?))
 }
 
 #[derive(Deserialize, IntoParams)]

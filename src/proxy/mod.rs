@@ -12,6 +12,7 @@
 //! `body_too_large` (client), `no_healthy_deployment`/`upstream_unavailable`/`upstream_timeout`/
 //! `upstream_error` (upstream).
 
+pub mod connect;
 pub mod routes;
 pub mod sessions;
 pub mod sse;
@@ -65,6 +66,8 @@ pub struct ProxyConfig {
     pub upstream_idle_timeout: Duration,
     /// Share of proxied requests logged (0 to 1; 1 logs each once).
     pub access_log_sample: f64,
+    /// Where stdio deployments' bridges listen (`<data dir>/run`).
+    pub socket_dir: std::path::PathBuf,
 }
 
 impl Default for ProxyConfig {
@@ -83,6 +86,7 @@ impl Default for ProxyConfig {
             stream_idle_timeout: None,
             upstream_idle_timeout: Duration::from_secs(90),
             access_log_sample: 1.0,
+            socket_dir: std::path::PathBuf::from("run"),
         }
     }
 }
@@ -92,7 +96,7 @@ type UpstreamBody = Limited<Body>;
 pub struct Proxy {
     routes: Arc<RouteTable>,
     sessions: Sessions,
-    client: Client<HttpConnector, UpstreamBody>,
+    client: Client<connect::Connector, UpstreamBody>,
     config: ProxyConfig,
 }
 
@@ -156,7 +160,10 @@ impl Proxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.upstream_idle_timeout)
             .pool_max_idle_per_host(256)
-            .build(connector);
+            .build(connect::Connector::new(
+                connector,
+                config.socket_dir.clone(),
+            ));
         Proxy {
             routes,
             sessions: Sessions::new(config.max_sessions, config.session_idle),

@@ -28,6 +28,19 @@ pub struct LaunchSpec {
     /// Added to (and overriding) the environment Switchboard inherited.
     pub env: Vec<(String, String)>,
     pub working_dir: Option<PathBuf>,
+    pub stop: StopMode,
+}
+
+/// Who gets the SIGTERM that starts a stop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StopMode {
+    /// Every process of the tree at once (an HTTP server and whatever it started).
+    #[default]
+    Tree,
+    /// The main process alone, which stops its own children in its own order (the stdio
+    /// bridge: stdin closed first, as MCP's stdio shutdown says). What is left after the grace
+    /// period is killed as usual.
+    MainFirst,
 }
 
 /// One process, named so that a reused pid is never mistaken for it: the pid and the time the
@@ -106,7 +119,7 @@ pub trait Runtime: Send + Sync + 'static {
     /// Takes charge of an instance an earlier Switchboard process started, if `process` is
     /// still that instance's (same pid and start time, and in its cgroup where there are
     /// cgroups). Returns false, having signalled nothing, when it is not.
-    fn adopt(&self, id: Uuid, process: ProcessId) -> bool;
+    fn adopt(&self, id: Uuid, process: ProcessId, stop: StopMode) -> bool;
     /// Resolves when the instance's main process exits (at once if it already has).
     fn wait(&self, id: Uuid) -> BoxFuture<'_, Result<ExitInfo, RuntimeError>>;
     /// Stops the whole tree: SIGTERM to every process, SIGKILL to what is left after `grace`.

@@ -24,7 +24,7 @@ use tokio::{process::Command, sync::watch};
 use uuid::Uuid;
 
 use super::{
-    InstanceInfo, LaunchSpec, ProcessId, Runtime, RuntimeError,
+    InstanceInfo, LaunchSpec, ProcessId, Runtime, RuntimeError, StopMode,
     cgroup::{self, CgroupRoot},
     launch::SHIM_ARG,
 };
@@ -73,6 +73,7 @@ impl TreeTracking {
 struct Instance {
     pid: u32,
     cgroup: Option<PathBuf>,
+    stop: StopMode,
     exit: watch::Receiver<Option<ExitInfo>>,
 }
 
@@ -258,8 +259,16 @@ impl ProcessRuntime {
 
     async fn stop_instance(inst: &Instance, grace: Duration) -> Result<ExitInfo, RuntimeError> {
         if !inst.is_gone() {
-            inst.signal_tree(Signal::SIGTERM)
-                .map_err(RuntimeError::Tree)?;
+            match inst.stop {
+                StopMode::Tree => inst
+                    .signal_tree(Signal::SIGTERM)
+                    .map_err(RuntimeError::Tree)?,
+                StopMode::MainFirst => {
+                    if let Ok(pid) = i32::try_from(inst.pid) {
+                        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+                    }
+                }
+            }
             if tokio::time::timeout(grace, wait_gone(inst)).await.is_err() {
                 inst.signal_tree(Signal::SIGKILL)
                     .map_err(RuntimeError::Tree)?;
@@ -342,6 +351,7 @@ impl Runtime for ProcessRuntime {
                 Arc::new(Instance {
                     pid,
                     cgroup: cgroup_dir.clone(),
+                    stop: spec.stop,
                     exit: rx,
                 }),
             );
@@ -361,7 +371,7 @@ impl Runtime for ProcessRuntime {
         .boxed()
     }
 
-    fn adopt(&self, id: Uuid, process: ProcessId) -> bool {
+    fn adopt(&self, id: Uuid, process: ProcessId, stop: StopMode) -> bool {
         // The pidfd first, then the identity check: if the check passes, the pidfd refers to
         // the process that has this start time, even if the pid is reused right after.
         let pidfd = pidfd_open(process.pid);
@@ -387,6 +397,7 @@ impl Runtime for ProcessRuntime {
             Arc::new(Instance {
                 pid: process.pid,
                 cgroup: cgroup_dir.clone(),
+                stop,
                 exit: rx,
             }),
         );

@@ -76,6 +76,12 @@ struct EchoRequest {
     text: String,
 }
 
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct SleepRequest {
+    /// Milliseconds to wait before answering.
+    ms: u64,
+}
+
 #[derive(Debug, Clone)]
 struct TestServer {
     port: Option<u16>,
@@ -107,6 +113,13 @@ impl TestServer {
     #[tool(description = "Send the text back")]
     fn echo(&self, Parameters(EchoRequest { text }): Parameters<EchoRequest>) -> String {
         text
+    }
+
+    /// A request that stays in flight as long as a test needs (to kill the server under it).
+    #[tool(description = "Wait ms milliseconds, then answer")]
+    async fn sleep(&self, Parameters(SleepRequest { ms }): Parameters<SleepRequest>) -> String {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        format!("slept {ms} ms")
     }
 }
 
@@ -316,12 +329,18 @@ async fn main() -> anyhow::Result<()> {
 
     if args.stdio {
         use rmcp::ServiceExt as _;
-        let service = TestServer::new(None)
-            .serve(rmcp::transport::stdio())
-            .await
-            .context("starting stdio server")?;
-        service.waiting().await.context("stdio server")?;
-        return Ok(());
+        let served = async {
+            let service = TestServer::new(None)
+                .serve(rmcp::transport::stdio())
+                .await
+                .context("starting stdio server")?;
+            service.waiting().await.context("stdio server")?;
+            anyhow::Ok(())
+        }
+        .await;
+        // Tests read this line to tell an exit at end of input from one by a signal.
+        eprintln!("mcp-test-server: stdin closed; exiting");
+        return served;
     }
 
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));

@@ -1,0 +1,583 @@
+//! One stdio MCP server process and the relay around its pipes.
+//!
+//! The child reads newline-delimited JSON-RPC on stdin and writes it on stdout (stderr is
+//! inherited: it is the deployment log). One writer task owns stdin, so concurrent senders
+//! never interleave lines and a burst is written with one flush. One reader task owns stdout
+//! and routes every line it reads by what it is, never by order (servers write notifications
+//! before the reply they precede, and answer concurrent requests out of order):
+//!
+//! - a response goes to the pending request with its id (ids rewritten by the modern pool are
+//!   mapped back), which ends that request's stream;
+//! - a notification with a `progressToken` goes to the stream of the request that carried the
+//!   token;
+//! - anything else the server starts (requests such as sampling, elicitation, roots, ping, and
+//!   unrelated notifications) goes to the session's standalone GET stream, or else the newest
+//!   open request stream, or else waits in a bounded backlog for the next stream to open.
+//!
+//! When the child ends, every request still pending gets a JSON-RPC error naming how the
+//! process ended, and its stream closes.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    process::Stdio,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    process::{ChildStdin, ChildStdout, Command},
+    sync::{mpsc, watch},
+};
+
+/// Where messages for one HTTP stream go: raw JSON-RPC messages, one per item.
+pub type Sink = mpsc::UnboundedSender<Bytes>;
+
+/// The longest line a server may write (rmcp's codec uses the same bound). A longer one is a
+/// broken server: the child is killed rather than buffering without limit.
+const MAX_LINE: usize = 16 * 1024 * 1024;
+/// Server-initiated messages kept while no stream of the session is open.
+const MAX_BACKLOG: usize = 1000;
+
+/// How ids are treated on this child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdMode {
+    /// One client owns the child (a legacy session): ids pass through untouched.
+    Owned,
+    /// Many clients share the child (the modern pool): each request gets a fresh id (and
+    /// progress token) from this child's counter, mapped back in replies.
+    Shared,
+}
+
+struct Pending {
+    sink: Sink,
+    /// The client's own id, when it was rewritten.
+    client_id: Option<Value>,
+    /// This child's progress token key and the client's token, when rewritten.
+    token: Option<(String, Value)>,
+    seq: u64,
+}
+
+#[derive(Default)]
+struct Routes {
+    pending: HashMap<String, Pending>,
+    /// Progress token (canonical JSON text) → pending request key.
+    progress: HashMap<String, String>,
+    /// The session's standalone GET stream.
+    listener: Option<Sink>,
+    backlog: VecDeque<Bytes>,
+    /// Set once the child has ended; no new request is accepted after it.
+    ended: Option<String>,
+}
+
+pub struct Child {
+    pub pid: u32,
+    mode: IdMode,
+    writer: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
+    routes: Mutex<Routes>,
+    next_id: AtomicU64,
+    in_flight: AtomicU32,
+    /// `Some(description)` once the process has exited.
+    exited: watch::Receiver<Option<String>>,
+}
+
+/// A request registered on a child; dropping it before the reply arrives forgets the request
+/// (and, on a shared child, tells the server it is cancelled).
+pub struct Registration {
+    child: Arc<Child>,
+    key: String,
+    seq: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let removed = {
+            let mut routes = self.child.routes();
+            match routes.pending.get(&self.key) {
+                Some(p) if p.seq == self.seq => {
+                    let p = routes.pending.remove(&self.key);
+                    if let Some((token, _)) = p.as_ref().and_then(|p| p.token.as_ref()) {
+                        routes.progress.remove(token);
+                    }
+                    p.is_some()
+                }
+                _ => false,
+            }
+        };
+        if removed {
+            self.child.in_flight.fetch_sub(1, Ordering::Relaxed);
+            // Closing a modern request's stream is its cancellation (2026-07-28); a legacy
+            // client that disconnects has not cancelled anything.
+            if self.child.mode == IdMode::Shared && self.child.alive() {
+                let note = serde_json::json!({
+                    "jsonrpc": "2.0",
+                    "method": "notifications/cancelled",
+                    "params": {"requestId": internal_id_value(&self.key), "reason": "client disconnected"},
+                });
+                self.child.send_value(&note);
+            }
+        }
+    }
+}
+
+/// Internal ids are numbers; their key is the number's text.
+fn internal_id_value(key: &str) -> Value {
+    key.parse::<u64>()
+        .map_or_else(|_| Value::String(key.to_owned()), Value::from)
+}
+
+/// The canonical text of a JSON value, so `1` and `1` match whatever the spacing, and `1` and
+/// `"1"` (distinct ids in JSON-RPC) do not.
+pub fn key_of(v: &Value) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("the MCP server process has ended: {0}")]
+    Ended(String),
+    #[error("a request with id {0} is already in flight on this session")]
+    DuplicateId(String),
+}
+
+impl Child {
+    /// Spawns `program` with piped stdin/stdout in a process group of its own (so a stop can
+    /// signal its whole tree, and a terminal's Ctrl-C aimed at the bridge does not reach it).
+    pub fn spawn(program: &str, args: &[String], mode: IdMode) -> std::io::Result<Arc<Child>> {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut proc = cmd.spawn()?;
+        let pid = proc
+            .id()
+            .ok_or_else(|| std::io::Error::other("the process exited before it could be used"))?;
+        let (Some(stdin), Some(stdout)) = (proc.stdin.take(), proc.stdout.take()) else {
+            return Err(std::io::Error::other("stdio pipes missing"));
+        };
+        let (wtx, wrx) = mpsc::unbounded_channel();
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let child = Arc::new(Child {
+            pid,
+            mode,
+            writer: Mutex::new(Some(wtx)),
+            routes: Mutex::new(Routes::default()),
+            next_id: AtomicU64::new(1),
+            in_flight: AtomicU32::new(0),
+            exited: exit_rx,
+        });
+        tokio::spawn(write_loop(stdin, wrx));
+        let reader = Arc::clone(&child);
+        tokio::spawn(async move {
+            reader.read_loop(stdout).await;
+            // stdout closed: the process is ending (or closed it, which makes it useless).
+            let status = match tokio::time::timeout(Duration::from_secs(2), proc.wait()).await {
+                Ok(Ok(s)) => describe_exit(s),
+                Ok(Err(e)) => format!("could not be waited for: {e}"),
+                Err(_) => {
+                    let _ = proc.start_kill();
+                    match proc.wait().await {
+                        Ok(s) => format!("closed its stdout and was killed ({})", describe_exit(s)),
+                        Err(e) => format!("could not be waited for: {e}"),
+                    }
+                }
+            };
+            reader.fail_all(&status);
+            let _ = exit_tx.send(Some(status));
+        });
+        Ok(child)
+    }
+
+    fn routes(&self) -> MutexGuard<'_, Routes> {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn alive(&self) -> bool {
+        self.exited.borrow().is_none()
+    }
+
+    /// How the process ended, once it has.
+    pub fn exit_description(&self) -> Option<String> {
+        self.exited.borrow().clone()
+    }
+
+    /// Resolves when the process has exited (and its pending requests have been failed).
+    pub async fn wait(&self) -> String {
+        let mut rx = self.exited.clone();
+        match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or_default(),
+            Err(_) => "ended".to_owned(),
+        }
+    }
+
+    /// Requests awaiting a reply.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn send_line(&self, line: Bytes) -> bool {
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        writer.as_ref().is_some_and(|w| w.send(line).is_ok())
+    }
+
+    fn send_value(&self, v: &Value) -> bool {
+        match serde_json::to_vec(v) {
+            Ok(line) => self.send_line(Bytes::from(line)),
+            Err(_) => false,
+        }
+    }
+
+    /// Writes a message that expects no reply (a notification, or the client's response to a
+    /// server request). The body is forwarded as received, re-encoded on one line.
+    pub fn notify(&self, msg: &Value) -> Result<(), SendError> {
+        if let Some(why) = self.exit_description() {
+            return Err(SendError::Ended(why));
+        }
+        if self.send_value(msg) {
+            Ok(())
+        } else {
+            Err(SendError::Ended("its input is closed".to_owned()))
+        }
+    }
+
+    /// Sends a request whose messages (progress, then the reply) go to `sink`. On a shared
+    /// child the id and progress token are replaced by this child's own and mapped back.
+    pub fn request(
+        self: &Arc<Self>,
+        mut msg: Value,
+        sink: Sink,
+    ) -> Result<Registration, SendError> {
+        let client_id = msg.get("id").cloned().unwrap_or(Value::Null);
+        let seq = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (key, rewritten_id, token) = match self.mode {
+            IdMode::Owned => (key_of(&client_id), None, None),
+            IdMode::Shared => {
+                msg["id"] = Value::from(seq);
+                let token = msg.pointer_mut("/params/_meta/progressToken").map(|t| {
+                    let theirs = std::mem::replace(t, Value::from(seq));
+                    (seq.to_string(), theirs)
+                });
+                (seq.to_string(), Some(client_id), token)
+            }
+        };
+        {
+            let mut routes = self.routes();
+            if let Some(why) = &routes.ended {
+                return Err(SendError::Ended(why.clone()));
+            }
+            if routes.pending.contains_key(&key) {
+                return Err(SendError::DuplicateId(key));
+            }
+            let own_token = match &token {
+                Some((k, _)) => Some(k.clone()),
+                None => msg.pointer("/params/_meta/progressToken").map(key_of),
+            };
+            if let Some(t) = own_token {
+                routes.progress.insert(t, key.clone());
+            }
+            routes.pending.insert(
+                key.clone(),
+                Pending {
+                    sink,
+                    client_id: rewritten_id,
+                    token,
+                    seq,
+                },
+            );
+        }
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let registration = Registration {
+            child: Arc::clone(self),
+            key,
+            seq,
+        };
+        if !self.send_value(&msg) {
+            return Err(SendError::Ended(
+                self.exit_description()
+                    .unwrap_or_else(|| "its input is closed".to_owned()),
+            ));
+        }
+        Ok(registration)
+    }
+
+    /// Opens the session's standalone stream; what waited in the backlog is delivered first.
+    /// Returns false when one is already open.
+    pub fn listen(&self, sink: Sink) -> bool {
+        let mut routes = self.routes();
+        if routes.listener.as_ref().is_some_and(|l| !l.is_closed()) {
+            return false;
+        }
+        while let Some(m) = routes.backlog.pop_front() {
+            let _ = sink.send(m);
+        }
+        routes.listener = Some(sink);
+        true
+    }
+
+    /// Delivers server messages that arrived before the session existed for its client (what
+    /// a server writes before its `initialize` reply): to the open stream, or the backlog.
+    pub fn hold(&self, messages: Vec<Bytes>) {
+        let mut routes = self.routes();
+        for m in messages {
+            match routes.listener.as_ref().filter(|l| !l.is_closed()) {
+                Some(l) => {
+                    let _ = l.send(m);
+                }
+                None if routes.backlog.len() < MAX_BACKLOG => routes.backlog.push_back(m),
+                None => {}
+            }
+        }
+    }
+
+    pub fn has_listener(&self) -> bool {
+        self.routes()
+            .listener
+            .as_ref()
+            .is_some_and(|l| !l.is_closed())
+    }
+
+    /// Closes stdin (the polite end for a stdio server), waits up to `polite` for the exit,
+    /// then SIGTERM to its process group, then SIGKILL after `grace`. Returns how it ended.
+    pub async fn shutdown(&self, polite: Duration, grace: Duration) -> String {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Ok(why) = tokio::time::timeout(polite, self.wait()).await {
+            return why;
+        }
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        if let Ok(why) = tokio::time::timeout(grace, self.wait()).await {
+            return why;
+        }
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        self.wait().await
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Ok(pid) = i32::try_from(self.pid) {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::killpg(pid, sig);
+            let _ = nix::sys::signal::kill(pid, sig);
+        }
+    }
+
+    async fn read_loop(&self, stdout: ChildStdout) {
+        let mut reader = BufReader::with_capacity(64 * 1024, stdout);
+        let mut line = Vec::with_capacity(4096);
+        loop {
+            line.clear();
+            let n = match (&mut reader)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut line)
+                .await
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(pid = self.pid, error = %e, "Cannot read the MCP server's stdout");
+                    break;
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            if line.len() > MAX_LINE {
+                tracing::error!(
+                    pid = self.pid,
+                    "The MCP server wrote a line over 16 MiB; killing it"
+                );
+                self.signal(nix::sys::signal::Signal::SIGKILL);
+                break;
+            }
+            let text = line.trim_ascii();
+            if text.is_empty() {
+                continue;
+            }
+            match serde_json::from_slice::<Value>(text) {
+                Ok(msg) => self.route(msg, text),
+                Err(e) => {
+                    tracing::warn!(pid = self.pid, error = %e, line = %String::from_utf8_lossy(&text[..text.len().min(200)]), "The MCP server wrote a line that is not JSON; ignored");
+                }
+            }
+        }
+    }
+
+    /// Delivers one message the server wrote.
+    fn route(&self, mut msg: Value, raw: &[u8]) {
+        let has_method = msg.get("method").is_some();
+        let id = msg.get("id").filter(|v| !v.is_null()).cloned();
+        let mut routes = self.routes();
+        match (has_method, id) {
+            // A response.
+            (false, Some(id)) => {
+                let key = key_of(&id);
+                let Some(p) = routes.pending.remove(&key) else {
+                    tracing::debug!(pid = self.pid, id = %key, "A reply to no pending request; dropped");
+                    return;
+                };
+                if let Some((token, _)) = &p.token {
+                    routes.progress.remove(token);
+                } else if let Some(t) = routes.progress.iter().find(|(_, k)| **k == key) {
+                    let t = t.0.clone();
+                    routes.progress.remove(&t);
+                }
+                drop(routes);
+                self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                let out = match p.client_id {
+                    Some(client_id) => {
+                        msg["id"] = client_id;
+                        encode(&msg)
+                    }
+                    None => Bytes::copy_from_slice(raw),
+                };
+                let _ = p.sink.send(out);
+            }
+            // A notification tied to a request by its progress token.
+            (true, None)
+                if msg
+                    .pointer("/params/progressToken")
+                    .is_some_and(|t| routes.progress.contains_key(&key_of(t))) =>
+            {
+                let token = msg
+                    .pointer("/params/progressToken")
+                    .map(key_of)
+                    .unwrap_or_default();
+                let Some(p) = routes
+                    .progress
+                    .get(&token)
+                    .and_then(|k| routes.pending.get(k))
+                else {
+                    return;
+                };
+                let out = match &p.token {
+                    Some((_, theirs)) => {
+                        msg["params"]["progressToken"] = theirs.clone();
+                        encode(&msg)
+                    }
+                    None => Bytes::copy_from_slice(raw),
+                };
+                let _ = p.sink.send(out);
+            }
+            (true, id) => {
+                if self.mode == IdMode::Shared {
+                    // Modern servers must not send requests (2026-07-28); there is no client
+                    // to ask on a shared child, so a request is refused at once.
+                    if let Some(id) = id {
+                        drop(routes);
+                        self.send_value(&serde_json::json!({
+                            "jsonrpc": "2.0", "id": id,
+                            "error": {"code": -32601, "message": "this server is shared by many clients (Switchboard's stateless pool): server-to-client requests are not available; use a legacy session"},
+                        }));
+                    } else {
+                        tracing::debug!(
+                            pid = self.pid,
+                            "A notification on a shared child; dropped"
+                        );
+                    }
+                    return;
+                }
+                let out = Bytes::copy_from_slice(raw);
+                if let Some(l) = routes.listener.as_ref().filter(|l| !l.is_closed()) {
+                    let _ = l.send(out);
+                    return;
+                }
+                let newest = routes
+                    .pending
+                    .values()
+                    .filter(|p| !p.sink.is_closed())
+                    .max_by_key(|p| p.seq);
+                match newest {
+                    Some(p) => {
+                        let _ = p.sink.send(out);
+                    }
+                    None => {
+                        if routes.backlog.len() == MAX_BACKLOG {
+                            routes.backlog.pop_front();
+                            tracing::warn!(
+                                pid = self.pid,
+                                "No client stream is open; dropping the oldest held server message"
+                            );
+                        }
+                        routes.backlog.push_back(out);
+                    }
+                }
+            }
+            (false, None) => {
+                tracing::warn!(
+                    pid = self.pid,
+                    "The MCP server wrote a message that is neither a request, a notification nor a response; ignored"
+                );
+            }
+        }
+    }
+
+    /// Ends every pending request with a JSON-RPC error saying how the process ended.
+    fn fail_all(&self, status: &str) {
+        let pending: Vec<(String, Pending)> = {
+            let mut routes = self.routes();
+            routes.ended = Some(status.to_owned());
+            routes.progress.clear();
+            routes.listener = None;
+            routes.backlog.clear();
+            routes.pending.drain().collect()
+        };
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        for (key, p) in pending {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let id = match p.client_id {
+                Some(id) => id,
+                None => serde_json::from_str(&key).unwrap_or(Value::Null),
+            };
+            let _ = p.sink.send(encode(&server_ended_error(id, status)));
+        }
+    }
+}
+
+/// The error a request gets when its server process ends before replying.
+pub fn server_ended_error(id: Value, status: &str) -> Value {
+    serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "error": {
+            "code": -32603,
+            "message": format!("the MCP server process ended before replying ({status})"),
+        },
+    })
+}
+
+pub fn encode(v: &Value) -> Bytes {
+    Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+}
+
+fn describe_exit(s: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (None, Some(sig)) => match nix::sys::signal::Signal::try_from(sig) {
+            Ok(name) => format!("killed by signal {sig} ({name})"),
+            Err(_) => format!("killed by signal {sig}"),
+        },
+        _ => "ended".to_owned(),
+    }
+}
+
+/// Writes lines to the child's stdin, batching what is queued into one flush.
+async fn write_loop(stdin: ChildStdin, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+    let mut out = tokio::io::BufWriter::with_capacity(64 * 1024, stdin);
+    while let Some(line) = rx.recv().await {
+        let mut ok = out.write_all(&line).await.is_ok() && out.write_all(b"\n").await.is_ok();
+        while ok && let Ok(more) = rx.try_recv() {
+            ok = out.write_all(&more).await.is_ok() && out.write_all(b"\n").await.is_ok();
+        }
+        if !ok || out.flush().await.is_err() {
+            // EPIPE: the process is gone; the reader notices and fails what is pending.
+            break;
+        }
+    }
+    // Dropping stdin closes it: the server sees end of input.
+}

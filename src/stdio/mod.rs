@@ -1,0 +1,573 @@
+//! stdio MCP servers served as Streamable HTTP: the bridge,
+//! `switchboard __stdio --socket PATH [options] -- PROGRAM ARGS...`.
+//!
+//! A `transport = "stdio"` deployment's process is this bridge, started by the runtime like any
+//! server (in the deployment's cgroup, output to its log), so supervision, health, restarts,
+//! stop, logs, events, metrics and adoption after a Switchboard crash apply unchanged. The
+//! bridge listens on a Unix socket in the data directory, not a TCP port: no port is taken from
+//! the range, and nothing but Switchboard's proxy (behind its token and Origin checks) can reach
+//! it; file permissions keep other local users out. It spawns the server's processes itself
+//! (see [`host`] for which client gets which child, and [`child`] for the relay), and children
+//! inherit its stderr, so their logs land in the deployment log, stamped.
+//!
+//! HTTP surface on the socket:
+//! - `POST /mcp`: one JSON-RPC message. `initialize` without a session opens a legacy session;
+//!   a message with `Mcp-Session-Id` goes to that session's child (404 when unknown, as the
+//!   spec wants: clients then initialize again); a modern request (2026-07-28 `_meta`) goes to
+//!   the pool. Requests get an SSE stream (progress and server requests first, then the reply)
+//!   when the client accepts one, else the JSON reply; notifications and responses get 202.
+//! - `GET /mcp` with a session: its standalone stream (one at a time; 409 for a second).
+//! - `DELETE /mcp` with a session: ends it and stops its child.
+//! - `GET /health`: a probe on the health child's pipe (what the supervisor checks).
+//! - `GET /sessions`: the open sessions and their processes (the API's sessions view).
+//!
+//! Stop: on SIGTERM the bridge stops accepting, closes every child's stdin, waits, sends
+//! SIGTERM, waits, sends SIGKILL (MCP's stdio shutdown sequence), then exits. The runtime sends
+//! SIGTERM to the bridge alone for such deployments and kills what is left of the cgroup after
+//! the grace period.
+
+pub mod child;
+pub mod host;
+
+use std::{convert::Infallible, ffi::OsString, path::PathBuf, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use bytes::{BufMut as _, Bytes, BytesMut};
+use futures_util::StreamExt as _;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use self::{
+    child::{SendError, encode},
+    host::{Era, Host, HostConfig, HostError},
+};
+
+/// The hidden first argument that selects the bridge.
+pub const BRIDGE_ARG: &str = "__stdio";
+
+/// Whether this process was started as the bridge.
+pub fn is_bridge_invocation() -> bool {
+    std::env::args_os().nth(1).is_some_and(|a| a == BRIDGE_ARG)
+}
+
+/// The bridge's command line (built by the manager, not typed by people).
+#[derive(Debug, clap::Parser)]
+#[command(name = "switchboard __stdio")]
+pub struct BridgeArgs {
+    /// Unix socket to serve Streamable HTTP on.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Legacy sessions open at once (each has a process of its own); 429 beyond.
+    #[arg(long, default_value_t = 100)]
+    pub max_sessions: usize,
+    /// A legacy session without requests or open streams for this long is closed.
+    #[arg(long, default_value_t = 600_000)]
+    pub idle_ms: u64,
+    /// Processes shared by modern (stateless) requests.
+    #[arg(long, default_value_t = 2)]
+    pub pool: usize,
+    /// A stopping process gets this long after its stdin closes, and again after SIGTERM.
+    #[arg(long, default_value_t = 2_000)]
+    pub grace_ms: u64,
+    /// How long the first process may take to answer its first request.
+    #[arg(long, default_value_t = 30_000)]
+    pub startup_ms: u64,
+    /// The server's program and arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// Entry point of `switchboard __stdio`. Never returns.
+pub fn run_bridge() -> ! {
+    let args: Vec<OsString> = std::env::args_os()
+        .enumerate()
+        .filter_map(|(i, a)| (i != 1).then_some(a))
+        .collect();
+    let args = <BridgeArgs as clap::Parser>::parse_from(args);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SWITCHBOARD_BRIDGE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(false)
+        .without_time() // the log writer stamps every line
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("switchboard stdio bridge: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = rt.block_on(async move {
+        match serve(args, crate::server::shutdown_signal()).await {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                1
+            }
+        }
+    });
+    std::process::exit(code)
+}
+
+/// Runs the bridge until `shutdown` resolves, then stops every child.
+pub async fn serve(
+    args: BridgeArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let Some((program, rest)) = args.command.split_first() else {
+        anyhow::bail!("no server command given");
+    };
+    let host = Host::new(HostConfig {
+        program: program.clone(),
+        args: rest.to_vec(),
+        max_sessions: args.max_sessions.max(1),
+        idle: Duration::from_millis(args.idle_ms.max(1)),
+        pool_size: args.pool.max(1),
+        grace: Duration::from_millis(args.grace_ms),
+    });
+    // A socket left by a process that is gone (the bridge is the only one to bind it).
+    let _ = std::fs::remove_file(&args.socket);
+    let listener = tokio::net::UnixListener::bind(&args.socket)
+        .with_context(|| format!("cannot listen on {}", args.socket.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict {}", args.socket.display()))?;
+    }
+    tracing::info!(program = %program, socket = %args.socket.display(), "stdio bridge listening");
+
+    // The first process: its era decides how requests are served. A server that cannot even
+    // answer its first request fails the deployment's start (the supervisor restarts it).
+    let started = host
+        .start(Duration::from_millis(args.startup_ms))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"));
+    let era = match started {
+        Ok(era) => era,
+        Err(e) => {
+            host.stop_all().await;
+            let _ = std::fs::remove_file(&args.socket);
+            return Err(e.context(format!("MCP server '{program}' failed to start")));
+        }
+    };
+    tracing::info!(era = ?era, "MCP server answered; serving");
+
+    let reaper = {
+        let host = Arc::clone(&host);
+        let every =
+            (host.config.idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                host.reap_idle();
+            }
+        })
+    };
+
+    let app = Router::new()
+        .route("/mcp", get(get_stream).post(post).delete(delete))
+        .route("/health", get(health))
+        .route("/sessions", get(sessions))
+        .layer(axum::extract::DefaultBodyLimit::max(16 * 1024 * 1024))
+        .with_state(Arc::clone(&host));
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    reaper.abort();
+    tracing::info!("stopping MCP server processes");
+    host.stop_all().await;
+    let _ = std::fs::remove_file(&args.socket);
+    served.context("serving HTTP")
+}
+
+const SESSION: &str = "mcp-session-id";
+
+fn jsonrpc_error(status: StatusCode, code: i64, message: impl Into<String>) -> Response {
+    let body =
+        json!({"jsonrpc": "2.0", "id": null, "error": {"code": code, "message": message.into()}});
+    (status, axum::Json(body)).into_response()
+}
+
+fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": {"code": code, "message": message.into()}})),
+    )
+        .into_response()
+}
+
+fn session_header(headers: &HeaderMap) -> Option<&str> {
+    headers.get(SESSION).and_then(|v| v.to_str().ok())
+}
+
+fn wants_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"))
+}
+
+fn is_modern(msg: &Value) -> bool {
+    msg.pointer("/params/_meta/io.modelcontextprotocol~1protocolVersion")
+        .is_some()
+        || msg.get("method").and_then(Value::as_str) == Some("server/discover")
+}
+
+fn session_not_found() -> Response {
+    jsonrpc_error(
+        StatusCode::NOT_FOUND,
+        -32001,
+        "Session not found: it ended (its server process exited, it was idle, or it was deleted); initialize a new session",
+    )
+}
+
+fn sse_frame(msg: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(msg.len() + 24);
+    b.put_slice(b"event: message\ndata: ");
+    b.put_slice(msg);
+    b.put_slice(b"\n\n");
+    b.freeze()
+}
+
+/// Streams a request's messages as SSE (or, when the client only takes JSON, answers with the
+/// reply alone). The registration lives as long as the response body, so a client that goes
+/// away unregisters its request (and cancels it on a shared child).
+async fn respond(
+    registration: child::Registration,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    sse: bool,
+    session: Option<&str>,
+) -> Response {
+    let mut builder = Response::builder().status(StatusCode::OK);
+    if let Some(id) = session.and_then(|s| HeaderValue::from_str(s).ok()) {
+        builder = builder.header(SESSION, id);
+    }
+    if !sse {
+        // JSON: the reply is the last message before the stream ends; notifications sent
+        // before it have no place in a JSON answer and are dropped.
+        let mut last = None;
+        while let Some(m) = rx.recv().await {
+            last = Some(m);
+        }
+        drop(registration);
+        let body = last.unwrap_or_else(|| {
+            encode(&json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32603, "message": "no reply"}}))
+        });
+        return builder
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
+    let stream =
+        futures_util::stream::unfold((rx, Some(registration)), |(mut rx, reg)| async move {
+            rx.recv()
+                .await
+                .map(|m| (Ok::<_, Infallible>(sse_frame(&m)), (rx, reg)))
+        });
+    builder
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn send_failed(e: SendError, legacy: bool) -> Response {
+    match e {
+        SendError::Ended(_) if legacy => session_not_found(),
+        SendError::Ended(why) => jsonrpc_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            -32603,
+            format!("the MCP server process has ended ({why}); retry"),
+        ),
+        SendError::DuplicateId(id) => jsonrpc_error(
+            StatusCode::BAD_REQUEST,
+            -32600,
+            format!("a request with id {id} is already in flight on this session"),
+        ),
+    }
+}
+
+async fn post(State(host): State<Arc<Host>>, headers: HeaderMap, body: Bytes) -> Response {
+    let msg: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return jsonrpc_error(StatusCode::BAD_REQUEST, -32700, format!("Parse error: {e}"));
+        }
+    };
+    if !msg.is_object() {
+        return jsonrpc_error(
+            StatusCode::BAD_REQUEST,
+            -32600,
+            "Invalid Request: one JSON-RPC message per POST (batches are not supported)",
+        );
+    }
+    let is_request = msg.get("method").is_some() && msg.get("id").is_some_and(|i| !i.is_null());
+    let sse = wants_sse(&headers);
+
+    if let Some(sid) = session_header(&headers) {
+        let Some(session) = host.session(sid) else {
+            return session_not_found();
+        };
+        session.touch(&host);
+        if !is_request {
+            return match session.child.notify(&msg) {
+                Ok(()) => StatusCode::ACCEPTED.into_response(),
+                Err(e) => send_failed(e, true),
+            };
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        return match session.child.request(msg, tx) {
+            Ok(reg) => respond(reg, rx, sse, None).await,
+            Err(e) => send_failed(e, true),
+        };
+    }
+
+    if msg.get("method").and_then(Value::as_str) == Some("initialize") && is_request {
+        return initialize(&host, msg, sse).await;
+    }
+    if is_modern(&msg) || (!is_request && host.era() == Some(Era::Modern)) {
+        if host.era() != Some(Era::Modern) {
+            return jsonrpc_error(
+                StatusCode::BAD_REQUEST,
+                -32022,
+                "this server does not support protocol version 2026-07-28: use a legacy session (initialize)",
+            )
+            .into_response();
+        }
+        let child = match host.pool_child() {
+            Ok(c) => c,
+            Err(e) => return jsonrpc_error(StatusCode::SERVICE_UNAVAILABLE, -32603, e.to_string()),
+        };
+        if !is_request {
+            // A stateless notification has no session to belong to; a cancellation names an
+            // id only its own (closed) stream knew, and closing that stream already cancelled.
+            if msg.get("method").and_then(Value::as_str) != Some("notifications/cancelled") {
+                let _ = child.notify(&msg);
+            }
+            return StatusCode::ACCEPTED.into_response();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        return match child.request(msg, tx) {
+            Ok(reg) => respond(reg, rx, sse, None).await,
+            Err(e) => send_failed(e, false),
+        };
+    }
+    jsonrpc_error(
+        StatusCode::BAD_REQUEST,
+        -32000,
+        "Bad Request: Mcp-Session-Id header is required (send initialize first, or a 2026-07-28 request with _meta)",
+    )
+}
+
+async fn initialize(host: &Arc<Host>, msg: Value, sse: bool) -> Response {
+    let (session, slot) = match host.open_session() {
+        Ok(s) => s,
+        Err(e @ HostError::TooManySessions(_)) => {
+            let mut r = api_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sessions",
+                e.to_string(),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return r;
+        }
+        Err(e) => return jsonrpc_error(StatusCode::SERVICE_UNAVAILABLE, -32603, e.to_string()),
+    };
+    host.register(&session, slot);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let reg = match session.child.request(msg, tx) {
+        Ok(r) => r,
+        Err(e) => {
+            host.close_session(&session.id);
+            return send_failed(e, false);
+        }
+    };
+    // The initialize reply decides whether the session exists, so it is awaited here; what the
+    // server sends before it (e.g. list_changed notifications) is relayed after it.
+    let mut early = Vec::new();
+    let reply = loop {
+        match rx.recv().await {
+            Some(m) => {
+                let v: Value = serde_json::from_slice(&m).unwrap_or(Value::Null);
+                if v.get("method").is_none() {
+                    break Some((m, v));
+                }
+                early.push(m);
+            }
+            None => break None,
+        }
+    };
+    drop(reg);
+    let Some((reply, v)) = reply else {
+        host.close_session(&session.id);
+        return jsonrpc_error(
+            StatusCode::BAD_GATEWAY,
+            -32603,
+            "the MCP server sent no reply to initialize",
+        );
+    };
+    if v.get("error").is_some() {
+        host.close_session(&session.id);
+    }
+    // Server messages written before the reply wait for the session's first stream.
+    session.child.hold(early);
+    let mut builder = Response::builder().status(StatusCode::OK).header(
+        SESSION,
+        HeaderValue::from_str(&session.id).unwrap_or(HeaderValue::from_static("invalid")),
+    );
+    if sse {
+        let mut body = BytesMut::new();
+        body.put_slice(&sse_frame(&reply));
+        builder = builder
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::CACHE_CONTROL, "no-cache");
+        return builder
+            .body(Body::from(body.freeze()))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
+    builder
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(reply))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn get_stream(State(host): State<Arc<Host>>, headers: HeaderMap) -> Response {
+    let Some(sid) = session_header(&headers) else {
+        return jsonrpc_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            -32000,
+            "GET needs an Mcp-Session-Id (a legacy session's stream); 2026-07-28 has no GET stream",
+        );
+    };
+    let Some(session) = host.session(sid) else {
+        return session_not_found();
+    };
+    session.touch(&host);
+    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    if !session.child.listen(tx) {
+        return jsonrpc_error(
+            StatusCode::CONFLICT,
+            -32000,
+            "Conflict: only one standalone SSE stream is allowed per session",
+        );
+    }
+    // Comment lines keep idle intermediaries from closing the stream.
+    let keepalive = tokio_stream_interval(Duration::from_secs(15));
+    let messages = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|m| (sse_frame(&m), rx))
+    });
+    let merged = futures_util::stream::select(messages.map(Some), keepalive.map(|()| None))
+        .take_while({
+            let child = Arc::clone(&session.child);
+            move |_| std::future::ready(child.alive())
+        })
+        .map(|m| Ok::<_, Infallible>(m.unwrap_or_else(|| Bytes::from_static(b": keep-alive\n\n"))));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(merged))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn tokio_stream_interval(every: Duration) -> impl futures_util::Stream<Item = ()> {
+    futures_util::stream::unfold(
+        tokio::time::interval_at(tokio::time::Instant::now() + every, every),
+        |mut t| async move {
+            t.tick().await;
+            Some(((), t))
+        },
+    )
+}
+
+async fn delete(State(host): State<Arc<Host>>, headers: HeaderMap) -> Response {
+    let Some(sid) = session_header(&headers) else {
+        return jsonrpc_error(
+            StatusCode::BAD_REQUEST,
+            -32000,
+            "Bad Request: Mcp-Session-Id header is required",
+        );
+    };
+    if host.close_session(sid) {
+        StatusCode::OK.into_response()
+    } else {
+        session_not_found()
+    }
+}
+
+async fn health(State(host): State<Arc<Host>>) -> Response {
+    match host.check(Duration::from_secs(10)).await {
+        Ok(v) => (StatusCode::OK, axum::Json(v)).into_response(),
+        Err(e) => api_error(StatusCode::SERVICE_UNAVAILABLE, "unhealthy", e),
+    }
+}
+
+/// One open legacy session, as `GET /sessions` lists it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct SessionInfo {
+    pub id: String,
+    pub pid: u32,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub in_flight: u32,
+    pub stream_open: bool,
+}
+
+/// What `GET /sessions` answers.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct BridgeSessions {
+    /// `legacy` or `modern`, once known.
+    pub era: Option<String>,
+    pub max_sessions: usize,
+    pub sessions: Vec<SessionInfo>,
+    /// Every server process the bridge runs (sessions, pool, health, spare).
+    pub processes: Vec<u32>,
+}
+
+async fn sessions(State(host): State<Arc<Host>>) -> Response {
+    let mut list: Vec<SessionInfo> = host
+        .sessions()
+        .into_iter()
+        .map(|s| SessionInfo {
+            id: s.id.clone(),
+            pid: s.child.pid,
+            created_at: s.created,
+            in_flight: s.child.in_flight(),
+            stream_open: s.child.has_listener(),
+        })
+        .collect();
+    list.sort_by_key(|s| s.created_at);
+    let body = BridgeSessions {
+        era: host.era().map(|e| match e {
+            Era::Legacy => "legacy".to_owned(),
+            Era::Modern => "modern".to_owned(),
+        }),
+        max_sessions: host.config.max_sessions,
+        sessions: list,
+        processes: host
+            .children()
+            .iter()
+            .filter(|c| c.alive())
+            .map(|c| c.pid)
+            .collect(),
+    };
+    (StatusCode::OK, axum::Json(body)).into_response()
+}

@@ -1,0 +1,429 @@
+//! stdio MCP servers hosted by Switchboard (`transport = "stdio"`, the bridge in src/stdio):
+//! the repo's rmcp test server run in stdio mode (both protocol eras), reached over HTTP through
+//! Switchboard's proxy. Real processes throughout; the Python SDK and third-party servers are
+//! in tests/stdio_sdk.rs.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    TestApp, alive, eventually, legacy_session, mcp_rpc, sigkill, test_server_bin, whoami,
+    whoami_in_session,
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// Registers the test server as a stdio tool (extra fields merged into the definition).
+async fn add_stdio_tool(app: &TestApp, slug: &str, extra_args: &[&str], extra: Value) {
+    let mut args = vec!["--stdio".to_owned()];
+    args.extend(extra_args.iter().map(|a| a.to_string()));
+    let mut body = json!({
+        "slug": slug,
+        "command": test_server_bin(),
+        "args": args,
+        "transport": "stdio",
+        "startup_timeout_ms": 15000,
+        "stop_grace_period_ms": 3000,
+    });
+    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+        b.extend(e);
+    }
+    let (st, v) = app.call("POST", "/api/v1/tools", Some(body)).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+}
+
+async fn sessions(app: &TestApp, id: &str) -> Value {
+    let (st, v) = app
+        .call("GET", &format!("/api/v1/deployments/{id}/sessions"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    v
+}
+
+fn ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn pid_of(v: &Value) -> u32 {
+    u32::try_from(v["pid"].as_u64().unwrap()).unwrap()
+}
+
+fn pids(v: &Value) -> Vec<u32> {
+    v["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| u32::try_from(p.as_u64().unwrap()).unwrap())
+        .collect()
+}
+
+fn initialize() -> Value {
+    json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "switchboard-tests", "version": "0"}}})
+}
+
+#[tokio::test]
+async fn a_stdio_server_is_served_in_both_eras_without_a_port() {
+    let app = TestApp::start().await;
+    add_stdio_tool(&app, "io", &[], json!({})).await;
+    let d = app.deploy_wait("io").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    assert_eq!(
+        d["port"],
+        Value::Null,
+        "a stdio deployment takes no port: {d}"
+    );
+    let url = format!("{}/mcp/io", app.url);
+    assert_eq!(d["endpoint_url"], url.as_str(), "{d}");
+    let bridge = pid_of(&d);
+    let id = d["id"].as_str().unwrap();
+
+    // Modern (stateless) requests go to the pool; its processes are the bridge's children.
+    let me = whoami(&url).await;
+    assert_eq!(me["tool"], "io");
+    assert_eq!(me["deployment"], id);
+    let pooled = pid_of(&me);
+    assert_ne!(pooled, bridge);
+    assert_eq!(
+        ppid(pooled),
+        Some(bridge),
+        "pool process not the bridge's child"
+    );
+
+    // Each legacy session has a process of its own.
+    let s1 = legacy_session(&url).await;
+    let s2 = legacy_session(&url).await;
+    assert_ne!(s1, s2);
+    let p1 = pid_of(&whoami_in_session(&url, &s1).await.unwrap());
+    let p2 = pid_of(&whoami_in_session(&url, &s2).await.unwrap());
+    assert_ne!(p1, p2, "two sessions share a process");
+    assert!(
+        p1 != pooled && p2 != pooled,
+        "a session runs on the shared pool"
+    );
+    assert_eq!(
+        pid_of(&whoami_in_session(&url, &s1).await.unwrap()),
+        p1,
+        "a session's requests all reach its own process"
+    );
+
+    let view = sessions(&app, id).await;
+    assert_eq!(view["era"], "modern", "{view}");
+    let listed: Vec<(String, u32)> = view["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["id"].as_str().unwrap().to_owned(), pid_of(s)))
+        .collect();
+    assert_eq!(listed, vec![(s1.clone(), p1), (s2.clone(), p2)], "{view}");
+    let all = pids(&view);
+    assert!(all.contains(&pooled) && all.contains(&p1), "{view}");
+
+    // DELETE ends the session and its process; the id is then unknown (404).
+    let del = app
+        .http
+        .delete(&url)
+        .header("mcp-session-id", &s1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), StatusCode::OK);
+    assert_eq!(
+        whoami_in_session(&url, &s1).await.unwrap_err(),
+        StatusCode::NOT_FOUND
+    );
+    eventually(Duration::from_secs(10), || async { !alive(p1) }).await;
+    assert!(whoami_in_session(&url, &s2).await.is_ok());
+
+    // A request without a session that is neither initialize nor modern is refused.
+    let call = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"});
+    let (st, _, _) = mcp_rpc(&url, &call, &[]).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+
+    // Stop takes every process of the deployment and the socket.
+    let all = pids(&sessions(&app, id).await);
+    app.stop_deployment(id).await;
+    for p in all.iter().chain([&bridge]) {
+        assert!(!alive(*p), "process {p} outlived the stop");
+    }
+    let socket = app
+        .data_dir
+        .path()
+        .join("run")
+        .join(format!("{}.sock", id.replace('-', "")));
+    assert!(!socket.exists(), "{} left behind", socket.display());
+}
+
+#[tokio::test]
+async fn the_session_cap_answers_429() {
+    let app = TestApp::start().await;
+    add_stdio_tool(&app, "capped", &[], json!({"stdio": {"max_sessions": 2}})).await;
+    app.deploy_wait("capped").await;
+    let url = format!("{}/mcp/capped", app.url);
+    let s1 = legacy_session(&url).await;
+    let _s2 = legacy_session(&url).await;
+    let (st, h, _) = mcp_rpc(&url, &initialize(), &[]).await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
+    assert!(h.get("retry-after").is_some(), "{h:?}");
+    let resp = app
+        .http
+        .post(&url)
+        .header("accept", "application/json, text/event-stream")
+        .json(&initialize())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_sessions", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_sessions"),
+        "{body}"
+    );
+    // Ending one makes room.
+    app.http
+        .delete(&url)
+        .header("mcp-session-id", &s1)
+        .send()
+        .await
+        .unwrap();
+    let _s3 = legacy_session(&url).await;
+}
+
+#[tokio::test]
+async fn idle_sessions_are_reaped() {
+    let app = TestApp::start().await;
+    add_stdio_tool(
+        &app,
+        "idle",
+        &[],
+        json!({"stdio": {"session_idle_ms": 1000}}),
+    )
+    .await;
+    let d = app.deploy_wait("idle").await;
+    let id = d["id"].as_str().unwrap();
+    let url = format!("{}/mcp/idle", app.url);
+    let sid = legacy_session(&url).await;
+    let pid = pid_of(&whoami_in_session(&url, &sid).await.unwrap());
+    eventually(Duration::from_secs(20), || async {
+        sessions(&app, id).await["sessions"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    assert_eq!(
+        whoami_in_session(&url, &sid).await.unwrap_err(),
+        StatusCode::NOT_FOUND
+    );
+    eventually(Duration::from_secs(10), || async { !alive(pid) }).await;
+    // The log says why (the server's own last words: it saw its input close).
+    let log = app
+        .http
+        .get(format!("{}/api/v1/deployments/{id}/logs", app.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(log.contains("Closing an idle MCP session"), "{log}");
+}
+
+#[tokio::test]
+async fn a_killed_child_fails_its_request_and_ends_only_its_session() {
+    let app = TestApp::start().await;
+    add_stdio_tool(&app, "crashy", &[], json!({})).await;
+    let d = app.deploy_wait("crashy").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/mcp/crashy", app.url);
+    let sid = legacy_session(&url).await;
+    let other = legacy_session(&url).await;
+    let victim = pid_of(&whoami_in_session(&url, &sid).await.unwrap());
+
+    let call = json!({"jsonrpc": "2.0", "id": 41, "method": "tools/call",
+        "params": {"name": "sleep", "arguments": {"ms": 120000}}});
+    let in_flight = {
+        let (url, sid) = (url.clone(), sid.clone());
+        tokio::spawn(async move {
+            mcp_rpc(
+                &url,
+                &call,
+                &[
+                    ("mcp-session-id", &sid),
+                    ("mcp-protocol-version", "2025-11-25"),
+                ],
+            )
+            .await
+        })
+    };
+    eventually(Duration::from_secs(10), || async {
+        sessions(&app, &id).await["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == sid.as_str() && s["in_flight"] == 1)
+    })
+    .await;
+    sigkill(i32::try_from(victim).unwrap());
+
+    let (st, _, msg) = in_flight.await.unwrap();
+    assert_eq!(st, StatusCode::OK);
+    let msg = msg.expect("the in-flight request gets a JSON-RPC reply");
+    assert_eq!(msg["id"], 41, "{msg}");
+    assert_eq!(msg["error"]["code"], -32603, "{msg}");
+    let text = msg["error"]["message"].as_str().unwrap();
+    assert!(
+        text.contains("ended before replying") && text.contains("SIGKILL"),
+        "{msg}"
+    );
+    // The session ended with its process: 404 tells the client to initialize again.
+    assert_eq!(
+        whoami_in_session(&url, &sid).await.unwrap_err(),
+        StatusCode::NOT_FOUND
+    );
+    // The other session and new sessions are untouched; the deployment did not restart.
+    assert!(whoami_in_session(&url, &other).await.is_ok());
+    let fresh = legacy_session(&url).await;
+    let p = pid_of(&whoami_in_session(&url, &fresh).await.unwrap());
+    assert_ne!(p, victim);
+    let d = app.deployment(&id).await;
+    assert_eq!(d["status"], "RUNNING");
+    assert_eq!(d["restart_count"], 0, "{d}");
+}
+
+#[tokio::test]
+async fn stop_closes_stdin_before_any_signal() {
+    let app = TestApp::start().await;
+    // Servers that ignore SIGTERM: only closing their input (or SIGKILL) ends them.
+    add_stdio_tool(
+        &app,
+        "polite",
+        &["--ignore-sigterm"],
+        json!({"stop_grace_period_ms": 30000}),
+    )
+    .await;
+    let d = app.deploy_wait("polite").await;
+    let id = d["id"].as_str().unwrap();
+    let url = format!("{}/mcp/polite", app.url);
+    let _s = legacy_session(&url).await;
+    whoami(&url).await;
+    let procs = pids(&sessions(&app, id).await);
+    assert!(procs.len() >= 3, "pool, session and spare: {procs:?}");
+
+    app.stop_deployment(id).await;
+    for p in &procs {
+        assert!(!alive(*p), "process {p} outlived the stop");
+    }
+    let log = app
+        .http
+        .get(format!(
+            "{}/api/v1/deployments/{id}/logs?tail=1000",
+            app.url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let polite = log.matches("stdin closed; exiting").count();
+    assert!(
+        polite >= procs.len(),
+        "{} processes, {polite} ended at end of input:\n{log}",
+        procs.len()
+    );
+}
+
+#[tokio::test]
+async fn a_crashed_bridge_is_restarted_and_serves_again() {
+    let app = TestApp::start().await;
+    add_stdio_tool(&app, "phoenix", &[], json!({})).await;
+    let d = app.deploy_wait("phoenix").await;
+    let id = d["id"].as_str().unwrap();
+    let url = format!("{}/mcp/phoenix", app.url);
+    let sid = legacy_session(&url).await;
+    let child = pid_of(&whoami_in_session(&url, &sid).await.unwrap());
+    sigkill(i32::try_from(pid_of(&d)).unwrap());
+    let d = app
+        .wait_record(id, "restarted and RUNNING", |d| {
+            d["restart_count"] == 1 && d["status"] == "RUNNING"
+        })
+        .await;
+    assert!(d["last_exit"].as_str().unwrap().contains("SIGKILL"), "{d}");
+    // The old session's process saw its input close with the bridge and is gone.
+    eventually(Duration::from_secs(10), || async { !alive(child) }).await;
+    assert_eq!(
+        whoami_in_session(&url, &sid).await.unwrap_err(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(whoami(&url).await["deployment"], id);
+    let again = legacy_session(&url).await;
+    assert!(whoami_in_session(&url, &again).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_stdio_deployment_is_adopted_after_switchboard_crashes() {
+    let app = TestApp::start().await;
+    add_stdio_tool(&app, "kept", &[], json!({})).await;
+    let d = app.deploy_wait("kept").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let bridge = pid_of(&d);
+    let pooled = pid_of(&whoami(&format!("{}/mcp/kept", app.url)).await);
+
+    let dir = app.crash().await;
+    let app = TestApp::start_in(dir, common::AppOptions::default()).await;
+    let d = app.wait_status(&id, "RUNNING").await;
+    assert_eq!(
+        pid_of(&d),
+        bridge,
+        "the bridge was adopted, not restarted: {d}"
+    );
+    assert_eq!(d["restart_count"], 0, "{d}");
+    // Same bridge, same pool: the server processes survived Switchboard's crash.
+    assert_eq!(
+        pid_of(&whoami(&format!("{}/mcp/kept", app.url)).await),
+        pooled
+    );
+    let sid = legacy_session(&format!("{}/mcp/kept", app.url)).await;
+    assert!(
+        whoami_in_session(&format!("{}/mcp/kept", app.url), &sid)
+            .await
+            .is_ok()
+    );
+    app.stop_deployment(&id).await;
+    assert!(!alive(bridge) && !alive(pooled));
+}
+
+#[tokio::test]
+async fn a_server_that_cannot_start_is_reported_with_its_own_words() {
+    let app = TestApp::start().await;
+    // Exits at once, before answering anything.
+    add_stdio_tool(
+        &app,
+        "broken",
+        &["--exit-after-ms", "0"],
+        json!({"restart": {"policy": "never"}}),
+    )
+    .await;
+    let d = app.deploy_wait("broken").await;
+    assert_eq!(d["status"], "FAILED", "{d}");
+    let err = d["error"].as_str().unwrap();
+    assert!(err.contains("failed to start"), "{d}");
+    assert!(
+        err.contains("exiting after 0 ms"),
+        "the server's stderr is quoted: {d}"
+    );
+}
