@@ -75,6 +75,8 @@ pub enum Command {
     Stop { id: String },
     /// Check a deployment's health now and print the result.
     Health { id: String },
+    /// A stdio deployment's open MCP sessions, each with its own server process.
+    Sessions { id: String },
     /// Print a deployment's output (stdout and stderr).
     Logs {
         id: String,
@@ -745,6 +747,34 @@ pub async fn run_client(command: Command, args: &ClientArgs) -> anyhow::Result<(
             }
             if r.get("status").and_then(Value::as_str) != Some("HEALTHY") {
                 bail!("deployment {id} is not healthy");
+            }
+        }
+        Command::Sessions { id } => {
+            let id = resolve_id(&client, &id).await?;
+            let (v, raw): (crate::stdio::BridgeSessions, _) = client
+                .get(&format!("/api/v1/deployments/{id}/sessions"))
+                .await?;
+            if args.json {
+                print_json(&raw);
+            } else {
+                let mut t = table(&["SESSION", "PID", "CREATED", "IN FLIGHT", "STREAM"]);
+                for s in &v.sessions {
+                    t.add_row(vec![
+                        s.id.clone(),
+                        s.pid.to_string(),
+                        s.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                        s.in_flight.to_string(),
+                        if s.stream_open { "open" } else { "-" }.to_owned(),
+                    ]);
+                }
+                println!("{t}");
+                println!(
+                    "{} of at most {} sessions; era {}; {} server processes",
+                    v.sessions.len(),
+                    v.max_sessions,
+                    v.era.as_deref().unwrap_or("unknown"),
+                    v.processes.len()
+                );
             }
         }
         Command::Events { tool } => follow_events(&client, tool.as_deref(), args.json).await?,

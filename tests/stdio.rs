@@ -127,6 +127,26 @@ async fn a_stdio_server_is_served_in_both_eras_without_a_port() {
     assert_eq!(listed, vec![(s1.clone(), p1), (s2.clone(), p2)], "{view}");
     let all = pids(&view);
     assert!(all.contains(&pooled) && all.contains(&p1), "{view}");
+    // The CLI's view of the same.
+    let out = tokio::process::Command::new(common::switchboard_bin())
+        .args(["--url", &app.url, "sessions", &id[..8]])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&s1) && text.contains(&p2.to_string()),
+        "{text}"
+    );
+    assert!(
+        text.contains("2 of at most 100 sessions; era modern"),
+        "{text}"
+    );
 
     // DELETE ends the session and its process; the id is then unknown (404).
     let del = app
