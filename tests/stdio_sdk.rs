@@ -1,0 +1,291 @@
+//! Real stdio MCP servers hosted by Switchboard, driven by the official Python SDK client
+//! (tests/python/mcp_client.py) through `/mcp/{slug}`: server-everything (npm, stdio mode),
+//! server-filesystem (installed by Switchboard from `npx:`) and mcp-server-time (from `uvx:`).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{TestApp, alive, server_everything, sigkill};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+fn python() -> PathBuf {
+    let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/.venv/bin/python");
+    assert!(
+        py.exists(),
+        "{} is missing: create it with `python3 -m venv tests/python/.venv && \
+         tests/python/.venv/bin/pip install -r tests/python/requirements.txt` (scripts/test does this)",
+        py.display()
+    );
+    py
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/mcp_client.py")
+}
+
+/// Runs mcp_client.py to completion; its stdout is one JSON object.
+async fn client(url: &str, args: &[&str]) -> Value {
+    let mut cmd = Command::new(python());
+    cmd.arg(script())
+        .args(["--url", url, "--era", "legacy"])
+        .args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "mcp_client.py {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("mcp_client.py printed no JSON ({e}): {stdout}"))
+}
+
+async fn add_tool(app: &TestApp, body: Value) {
+    let (st, v) = app.call("POST", "/api/v1/tools", Some(body)).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+}
+
+/// server-everything in stdio mode as a stdio tool, deployed and RUNNING.
+async fn deploy_everything_stdio(app: &TestApp, slug: &str) -> Value {
+    add_tool(
+        app,
+        json!({
+            "slug": slug,
+            "command": server_everything(),
+            "args": ["stdio"],
+            "transport": "stdio",
+            "startup_timeout_ms": 60000,
+            "stop_grace_period_ms": 5000,
+        }),
+    )
+    .await;
+    let d = app.deploy_wait(slug).await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    d
+}
+
+fn text_of(result: &Value) -> String {
+    result["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["text"].as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn server_everything_over_stdio_lists_calls_and_reports_progress() {
+    let app = TestApp::start().await;
+    deploy_everything_stdio(&app, "everything").await;
+    let url = format!("{}/mcp/everything", app.url);
+
+    let tools = client(&url, &["list-tools"]).await;
+    assert_eq!(tools["server_name"], "mcp-servers/everything", "{tools}");
+    let names: Vec<&str> = tools["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"echo") && names.contains(&"get-sum"),
+        "{names:?}"
+    );
+
+    let sum = client(
+        &url,
+        &["call-tool", "get-sum", "--args", r#"{"a":2,"b":40}"#],
+    )
+    .await;
+    assert!(text_of(&sum["result"]).contains("42"), "{sum}");
+
+    let p = client(
+        &url,
+        &[
+            "progress",
+            "--tool",
+            "trigger-long-running-operation",
+            "--args",
+            r#"{"duration":2,"steps":4}"#,
+        ],
+    )
+    .await;
+    let progress: Vec<f64> = p["progress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["progress"].as_f64().unwrap())
+        .collect();
+    assert_eq!(progress, vec![1.0, 2.0, 3.0, 4.0], "{p}");
+    assert!(
+        text_of(&p["result"]).contains("Long running operation completed"),
+        "{p}"
+    );
+}
+
+#[tokio::test]
+async fn server_to_client_requests_reach_their_session_and_answers_go_back() {
+    let app = TestApp::start().await;
+    deploy_everything_stdio(&app, "everything").await;
+    let url = format!("{}/mcp/everything", app.url);
+
+    // Sampling: the server asks the client (on the tool call's stream); the client's answer
+    // goes back to that server process and ends up in the tool's result.
+    let s = client(&url, &["sampling", "--marker", "MK-sampling-7"]).await;
+    assert_eq!(s["callback_invoked"], true, "{s}");
+    assert_eq!(s["marker_in_result"], true, "{s}");
+    let e = client(&url, &["elicitation", "--marker", "MK-elicit-7"]).await;
+    assert_eq!(e["callback_invoked"], true, "{e}");
+    assert_eq!(e["marker_in_result"], true, "{e}");
+    // roots/list is not tied to a request: it travels on the session's GET stream.
+    let r = client(&url, &["roots", "--marker", "MK-roots-7"]).await;
+    assert_eq!(r["ok"], true, "{r}");
+}
+
+#[tokio::test]
+async fn twenty_concurrent_sessions_get_their_own_replies() {
+    let app = TestApp::start().await;
+    let d = deploy_everything_stdio(&app, "everything").await;
+    let url = format!("{}/mcp/everything", app.url);
+    let out = client(
+        &url,
+        &[
+            "--timeout",
+            "120",
+            "concurrent",
+            "--sessions",
+            "20",
+            "--calls",
+            "5",
+            "--parallel",
+        ],
+    )
+    .await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["crossed"], 0, "{out}");
+    assert_eq!(out["ok_calls"], 100, "{out}");
+    assert_eq!(out["distinct_session_ids"], 20, "{out}");
+    // The client DELETEd its sessions at the end: each one's process is gone with it.
+    let path = format!("/api/v1/deployments/{}/sessions", d["id"].as_str().unwrap());
+    common::eventually(Duration::from_secs(20), || async {
+        let (_, v) = app.call("GET", &path, None).await;
+        v["sessions"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_child_killed_mid_request_gives_a_clean_error_and_the_next_session_works() {
+    let app = TestApp::start().await;
+    let d = deploy_everything_stdio(&app, "everything").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/mcp/everything", app.url);
+
+    let mut child = Command::new(python())
+        .arg(script())
+        .args([
+            "--url",
+            &url,
+            "--era",
+            "legacy",
+            "hold-call",
+            "--call-timeout",
+            "60",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let next = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<Value>| {
+        tokio::time::timeout(Duration::from_secs(90), rx.recv())
+            .await
+            .expect("mcp_client.py hold-call went silent")
+            .expect("mcp_client.py hold-call ended early")
+    };
+    let session = next(&mut rx).await;
+    assert_eq!(session["event"], "session", "{session}");
+    let sid = session["session_id"].as_str().unwrap().to_owned();
+    loop {
+        let e = next(&mut rx).await;
+        if e["event"] == "progress" {
+            break;
+        }
+        assert!(
+            ["calling", "call_accepted"].contains(&e["event"].as_str().unwrap()),
+            "{e}"
+        );
+    }
+    // The call is in flight and reporting progress: kill the process serving this session.
+    let (_, v) = app
+        .call("GET", &format!("/api/v1/deployments/{id}/sessions"), None)
+        .await;
+    let victim = v["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == sid.as_str())
+        .unwrap_or_else(|| panic!("session {sid} not listed: {v}"))["pid"]
+        .as_u64()
+        .unwrap();
+    let victim = u32::try_from(victim).unwrap();
+    sigkill(i32::try_from(victim).unwrap());
+
+    let failed = next(&mut rx).await;
+    assert_eq!(failed["event"], "call_failed", "{failed}");
+    assert_eq!(failed["clean"], true, "{failed}");
+    assert_eq!(
+        failed["code"], -32603,
+        "Switchboard's JSON-RPC error: {failed}"
+    );
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap()
+            .contains("ended before replying"),
+        "{failed}"
+    );
+    let same = next(&mut rx).await;
+    assert_eq!(same["event"], "same_session", "{same}");
+    assert_eq!(
+        same["ok"], false,
+        "the dead session must not answer: {same}"
+    );
+    let fresh = next(&mut rx).await;
+    assert_eq!(fresh["event"], "new_session", "{fresh}");
+    assert_eq!(fresh["ok"], true, "{fresh}");
+    let done = next(&mut rx).await;
+    assert_eq!(done["ok"], true, "{done}");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    assert!(!alive(victim));
+    // One session died, not the deployment.
+    let d = app.deployment(&id).await;
+    assert_eq!(
+        (d["status"].as_str(), d["restart_count"].as_u64()),
+        (Some("RUNNING"), Some(0))
+    );
+}
