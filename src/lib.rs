@@ -8,6 +8,7 @@ pub mod events;
 pub mod health;
 pub mod manager;
 pub mod metrics;
+pub mod packages;
 pub mod ports;
 pub mod proxy;
 pub mod registry;

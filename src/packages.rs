@@ -1,0 +1,1221 @@
+//! MCP servers named by package instead of a command: `npx:<name>[@version]` (npm) and
+//! `uvx:<name>[==version]` (PyPI).
+//!
+//! [`ensure_installed`] installs the package into Switchboard's data directory the first time a
+//! tool that names it is deployed, and reuses that install afterwards, so a deployment does not
+//! depend on the registry once the package is there, and nothing is written outside the data
+//! directory (npm's and pip's caches live in it too).
+//!
+//! Layout under `packages_dir`:
+//!
+//! ```text
+//! npm/<name>@<version>/          npm install --prefix (scoped names: `@scope+name@1.0.0`)
+//! pypi/<spec>/                   a venv with the package (`mcp-server-time==2026.10.19`)
+//! <kind>/.partial-<dir>/         an install under way; renamed to <dir> when complete
+//! <kind>/.lock-<dir>             flock(2) held while one installer works on <dir>
+//! .npm-cache/, .pip-cache/       the installers' download caches
+//! ```
+//!
+//! Invariants: a directory `<kind>/<dir>` exists only once its install is complete (it is built
+//! as `.partial-<dir>` and renamed into place, its `.installed` marker written before the
+//! rename), so a crash mid-install never leaves something that looks installed; one installer
+//! at a time works on a package (an exclusive `flock` on `.lock-<dir>`, which serializes both
+//! two deployments in this process and two processes), and whoever waited for it then finds the
+//! finished install and uses it. Names are validated strictly (no shell metacharacters, no
+//! whitespace, no leading `-`), though no shell is ever involved: such characters are never
+//! part of a package name, and a strict rule keeps installer arguments from being read as
+//! options, paths or URLs.
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    errno::Errno,
+    fcntl::{Flock, FlockArg},
+    sys::signal::{Signal, killpg},
+    unistd::Pid,
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncRead, BufReader},
+    process::Command,
+};
+
+/// How long one install may take (including waiting for a concurrent one) before it is
+/// abandoned. Generous: a large npm dependency tree on a slow link takes minutes, but an
+/// installer stuck on a dead connection must not hold a deployment forever.
+pub const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Written inside an install directory as its last file, before the rename into place.
+const MARKER: &str = ".installed";
+
+/// Output lines kept for classifying a failure and quoting it in the error.
+const KEPT_LINES: usize = 200;
+/// Output lines quoted in [`PackageError::InstallFailed`].
+const QUOTED_LINES: usize = 15;
+/// Longest output line kept or forwarded (installers can print huge minified lines).
+const MAX_LINE: usize = 2000;
+
+const NPM_DEFAULT_REGISTRY: &str = "https://registry.npmjs.org/";
+const PYPI_DEFAULT_INDEX: &str = "https://pypi.org/simple";
+
+/// A package a tool's `command` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Package {
+    /// `npx:<name>[@<version>]`; `name` may be scoped (`@scope/name`). `version` is whatever
+    /// npm accepts after `@` (a version, a range like `^1.2`, or a tag like `latest`).
+    Npm {
+        name: String,
+        version: Option<String>,
+    },
+    /// `uvx:<name>[[extras]][==<version>|@<version>]`. `name` (without extras) names the console
+    /// script to run, as with uvx; `spec` is the pip requirement (`mcp-server-time==2026.10.19`).
+    PyPi { name: String, spec: String },
+}
+
+/// Registry overrides, for private registries and mirrors. `None` means the installer's own
+/// configuration (npm's `registry`, pip's index; default the public registries).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registries {
+    /// Passed to npm as `--registry`.
+    pub npm: Option<String>,
+    /// Passed to pip as `--index-url` (an `http://` URL is also marked `--trusted-host`, which
+    /// pip otherwise silently ignores for any host but localhost).
+    pub pypi_index: Option<String>,
+}
+
+/// What to execute for an installed package. The tool's own args go after `args`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PackageError {
+    #[error("invalid package command {command:?}: {reason}")]
+    Invalid { command: String, reason: String },
+    #[error(
+        "package {package} does not exist on {registry} ({detail}); check the package name and \
+         version (a private package also needs the registry's credentials in the installer's \
+         configuration)"
+    )]
+    NotFound {
+        package: String,
+        registry: String,
+        detail: String,
+    },
+    #[error(
+        "cannot reach the package registry {registry} to install {package} ({detail}); check the \
+         network and proxy settings, or configure a reachable registry or mirror"
+    )]
+    RegistryUnreachable {
+        package: String,
+        registry: String,
+        detail: String,
+    },
+    #[error("installing {package} failed:\n{detail}")]
+    InstallFailed { package: String, detail: String },
+    #[error("{tool} is needed to install this package but could not be run: {hint}")]
+    MissingTool {
+        tool: &'static str,
+        hint: &'static str,
+    },
+    #[error(
+        "package {package} installed, but it has no executable to run as an MCP server \
+         (found: {}); name the program in the tool's command instead",
+        if candidates.is_empty() { "none".to_owned() } else { candidates.join(", ") }
+    )]
+    NoExecutable {
+        package: String,
+        candidates: Vec<String>,
+    },
+    #[error("installing {package} did not finish within {} s; it was stopped (retry the deployment, or check the registry's speed)", after.as_secs())]
+    Timeout { package: String, after: Duration },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> PackageError {
+    let context = context.into();
+    move |source| PackageError::Io { context, source }
+}
+
+impl Package {
+    /// Reads a tool's `command`: `None` if it names no package (an ordinary program), else the
+    /// package or why the name is malformed.
+    pub fn parse(command: &str) -> Option<Result<Package, PackageError>> {
+        let (npm, rest) = if let Some(rest) = command.strip_prefix("npx:") {
+            (true, rest)
+        } else if let Some(rest) = command.strip_prefix("uvx:") {
+            (false, rest)
+        } else {
+            return None;
+        };
+        let invalid = |reason: String| PackageError::Invalid {
+            command: command.to_owned(),
+            reason,
+        };
+        Some(
+            check_chars(rest)
+                .and_then(|()| {
+                    if npm {
+                        parse_npm(rest)
+                    } else {
+                        parse_pypi(rest)
+                    }
+                })
+                .map_err(invalid),
+        )
+    }
+
+    /// The installer's name for the package, for messages: `@scope/name@1.0.0`,
+    /// `mcp-server-time==1.0`.
+    fn spec(&self) -> String {
+        match self {
+            Package::Npm {
+                name,
+                version: Some(v),
+            } => format!("{name}@{v}"),
+            Package::Npm {
+                name,
+                version: None,
+            } => name.clone(),
+            Package::PyPi { spec, .. } => spec.clone(),
+        }
+    }
+
+    fn kind_dir(&self) -> &'static str {
+        match self {
+            Package::Npm { .. } => "npm",
+            Package::PyPi { .. } => "pypi",
+        }
+    }
+
+    /// The install directory's name, one per distinct spec. Injective: `/` (only in scoped
+    /// npm names) becomes `+` (never in npm names, and a version comes after the `@` that
+    /// ends the name); `[`/`]` (only around pip extras) become `(`/`)` (never valid in specs).
+    fn dir_name(&self) -> String {
+        self.spec()
+            .chars()
+            .map(|c| match c {
+                '/' => '+',
+                '[' => '(',
+                ']' => ')',
+                c => c,
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for Package {
+    /// The command form (`npx:...`, `uvx:...`), as the user wrote it up to normalization.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Package::Npm { .. } => write!(f, "npx:{}", self.spec()),
+            Package::PyPi { .. } => write!(f, "uvx:{}", self.spec()),
+        }
+    }
+}
+
+/// Rejects what no package spec contains, with a reason a user can act on.
+fn check_chars(rest: &str) -> Result<(), String> {
+    if rest.is_empty() {
+        return Err("the package name is empty".into());
+    }
+    if rest.chars().any(char::is_whitespace) {
+        return Err(
+            "a package command is one package name without spaces; put the server's \
+             arguments in the tool's args"
+                .into(),
+        );
+    }
+    if let Some(c) = rest.chars().find(|c| "\"'`$;&|<>()*?!{}\\#".contains(*c)) {
+        return Err(format!(
+            "{c:?} is not allowed in a package name (package commands are not run by a shell)"
+        ));
+    }
+    if let Some(c) = rest.chars().find(|c| !c.is_ascii() || c.is_ascii_control()) {
+        return Err(format!("{c:?} is not allowed in a package name"));
+    }
+    Ok(())
+}
+
+fn npm_part_ok(part: &str) -> bool {
+    !part.is_empty()
+        && !part.starts_with(['.', '_', '-'])
+        && part
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._~-".contains(c))
+}
+
+fn parse_npm(rest: &str) -> Result<Package, String> {
+    // A scoped name starts with '@', so the version separator is the next '@'.
+    let at = match rest.strip_prefix('@') {
+        Some(scoped) => scoped.find('@').map(|i| i + 1),
+        None => rest.find('@'),
+    };
+    let (name, version) = match at {
+        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+        None => (rest, None),
+    };
+    let name_ok = match name.strip_prefix('@') {
+        Some(scoped) => scoped
+            .split_once('/')
+            .is_some_and(|(scope, pkg)| npm_part_ok(scope) && npm_part_ok(pkg)),
+        None => npm_part_ok(name),
+    };
+    if !name_ok || name.len() > 214 {
+        return Err(format!(
+            "{name:?} is not an npm package name (expected name or @scope/name: letters, digits, \
+             '.', '_', '~', '-', not starting with '.', '_' or '-', at most 214 characters)"
+        ));
+    }
+    if let Some(v) = version
+        && (v.is_empty()
+            || v.starts_with('-')
+            || !v
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._+~^-".contains(c)))
+    {
+        return Err(format!(
+            "{v:?} is not an npm version (expected a version like 1.2.3, a range like ^1.2 or a \
+             tag like latest)"
+        ));
+    }
+    Ok(Package::Npm {
+        name: name.to_owned(),
+        version: version.map(str::to_owned),
+    })
+}
+
+/// PEP 508 name: ASCII letters and digits, with '.', '_', '-' inside.
+fn pypi_name_ok(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+fn parse_pypi(rest: &str) -> Result<Package, String> {
+    let name_end = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || "._-".contains(c)))
+        .unwrap_or(rest.len());
+    let name = &rest[..name_end];
+    if !pypi_name_ok(name) {
+        return Err(format!(
+            "{name:?} is not a PyPI package name (letters, digits, '.', '_', '-', starting and \
+             ending with a letter or digit)"
+        ));
+    }
+    let mut tail = &rest[name_end..];
+    let mut extras = "";
+    if let Some(after) = tail.strip_prefix('[') {
+        let Some((list, after)) = after.split_once(']') else {
+            return Err("unclosed '[' in the extras".into());
+        };
+        if !list.split(',').all(pypi_name_ok) {
+            return Err(format!("{list:?} is not a list of extras (name,name)"));
+        }
+        extras = &tail[..list.len() + 2];
+        tail = after;
+    }
+    let version = if tail.is_empty() {
+        None
+    } else if let Some(v) = tail.strip_prefix("==").or_else(|| tail.strip_prefix('@')) {
+        Some(v)
+    } else {
+        return Err(format!(
+            "{tail:?}: only an exact version is supported (name, name==1.2.3 or name@1.2.3)"
+        ));
+    };
+    let spec = match version {
+        // uvx's `name@latest` means the newest version.
+        None | Some("latest") => format!("{name}{extras}"),
+        Some(v)
+            if v.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c)) =>
+        {
+            format!("{name}{extras}=={v}")
+        }
+        Some(v) => return Err(format!("{v:?} is not a version (expected like 1.2.3)")),
+    };
+    Ok(Package::PyPi {
+        name: name.to_owned(),
+        spec,
+    })
+}
+
+/// Makes sure `pkg` is installed under `packages_dir` and says what to execute.
+///
+/// A completed install is reused without running an installer (and without the network);
+/// otherwise the package is installed, every installer output line going to `progress` between
+/// a first "installing ..." and a last "installed ... in N s" line. Concurrent calls for one
+/// package install it once: the others wait (saying so on `progress`) and reuse it.
+pub async fn ensure_installed(
+    pkg: &Package,
+    packages_dir: &Path,
+    registries: &Registries,
+    progress: &(dyn Fn(&str) + Send + Sync),
+) -> Result<Installed, PackageError> {
+    let kind_dir = packages_dir.join(pkg.kind_dir());
+    let name = pkg.dir_name();
+    let dir = kind_dir.join(&name);
+    if let Some(installed) = cached(pkg, &dir).await {
+        progress(&format!(
+            "using cached install of {pkg} in {}",
+            dir.display()
+        ));
+        return Ok(installed);
+    }
+
+    tokio::fs::create_dir_all(&kind_dir)
+        .await
+        .map_err(io(format!("cannot create {}", kind_dir.display())))?;
+    let lock_path = kind_dir.join(format!(".lock-{name}"));
+    let _lock = tokio::time::timeout(INSTALL_TIMEOUT, lock(&lock_path, pkg, progress))
+        .await
+        .map_err(|_| PackageError::Timeout {
+            package: pkg.to_string(),
+            after: INSTALL_TIMEOUT,
+        })??;
+    if let Some(installed) = cached(pkg, &dir).await {
+        progress(&format!(
+            "using {pkg} just installed in {} by another deployment",
+            dir.display()
+        ));
+        return Ok(installed);
+    }
+    // Under the lock, anything still here is ours to clear: a crashed install's partial
+    // directory, or an install whose files have since gone missing.
+    let partial = kind_dir.join(format!(".partial-{name}"));
+    for stale in [&partial, &dir] {
+        if tokio::fs::try_exists(stale).await.unwrap_or(false) {
+            tokio::fs::remove_dir_all(stale)
+                .await
+                .map_err(io(format!("cannot remove {}", stale.display())))?;
+        }
+    }
+
+    let what = match pkg {
+        Package::Npm { .. } => "npm",
+        Package::PyPi { .. } => "PyPI",
+    };
+    progress(&format!(
+        "installing {what} package {} into {}",
+        pkg.spec(),
+        dir.display()
+    ));
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(INSTALL_TIMEOUT, async {
+        tokio::fs::create_dir_all(&partial)
+            .await
+            .map_err(io(format!("cannot create {}", partial.display())))?;
+        match pkg {
+            Package::Npm { .. } => {
+                install_npm(pkg, &partial, packages_dir, registries, progress).await
+            }
+            Package::PyPi { spec, .. } => {
+                install_pypi(pkg, spec, &partial, packages_dir, registries, progress).await
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(PackageError::Timeout {
+            package: pkg.to_string(),
+            after: INSTALL_TIMEOUT,
+        })
+    })
+    // A package without a runnable program is no use: fail now, not at every start.
+    .and_then(|_| executable(pkg, &partial));
+    if let Err(e) = outcome {
+        let _ = tokio::fs::remove_dir_all(&partial).await;
+        return Err(e);
+    }
+    let (from, to, note) = (partial.clone(), dir.clone(), pkg.to_string());
+    tokio::task::spawn_blocking(move || commit(&from, &to, &note))
+        .await
+        .map_err(|e| PackageError::Io {
+            context: "finishing the install".into(),
+            source: std::io::Error::other(e),
+        })??;
+    progress(&format!(
+        "installed {pkg} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    executable(pkg, &dir)
+}
+
+/// The install in `dir`, if it is complete and still has its program.
+async fn cached(pkg: &Package, dir: &Path) -> Option<Installed> {
+    if !tokio::fs::try_exists(dir.join(MARKER))
+        .await
+        .unwrap_or(false)
+    {
+        return None;
+    }
+    executable(pkg, dir).ok()
+}
+
+/// Takes the per-package install lock, polling so that waiting holds no thread and can be
+/// abandoned (a blocking flock on the blocking pool could not be).
+async fn lock(
+    path: &Path,
+    pkg: &Package,
+    progress: &(dyn Fn(&str) + Send + Sync),
+) -> Result<Flock<std::fs::File>, PackageError> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io(format!("cannot open {}", path.display())))?;
+    let mut told = false;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, Errno::EWOULDBLOCK)) => {
+                if !told {
+                    progress(&format!(
+                        "waiting for another installation of {pkg} to finish"
+                    ));
+                    told = true;
+                }
+                file = f;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err((_, e)) => {
+                return Err(PackageError::Io {
+                    context: format!("cannot lock {}", path.display()),
+                    source: e.into(),
+                });
+            }
+        }
+    }
+}
+
+/// Marks the install in `partial` complete and moves it into place: flush everything it wrote
+/// (syncfs: one call instead of an fsync per file of a node_modules tree), write the marker,
+/// rename, flush the rename. After a crash at any point the package is either absent or whole.
+fn commit(partial: &Path, dir: &Path, note: &str) -> Result<(), PackageError> {
+    let sync_dir = |d: &Path| -> Result<(), PackageError> {
+        let f = std::fs::File::open(d).map_err(io(format!("cannot open {}", d.display())))?;
+        f.sync_all()
+            .map_err(io(format!("cannot sync {}", d.display())))
+    };
+    let root =
+        std::fs::File::open(partial).map_err(io(format!("cannot open {}", partial.display())))?;
+    nix::unistd::syncfs(&root).map_err(|e| PackageError::Io {
+        context: format!("cannot sync {}", partial.display()),
+        source: e.into(),
+    })?;
+    let marker = partial.join(MARKER);
+    let mut f = std::fs::File::create(&marker)
+        .map_err(io(format!("cannot create {}", marker.display())))?;
+    writeln!(f, "{note}")
+        .and_then(|()| f.sync_all())
+        .map_err(io(format!("cannot write {}", marker.display())))?;
+    sync_dir(partial)?;
+    std::fs::rename(partial, dir).map_err(io(format!(
+        "cannot rename {} to {}",
+        partial.display(),
+        dir.display()
+    )))?;
+    match dir.parent() {
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
+    }
+}
+
+/// What to run for the package installed in `dir`.
+fn executable(pkg: &Package, dir: &Path) -> Result<Installed, PackageError> {
+    match pkg {
+        Package::Npm { name, .. } => npm_executable(pkg, name, dir),
+        Package::PyPi { name, .. } => pypi_executable(pkg, name, dir),
+    }
+}
+
+/// The package's `bin` entry, as npx picks it: a string `bin` is named after the package; in a
+/// map, the entry named like the unscoped package, else the only entry.
+///
+/// The program is the bin script itself, as npx runs it, not `node <script>`: npm makes it
+/// executable, its shebang picks the interpreter (usually `node` from PATH; sometimes flags,
+/// a shell script or a native binary, which `node <script>` would break), and paths inside
+/// node_modules are relative, so the rename into place does not matter.
+fn npm_executable(pkg: &Package, name: &str, dir: &Path) -> Result<Installed, PackageError> {
+    let pkg_dir = dir.join("node_modules").join(name);
+    let manifest_path = pkg_dir.join("package.json");
+    let text = std::fs::read_to_string(&manifest_path)
+        .map_err(io(format!("cannot read {}", manifest_path.display())))?;
+    let manifest: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| PackageError::Io {
+            context: format!("cannot parse {}", manifest_path.display()),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
+    let unscoped = name.rsplit('/').next().unwrap_or(name);
+    let no_executable = |candidates: Vec<String>| PackageError::NoExecutable {
+        package: pkg.to_string(),
+        candidates,
+    };
+    let script = match manifest.get("bin") {
+        Some(serde_json::Value::String(path)) => path.as_str(),
+        Some(serde_json::Value::Object(bins)) => {
+            let pick = bins
+                .get(unscoped)
+                .or_else(|| (bins.len() == 1).then(|| bins.values().next()).flatten());
+            match pick.and_then(|v| v.as_str()) {
+                Some(path) => path,
+                None => return Err(no_executable(bins.keys().cloned().collect())),
+            }
+        }
+        _ => return Err(no_executable(Vec::new())),
+    };
+    let rel = Path::new(script);
+    // A bin path must stay inside the package.
+    if rel.components().any(|c| {
+        !matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::CurDir
+        )
+    }) {
+        return Err(no_executable(vec![script.to_owned()]));
+    }
+    let program = pkg_dir.join(rel);
+    if !program.is_file() {
+        return Err(no_executable(vec![script.to_owned()]));
+    }
+    Ok(Installed {
+        program,
+        args: Vec::new(),
+    })
+}
+
+/// The console script named like the package, as uvx runs it (also tried with the name
+/// normalized, `Foo.Bar` → `foo-bar`, `foo_bar`).
+///
+/// A Python script is run by the venv's interpreter (`<venv>/bin/python <script>`) rather
+/// than through its shebang: the venv was built under `.partial-<dir>` and renamed, so the
+/// shebang names a path that no longer exists (and pip writes a `/bin/sh` trampoline instead
+/// when the path is longer than a shebang may be). A venv is otherwise relocatable: the
+/// interpreter finds it from its own path. A non-Python file (a binary shipped as a script)
+/// is run directly.
+fn pypi_executable(pkg: &Package, name: &str, dir: &Path) -> Result<Installed, PackageError> {
+    let bin = dir.join("bin");
+    let normalized: String = name
+        .to_ascii_lowercase()
+        .split(['-', '_', '.'])
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("-");
+    let candidates = [name.to_owned(), normalized.replace('-', "_"), normalized];
+    let Some(script) = candidates.iter().map(|c| bin.join(c)).find(|p| p.is_file()) else {
+        let mut found: Vec<String> = std::fs::read_dir(&bin)
+            .map_err(io(format!("cannot list {}", bin.display())))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| {
+                !(n.starts_with("python")
+                    || n.starts_with("pip")
+                    || n.starts_with("activate")
+                    || n.starts_with("Activate"))
+            })
+            .collect();
+        found.sort();
+        return Err(PackageError::NoExecutable {
+            package: pkg.to_string(),
+            candidates: found,
+        });
+    };
+    let mut head = [0u8; 512];
+    let n = std::fs::File::open(&script)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .map_err(io(format!("cannot read {}", script.display())))?;
+    let head = &head[..n];
+    let is_python = head.starts_with(b"#!") && head.windows(6).any(|w| w == b"python");
+    if !is_python {
+        return Ok(Installed {
+            program: script,
+            args: Vec::new(),
+        });
+    }
+    let script = script
+        .into_os_string()
+        .into_string()
+        .map_err(|p| PackageError::Io {
+            context: format!("{} is not valid UTF-8", Path::new(&p).display()),
+            source: std::io::ErrorKind::InvalidData.into(),
+        })?;
+    Ok(Installed {
+        program: bin.join("python"),
+        args: vec![script],
+    })
+}
+
+/// `npm install` into `prefix`. Retries and timeouts are short so that an unreachable
+/// registry is reported in seconds, not after npm's minutes of backoff.
+async fn install_npm(
+    pkg: &Package,
+    prefix: &Path,
+    packages_dir: &Path,
+    registries: &Registries,
+    progress: &(dyn Fn(&str) + Send + Sync),
+) -> Result<(), PackageError> {
+    let mut cmd = Command::new("npm");
+    cmd.arg("install")
+        .arg(arg("--prefix=", prefix)?)
+        .args([
+            "--no-audit",
+            "--no-fund",
+            "--no-update-notifier",
+            "--progress=false",
+            "--fetch-retries=1",
+            "--fetch-retry-mintimeout=1000",
+            "--fetch-retry-maxtimeout=5000",
+            "--fetch-timeout=60000",
+        ])
+        .env("npm_config_cache", packages_dir.join(".npm-cache"));
+    if let Some(registry) = &registries.npm {
+        cmd.arg(format!("--registry={registry}"));
+    }
+    cmd.arg(pkg.spec());
+    let out = run(cmd, NPM_MISSING, progress).await?;
+    if out.success {
+        return Ok(());
+    }
+    let registry = match &registries.npm {
+        Some(r) => r.clone(),
+        None => npm_registry(packages_dir).await,
+    };
+    Err(classify_npm(pkg, registry, &out.lines))
+}
+
+const NPM_MISSING: PackageError = PackageError::MissingTool {
+    tool: "npm",
+    hint: "install Node.js and npm (Debian/Ubuntu: apt-get install nodejs npm) and make sure \
+           `npm` is on Switchboard's PATH",
+};
+const PYTHON_MISSING: PackageError = PackageError::MissingTool {
+    tool: "python3",
+    hint: "install Python 3 with its venv module (Debian/Ubuntu: apt-get install python3 \
+           python3-venv) and make sure `python3` is on Switchboard's PATH",
+};
+
+/// The registry npm is configured with, for error messages.
+async fn npm_registry(packages_dir: &Path) -> String {
+    let out = Command::new("npm")
+        .args(["config", "get", "registry"])
+        .env("npm_config_cache", packages_dir.join(".npm-cache"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(10), out).await {
+        Ok(Ok(o)) if o.status.success() && !o.stdout.trim_ascii().is_empty() => {
+            String::from_utf8_lossy(o.stdout.trim_ascii()).into_owned()
+        }
+        _ => NPM_DEFAULT_REGISTRY.to_owned(),
+    }
+}
+
+fn classify_npm(pkg: &Package, registry: String, lines: &[String]) -> PackageError {
+    // npm ≥ 10 writes "npm error code E404", older ones "npm ERR! code E404".
+    let errors = || {
+        lines.iter().filter_map(|l| {
+            l.strip_prefix("npm error ")
+                .or_else(|| l.strip_prefix("npm ERR! "))
+        })
+    };
+    let code = errors()
+        .find_map(|l| l.strip_prefix("code "))
+        .unwrap_or_default()
+        .trim();
+    let first = |pat: &[&str]| {
+        errors()
+            .find(|l| pat.iter().any(|p| l.contains(p)))
+            .map(|l| l.trim().to_owned())
+    };
+    match code {
+        "E404" | "ETARGET" => PackageError::NotFound {
+            package: pkg.to_string(),
+            registry,
+            detail: first(&[
+                "404 Not Found",
+                "No matching version",
+                "not in this registry",
+            ])
+            .unwrap_or_else(|| format!("npm error {code}")),
+        },
+        "ECONNREFUSED" | "ENOTFOUND" | "ETIMEDOUT" | "EAI_AGAIN" | "ECONNRESET"
+        | "EHOSTUNREACH" | "ENETUNREACH" | "ERR_SOCKET_TIMEOUT" | "ESOCKETTIMEDOUT" => {
+            PackageError::RegistryUnreachable {
+                package: pkg.to_string(),
+                registry,
+                detail: first(&["reason:", "network"]).unwrap_or_else(|| code.to_owned()),
+            }
+        }
+        _ if first(&["network request", "network aborted", "network timeout"]).is_some() => {
+            PackageError::RegistryUnreachable {
+                package: pkg.to_string(),
+                registry,
+                detail: first(&["network"]).unwrap_or_default(),
+            }
+        }
+        _ => install_failed(pkg, lines),
+    }
+}
+
+fn install_failed(pkg: &Package, lines: &[String]) -> PackageError {
+    let from = lines.len().saturating_sub(QUOTED_LINES);
+    PackageError::InstallFailed {
+        package: pkg.to_string(),
+        detail: lines[from..].join("\n"),
+    }
+}
+
+/// A venv in `dir` with the package (`spec`) pip-installed into it.
+///
+/// This is what `uvx` does, done with what these machines have (`uv` is not installed):
+/// `uv tool install`/`uv venv` + `uv pip install` could replace it later, being faster and
+/// able to fetch a Python itself.
+async fn install_pypi(
+    pkg: &Package,
+    spec: &str,
+    dir: &Path,
+    packages_dir: &Path,
+    registries: &Registries,
+    progress: &(dyn Fn(&str) + Send + Sync),
+) -> Result<(), PackageError> {
+    let mut venv = Command::new("python3");
+    venv.args(["-m", "venv"]).arg(dir);
+    let out = run(venv, PYTHON_MISSING, progress).await?;
+    if !out.success {
+        if out
+            .lines
+            .iter()
+            .any(|l| l.contains("ensurepip") || l.contains("No module named venv"))
+        {
+            return Err(PYTHON_MISSING);
+        }
+        return Err(install_failed(pkg, &out.lines));
+    }
+
+    // `python -m pip`, not `bin/pip`: the pip script's shebang would break on a data
+    // directory path longer than a shebang may be.
+    let mut pip = Command::new(dir.join("bin").join("python"));
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--progress-bar=off",
+        "--no-warn-script-location",
+        // One retry: with none, pip reports an unreachable index only as "no matching
+        // distribution" (its retry warning is the only line naming the connection error).
+        "--retries=1",
+        "--timeout=15",
+    ])
+    .env("PIP_CACHE_DIR", packages_dir.join(".pip-cache"));
+    if let Some(index) = &registries.pypi_index {
+        pip.arg(format!("--index-url={index}"));
+        if let Ok(url) = reqwest::Url::parse(index)
+            && url.scheme() == "http"
+            && let Some(host) = url.host_str()
+        {
+            pip.arg(format!("--trusted-host={host}"));
+        }
+    }
+    pip.arg(spec);
+    let out = run(pip, PYTHON_MISSING, progress).await?;
+    if out.success {
+        return Ok(());
+    }
+    let registry = match &registries.pypi_index {
+        Some(r) => r.clone(),
+        None => out
+            .lines
+            .iter()
+            .find_map(|l| l.strip_prefix("Looking in indexes: "))
+            .unwrap_or(PYPI_DEFAULT_INDEX)
+            .to_owned(),
+    };
+    Err(classify_pip(pkg, registry, &out.lines))
+}
+
+fn classify_pip(pkg: &Package, registry: String, lines: &[String]) -> PackageError {
+    let first = |pat: &[&str]| {
+        lines
+            .iter()
+            .find(|l| pat.iter().any(|p| l.contains(p)))
+            .map(|l| l.trim().to_owned())
+    };
+    // Checked first: an unreachable index also ends in "No matching distribution found".
+    if let Some(line) = first(&[
+        "Failed to establish a new connection",
+        "Connection refused",
+        "ConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "Max retries exceeded",
+        "connection broken by",
+        "ProxyError",
+        "SSLError",
+        "Temporary failure in name resolution",
+        "Name or service not known",
+    ]) {
+        return PackageError::RegistryUnreachable {
+            package: pkg.to_string(),
+            registry,
+            detail: connection_reason(&line),
+        };
+    }
+    match first(&[
+        "No matching distribution found",
+        "Could not find a version that satisfies",
+    ]) {
+        Some(_) => PackageError::NotFound {
+            package: pkg.to_string(),
+            registry,
+            detail: first(&["Could not find a version that satisfies"])
+                .unwrap_or_default()
+                .trim_start_matches("ERROR: ")
+                .to_owned(),
+        },
+        None => install_failed(pkg, lines),
+    }
+}
+
+/// The readable end of urllib3's retry warning: "[Errno 111] Connection refused" rather than
+/// the object reprs around it.
+fn connection_reason(line: &str) -> String {
+    if let Some(i) = line.find("[Errno")
+        && let Some(reason) = line[i..].split(['\'', ')']).next()
+    {
+        return reason.to_owned();
+    }
+    line.to_owned()
+}
+
+/// Builds `<flag><path>` as one argument, so a path is never taken for another option.
+fn arg(flag: &str, path: &Path) -> Result<String, PackageError> {
+    path.to_str()
+        .map(|p| format!("{flag}{p}"))
+        .ok_or_else(|| PackageError::Io {
+            context: format!("{} is not valid UTF-8", path.display()),
+            source: std::io::ErrorKind::InvalidData.into(),
+        })
+}
+
+struct Output {
+    success: bool,
+    /// The last [`KEPT_LINES`] lines of stdout and stderr, interleaved as they came.
+    lines: Vec<String>,
+}
+
+/// Kills an installer's whole process group (npm runs install scripts as children) if its
+/// future is dropped before the installer was reaped, e.g. at the timeout. Once it has been
+/// reaped, its pid (the group id) may be reused, so the guard is disarmed.
+struct KillGroup(Option<Pid>);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// Runs an installer, forwarding each output line to `progress` as it comes.
+async fn run(
+    mut cmd: Command,
+    missing: PackageError,
+    progress: &(dyn Fn(&str) + Send + Sync),
+) -> Result<Output, PackageError> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let program = cmd.as_std().get_program().to_string_lossy().into_owned();
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing),
+        Err(e) => return Err(io(format!("cannot run {program}"))(e)),
+    };
+    let mut guard = KillGroup(
+        child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw),
+    );
+    let kept = Mutex::new(VecDeque::with_capacity(KEPT_LINES));
+    let forward = |stream: Option<Box<dyn AsyncRead + Unpin + Send>>| {
+        let kept = &kept;
+        async move {
+            let Some(stream) = stream else { return };
+            let mut lines = BufReader::new(stream).split(b'\n');
+            while let Ok(Some(raw)) = lines.next_segment().await {
+                let mut line = String::from_utf8_lossy(&raw).trim_end().to_owned();
+                if line.len() > MAX_LINE {
+                    let mut end = MAX_LINE;
+                    while !line.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    line.truncate(end);
+                }
+                progress(&line);
+                if let Ok(mut kept) = kept.lock() {
+                    if kept.len() == KEPT_LINES {
+                        kept.pop_front();
+                    }
+                    kept.push_back(line);
+                }
+            }
+        }
+    };
+    let stdout = child
+        .stdout
+        .take()
+        .map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>);
+    let stderr = child
+        .stderr
+        .take()
+        .map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>);
+    let (status, (), ()) = tokio::join!(child.wait(), forward(stdout), forward(stderr));
+    guard.0 = None;
+    let status = status.map_err(io(format!("cannot wait for {program}")))?;
+    let lines = kept.into_inner().map(Vec::from).unwrap_or_default();
+    Ok(Output {
+        success: status.success(),
+        lines,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(command: &str) -> Package {
+        match Package::parse(command) {
+            Some(Ok(p)) => p,
+            other => panic!("{command}: {other:?}"),
+        }
+    }
+
+    fn reason(command: &str) -> String {
+        match Package::parse(command) {
+            Some(Err(PackageError::Invalid { reason, .. })) => reason,
+            other => panic!("{command} should be invalid: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ordinary_commands_are_not_packages() {
+        for c in [
+            "node",
+            "/usr/bin/python3",
+            "npx",
+            "uvx",
+            "npm:foo",
+            "NPX:foo",
+            "",
+        ] {
+            assert!(Package::parse(c).is_none(), "{c}");
+        }
+    }
+
+    #[test]
+    fn npm_names_and_versions() {
+        assert_eq!(
+            parse("npx:@modelcontextprotocol/server-everything@2026.8.31"),
+            Package::Npm {
+                name: "@modelcontextprotocol/server-everything".into(),
+                version: Some("2026.8.31".into()),
+            }
+        );
+        assert_eq!(
+            parse("npx:@scope/name"),
+            Package::Npm {
+                name: "@scope/name".into(),
+                version: None
+            }
+        );
+        assert_eq!(
+            parse("npx:left-pad@^1.3"),
+            Package::Npm {
+                name: "left-pad".into(),
+                version: Some("^1.3".into())
+            }
+        );
+        assert_eq!(
+            parse("npx:foo@latest").to_string(),
+            "npx:foo@latest".to_owned()
+        );
+        assert_eq!(
+            parse("npx:foo@1.0.0+build.1").dir_name(),
+            "foo@1.0.0+build.1"
+        );
+        assert_eq!(
+            parse("npx:@a/b@1.0.0").dir_name(),
+            "@a+b@1.0.0",
+            "one directory level per package"
+        );
+    }
+
+    #[test]
+    fn pypi_names_and_versions() {
+        assert_eq!(
+            parse("uvx:mcp-server-time==2026.10.19"),
+            Package::PyPi {
+                name: "mcp-server-time".into(),
+                spec: "mcp-server-time==2026.10.19".into(),
+            }
+        );
+        assert_eq!(
+            parse("uvx:mcp-server-time@2026.10.19"),
+            parse("uvx:mcp-server-time==2026.10.19"),
+            "uvx's @ form"
+        );
+        assert_eq!(
+            parse("uvx:mcp-server-time@latest"),
+            parse("uvx:mcp-server-time")
+        );
+        let extras = parse("uvx:pkg[cli,http]==1.0");
+        assert_eq!(
+            extras,
+            Package::PyPi {
+                name: "pkg".into(),
+                spec: "pkg[cli,http]==1.0".into()
+            }
+        );
+        assert_eq!(extras.dir_name(), "pkg(cli,http)==1.0");
+        assert_eq!(extras.to_string(), "uvx:pkg[cli,http]==1.0");
+    }
+
+    #[test]
+    fn malformed_names_are_rejected_with_a_reason() {
+        assert!(reason("npx:").contains("empty"));
+        assert!(reason("uvx:").contains("empty"));
+        assert!(reason("npx:foo bar").contains("without spaces"));
+        assert!(reason("npx: foo").contains("without spaces"));
+        assert!(reason("uvx:foo\tbar").contains("without spaces"));
+        for bad in [
+            "npx:foo;rm",
+            "npx:foo&&x",
+            "npx:$(x)",
+            "npx:`x`",
+            "npx:a|b",
+            "npx:a>b",
+            "uvx:a'b",
+            "uvx:a\"b",
+            "uvx:pkg>=1",
+            "npx:a*",
+            "npx:a\\b",
+        ] {
+            assert!(reason(bad).contains("not allowed"), "{bad}");
+        }
+        assert!(reason("npx:-g").contains("not an npm package name"));
+        assert!(reason("npx:.hidden").contains("not an npm package name"));
+        assert!(reason("npx:@scope").contains("not an npm package name"));
+        assert!(reason("npx:@scope/").contains("not an npm package name"));
+        assert!(reason("npx:@/name").contains("not an npm package name"));
+        assert!(
+            reason("npx:a/b").contains("not an npm package name"),
+            "no git shorthands"
+        );
+        assert!(reason("npx:../x").contains("not an npm package name"));
+        assert!(reason("npx:http://x").contains("not an npm package name"));
+        assert!(reason("npx:foo@").contains("not an npm version"));
+        assert!(reason("npx:foo@-x").contains("not an npm version"));
+        assert!(reason("npx:foo@1@2").contains("not an npm version"));
+        assert!(reason("npx:é").contains("not allowed"));
+        assert!(reason("uvx:-r").contains("not a PyPI package name"));
+        assert!(reason("uvx:pkg-").contains("not a PyPI package name"));
+        assert!(reason("uvx:pkg==").contains("not a version"));
+        assert!(reason("uvx:pkg==-1").contains("not a version"));
+        assert!(reason("uvx:pkg~=1.0").contains("only an exact version"));
+        assert!(reason("uvx:pkg[x").contains("unclosed"));
+        assert!(reason("uvx:pkg[]").contains("extras"));
+        assert!(reason("uvx:../x").contains("not a PyPI package name"));
+    }
+
+    #[test]
+    fn npm_failures_are_told_apart() {
+        let pkg = parse("npx:@a/b@1.0.0");
+        let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let e = classify_npm(
+            &pkg,
+            "R".into(),
+            &lines(&[
+                "npm error code E404",
+                "npm error 404 Not Found - GET https://registry.npmjs.org/@a%2fb - Not found",
+            ]),
+        );
+        assert!(matches!(e, PackageError::NotFound { .. }), "{e}");
+        let e = classify_npm(
+            &pkg,
+            "R".into(),
+            &lines(&[
+                "npm ERR! code ETARGET",
+                "npm ERR! notarget No matching version found for @a/b@1.0.0.",
+            ]),
+        );
+        assert!(e.to_string().contains("No matching version found"), "{e}");
+        let e = classify_npm(
+            &pkg,
+            "R".into(),
+            &lines(&[
+                "npm error code EAI_AGAIN",
+                "npm error request to https://r/@a%2fb failed, reason: getaddrinfo EAI_AGAIN r",
+            ]),
+        );
+        assert!(matches!(e, PackageError::RegistryUnreachable { .. }), "{e}");
+        assert!(e.to_string().contains("getaddrinfo EAI_AGAIN"), "{e}");
+        let e = classify_npm(
+            &pkg,
+            "R".into(),
+            &lines(&["npm error code 1", "npm error command failed"]),
+        );
+        assert!(matches!(e, PackageError::InstallFailed { .. }), "{e}");
+    }
+
+    #[test]
+    fn pip_failures_are_told_apart() {
+        let pkg = parse("uvx:x==1");
+        let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let unreachable = lines(&[
+            "WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, \
+             status=None)) after connection broken by 'NewConnectionError('<pip._vendor.urllib3.\
+             connection.HTTPConnection object at 0x7f>: Failed to establish a new connection: \
+             [Errno 111] Connection refused')': /simple/x/",
+            "ERROR: Could not find a version that satisfies the requirement x==1 (from versions: none)",
+            "ERROR: No matching distribution found for x==1",
+        ]);
+        let e = classify_pip(&pkg, "R".into(), &unreachable);
+        assert!(matches!(e, PackageError::RegistryUnreachable { .. }), "{e}");
+        assert!(
+            e.to_string().contains("([Errno 111] Connection refused)"),
+            "{e}"
+        );
+        let e = classify_pip(&pkg, "R".into(), &unreachable[1..]);
+        assert!(matches!(e, PackageError::NotFound { .. }), "{e}");
+        let e = classify_pip(
+            &pkg,
+            "R".into(),
+            &lines(&["error: subprocess-exited-with-error"]),
+        );
+        assert!(matches!(e, PackageError::InstallFailed { .. }), "{e}");
+    }
+}
