@@ -370,7 +370,7 @@ fn print_deployments(ds: &[Deployment]) {
             status,
             d.health_status.to_string(),
             d.restart_count.to_string(),
-            d.port.map(|p| p.to_string()).unwrap_or_default(),
+            d.port.map_or_else(|| "stdio".to_owned(), |p| p.to_string()),
             d.pid.map(|p| p.to_string()).unwrap_or_default(),
             age(d),
             d.endpoint_url.clone(),
@@ -535,7 +535,6 @@ fn print_tool(t: &Tool) {
 
 /// Prints transitions from `GET /api/v1/events` until the server ends the stream.
 async fn follow_events(client: &Client, tool: Option<&str>, json: bool) -> anyhow::Result<()> {
-    use futures_util::StreamExt as _;
     let path = match tool {
         Some(t) => format!("/api/v1/events?tool={t}"),
         None => "/api/v1/events".to_owned(),
@@ -544,6 +543,15 @@ async fn follow_events(client: &Client, tool: Option<&str>, json: bool) -> anyho
     if !json {
         eprintln!("Following events (Ctrl-C to stop)...");
     }
+    for_each_sse(resp, |event, data| print_event(event, data, json)).await
+}
+
+/// Calls `f(event name, data)` for each event of an SSE response until it ends.
+async fn for_each_sse(
+    resp: reqwest::Response,
+    mut f: impl FnMut(&str, &str),
+) -> anyhow::Result<()> {
+    use futures_util::StreamExt as _;
     let mut body = resp.bytes_stream();
     let mut buf = Vec::new();
     let mut event = String::new();
@@ -556,11 +564,24 @@ async fn follow_events(client: &Client, tool: Option<&str>, json: bool) -> anyho
             if let Some(name) = line.strip_prefix("event:") {
                 event = name.trim().to_owned();
             } else if let Some(data) = line.strip_prefix("data:") {
-                print_event(&event, data.trim(), json);
+                f(&event, data.trim());
             }
         }
     }
     Ok(())
+}
+
+/// Prints a deployment's package-install progress (`npx:`/`uvx:` tools) while a deploy waits.
+async fn print_install_progress(resp: reqwest::Response) {
+    let _ = for_each_sse(resp, |_, data| {
+        if let Ok(e) = serde_json::from_str::<crate::events::Event>(data)
+            && e.kind == crate::events::EventKind::Install
+            && let Some(r) = e.reason
+        {
+            eprintln!("  {r}");
+        }
+    })
+    .await;
 }
 
 fn print_event(event: &str, data: &str, json: bool) {
@@ -579,6 +600,7 @@ fn print_event(event: &str, data: &str, json: bool) {
     let kind = match e.kind {
         crate::events::EventKind::Status => "status",
         crate::events::EventKind::Health => "health",
+        crate::events::EventKind::Install => "install",
     };
     let reason = e.reason.map(|r| format!("  ({r})")).unwrap_or_default();
     println!(
@@ -684,11 +706,24 @@ pub async fn run_client(command: Command, args: &ClientArgs) -> anyhow::Result<(
             if wait && !args.json {
                 eprintln!("Deploying '{slug}' and waiting for it to answer MCP requests...");
             }
+            // Subscribed before the deploy starts, so no install line is missed.
+            let progress = match (wait && !args.json).then_some(()) {
+                Some(()) => client
+                    .get_stream(&format!("/api/v1/events?tool={slug}"))
+                    .await
+                    .ok()
+                    .map(|r| tokio::spawn(print_install_progress(r))),
+                None => None,
+            };
             let path = format!(
                 "/api/v1/tools/{slug}/deployments{}",
                 if wait { "?wait=true" } else { "" }
             );
-            let (d, raw): (Deployment, _) = client.post(&path, None).await?;
+            let posted = client.post(&path, None).await;
+            if let Some(p) = progress {
+                p.abort();
+            }
+            let (d, raw): (Deployment, _) = posted?;
             if args.json {
                 print_json(&raw);
             } else {

@@ -58,7 +58,19 @@ pub struct FileConfig {
     #[serde(default)]
     pub store: StoreSection,
     #[serde(default)]
+    pub packages: PackagesSection,
+    #[serde(default)]
     pub tools: Vec<ToolSpec>,
+}
+
+/// `[packages]`: where `npx:` and `uvx:` tools are installed from.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackagesSection {
+    /// npm registry URL (npm's own configuration when absent).
+    pub npm_registry: Option<String>,
+    /// PyPI index URL, e.g. `https://pypi.org/simple` (pip's own configuration when absent).
+    pub pypi_index: Option<String>,
 }
 
 /// `[store]`: where records live.
@@ -211,6 +223,8 @@ pub struct Config {
     pub exit_policy: ExitPolicy,
     /// Count requests, checks and restarts and serve them at `GET /metrics`.
     pub metrics: bool,
+    /// Registry overrides for `npx:` / `uvx:` tools.
+    pub registries: crate::packages::Registries,
 }
 
 /// One per CPU this process may use (tokio's own default).
@@ -293,7 +307,9 @@ impl Config {
             .tools
             .into_iter()
             .map(|mut t| {
-                if t.command.contains('/') {
+                // `npx:@scope/name` names a package, not a path.
+                if t.command.contains('/') && crate::packages::Package::parse(&t.command).is_none()
+                {
                     t.command = resolve(&base, Path::new(&t.command))
                         .to_string_lossy()
                         .into_owned();
@@ -338,6 +354,10 @@ impl Config {
             worker_threads,
             exit_policy: o.on_exit.or(file.server.on_exit).unwrap_or_default(),
             metrics: file.server.metrics.unwrap_or(true),
+            registries: crate::packages::Registries {
+                npm: file.packages.npm_registry,
+                pypi_index: file.packages.pypi_index,
+            },
             database_url,
             data_dir,
             port_range: o.port_range.or(file.ports.range).unwrap_or_default(),

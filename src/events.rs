@@ -21,6 +21,9 @@ pub enum EventKind {
     Status,
     /// `from`/`to` are health statuses (HEALTHY, UNHEALTHY, UNKNOWN).
     Health,
+    /// A tool's package being installed: `to` is INSTALLING (`reason`: an installer output
+    /// line), INSTALLED or INSTALL_FAILED (`reason`: why).
+    Install,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

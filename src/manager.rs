@@ -130,13 +130,17 @@ pub struct Manager {
     health_log: HealthLog,
     /// `None` when metrics are off.
     metrics: Option<Arc<Metrics>>,
-    stdio: StdioHosting,
+    hosting: Hosting,
 }
 
-/// How `stdio` tools are run: through the bridge (`switchboard __stdio`, see `stdio`), which
-/// listens on a Unix socket per deployment.
+/// Where servers come from and how stdio ones are reached: packages (`npx:`/`uvx:`) are
+/// installed into `packages_dir`; `stdio` tools run through the bridge (`switchboard __stdio`,
+/// see `stdio`), which listens on a Unix socket per deployment.
 #[derive(Debug, Clone)]
-pub struct StdioHosting {
+pub struct Hosting {
+    /// Where `npx:` / `uvx:` packages are installed (`<data dir>/packages`).
+    pub packages_dir: std::path::PathBuf,
+    pub registries: crate::packages::Registries,
     /// The switchboard executable (the bridge is one of its modes).
     pub bridge: std::path::PathBuf,
     /// Where the bridges' sockets live (`<data dir>/run`).
@@ -235,7 +239,7 @@ impl Manager {
         routes: Arc<RouteTable>,
         node_id: String,
         metrics: Option<Arc<Metrics>>,
-        stdio: StdioHosting,
+        hosting: Hosting,
     ) -> Arc<Manager> {
         Arc::new_cyclic(|me| Manager {
             me: me.clone(),
@@ -253,13 +257,15 @@ impl Manager {
             exit_policy: Mutex::new(ExitPolicy::default()),
             health_log: HealthLog::new(),
             metrics,
-            stdio,
+            hosting,
         })
     }
 
     /// The Unix socket a stdio deployment's bridge serves on.
     fn socket_path(&self, id: Uuid) -> std::path::PathBuf {
-        self.stdio.socket_dir.join(format!("{}.sock", id.simple()))
+        self.hosting
+            .socket_dir
+            .join(format!("{}.sock", id.simple()))
     }
 
     /// How a deployment is probed: its MCP endpoint (or plain health path) over TCP, or, for a
@@ -694,7 +700,7 @@ impl Manager {
                     "http://{}:{port}{}",
                     self.advertise_host, spec.endpoint_path
                 ),
-                None => format!("{}/mcp/{}", self.stdio.public_url, spec.slug),
+                None => format!("{}/mcp/{}", self.hosting.public_url, spec.slug),
             },
             port,
             status: DeploymentStatus::Starting,
@@ -733,6 +739,18 @@ impl Manager {
             None,
         );
         let (cancel, done_tx) = self.insert_live(&d, spec, DeploymentStatus::Starting);
+        if crate::packages::Package::parse(&spec.command).is_some() {
+            // Installing may take minutes: the supervisor does it, and the record is
+            // STARTING meanwhile.
+            let this = Arc::clone(self);
+            let tool = tool.clone();
+            self.tasks.spawn(async move {
+                let _done = done_tx;
+                this.supervise(d.id, tool, d.endpoint_url, backend, Start::Install, cancel)
+                    .await
+            });
+            return self.get_deployment(d.id).await;
+        }
         match self.spawn_process(d.id, spec, port).await {
             Ok(()) => {
                 let this = Arc::clone(self);
@@ -850,10 +868,84 @@ impl Manager {
             launch.program,
         ];
         args.append(&mut launch.args);
-        launch.program = self.stdio.bridge.display().to_string();
+        launch.program = self.hosting.bridge.display().to_string();
         launch.args = args;
         launch.stop = StopMode::MainFirst;
         launch
+    }
+
+    /// For a tool named by package (`npx:` / `uvx:`), installs it (once; later deployments
+    /// use the install) and returns the tool with the installed program as its command.
+    /// Progress goes to the deployment's log and to events (`install`), so `switchboard
+    /// deploy --wait`, `logs -f` and `events` show it.
+    async fn install_package(&self, id: Uuid, mut tool: Tool) -> Result<Tool, (Tool, String)> {
+        let pkg = match crate::packages::Package::parse(&tool.spec.command) {
+            None => return Ok(tool),
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                let msg = e.to_string();
+                return Err((tool, msg));
+            }
+        };
+        let log = self.runtime.log_file(id);
+        if let Some(dir) = log.as_ref().and_then(|l| l.parent()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let slug = tool.spec.slug.clone();
+        let progress = |line: &str| {
+            if line.trim().is_empty() {
+                return;
+            }
+            if let Some(path) = &log {
+                let stamped = format!(
+                    "{} {line}\n",
+                    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                );
+                let _ = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, stamped.as_bytes()));
+            }
+            self.publish(
+                EventKind::Install,
+                id,
+                &slug,
+                None,
+                "INSTALLING",
+                Some(line.to_owned()),
+            );
+        };
+        let installed = crate::packages::ensure_installed(
+            &pkg,
+            &self.hosting.packages_dir,
+            &self.hosting.registries,
+            &progress,
+        )
+        .await;
+        match installed {
+            Ok(i) => {
+                self.publish(EventKind::Install, id, &slug, None, "INSTALLED", None);
+                let mut args: Vec<String> = i.args;
+                args.append(&mut tool.spec.args);
+                tool.spec.command = i.program.display().to_string();
+                tool.spec.args = args;
+                Ok(tool)
+            }
+            Err(e) => {
+                let msg = format!("cannot install {pkg}: {e}");
+                tracing::warn!(deployment = %id, tool = %slug, error = %msg, "Package install failed");
+                self.publish(
+                    EventKind::Install,
+                    id,
+                    &slug,
+                    None,
+                    "INSTALL_FAILED",
+                    Some(msg.clone()),
+                );
+                Err((tool, msg))
+            }
+        }
     }
 
     /// The one task that runs a deployment's processes, from the first spawn (or adoption) to
@@ -868,12 +960,37 @@ impl Manager {
         start: Start,
         cancel: CancellationToken,
     ) {
+        let tool = tokio::select! {
+            _ = cancel.cancelled() => return,
+            t = self.install_package(id, tool) => t,
+        };
+        let (tool, start) = match (tool, start) {
+            (Ok(tool), Start::Install) => {
+                let port = self.live().get(&id).and_then(|l| l.port);
+                if let Err(e) = self.spawn_process(id, &tool.spec, port).await {
+                    tracing::warn!(deployment = %id, error = %e, "Deployment could not start");
+                    self.fail(id, None, e.to_string()).await;
+                    return;
+                }
+                (tool, Start::Spawned)
+            }
+            (Ok(tool), start) => (tool, start),
+            (Err((tool, e)), Start::Adopted(status)) => {
+                // The adopted process runs: keep it; only a restart would need the package.
+                tracing::warn!(deployment = %id, error = %e, "The tool's package is not installed; a restart will try again");
+                (tool, Start::Adopted(status))
+            }
+            (Err((_, e)), _) => {
+                self.fail(id, None, e).await;
+                return;
+            }
+        };
         let spec = &tool.spec;
         let target = self.probe_target(id, &endpoint_url, spec);
         let backend = Arc::new(backend);
         let mut backoff = Backoff::new(&spec.restart);
         let (mut running, mut pending_restart) = match start {
-            Start::Spawned => (false, None),
+            Start::Spawned | Start::Install => (false, None),
             Start::Adopted(status) => (status == DeploymentStatus::Running, None),
             Start::Restart(why) => (false, Some(why)),
         };
@@ -1490,6 +1607,8 @@ impl Manager {
 
 /// Where a supervisor picks up.
 enum Start {
+    /// The tool's package must be installed (if it is not yet), then the process spawned.
+    Install,
     /// The process was just spawned.
     Spawned,
     /// An earlier Switchboard's process, adopted; the record's status.

@@ -394,6 +394,9 @@ impl ToolSpec {
                 format!("must be at most {}", 7 * DAY_MS),
             ));
         }
+        if let Some(Err(e)) = crate::packages::Package::parse(&self.command) {
+            return Err(invalid("command", e.to_string()));
+        }
         let st = &self.stdio;
         if !(1..=10_000).contains(&st.max_sessions) {
             return Err(invalid("stdio.max_sessions", "must be between 1 and 10000"));

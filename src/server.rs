@@ -20,7 +20,7 @@ use crate::{
     api::{self, ApiToken, AppState},
     config::{Config, EdgeLimits},
     health::Prober,
-    manager::{Manager, Reconciled, StdioHosting},
+    manager::{Hosting, Manager, Reconciled},
     metrics::Metrics,
     ports::PortAllocator,
     proxy::{Proxy, ProxyConfig, routes::RouteTable},
@@ -90,7 +90,9 @@ pub async fn run(
     std::fs::create_dir_all(&socket_dir)
         .with_context(|| format!("creating {}", socket_dir.display()))?;
     let addr = listener.local_addr()?;
-    let stdio = StdioHosting {
+    let hosting = Hosting {
+        packages_dir: data_dir.join("packages"),
+        registries: config.registries.clone(),
         bridge: shim.clone(),
         socket_dir: socket_dir.clone(),
         public_url: format!(
@@ -113,7 +115,7 @@ pub async fn run(
         Arc::clone(&routes),
         node.clone(),
         config.metrics.then(|| Arc::new(Metrics::new())),
-        stdio,
+        hosting,
     );
     let proxy = Arc::new(Proxy::new(
         routes,

@@ -289,3 +289,223 @@ async fn a_child_killed_mid_request_gives_a_clean_error_and_the_next_session_wor
         (Some("RUNNING"), Some(0))
     );
 }
+
+/// The deployment's log (install progress is written there before the server starts).
+async fn log_of(app: &TestApp, id: &str) -> String {
+    app.http
+        .get(format!(
+            "{}/api/v1/deployments/{id}/logs?tail=2000",
+            app.url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn server_filesystem_from_npx_serves_a_temporary_directory() {
+    let app = TestApp::start().await;
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("hello.txt"), "hello from disk\n").unwrap();
+    let root_s = root.path().to_str().unwrap();
+    add_tool(
+        &app,
+        json!({
+            "slug": "fs",
+            "command": "npx:@modelcontextprotocol/server-filesystem@2026.8.31",
+            "args": [root_s],
+            "transport": "stdio",
+            "startup_timeout_ms": 60000,
+        }),
+    )
+    .await;
+    let d = app.deploy_wait("fs").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let id = d["id"].as_str().unwrap().to_owned();
+    let log = log_of(&app, &id).await;
+    assert!(
+        log.contains("installed npx:@modelcontextprotocol/server-filesystem@2026.8.31"),
+        "install progress in the deployment log:\n{log}"
+    );
+    let installed = app
+        .data_dir
+        .path()
+        .join("packages/npm/@modelcontextprotocol+server-filesystem@2026.8.31");
+    assert!(installed.is_dir(), "{} missing", installed.display());
+
+    let url = format!("{}/mcp/fs", app.url);
+    let tools = client(&url, &["list-tools"]).await;
+    assert_eq!(tools["server_name"], "secure-filesystem-server", "{tools}");
+    let path = root.path().join("hello.txt");
+    let read = client(
+        &url,
+        &[
+            "call-tool",
+            "read_text_file",
+            "--args",
+            &json!({"path": path}).to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(text_of(&read["result"]), "hello from disk\n", "{read}");
+    let written = root.path().join("new.txt");
+    let w = client(
+        &url,
+        &[
+            "call-tool",
+            "write_file",
+            "--args",
+            &json!({"path": written, "content": "written through switchboard"}).to_string(),
+        ],
+    )
+    .await;
+    assert_ne!(w["result"]["isError"], true, "{w}");
+    assert_eq!(
+        std::fs::read_to_string(&written).unwrap(),
+        "written through switchboard"
+    );
+    // Outside the allowed directory: the server refuses (a tool error, not a transport one).
+    let outside = client(
+        &url,
+        &[
+            "call-tool",
+            "read_text_file",
+            "--args",
+            r#"{"path":"/etc/hostname"}"#,
+        ],
+    )
+    .await;
+    assert_eq!(outside["result"]["isError"], true, "{outside}");
+
+    // A second deployment uses the install: no installer runs.
+    app.stop_deployment(&id).await;
+    let d2 = app.deploy_wait("fs").await;
+    assert_eq!(d2["status"], "RUNNING", "{d2}");
+    let log2 = log_of(&app, d2["id"].as_str().unwrap()).await;
+    assert!(!log2.contains("installing npm package"), "{log2}");
+}
+
+#[tokio::test]
+async fn mcp_server_time_from_uvx_answers_in_both_eras() {
+    let app = TestApp::start().await;
+    add_tool(
+        &app,
+        json!({
+            "slug": "time",
+            "command": "uvx:mcp-server-time==2026.10.19",
+            "transport": "stdio",
+            "startup_timeout_ms": 60000,
+        }),
+    )
+    .await;
+    let d = app.deploy_wait("time").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let url = format!("{}/mcp/time", app.url);
+    for era in ["legacy", "2026-07-28"] {
+        let mut cmd = Command::new(python());
+        let mode = if era == "legacy" { "legacy" } else { "modern" };
+        cmd.arg(script()).args([
+            "--url",
+            &url,
+            "--era",
+            mode,
+            "call-tool",
+            "get_current_time",
+            "--args",
+            r#"{"timezone":"UTC"}"#,
+        ]);
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["server_name"], "mcp-time", "{v}");
+        assert_eq!(
+            v["protocol_version"],
+            if era == "legacy" {
+                "2025-11-25"
+            } else {
+                "2026-07-28"
+            },
+            "{v}"
+        );
+        let text = text_of(&v["result"]);
+        let now: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(now["timezone"], "UTC", "{v}");
+    }
+    let (_, s) = app
+        .call(
+            "GET",
+            &format!("/api/v1/deployments/{}/sessions", d["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(s["era"], "modern", "a dual-era server: {s}");
+}
+
+#[tokio::test]
+async fn package_installs_fail_clearly() {
+    // An unreachable registry.
+    let app = TestApp::with(common::AppOptions {
+        registries: switchboard::packages::Registries {
+            npm: Some("http://127.0.0.1:1/".into()),
+            pypi_index: Some("http://127.0.0.1:1/simple".into()),
+        },
+        ..Default::default()
+    })
+    .await;
+    for (slug, command) in [
+        (
+            "npm-down",
+            "npx:@modelcontextprotocol/server-everything@2026.8.31",
+        ),
+        ("pypi-down", "uvx:mcp-server-time==2026.10.19"),
+    ] {
+        add_tool(
+            &app,
+            json!({"slug": slug, "command": command, "args": ["stdio"], "transport": "stdio"}),
+        )
+        .await;
+        let d = app.deploy_wait(slug).await;
+        assert_eq!(d["status"], "FAILED", "{d}");
+        let err = d["error"].as_str().unwrap();
+        assert!(
+            err.contains("cannot reach the package registry") && err.contains("127.0.0.1:1"),
+            "{d}"
+        );
+    }
+    // A package that does not exist (the real registry).
+    let app = TestApp::start().await;
+    add_tool(
+        &app,
+        json!({"slug": "ghost", "command": "npx:@modelcontextprotocol/switchboard-no-such-server@1.0.0",
+               "transport": "stdio"}),
+    )
+    .await;
+    let d = app.deploy_wait("ghost").await;
+    assert_eq!(d["status"], "FAILED", "{d}");
+    let err = d["error"].as_str().unwrap();
+    assert!(
+        err.contains("does not exist") && err.contains("switchboard-no-such-server"),
+        "{d}"
+    );
+    // A malformed package name is refused when the tool is registered.
+    let (st, v) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({"slug": "bad", "command": "npx:--registry=evil", "transport": "stdio"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_tool", "{v}");
+}

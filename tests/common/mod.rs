@@ -59,6 +59,7 @@ pub struct AppOptions {
     /// `None`: SQLite in the data directory.
     pub database_url: Option<String>,
     pub exit_policy: switchboard::manager::ExitPolicy,
+    pub registries: switchboard::packages::Registries,
 }
 
 impl Default for AppOptions {
@@ -70,6 +71,7 @@ impl Default for AppOptions {
             edge: EdgeLimits::default(),
             database_url: None,
             exit_policy: switchboard::manager::ExitPolicy::Stop,
+            registries: Default::default(),
         }
     }
 }
@@ -108,6 +110,7 @@ impl TestApp {
             worker_threads: 1,
             exit_policy: opts.exit_policy,
             metrics: true,
+            registries: opts.registries.clone(),
         };
         let (tx, rx) = oneshot::channel::<()>();
         let runtime = tokio::runtime::Builder::new_multi_thread()
