@@ -338,15 +338,29 @@ async fn stop_closes_stdin_before_any_signal() {
     let d = app.deploy_wait("polite").await;
     let id = d["id"].as_str().unwrap();
     let url = format!("{}/mcp/polite", app.url);
-    let _s = legacy_session(&url).await;
+    let sid = legacy_session(&url).await;
     whoami(&url).await;
-    let procs = pids(&sessions(&app, id).await);
+    // A client holding its session's GET stream open must not hold up the stop.
+    let stream = app
+        .http
+        .get(&url)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &sid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    let view = sessions(&app, id).await;
+    assert_eq!(view["sessions"][0]["stream_open"], true, "{view}");
+    let procs = pids(&view);
     assert!(procs.len() >= 3, "pool, session and spare: {procs:?}");
 
     app.stop_deployment(id).await;
     for p in &procs {
         assert!(!alive(*p), "process {p} outlived the stop");
     }
+    // The stream ended with the session.
+    assert!(stream.text().await.is_ok());
     let log = app
         .http
         .get(format!(

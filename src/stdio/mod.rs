@@ -186,11 +186,26 @@ pub async fn serve(
         .route("/sessions", get(sessions))
         .layer(axum::extract::DefaultBodyLimit::max(16 * 1024 * 1024))
         .with_state(Arc::clone(&host));
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let stop_serving = tokio_util::sync::CancellationToken::new();
+    let serving = axum::serve(listener, app)
+        .with_graceful_shutdown(stop_serving.clone().cancelled_owned())
+        .into_future();
+    tokio::pin!(serving);
+    let served = tokio::select! {
+        r = &mut serving => r,
+        () = shutdown => {
+            // The servers first, as the spec orders (stdin closed, then signals): that also
+            // ends their requests and streams, which a graceful HTTP shutdown would otherwise
+            // wait for (a client's GET stream stays open indefinitely).
+            tracing::info!("stopping MCP server processes");
+            host.stop_all().await;
+            stop_serving.cancel();
+            tokio::time::timeout(Duration::from_secs(2), &mut serving)
+                .await
+                .unwrap_or(Ok(()))
+        }
+    };
     reaper.abort();
-    tracing::info!("stopping MCP server processes");
     host.stop_all().await;
     let _ = std::fs::remove_file(&args.socket);
     served.context("serving HTTP")
@@ -475,9 +490,11 @@ async fn get_stream(State(host): State<Arc<Host>>, headers: HeaderMap) -> Respon
         rx.recv().await.map(|m| (sse_frame(&m), rx))
     });
     let merged = futures_util::stream::select(messages.map(Some), keepalive.map(|()| None))
-        .take_while({
+        // Ends with the session's process (its sink is dropped then, but the keep-alive
+        // ticks alone would keep the merged stream going).
+        .take_until({
             let child = Arc::clone(&session.child);
-            move |_| std::future::ready(child.alive())
+            async move { child.wait().await }
         })
         .map(|m| Ok::<_, Infallible>(m.unwrap_or_else(|| Bytes::from_static(b": keep-alive\n\n"))));
     Response::builder()
