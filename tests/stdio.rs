@@ -444,20 +444,52 @@ async fn a_stdio_deployment_is_adopted_after_switchboard_crashes() {
 #[tokio::test]
 async fn a_server_that_cannot_start_is_reported_with_its_own_words() {
     let app = TestApp::start().await;
-    // Exits at once, before answering anything.
-    add_stdio_tool(
-        &app,
-        "broken",
-        &["--exit-after-ms", "0"],
-        json!({"restart": {"policy": "never"}}),
-    )
-    .await;
+    // Explains itself on stderr and exits before answering anything.
+    let (st, v) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({
+                "slug": "broken",
+                "command": "sh",
+                "args": ["-c", "echo 'no API key configured' >&2; exit 2"],
+                "transport": "stdio",
+                "restart": {"policy": "never"},
+            })),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
     let d = app.deploy_wait("broken").await;
     assert_eq!(d["status"], "FAILED", "{d}");
     let err = d["error"].as_str().unwrap();
     assert!(err.contains("failed to start"), "{d}");
     assert!(
-        err.contains("exiting after 0 ms"),
-        "the server's stderr is quoted: {d}"
+        err.contains("exited with status 2") && err.contains("no API key configured"),
+        "the exit and the server's stderr are quoted: {d}"
     );
+}
+
+#[tokio::test]
+async fn a_server_that_keeps_dying_makes_the_bridge_exit_and_restart() {
+    let app = TestApp::start().await;
+    // Every process answers for a second, then exits.
+    add_stdio_tool(
+        &app,
+        "mayfly",
+        &["--exit-after-ms", "1000"],
+        json!({"health": {"interval_ms": 100, "failure_threshold": 50}}),
+    )
+    .await;
+    let d = app.deploy_wait("mayfly").await;
+    let id = d["id"].as_str().unwrap();
+    // The bridge gives up after its health process died three times in a row (well before
+    // the supervisor's 50 failed checks), exits saying so, and is restarted.
+    let d = app
+        .wait_record(id, "restarted after the server kept exiting", |d| {
+            d["restart_count"].as_u64() >= Some(1)
+        })
+        .await;
+    let why = d["last_exit"].as_str().unwrap();
+    assert!(why.contains("keeps exiting"), "{d}");
+    assert!(why.contains("exited with status 3"), "{d}");
 }

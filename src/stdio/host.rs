@@ -89,7 +89,20 @@ pub struct Host {
     /// Sessions being created, counted against the cap.
     opening: Mutex<usize>,
     probe_ids: AtomicU64,
+    /// When recent health children died (the window is [`DEATH_WINDOW`]).
+    health_deaths: Mutex<std::collections::VecDeque<Instant>>,
+    /// Cancelled (with the reason stored in `fatal_reason`) when the server keeps dying: the
+    /// bridge then exits, so the supervisor's restart policy and backoff take over and the
+    /// record shows why.
+    pub fatal: tokio_util::sync::CancellationToken,
+    pub fatal_reason: Mutex<Option<String>>,
 }
+
+/// Health children that may die within [`DEATH_WINDOW`] before the bridge gives up: a server
+/// that answers and then dies every few seconds is crash-looping, even though a fresh process
+/// passes the next probe.
+const MAX_HEALTH_DEATHS: usize = 3;
+const DEATH_WINDOW: Duration = Duration::from_secs(60);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -116,6 +129,9 @@ impl Host {
             sessions: Mutex::new(HashMap::new()),
             opening: Mutex::new(0),
             probe_ids: AtomicU64::new(1),
+            health_deaths: Mutex::new(std::collections::VecDeque::new()),
+            fatal: tokio_util::sync::CancellationToken::new(),
+            fatal_reason: Mutex::new(None),
         })
     }
 
@@ -235,8 +251,7 @@ impl Host {
             return Err("the server is starting".to_owned());
         };
         if let Some(why) = child.exit_description() {
-            self.replace_health(era, &child);
-            return Err(format!("the health child {why}; started another"));
+            return Err(self.health_child_died(era, &child, &why));
         }
         let (method, params) = match era {
             Era::Modern => ("server/discover", json!({"_meta": modern_meta()})),
@@ -249,15 +264,39 @@ impl Host {
                 "sessions": lock(&self.sessions).len(),
             })),
             Ok(Ok(r)) => Err(format!("{method} answered {r}")),
-            Ok(Err(e)) => {
-                self.replace_health(era, &child);
-                Err(format!("the health child {e}; started another"))
-            }
+            Ok(Err(e)) => Err(self.health_child_died(era, &child, &e.to_string())),
             Err(_) => Err(format!(
                 "no answer to {method} within {} ms",
                 timeout.as_millis()
             )),
         }
+    }
+
+    /// Replaces a dead health child, or, when they keep dying, gives up (see `fatal`).
+    fn health_child_died(&self, era: Era, dead: &Arc<Child>, why: &str) -> String {
+        let deaths = {
+            let mut d = lock(&self.health_deaths);
+            let now = Instant::now();
+            d.push_back(now);
+            while d
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > DEATH_WINDOW)
+            {
+                d.pop_front();
+            }
+            d.len()
+        };
+        if deaths >= MAX_HEALTH_DEATHS {
+            let reason = format!(
+                "the MCP server keeps exiting ({deaths} times within {} s; last: it {why})",
+                DEATH_WINDOW.as_secs()
+            );
+            *lock(&self.fatal_reason) = Some(reason.clone());
+            self.fatal.cancel();
+            return reason;
+        }
+        self.replace_health(era, dead);
+        format!("the health child {why}; started another")
     }
 
     fn replace_health(&self, era: Era, dead: &Arc<Child>) {

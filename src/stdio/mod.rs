@@ -191,8 +191,15 @@ pub async fn serve(
         .with_graceful_shutdown(stop_serving.clone().cancelled_owned())
         .into_future();
     tokio::pin!(serving);
+    let fatal = host.fatal.clone();
     let served = tokio::select! {
         r = &mut serving => r,
+        () = fatal.cancelled() => {
+            host.stop_all().await;
+            let _ = std::fs::remove_file(&args.socket);
+            let why = host.fatal_reason.lock().ok().and_then(|r| r.clone()).unwrap_or_default();
+            anyhow::bail!("{why}");
+        }
         () = shutdown => {
             // The servers first, as the spec orders (stdin closed, then signals): that also
             // ends their requests and streams, which a graceful HTTP shutdown would otherwise
