@@ -4,43 +4,12 @@
 
 mod common;
 
-use std::{path::PathBuf, process::Command};
-
 use common::TestApp;
 use serde_json::{Value, json};
 
-fn python() -> PathBuf {
-    let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/.venv/bin/python");
-    assert!(
-        py.exists(),
-        "{} is missing: create it with `python3 -m venv tests/python/.venv && \
-         tests/python/.venv/bin/pip install -r tests/python/requirements.txt` (scripts/test does this)",
-        py.display()
-    );
-    py
-}
-
 /// Runs tests/python/mcp_client.py; its stdout is one JSON object.
 async fn client(args: &[&str]) -> Value {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/mcp_client.py");
-    let mut cmd = Command::new(python());
-    cmd.arg(script).args(args);
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mcp_client.py {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "mcp_client.py printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    common::mcp_client(args).await
 }
 
 fn tool_names(v: &Value) -> Vec<String> {

@@ -250,15 +250,7 @@ async fn idle_sessions_are_reaped() {
     );
     eventually(Duration::from_secs(10), || async { !alive(pid) }).await;
     // The log says why (the server's own last words: it saw its input close).
-    let log = app
-        .http
-        .get(format!("{}/api/v1/deployments/{id}/logs", app.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let log = app.logs(id, 100).await;
     assert!(log.contains("Closing an idle MCP session"), "{log}");
 }
 
@@ -361,18 +353,7 @@ async fn stop_closes_stdin_before_any_signal() {
     }
     // The stream ended with the session.
     assert!(stream.text().await.is_ok());
-    let log = app
-        .http
-        .get(format!(
-            "{}/api/v1/deployments/{id}/logs?tail=1000",
-            app.url
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let log = app.logs(id, 1000).await;
     let polite = log.matches("stdin closed; exiting").count();
     assert!(
         polite >= procs.len(),

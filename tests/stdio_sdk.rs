@@ -7,7 +7,6 @@ mod common;
 
 use std::{
     io::{BufRead as _, BufReader},
-    path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -16,39 +15,11 @@ use common::{TestApp, alive, server_everything, sigkill};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-fn python() -> PathBuf {
-    let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/.venv/bin/python");
-    assert!(
-        py.exists(),
-        "{} is missing: create it with `python3 -m venv tests/python/.venv && \
-         tests/python/.venv/bin/pip install -r tests/python/requirements.txt` (scripts/test does this)",
-        py.display()
-    );
-    py
-}
-
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/mcp_client.py")
-}
-
-/// Runs mcp_client.py to completion; its stdout is one JSON object.
+/// mcp_client.py on a legacy session at `url`.
 async fn client(url: &str, args: &[&str]) -> Value {
-    let mut cmd = Command::new(python());
-    cmd.arg(script())
-        .args(["--url", url, "--era", "legacy"])
-        .args(args);
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "mcp_client.py {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("mcp_client.py printed no JSON ({e}): {stdout}"))
+    let mut all = vec!["--url", url, "--era", "legacy"];
+    all.extend_from_slice(args);
+    common::mcp_client(&all).await
 }
 
 async fn add_tool(app: &TestApp, body: Value) {
@@ -193,8 +164,8 @@ async fn a_child_killed_mid_request_gives_a_clean_error_and_the_next_session_wor
     let id = d["id"].as_str().unwrap().to_owned();
     let url = format!("{}/mcp/everything", app.url);
 
-    let mut child = Command::new(python())
-        .arg(script())
+    let mut child = Command::new(common::python())
+        .arg(common::mcp_client_script())
         .args([
             "--url",
             &url,
@@ -290,21 +261,6 @@ async fn a_child_killed_mid_request_gives_a_clean_error_and_the_next_session_wor
     );
 }
 
-/// The deployment's log (install progress is written there before the server starts).
-async fn log_of(app: &TestApp, id: &str) -> String {
-    app.http
-        .get(format!(
-            "{}/api/v1/deployments/{id}/logs?tail=2000",
-            app.url
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn server_filesystem_from_npx_serves_a_temporary_directory() {
     let app = TestApp::start().await;
@@ -325,7 +281,7 @@ async fn server_filesystem_from_npx_serves_a_temporary_directory() {
     let d = app.deploy_wait("fs").await;
     assert_eq!(d["status"], "RUNNING", "{d}");
     let id = d["id"].as_str().unwrap().to_owned();
-    let log = log_of(&app, &id).await;
+    let log = app.logs(&id, 2000).await;
     assert!(
         log.contains("installed npx:@modelcontextprotocol/server-filesystem@2026.8.31"),
         "install progress in the deployment log:\n{log}"
@@ -384,7 +340,7 @@ async fn server_filesystem_from_npx_serves_a_temporary_directory() {
     app.stop_deployment(&id).await;
     let d2 = app.deploy_wait("fs").await;
     assert_eq!(d2["status"], "RUNNING", "{d2}");
-    let log2 = log_of(&app, d2["id"].as_str().unwrap()).await;
+    let log2 = app.logs(d2["id"].as_str().unwrap(), 2000).await;
     assert!(!log2.contains("installing npm package"), "{log2}");
 }
 
@@ -405,9 +361,9 @@ async fn mcp_server_time_from_uvx_answers_in_both_eras() {
     assert_eq!(d["status"], "RUNNING", "{d}");
     let url = format!("{}/mcp/time", app.url);
     for era in ["legacy", "2026-07-28"] {
-        let mut cmd = Command::new(python());
+        let mut cmd = Command::new(common::python());
         let mode = if era == "legacy" { "legacy" } else { "modern" };
-        cmd.arg(script()).args([
+        cmd.arg(common::mcp_client_script()).args([
             "--url",
             &url,
             "--era",

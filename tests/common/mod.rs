@@ -892,3 +892,55 @@ impl TestApp {
         d
     }
 }
+
+/// The Python venv with the official MCP SDK (tests/python/requirements.txt).
+pub fn python() -> PathBuf {
+    let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/.venv/bin/python");
+    assert!(
+        py.exists(),
+        "{} is missing: create it with `python3 -m venv tests/python/.venv && \
+         tests/python/.venv/bin/pip install -r tests/python/requirements.txt` (scripts/test does this)",
+        py.display()
+    );
+    py
+}
+
+/// tests/python/mcp_client.py, the official Python SDK client's driver.
+pub fn mcp_client_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/mcp_client.py")
+}
+
+/// Runs mcp_client.py to completion; its stdout is one JSON object.
+pub async fn mcp_client(args: &[&str]) -> Value {
+    let mut cmd = std::process::Command::new(python());
+    cmd.arg(mcp_client_script()).args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "mcp_client.py {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("mcp_client.py printed no JSON ({e}): {stdout}"))
+}
+
+impl TestApp {
+    /// The deployment's output, as `GET .../logs?tail=N` serves it.
+    pub async fn logs(&self, id: &str, tail: usize) -> String {
+        let resp = self
+            .http
+            .get(format!(
+                "{}/api/v1/deployments/{id}/logs?tail={tail}",
+                self.url
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.text().await.unwrap()
+    }
+}
