@@ -474,3 +474,74 @@ async fn a_server_that_keeps_dying_makes_the_bridge_exit_and_restart() {
     assert!(why.contains("keeps exiting"), "{d}");
     assert!(why.contains("exited with status 3"), "{d}");
 }
+
+/// Every JSON-RPC message of a modern (stateless) request's response stream.
+async fn modern_messages(url: &str, body: &Value) -> Vec<Value> {
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(url)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "count")
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.text()
+        .await
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| serde_json::from_str(d.trim()).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn shared_processes_keep_each_clients_ids_and_progress_apart() {
+    let app = TestApp::start().await;
+    // One process shared by every stateless request.
+    add_stdio_tool(&app, "shared", &[], json!({"stdio": {"pool_size": 1}})).await;
+    app.deploy_wait("shared").await;
+    let url = format!("{}/mcp/shared", app.url);
+    // Ten clients at once, all using request id 7 and progress token 1 (each is entitled to):
+    // the bridge must give each its own replies and progress, with its own id and token.
+    let calls = (1..=10u64).map(|n| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let body = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
+            "name": "count", "arguments": {"n": n},
+            "_meta": {
+                "progressToken": 1,
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {}
+            }}});
+            (n, modern_messages(&url, &body).await)
+        })
+    });
+    for call in calls {
+        let (n, msgs) = call.await.unwrap();
+        let (progress, rest): (Vec<&Value>, Vec<&Value>) = msgs
+            .iter()
+            .partition(|m| m["method"] == "notifications/progress");
+        let seen: Vec<u64> = progress
+            .iter()
+            .map(|p| {
+                assert_eq!(p["params"]["progressToken"], 1, "token mapped back: {p}");
+                assert_eq!(p["params"]["total"].as_f64(), Some(n as f64), "{p}");
+                p["params"]["progress"].as_f64().unwrap() as u64
+            })
+            .collect();
+        assert_eq!(seen, (1..=n).collect::<Vec<_>>(), "request {n}: {msgs:?}");
+        assert_eq!(rest.len(), 1, "{msgs:?}");
+        assert_eq!(rest[0]["id"], 7, "id mapped back: {msgs:?}");
+        assert_eq!(
+            rest[0]["result"]["content"][0]["text"],
+            format!("counted {n}"),
+            "{msgs:?}"
+        );
+    }
+}

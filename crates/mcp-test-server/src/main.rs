@@ -77,6 +77,12 @@ struct EchoRequest {
 }
 
 #[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct CountRequest {
+    /// Progress notifications to send before answering.
+    n: u32,
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
 struct SleepRequest {
     /// Milliseconds to wait before answering.
     ms: u64,
@@ -113,6 +119,27 @@ impl TestServer {
     #[tool(description = "Send the text back")]
     fn echo(&self, Parameters(EchoRequest { text }): Parameters<EchoRequest>) -> String {
         text
+    }
+
+    /// Progress notifications for the caller's token, so tests can check they reach the
+    /// request that asked for them (and only it).
+    #[tool(description = "Send n progress notifications to the caller, then answer")]
+    async fn count(
+        &self,
+        Parameters(CountRequest { n }): Parameters<CountRequest>,
+        meta: rmcp::model::RequestMetaObject,
+        peer: rmcp::Peer<rmcp::RoleServer>,
+    ) -> String {
+        if let Some(token) = meta.get_progress_token() {
+            for i in 1..=n {
+                let note = rmcp::model::ProgressNotificationParam::new(token.clone(), f64::from(i))
+                    .with_total(f64::from(n));
+                if peer.notify_progress(note).await.is_err() {
+                    break;
+                }
+            }
+        }
+        format!("counted {n}")
     }
 
     /// A request that stays in flight as long as a test needs (to kill the server under it).
