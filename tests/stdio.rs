@@ -545,3 +545,52 @@ async fn shared_processes_keep_each_clients_ids_and_progress_apart() {
         );
     }
 }
+
+/// The bridge's children that are MCP servers (its log writer is a child too).
+fn server_children(bridge: u32) -> Vec<u32> {
+    let mut out: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| ppid(*p) == Some(bridge) && alive(*p))
+        .filter(|p| {
+            !std::fs::read(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .split(|b| *b == 0)
+                .any(|a| a == b"__log")
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+#[tokio::test]
+async fn concurrent_session_opens_leave_no_untracked_process() {
+    let app = TestApp::start().await;
+    add_stdio_tool(&app, "burst", &[], json!({})).await;
+    let d = app.deploy_wait("burst").await;
+    let id = d["id"].as_str().unwrap();
+    let bridge = pid_of(&d);
+    let url = format!("{}/mcp/burst", app.url);
+    for _ in 0..3 {
+        let opens: Vec<_> = (0..8)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { legacy_session(&url).await })
+            })
+            .collect();
+        for o in opens {
+            o.await.unwrap();
+        }
+    }
+    let view = sessions(&app, id).await;
+    assert_eq!(view["sessions"].as_array().unwrap().len(), 24, "{view}");
+    let mut tracked = pids(&view);
+    tracked.sort_unstable();
+    // 24 sessions, the 2 pool processes (the first also answers health probes), 1 spare.
+    assert_eq!(tracked.len(), 27, "{view}");
+    assert_eq!(
+        server_children(bridge),
+        tracked,
+        "every server process is accounted for"
+    );
+}

@@ -349,8 +349,15 @@ impl Host {
             Some(c) => c,
             None => self.spawn(IdMode::Owned)?,
         };
-        if let Ok(next) = self.spawn(IdMode::Owned) {
-            *lock(&self.spare) = Some(next);
+        {
+            // One spare at most: concurrent opens must not each leave one (an overwritten
+            // spare would run untracked until the deployment stops).
+            let mut slot = lock(&self.spare);
+            if slot.as_ref().is_none_or(|c| !c.alive())
+                && let Ok(next) = self.spawn(IdMode::Owned)
+            {
+                *slot = Some(next);
+            }
         }
         let session = Arc::new(Session {
             id: uuid::Uuid::new_v4().simple().to_string(),
