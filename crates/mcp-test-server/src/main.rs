@@ -396,8 +396,11 @@ async fn main() -> anyhow::Result<()> {
     let router = axum::Router::new()
         .nest_service(&args.path, service)
         .merge(probes::router(Arc::clone(&accepted)));
-    let listener = axum::serve::ListenerExt::tap_io(listener, move |_| {
+    let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
         accepted.fetch_add(1, Ordering::Relaxed);
+        // An SSE reply is several small writes; without this, Nagle holds the later ones for
+        // the client's delayed ACK (~40 ms a call).
+        let _ = tcp.set_nodelay(true);
     });
     axum::serve(listener, router).await.context("serving")?;
     Ok(())
