@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt as _;
 use reqwest::{StatusCode, header::HeaderMap};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
@@ -29,7 +29,7 @@ pub const LEGACY_VERSION: &str = "2025-11-25";
 /// A probe reply larger than this is not a health answer.
 const MAX_REPLY_BYTES: usize = 1 << 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Era {
     /// 2026-07-28 and later: stateless, `server/discover`.
@@ -40,6 +40,15 @@ pub enum Era {
     /// URL to POST to.
     #[serde(rename = "legacy-sse")]
     LegacySse,
+}
+
+/// What a plain health endpoint may say about the server behind it (all optional).
+#[derive(Debug, Default, Deserialize)]
+struct PlainHealth {
+    era: Option<Era>,
+    protocol_version: Option<String>,
+    server_name: Option<String>,
+    server_version: Option<String>,
 }
 
 /// The outcome of one health check.
@@ -199,21 +208,24 @@ impl Prober {
     async fn check_plain(&self, url: &str, timeout: Duration) -> HealthCheckResult {
         let started = Instant::now();
         let outcome = self.client.get(url).timeout(timeout).send().await;
-        let error = match outcome {
-            Ok(r) if r.status().is_success() => None,
-            Ok(r) => Some(format!("GET {url} answered {}", r.status())),
-            Err(e) => Some(format!("GET {url} failed: {e}")),
+        let (error, about) = match outcome {
+            // A JSON body may say what answered (the stdio bridge's does); any other body is
+            // fine too.
+            Ok(r) if r.status().is_success() => (None, r.json::<PlainHealth>().await.ok()),
+            Ok(r) => (Some(format!("GET {url} answered {}", r.status())), None),
+            Err(e) => (Some(format!("GET {url} failed: {e}")), None),
         };
+        let about = about.unwrap_or_default();
         HealthCheckResult {
             status: if error.is_none() {
                 HealthStatus::Healthy
             } else {
                 HealthStatus::Unhealthy
             },
-            era: None,
-            protocol_version: None,
-            server_name: None,
-            server_version: None,
+            era: about.era,
+            protocol_version: about.protocol_version,
+            server_name: about.server_name,
+            server_version: about.server_version,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             error,
             checked_at: Utc::now(),

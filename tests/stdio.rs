@@ -118,6 +118,14 @@ async fn a_stdio_server_is_served_in_both_eras_without_a_port() {
 
     let view = sessions(&app, id).await;
     assert_eq!(view["era"], "modern", "{view}");
+    // A health check probes the server on its pipe and says who answered.
+    let (st, h) = app
+        .call("POST", &format!("/api/v1/deployments/{id}/health"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{h}");
+    assert_eq!(h["status"], "HEALTHY", "{h}");
+    assert_eq!(h["era"], "modern", "{h}");
+    assert_eq!(h["server_name"], "switchboard-test-server", "{h}");
     let listed: Vec<(String, u32)> = view["sessions"]
         .as_array()
         .unwrap()

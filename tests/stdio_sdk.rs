@@ -59,7 +59,7 @@ fn text_of(result: &Value) -> String {
 #[tokio::test]
 async fn server_everything_over_stdio_lists_calls_and_reports_progress() {
     let app = TestApp::start().await;
-    deploy_everything_stdio(&app, "everything").await;
+    let d = deploy_everything_stdio(&app, "everything").await;
     let url = format!("{}/mcp/everything", app.url);
 
     let tools = client(&url, &["list-tools"]).await;
@@ -73,6 +73,29 @@ async fn server_everything_over_stdio_lists_calls_and_reports_progress() {
     assert!(
         names.contains(&"echo") && names.contains(&"get-sum"),
         "{names:?}"
+    );
+
+    // Health: a ping on the server's pipe; the name comes from the first session's handshake.
+    let (st, h) = app
+        .call(
+            "POST",
+            &format!("/api/v1/deployments/{}/health", d["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{h}");
+    assert_eq!(
+        (
+            h["status"].as_str(),
+            h["era"].as_str(),
+            h["server_name"].as_str()
+        ),
+        (
+            Some("HEALTHY"),
+            Some("legacy"),
+            Some("mcp-servers/everything")
+        ),
+        "{h}"
     );
 
     let sum = client(

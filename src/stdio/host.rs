@@ -96,6 +96,9 @@ pub struct Host {
     /// record shows why.
     pub fatal: tokio_util::sync::CancellationToken,
     pub fatal_reason: Mutex<Option<String>>,
+    /// Who the server says it is (from `server/discover`, or the first `initialize` reply),
+    /// reported by `/health`.
+    about: Mutex<Option<Value>>,
 }
 
 /// Health children that may die within [`DEATH_WINDOW`] before the bridge gives up: a server
@@ -132,6 +135,7 @@ impl Host {
             health_deaths: Mutex::new(std::collections::VecDeque::new()),
             fatal: tokio_util::sync::CancellationToken::new(),
             fatal_reason: Mutex::new(None),
+            about: Mutex::new(None),
         })
     }
 
@@ -159,7 +163,14 @@ impl Host {
         let discover =
             self.probe_request(&child, "server/discover", json!({"_meta": modern_meta()}));
         let era = match tokio::time::timeout(timeout.min(Duration::from_secs(10)), discover).await {
-            Ok(Ok(reply)) if reply.pointer("/result/supportedVersions").is_some() => Era::Modern,
+            Ok(Ok(reply)) if reply.pointer("/result/supportedVersions").is_some() => {
+                if let Some(info) =
+                    reply.pointer("/result/_meta/io.modelcontextprotocol~1serverInfo")
+                {
+                    self.note_server(info, "2026-07-28");
+                }
+                Era::Modern
+            }
             Ok(Err(ProbeError::Ended(why))) => {
                 return Err(format!(
                     "the server {why} before answering its first request"
@@ -240,6 +251,18 @@ impl Host {
         }
     }
 
+    /// Remembers the server's name and version (the first report wins).
+    pub fn note_server(&self, server_info: &Value, protocol_version: &str) {
+        let mut about = lock(&self.about);
+        if about.is_none() {
+            *about = Some(json!({
+                "server_name": server_info.get("name"),
+                "server_version": server_info.get("version"),
+                "protocol_version": protocol_version,
+            }));
+        }
+    }
+
     /// One health probe on the health child's pipe: `ping` (legacy) or `server/discover`
     /// (modern). A health child that has ended is replaced, and this probe fails with why.
     pub async fn check(self: &Arc<Self>, timeout: Duration) -> Result<Value, String> {
@@ -258,11 +281,19 @@ impl Host {
             Era::Legacy => ("ping", json!({})),
         };
         match tokio::time::timeout(timeout, self.probe_request(&child, method, params)).await {
-            Ok(Ok(r)) if r.get("result").is_some() => Ok(json!({
-                "era": era,
-                "children": self.children().len(),
-                "sessions": lock(&self.sessions).len(),
-            })),
+            Ok(Ok(r)) if r.get("result").is_some() => {
+                let mut v = json!({
+                    "era": era,
+                    "children": self.children().len(),
+                    "sessions": lock(&self.sessions).len(),
+                });
+                if let (Some(about), Some(obj)) = (lock(&self.about).clone(), v.as_object_mut())
+                    && let Value::Object(about) = about
+                {
+                    obj.extend(about);
+                }
+                Ok(v)
+            }
             Ok(Ok(r)) => Err(format!("{method} answered {r}")),
             Ok(Err(e)) => Err(self.health_child_died(era, &child, &e.to_string())),
             Err(_) => Err(format!(

@@ -448,6 +448,11 @@ async fn initialize(host: &Arc<Host>, msg: Value, sse: bool) -> Response {
     };
     if v.get("error").is_some() {
         host.close_session(&session.id);
+    } else if let (Some(info), Some(version)) = (
+        v.pointer("/result/serverInfo"),
+        v.pointer("/result/protocolVersion").and_then(Value::as_str),
+    ) {
+        host.note_server(info, version);
     }
     // Server messages written before the reply wait for the session's first stream.
     session.child.hold(early);
