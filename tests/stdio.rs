@@ -405,6 +405,12 @@ async fn a_stdio_deployment_is_adopted_after_switchboard_crashes() {
     let id = d["id"].as_str().unwrap().to_owned();
     let bridge = pid_of(&d);
     let pooled = pid_of(&whoami(&format!("{}/mcp/kept", app.url)).await);
+    let before = legacy_session(&format!("{}/mcp/kept", app.url)).await;
+    let session_pid = pid_of(
+        &whoami_in_session(&format!("{}/mcp/kept", app.url), &before)
+            .await
+            .unwrap(),
+    );
 
     let dir = app.crash().await;
     let app = TestApp::start_in(dir, common::AppOptions::default()).await;
@@ -419,6 +425,22 @@ async fn a_stdio_deployment_is_adopted_after_switchboard_crashes() {
     assert_eq!(
         pid_of(&whoami(&format!("{}/mcp/kept", app.url)).await),
         pooled
+    );
+    // A session opened before the crash goes on, on the same process: the new proxy does not
+    // know it, but the tool's only bridge does.
+    assert_eq!(
+        pid_of(
+            &whoami_in_session(&format!("{}/mcp/kept", app.url), &before)
+                .await
+                .unwrap()
+        ),
+        session_pid
+    );
+    assert_eq!(
+        whoami_in_session(&format!("{}/mcp/kept", app.url), "never-minted")
+            .await
+            .unwrap_err(),
+        StatusCode::NOT_FOUND
     );
     let sid = legacy_session(&format!("{}/mcp/kept", app.url)).await;
     assert!(

@@ -271,6 +271,12 @@ impl Proxy {
                 .and_then(|d| tool.find(d).cloned())
             {
                 Some(b) => b,
+                // A stdio bridge keeps its sessions when Switchboard restarts (it is adopted)
+                // but this table does not: with one bridge, it is the only one that can own
+                // the session, and it answers 404 itself when it does not.
+                None if tool.backends.len() == 1 && tool.backends[0].is_stdio_bridge() => {
+                    Arc::clone(&tool.backends[0])
+                }
                 None => {
                     return error(
                         StatusCode::NOT_FOUND,

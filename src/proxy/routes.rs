@@ -122,6 +122,13 @@ impl Backend {
         }
     }
 
+    /// Whether this backend is a stdio deployment's bridge (reached over its Unix socket).
+    pub fn is_stdio_bridge(&self) -> bool {
+        self.authority
+            .host()
+            .ends_with(super::connect::SOCKET_SUFFIX)
+    }
+
     pub fn with_metrics(mut self, metrics: crate::metrics::BackendMetrics) -> Backend {
         self.metrics = Some(metrics);
         self

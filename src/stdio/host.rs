@@ -24,11 +24,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::child::{Child, IdMode, Registration};
+use super::child::{Child, IdMode};
 
 #[derive(Debug, Clone)]
 pub struct HostConfig {
@@ -504,10 +503,4 @@ impl Drop for SessionSlot {
 enum ProbeError {
     #[error("{0}")]
     Ended(String),
-}
-
-/// A request registered on a child, with the stream its messages arrive on.
-pub struct Call {
-    pub registration: Registration,
-    pub rx: mpsc::UnboundedReceiver<Bytes>,
 }
