@@ -380,6 +380,22 @@ mod tests {
         p
     }
 
+    /// README's first command runs this file: it must stay valid.
+    #[test]
+    fn the_example_config_loads_with_both_demo_tools() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/switchboard.toml");
+        let c = Config::load(Overrides {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        let tools: Vec<ToolSpec> = c.tools.into_iter().map(|t| t.validate().unwrap()).collect();
+        let slugs: Vec<&str> = tools.iter().map(|t| t.slug.as_str()).collect();
+        assert_eq!(slugs, ["demo", "demo-stdio"]);
+        assert_eq!(tools[1].transport, crate::registry::Transport::Stdio);
+        assert!(tools[1].command.ends_with("target/debug/mcp-test-server"));
+    }
+
     #[test]
     fn file_paths_resolve_against_the_file() {
         let dir = tempfile::tempdir().unwrap();
