@@ -220,6 +220,9 @@ pub async fn serve(
 
 const SESSION: &str = "mcp-session-id";
 
+/// The revisions a legacy (`initialize`) server may speak, newest first.
+const LEGACY_VERSIONS: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
+
 fn jsonrpc_error(status: StatusCode, code: i64, message: impl Into<String>) -> Response {
     let body =
         json!({"jsonrpc": "2.0", "id": null, "error": {"code": code, "message": message.into()}});
@@ -366,12 +369,22 @@ async fn post(State(host): State<Arc<Host>>, headers: HeaderMap, body: Bytes) ->
     }
     if is_modern(&msg) || (!is_request && host.era() == Some(Era::Modern)) {
         if host.era() != Some(Era::Modern) {
-            return jsonrpc_error(
-                StatusCode::BAD_REQUEST,
-                -32022,
-                "this server does not support protocol version 2026-07-28: use a legacy session (initialize)",
-            )
-            .into_response();
+            // The spec's UnsupportedProtocolVersionError, so a client falls back to
+            // `initialize` (the server behind this bridge speaks only the legacy era).
+            let requested = msg
+                .pointer("/params/_meta/io.modelcontextprotocol~1protocolVersion")
+                .cloned()
+                .unwrap_or(Value::Null);
+            let body = json!({
+                "jsonrpc": "2.0",
+                "id": msg.get("id").cloned().unwrap_or(Value::Null),
+                "error": {
+                    "code": -32022,
+                    "message": "this server does not support protocol version 2026-07-28: use a legacy session (initialize)",
+                    "data": {"supported": LEGACY_VERSIONS, "requested": requested},
+                },
+            });
+            return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
         }
         let child = match host.pool_child() {
             Ok(c) => c,
