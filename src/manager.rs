@@ -845,10 +845,15 @@ impl Manager {
     /// the bridge (never its command line, which any local user can read).
     fn bridge_launch_spec(&self, id: Uuid, spec: &ToolSpec) -> LaunchSpec {
         let mut launch = launch_spec(id, spec, 0);
+        // No port: drop the port variable (launch_spec puts it first; the tool's own env,
+        // which may set the same name, comes later and stays).
+        if spec.port_env.is_some() && !launch.env.is_empty() {
+            launch.env.remove(0);
+        }
         let replicas = u64::from(spec.replicas.max(1));
         let sessions = u64::from(spec.stdio.max_sessions).div_ceil(replicas);
-        // The bridge splits the grace period: half for stdin-closed, half after SIGTERM; the
-        // runtime kills what is left once the whole period is over.
+        // The bridge gives each server a third of the grace period after closing its stdin
+        // and another third after SIGTERM; the runtime kills what is left at the end.
         let child_grace = spec.stop_grace_period_ms / 3;
         let mut args = vec![
             crate::stdio::BRIDGE_ARG.to_owned(),

@@ -172,6 +172,14 @@ async fn a_stdio_server_is_served_in_both_eras_without_a_port() {
     eventually(Duration::from_secs(10), || async { !alive(p1) }).await;
     assert!(whoami_in_session(&url, &s2).await.is_ok());
 
+    // The bridge's own routes are not reachable through the MCP endpoint.
+    for sub in ["sessions", "health"] {
+        let r = app.http.get(format!("{url}/{sub}")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "/mcp/io/{sub}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "not_found", "{body}");
+    }
+
     // A request without a session that is neither initialize nor modern is refused.
     let call = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"});
     let (st, _, _) = mcp_rpc(&url, &call, &[]).await;
@@ -623,4 +631,97 @@ async fn concurrent_session_opens_leave_no_untracked_process() {
         tracked,
         "every server process is accounted for"
     );
+}
+
+#[tokio::test]
+async fn a_cancelled_request_ends_its_stream() {
+    let app = TestApp::start().await;
+    add_stdio_tool(&app, "cancel", &[], json!({})).await;
+    let d = app.deploy_wait("cancel").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/mcp/cancel", app.url);
+    let sid = legacy_session(&url).await;
+    let call = json!({"jsonrpc": "2.0", "id": "slow-1", "method": "tools/call",
+        "params": {"name": "sleep", "arguments": {"ms": 600000}}});
+    let in_flight = {
+        let (url, sid) = (url.clone(), sid.clone());
+        tokio::spawn(async move {
+            mcp_rpc(
+                &url,
+                &call,
+                &[
+                    ("mcp-session-id", &sid),
+                    ("mcp-protocol-version", "2025-11-25"),
+                ],
+            )
+            .await
+        })
+    };
+    let busy = |n: u64| {
+        let (app, id, sid) = (&app, id.clone(), sid.clone());
+        async move {
+            sessions(app, &id).await["sessions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["id"] == sid.as_str() && s["in_flight"] == n)
+        }
+    };
+    eventually(Duration::from_secs(10), || busy(1)).await;
+    let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+        "params": {"requestId": "slow-1", "reason": "user gave up"}});
+    let (st, _, _) = mcp_rpc(
+        &url,
+        &cancel,
+        &[
+            ("mcp-session-id", &sid),
+            ("mcp-protocol-version", "2025-11-25"),
+        ],
+    )
+    .await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    // The server sends nothing for a cancelled request; its stream still ends.
+    let (st, _, msg) = tokio::time::timeout(Duration::from_secs(30), in_flight)
+        .await
+        .expect("the cancelled request's stream stayed open")
+        .unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert!(msg.is_none(), "no reply for a cancelled request: {msg:?}");
+    eventually(Duration::from_secs(10), || busy(0)).await;
+    assert!(whoami_in_session(&url, &sid).await.is_ok());
+}
+
+#[tokio::test]
+async fn replacing_dead_pool_processes_keeps_the_pool_its_size() {
+    let app = TestApp::start().await;
+    add_stdio_tool(&app, "pool", &[], json!({"stdio": {"pool_size": 2}})).await;
+    let d = app.deploy_wait("pool").await;
+    let id = d["id"].as_str().unwrap();
+    let url = format!("{}/mcp/pool", app.url);
+    whoami(&url).await;
+    let first = pids(&sessions(&app, id).await);
+    assert_eq!(first.len(), 2, "{first:?}");
+    // Both pool processes die (the first also answers health probes); a request replaces
+    // them, then a health check must find the replacement, not start a third.
+    for p in &first {
+        sigkill(i32::try_from(*p).unwrap());
+    }
+    eventually(Duration::from_secs(10), || async {
+        first.iter().all(|p| !alive(*p))
+    })
+    .await;
+    assert_eq!(whoami(&url).await["tool"], "pool");
+    let (st, h) = app
+        .call("POST", &format!("/api/v1/deployments/{id}/health"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{h}");
+    assert_eq!(h["status"], "HEALTHY", "{h}");
+    let now = pids(&sessions(&app, id).await);
+    assert_eq!(now.len(), 2, "the pool grew: {now:?}");
+    assert!(now.iter().all(|p| !first.contains(p)), "{now:?}");
+    assert_eq!(server_children(pid_of(&d)), {
+        let mut n = now.clone();
+        n.sort_unstable();
+        n
+    });
 }

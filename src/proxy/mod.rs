@@ -306,6 +306,15 @@ impl Proxy {
                 }
             },
         };
+        if rest.is_some() && backend.is_stdio_bridge() {
+            // A stdio tool has one endpoint; the bridge's other routes (health, sessions) are
+            // Switchboard's own and must not be reachable by MCP clients.
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("tool '{slug}' is a stdio server: its only endpoint is /mcp/{slug}"),
+            );
+        }
         *chosen = Some(backend.deployment);
         self.forward(parts, body, slug, rest, session, backend, client)
             .await

@@ -58,8 +58,13 @@ struct Pending {
     sink: Sink,
     /// The client's own id, when it was rewritten.
     client_id: Option<Value>,
-    /// This child's progress token key and the client's token, when rewritten.
-    token: Option<(String, Value)>,
+    /// The request's key in `Routes::progress`, when it asked for progress.
+    progress_key: Option<String>,
+    /// The client's own progress token, when it was rewritten.
+    client_token: Option<Value>,
+    /// Whether the client reads a stream (SSE): only such a request's stream can carry what
+    /// the server starts itself (a JSON answer has room for the reply alone).
+    streams: bool,
     seq: u64,
 }
 
@@ -84,6 +89,10 @@ pub struct Child {
     in_flight: AtomicU32,
     /// `Some(description)` once the process has exited.
     exited: watch::Receiver<Option<String>>,
+    /// Milliseconds after `born` of the last request, reply or stream opened or closed (for
+    /// idle reaping).
+    born: std::time::Instant,
+    last_active: AtomicU64,
 }
 
 /// A request registered on a child; dropping it before the reply arrives forgets the request
@@ -101,14 +110,15 @@ impl Drop for Registration {
             match routes.pending.get(&self.key) {
                 Some(p) if p.seq == self.seq => {
                     let p = routes.pending.remove(&self.key);
-                    if let Some((token, _)) = p.as_ref().and_then(|p| p.token.as_ref()) {
-                        routes.progress.remove(token);
+                    if let Some(k) = p.as_ref().and_then(|p| p.progress_key.as_ref()) {
+                        routes.progress.remove(k);
                     }
                     p.is_some()
                 }
                 _ => false,
             }
         };
+        self.child.touch();
         if removed {
             self.child.in_flight.fetch_sub(1, Ordering::Relaxed);
             // Closing a modern request's stream is its cancellation (2026-07-28); a legacy
@@ -173,6 +183,8 @@ impl Child {
             next_id: AtomicU64::new(1),
             in_flight: AtomicU32::new(0),
             exited: exit_rx,
+            born: std::time::Instant::now(),
+            last_active: AtomicU64::new(0),
         });
         tokio::spawn(write_loop(stdin, wrx));
         let reader = Arc::clone(&child);
@@ -198,6 +210,39 @@ impl Child {
 
     fn routes(&self) -> MutexGuard<'_, Routes> {
         self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes activity now (see `idle_for`).
+    pub fn touch(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_active.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the last request, reply, or stream opened or closed.
+    pub fn idle_for(&self) -> Duration {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(ms.saturating_sub(self.last_active.load(Ordering::Relaxed)))
+    }
+
+    /// Forgets a pending request the client cancelled (`notifications/cancelled`): servers do
+    /// not answer a cancelled request, so its stream is ended here.
+    pub fn forget(&self, request_id: &Value) {
+        if self.mode != IdMode::Owned {
+            return;
+        }
+        let key = key_of(request_id);
+        let removed = {
+            let mut routes = self.routes();
+            let p = routes.pending.remove(&key);
+            if let Some(k) = p.as_ref().and_then(|p| p.progress_key.as_ref()) {
+                routes.progress.remove(k);
+            }
+            p
+        };
+        if removed.is_some() {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        // Dropping `removed` drops its sink: the request's stream ends.
     }
 
     pub fn alive(&self) -> bool {
@@ -254,18 +299,24 @@ impl Child {
         self: &Arc<Self>,
         mut msg: Value,
         sink: Sink,
+        streams: bool,
     ) -> Result<Registration, SendError> {
         let client_id = msg.get("id").cloned().unwrap_or(Value::Null);
         let seq = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (key, rewritten_id, token) = match self.mode {
-            IdMode::Owned => (key_of(&client_id), None, None),
+        let (key, rewritten_id, progress_key, client_token) = match self.mode {
+            IdMode::Owned => (
+                key_of(&client_id),
+                None,
+                msg.pointer("/params/_meta/progressToken").map(key_of),
+                None,
+            ),
             IdMode::Shared => {
                 msg["id"] = Value::from(seq);
-                let token = msg.pointer_mut("/params/_meta/progressToken").map(|t| {
-                    let theirs = std::mem::replace(t, Value::from(seq));
-                    (seq.to_string(), theirs)
-                });
-                (seq.to_string(), Some(client_id), token)
+                let theirs = msg
+                    .pointer_mut("/params/_meta/progressToken")
+                    .map(|t| std::mem::replace(t, Value::from(seq)));
+                let progress_key = theirs.as_ref().map(|_| seq.to_string());
+                (seq.to_string(), Some(client_id), progress_key, theirs)
             }
         };
         {
@@ -276,23 +327,22 @@ impl Child {
             if routes.pending.contains_key(&key) {
                 return Err(SendError::DuplicateId(key));
             }
-            let own_token = match &token {
-                Some((k, _)) => Some(k.clone()),
-                None => msg.pointer("/params/_meta/progressToken").map(key_of),
-            };
-            if let Some(t) = own_token {
-                routes.progress.insert(t, key.clone());
+            if let Some(t) = &progress_key {
+                routes.progress.insert(t.clone(), key.clone());
             }
             routes.pending.insert(
                 key.clone(),
                 Pending {
                     sink,
                     client_id: rewritten_id,
-                    token,
+                    progress_key,
+                    client_token,
+                    streams,
                     seq,
                 },
             );
         }
+        self.touch();
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let registration = Registration {
             child: Arc::clone(self),
@@ -319,6 +369,8 @@ impl Child {
             let _ = sink.send(m);
         }
         routes.listener = Some(sink);
+        drop(routes);
+        self.touch();
         true
     }
 
@@ -356,7 +408,11 @@ impl Child {
             return why;
         }
         self.signal(nix::sys::signal::Signal::SIGKILL);
-        self.wait().await
+        // SIGKILL cannot be refused, but a descendant that left the group can hold stdout
+        // open; the runtime's cgroup kill takes it, so this wait is bounded.
+        tokio::time::timeout(Duration::from_secs(10), self.wait())
+            .await
+            .unwrap_or_else(|_| "killed (its output is still held open by a descendant)".to_owned())
     }
 
     fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -420,14 +476,12 @@ impl Child {
                     tracing::debug!(pid = self.pid, id = %key, "A reply to no pending request; dropped");
                     return;
                 };
-                if let Some((token, _)) = &p.token {
-                    routes.progress.remove(token);
-                } else if let Some(t) = routes.progress.iter().find(|(_, k)| **k == key) {
-                    let t = t.0.clone();
-                    routes.progress.remove(&t);
+                if let Some(k) = &p.progress_key {
+                    routes.progress.remove(k);
                 }
                 drop(routes);
                 self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                self.touch();
                 let out = match p.client_id {
                     Some(client_id) => {
                         msg["id"] = client_id;
@@ -454,8 +508,8 @@ impl Child {
                 else {
                     return;
                 };
-                let out = match &p.token {
-                    Some((_, theirs)) => {
+                let out = match &p.client_token {
+                    Some(theirs) => {
                         msg["params"]["progressToken"] = theirs.clone();
                         encode(&msg)
                     }
@@ -489,7 +543,7 @@ impl Child {
                 let newest = routes
                     .pending
                     .values()
-                    .filter(|p| !p.sink.is_closed())
+                    .filter(|p| p.streams && !p.sink.is_closed())
                     .max_by_key(|p| p.seq);
                 match newest {
                     Some(p) => {

@@ -51,14 +51,6 @@ pub struct Session {
     pub id: String,
     pub child: Arc<Child>,
     pub created: chrono::DateTime<chrono::Utc>,
-    /// Milliseconds after the host's epoch of the last request or stream.
-    last_active: AtomicU64,
-}
-
-impl Session {
-    pub fn touch(&self, host: &Host) {
-        self.last_active.store(host.now_ms(), Ordering::Relaxed);
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +71,6 @@ pub enum HostError {
 
 pub struct Host {
     pub config: HostConfig,
-    epoch: Instant,
     era: Mutex<Option<Era>>,
     health: Mutex<Option<Arc<Child>>>,
     pool: Mutex<Vec<Arc<Child>>>,
@@ -123,7 +114,6 @@ impl Host {
     pub fn new(config: HostConfig) -> Arc<Host> {
         Arc::new(Host {
             config,
-            epoch: Instant::now(),
             era: Mutex::new(None),
             health: Mutex::new(None),
             pool: Mutex::new(Vec::new()),
@@ -136,10 +126,6 @@ impl Host {
             fatal_reason: Mutex::new(None),
             about: Mutex::new(None),
         })
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     pub fn era(&self) -> Option<Era> {
@@ -159,6 +145,8 @@ impl Host {
     /// or ends before answering: the deployment has then failed to start.
     pub async fn start(self: &Arc<Self>, timeout: Duration) -> Result<Era, String> {
         let child = self.spawn(IdMode::Shared).map_err(|e| e.to_string())?;
+        // Known from the start, so a failed start still stops it.
+        *lock(&self.health) = Some(Arc::clone(&child));
         let discover =
             self.probe_request(&child, "server/discover", json!({"_meta": modern_meta()}));
         let era = match tokio::time::timeout(timeout.min(Duration::from_secs(10)), discover).await {
@@ -222,7 +210,7 @@ impl Host {
         // The health child is shared, so the id is ours anyway; the probe's own id keeps the
         // reply recognizable in logs.
         let _reg = child
-            .request(msg, tx)
+            .request(msg, tx, false)
             .map_err(|e| ProbeError::Ended(e.to_string()))?;
         loop {
             match rx.recv().await {
@@ -304,6 +292,10 @@ impl Host {
 
     /// Replaces a dead health child, or, when they keep dying, gives up (see `fatal`).
     fn health_child_died(&self, era: Era, dead: &Arc<Child>, why: &str) -> String {
+        if !self.replace_health(era, dead) {
+            // Replaced already (a concurrent check, or the pool): one death, counted once.
+            return format!("the health child {why}; another was started");
+        }
         let deaths = {
             let mut d = lock(&self.health_deaths);
             let now = Instant::now();
@@ -325,22 +317,28 @@ impl Host {
             self.fatal.cancel();
             return reason;
         }
-        self.replace_health(era, dead);
         format!("the health child {why}; started another")
     }
 
-    fn replace_health(&self, era: Era, dead: &Arc<Child>) {
+    /// Puts a new health child in place of `dead` (in its pool slot too, on a modern server,
+    /// where the health child is the pool's first member). False when `dead` was no longer
+    /// the health child. Locks: pool, then health, everywhere.
+    fn replace_health(&self, era: Era, dead: &Arc<Child>) -> bool {
+        let mut pool = lock(&self.pool);
         let mut health = lock(&self.health);
-        if health.as_ref().is_some_and(|h| Arc::ptr_eq(h, dead))
-            && let Ok(c) = self.spawn(IdMode::Shared)
-        {
-            if era == Era::Modern {
-                let mut pool = lock(&self.pool);
-                pool.retain(|p| !Arc::ptr_eq(p, dead));
-                pool.push(Arc::clone(&c));
-            }
-            *health = Some(c);
+        if !health.as_ref().is_some_and(|h| Arc::ptr_eq(h, dead)) {
+            return false;
         }
+        let Ok(c) = self.spawn(IdMode::Shared) else {
+            return false;
+        };
+        if era == Era::Modern
+            && let Some(slot) = pool.iter_mut().find(|p| Arc::ptr_eq(p, dead))
+        {
+            *slot = Arc::clone(&c);
+        }
+        *health = Some(c);
+        true
     }
 
     /// The pool child with the fewest requests in flight; ended children are replaced.
@@ -351,7 +349,13 @@ impl Host {
         }
         for slot in pool.iter_mut() {
             if !slot.alive() {
-                *slot = self.spawn(IdMode::Shared)?;
+                let fresh = self.spawn(IdMode::Shared)?;
+                // The health child is the pool's first member: keep them the same process.
+                let mut health = lock(&self.health);
+                if health.as_ref().is_some_and(|h| Arc::ptr_eq(h, slot)) {
+                    *health = Some(Arc::clone(&fresh));
+                }
+                *slot = fresh;
             }
         }
         pool.iter()
@@ -393,7 +397,6 @@ impl Host {
             id: uuid::Uuid::new_v4().simple().to_string(),
             child,
             created: chrono::Utc::now(),
-            last_active: AtomicU64::new(self.now_ms()),
         });
         Ok((session, slot))
     }
@@ -433,14 +436,11 @@ impl Host {
     /// Closes sessions idle longer than the configured time: no request for that long and no
     /// request or standalone stream open.
     pub fn reap_idle(self: &Arc<Self>) -> usize {
-        let now = self.now_ms();
-        let idle = u64::try_from(self.config.idle.as_millis()).unwrap_or(u64::MAX);
+        let idle = self.config.idle;
         let stale: Vec<String> = lock(&self.sessions)
             .values()
             .filter(|s| {
-                now.saturating_sub(s.last_active.load(Ordering::Relaxed)) >= idle
-                    && s.child.in_flight() == 0
-                    && !s.child.has_listener()
+                s.child.idle_for() >= idle && s.child.in_flight() == 0 && !s.child.has_listener()
             })
             .map(|s| s.id.clone())
             .collect();

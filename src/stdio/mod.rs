@@ -350,15 +350,22 @@ async fn post(State(host): State<Arc<Host>>, headers: HeaderMap, body: Bytes) ->
         let Some(session) = host.session(sid) else {
             return session_not_found();
         };
-        session.touch(&host);
+        session.child.touch();
         if !is_request {
-            return match session.child.notify(&msg) {
+            let sent = session.child.notify(&msg);
+            // A cancelled request gets no reply from the server: end its stream here.
+            if msg.get("method").and_then(Value::as_str) == Some("notifications/cancelled")
+                && let Some(id) = msg.pointer("/params/requestId")
+            {
+                session.child.forget(id);
+            }
+            return match sent {
                 Ok(()) => StatusCode::ACCEPTED.into_response(),
                 Err(e) => send_failed(e, true),
             };
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        return match session.child.request(msg, tx) {
+        return match session.child.request(msg, tx, sse) {
             Ok(reg) => respond(reg, rx, sse, None).await,
             Err(e) => send_failed(e, true),
         };
@@ -399,7 +406,7 @@ async fn post(State(host): State<Arc<Host>>, headers: HeaderMap, body: Bytes) ->
             return StatusCode::ACCEPTED.into_response();
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        return match child.request(msg, tx) {
+        return match child.request(msg, tx, sse) {
             Ok(reg) => respond(reg, rx, sse, None).await,
             Err(e) => send_failed(e, false),
         };
@@ -427,13 +434,17 @@ async fn initialize(host: &Arc<Host>, msg: Value, sse: bool) -> Response {
         Err(e) => return jsonrpc_error(StatusCode::SERVICE_UNAVAILABLE, -32603, e.to_string()),
     };
     host.register(&session, slot);
+    // Closes the session unless the handshake completes: a client that goes away during a
+    // slow start must not leave a session (and a process) under an id nobody knows.
+    let mut pending_session = ClosesSession {
+        host: Some(Arc::clone(host)),
+        id: session.id.clone(),
+    };
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let reg = match session.child.request(msg, tx) {
+    // `true`: what the server writes before its reply is collected here (see below).
+    let reg = match session.child.request(msg, tx, true) {
         Ok(r) => r,
-        Err(e) => {
-            host.close_session(&session.id);
-            return send_failed(e, false);
-        }
+        Err(e) => return send_failed(e, false),
     };
     // The initialize reply decides whether the session exists, so it is awaited here; what the
     // server sends before it (e.g. list_changed notifications) is relayed after it.
@@ -452,27 +463,30 @@ async fn initialize(host: &Arc<Host>, msg: Value, sse: bool) -> Response {
     };
     drop(reg);
     let Some((reply, v)) = reply else {
-        host.close_session(&session.id);
         return jsonrpc_error(
             StatusCode::BAD_GATEWAY,
             -32603,
             "the MCP server sent no reply to initialize",
         );
     };
-    if v.get("error").is_some() {
-        host.close_session(&session.id);
-    } else if let (Some(info), Some(version)) = (
-        v.pointer("/result/serverInfo"),
-        v.pointer("/result/protocolVersion").and_then(Value::as_str),
-    ) {
-        host.note_server(info, version);
+    let mut builder = Response::builder().status(StatusCode::OK);
+    if v.get("error").is_none() {
+        // The session exists: keep it, and name it to the client (an error reply names none,
+        // so no one pins a session that is gone).
+        pending_session.host = None;
+        if let (Some(info), Some(version)) = (
+            v.pointer("/result/serverInfo"),
+            v.pointer("/result/protocolVersion").and_then(Value::as_str),
+        ) {
+            host.note_server(info, version);
+        }
+        // Server messages written before the reply wait for the session's first stream.
+        session.child.hold(early);
+        builder = builder.header(
+            SESSION,
+            HeaderValue::from_str(&session.id).unwrap_or(HeaderValue::from_static("invalid")),
+        );
     }
-    // Server messages written before the reply wait for the session's first stream.
-    session.child.hold(early);
-    let mut builder = Response::builder().status(StatusCode::OK).header(
-        SESSION,
-        HeaderValue::from_str(&session.id).unwrap_or(HeaderValue::from_static("invalid")),
-    );
     if sse {
         let mut body = BytesMut::new();
         body.put_slice(&sse_frame(&reply));
@@ -489,6 +503,20 @@ async fn initialize(host: &Arc<Host>, msg: Value, sse: bool) -> Response {
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+/// Closes a session when dropped, unless disarmed (`host` taken).
+struct ClosesSession {
+    host: Option<Arc<Host>>,
+    id: String,
+}
+
+impl Drop for ClosesSession {
+    fn drop(&mut self) {
+        if let Some(host) = self.host.take() {
+            host.close_session(&self.id);
+        }
+    }
+}
+
 async fn get_stream(State(host): State<Arc<Host>>, headers: HeaderMap) -> Response {
     let Some(sid) = session_header(&headers) else {
         return jsonrpc_error(
@@ -500,7 +528,7 @@ async fn get_stream(State(host): State<Arc<Host>>, headers: HeaderMap) -> Respon
     let Some(session) = host.session(sid) else {
         return session_not_found();
     };
-    session.touch(&host);
+    session.child.touch();
     let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
     if !session.child.listen(tx) {
         return jsonrpc_error(
