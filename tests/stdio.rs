@@ -71,6 +71,47 @@ fn initialize() -> Value {
         "clientInfo": {"name": "switchboard-tests", "version": "0"}}})
 }
 
+/// Requests in flight on one session, as the sessions view says.
+async fn in_flight_of(app: &TestApp, id: &str, sid: &str) -> Option<u64> {
+    sessions(app, id).await["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == sid)
+        .and_then(|s| s["in_flight"].as_u64())
+}
+
+/// Starts the test server's `sleep` tool on a legacy session in the background and returns
+/// once the bridge has it in flight; the task yields the call's outcome.
+async fn slow_call(
+    app: &TestApp,
+    id: &str,
+    url: &str,
+    sid: &str,
+    request_id: Value,
+    ms: u64,
+) -> tokio::task::JoinHandle<(StatusCode, reqwest::header::HeaderMap, Option<Value>)> {
+    let call = json!({"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
+        "params": {"name": "sleep", "arguments": {"ms": ms}}});
+    let (u, s) = (url.to_owned(), sid.to_owned());
+    let task = tokio::spawn(async move {
+        mcp_rpc(
+            &u,
+            &call,
+            &[
+                ("mcp-session-id", &s),
+                ("mcp-protocol-version", "2025-11-25"),
+            ],
+        )
+        .await
+    });
+    eventually(Duration::from_secs(10), || async {
+        in_flight_of(app, id, sid).await == Some(1)
+    })
+    .await;
+    task
+}
+
 #[tokio::test]
 async fn a_stdio_server_is_served_in_both_eras_without_a_port() {
     let app = TestApp::start().await;
@@ -281,30 +322,7 @@ async fn a_killed_child_fails_its_request_and_ends_only_its_session() {
     let other = legacy_session(&url).await;
     let victim = pid_of(&whoami_in_session(&url, &sid).await.unwrap());
 
-    let call = json!({"jsonrpc": "2.0", "id": 41, "method": "tools/call",
-        "params": {"name": "sleep", "arguments": {"ms": 120000}}});
-    let in_flight = {
-        let (url, sid) = (url.clone(), sid.clone());
-        tokio::spawn(async move {
-            mcp_rpc(
-                &url,
-                &call,
-                &[
-                    ("mcp-session-id", &sid),
-                    ("mcp-protocol-version", "2025-11-25"),
-                ],
-            )
-            .await
-        })
-    };
-    eventually(Duration::from_secs(10), || async {
-        sessions(&app, &id).await["sessions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s["id"] == sid.as_str() && s["in_flight"] == 1)
-    })
-    .await;
+    let in_flight = slow_call(&app, &id, &url, &sid, json!(41), 120_000).await;
     sigkill(i32::try_from(victim).unwrap());
 
     let (st, _, msg) = in_flight.await.unwrap();
@@ -641,33 +659,7 @@ async fn a_cancelled_request_ends_its_stream() {
     let id = d["id"].as_str().unwrap().to_owned();
     let url = format!("{}/mcp/cancel", app.url);
     let sid = legacy_session(&url).await;
-    let call = json!({"jsonrpc": "2.0", "id": "slow-1", "method": "tools/call",
-        "params": {"name": "sleep", "arguments": {"ms": 600000}}});
-    let in_flight = {
-        let (url, sid) = (url.clone(), sid.clone());
-        tokio::spawn(async move {
-            mcp_rpc(
-                &url,
-                &call,
-                &[
-                    ("mcp-session-id", &sid),
-                    ("mcp-protocol-version", "2025-11-25"),
-                ],
-            )
-            .await
-        })
-    };
-    let busy = |n: u64| {
-        let (app, id, sid) = (&app, id.clone(), sid.clone());
-        async move {
-            sessions(app, &id).await["sessions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|s| s["id"] == sid.as_str() && s["in_flight"] == n)
-        }
-    };
-    eventually(Duration::from_secs(10), || busy(1)).await;
+    let in_flight = slow_call(&app, &id, &url, &sid, json!("slow-1"), 600_000).await;
     let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
         "params": {"requestId": "slow-1", "reason": "user gave up"}});
     let (st, _, _) = mcp_rpc(
@@ -687,7 +679,10 @@ async fn a_cancelled_request_ends_its_stream() {
         .unwrap();
     assert_eq!(st, StatusCode::OK);
     assert!(msg.is_none(), "no reply for a cancelled request: {msg:?}");
-    eventually(Duration::from_secs(10), || busy(0)).await;
+    eventually(Duration::from_secs(10), || async {
+        in_flight_of(&app, &id, &sid).await == Some(0)
+    })
+    .await;
     assert!(whoami_in_session(&url, &sid).await.is_ok());
 }
 
