@@ -136,12 +136,7 @@ impl Prober {
     /// A prober whose every connection goes to the Unix socket at `path` (a stdio
     /// deployment's bridge); URLs then only name the path.
     pub fn unix(path: &std::path::Path) -> Prober {
-        let client = reqwest::Client::builder()
-            .unix_socket(path)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .unwrap_or_default();
+        let client = crate::stdio::bridge_client(path).unwrap_or_default();
         Prober { client }
     }
 

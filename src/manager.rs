@@ -1278,12 +1278,10 @@ impl Manager {
             id,
             message: e.to_string(),
         };
-        reqwest::Client::builder()
-            .unix_socket(self.socket_path(id))
-            .timeout(Duration::from_secs(5))
-            .build()
+        crate::stdio::bridge_client(&self.socket_path(id))
             .map_err(bridge_error)?
             .get("http://bridge/sessions")
+            .timeout(Duration::from_secs(5))
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)

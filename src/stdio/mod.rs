@@ -49,6 +49,16 @@ use self::{
     host::{Era, Host, HostConfig, HostError},
 };
 
+/// An HTTP client for a bridge's socket (its `/health` and `/sessions`): every connection goes
+/// to `socket`, so URLs only name the path (`http://bridge/health`).
+pub fn bridge_client(socket: &std::path::Path) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .unix_socket(socket)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
 /// The hidden first argument that selects the bridge.
 pub const BRIDGE_ARG: &str = "__stdio";
 
