@@ -623,3 +623,39 @@ async fn a_round_of_health_checks_is_written_at_once(s: Store) {
     assert_eq!(gc.last_health_check, None);
     s.set_health_many(&[]).await.unwrap();
 }
+
+/// scripts/with-databases (README's test command runs the suite inside it) must stop both
+/// servers it starts: a MariaDB run under `runuser` once outlived every run.
+#[test]
+fn with_databases_leaves_no_database_server_running() {
+    let out = std::process::Command::new("scripts/with-databases")
+        .args(["sh", "-c", "echo \"$SWITCHBOARD_TEST_DATABASES_DIR\""])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/with-databases failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let dir = stdout.lines().last().unwrap().trim().to_owned();
+    assert!(dir.starts_with('/'), "no run directory printed: {stdout}");
+    let mut left = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&format!("{dir}/")) {
+            left.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    assert!(
+        left.is_empty(),
+        "database servers outlived the run: {left:?}"
+    );
+}
