@@ -71,12 +71,8 @@ pub enum ManagerError {
     PortsExhausted(#[from] PortsExhausted),
     #[error("the store failed: {0}")]
     Store(#[from] StoreError),
-    #[error("could not stop deployment {id}: {source}")]
-    Stop {
-        id: Uuid,
-        #[source]
-        source: RuntimeError,
-    },
+    #[error("could not stop deployment {id}: {error}")]
+    Stop { id: Uuid, error: RuntimeError },
     #[error("switchboard is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -1507,7 +1503,7 @@ impl Manager {
                 .runtime
                 .stop(id, grace)
                 .await
-                .map_err(|source| ManagerError::Stop { id, source })?,
+                .map_err(|error| ManagerError::Stop { id, error })?,
             None => None,
         };
         match self.end(id, DeploymentStatus::Stopped, exit, None).await {
@@ -1565,11 +1561,12 @@ impl Manager {
 
     /// Refuses new deployments, ends every supervisor, then stops every live deployment (each
     /// with its own grace period) or, under [`ExitPolicy::Keep`], leaves them running for the
-    /// next start to adopt.
-    pub async fn shutdown(&self) {
+    /// next start to adopt. Returns how many deployments were live.
+    pub async fn shutdown(&self) -> usize {
         self.refuse_deploys();
         let policy = *self.exit_policy.lock().unwrap_or_else(|p| p.into_inner());
         let ids: Vec<Uuid> = self.live().keys().copied().collect();
+        let count = ids.len();
         if !ids.is_empty() {
             match policy {
                 ExitPolicy::Stop => {
@@ -1605,6 +1602,7 @@ impl Manager {
         futures_util::future::join_all(stops).await;
         self.tasks.close();
         self.tasks.wait().await;
+        count
     }
 }
 

@@ -20,7 +20,7 @@ use crate::{
     api::{self, ApiToken, AppState},
     config::{Config, EdgeLimits},
     health::Prober,
-    manager::{Hosting, Manager, Reconciled},
+    manager::{ExitPolicy, Hosting, Manager, Reconciled},
     metrics::Metrics,
     ports::PortAllocator,
     proxy::{Proxy, ProxyConfig, routes::RouteTable},
@@ -183,8 +183,14 @@ pub async fn run(
     // started is in the manager's hands when the stop-all runs.
     manager.refuse_deploys();
     let _ = autostart.await;
-    manager.shutdown().await;
-    tracing::info!("All deployments stopped; bye");
+    let live = manager.shutdown().await;
+    runtime.close();
+    match config.exit_policy {
+        ExitPolicy::Stop => tracing::info!("Stopped {live} deployments; bye"),
+        ExitPolicy::Keep => tracing::info!(
+            "Left {live} deployments running for the next start to adopt (exit policy: keep); bye"
+        ),
+    }
     Ok(())
 }
 

@@ -447,9 +447,14 @@ fn on_exit_keep_leaves_deployments_running_for_the_next_start_and_stop_is_the_de
     let id = d["id"].as_str().unwrap().to_owned();
     sb.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(sb.wait().success());
+    let log = sb.all_log();
     assert!(
-        sb.all_log().contains("Leaving deployments running"),
+        log.contains("Leaving deployments running"),
         "the exit policy is logged"
+    );
+    assert!(
+        !log.contains("All deployments stopped") && !log.contains("Stopped 1 deployments"),
+        "the last words claim a stop that did not happen: {log}"
     );
     let tree = read_pids(&pids);
     assert_eq!(tree.len(), 2);
@@ -726,6 +731,21 @@ fn record(sb: &Serve, id: &str) -> Value {
         .find(|r| r["id"] == id)
         .cloned()
         .unwrap()
+}
+
+#[test]
+fn an_unreadable_config_file_names_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere.toml");
+    let out = Command::new(switchboard_bin())
+        .args(["serve", "--config"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read config file"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
 
 #[test]

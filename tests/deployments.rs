@@ -581,3 +581,23 @@ async fn a_crash_loop_shows_in_the_record_with_the_servers_last_words() {
     assert!(last.contains("exiting after 100 ms as asked"), "{r}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_graceful_exit_removes_the_nodes_empty_cgroup_directory() {
+    let app = TestApp::start().await;
+    let node = std::fs::read_to_string(app.data_dir.path().join("node-id")).unwrap();
+    let dir = switchboard::runtime::cgroup::CgroupRoot::locate(node.trim()).unwrap();
+    assert!(
+        dir.is_dir(),
+        "this machine has cgroup v2 and Switchboard made {}",
+        dir.display()
+    );
+    app.add_test_tool("short", &[], json!({})).await;
+    app.deploy_wait("short").await;
+    app.stop().await;
+    assert!(
+        !dir.exists(),
+        "{} outlived Switchboard's graceful exit",
+        dir.display()
+    );
+}

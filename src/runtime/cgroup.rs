@@ -52,12 +52,17 @@ fn own_cgroup() -> io::Result<PathBuf> {
 }
 
 impl CgroupRoot {
-    /// Finds (creating) this node's cgroup directory, or says why there can be none.
-    pub fn detect(node_id: &str) -> io::Result<CgroupRoot> {
-        let base = cgroup2_mount()?
+    /// Where this node's cgroup directory is (or would be), without creating it.
+    pub fn locate(node_id: &str) -> io::Result<PathBuf> {
+        Ok(cgroup2_mount()?
             .join(own_cgroup()?)
             .join("switchboard")
-            .join(node_id);
+            .join(node_id))
+    }
+
+    /// Finds (creating) this node's cgroup directory, or says why there can be none.
+    pub fn detect(node_id: &str) -> io::Result<CgroupRoot> {
+        let base = Self::locate(node_id)?;
         std::fs::create_dir_all(&base)?;
         if !base.join("cgroup.procs").exists() {
             return Err(io::Error::new(
@@ -86,6 +91,23 @@ impl CgroupRoot {
                 Ok(dir)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Removes this node's directory, and the `switchboard` one above it, where they are empty:
+    /// at exit, so a host does not collect one empty directory per Switchboard that ever ran.
+    /// A directory that still holds deployments (exit policy `keep`) or other nodes stays; the
+    /// kernel refuses to remove a cgroup with children, so there is no check-then-act race.
+    pub fn release(&self) {
+        for dir in [Some(self.base.as_path()), self.base.parent()]
+            .into_iter()
+            .flatten()
+        {
+            if let Err(e) = remove(dir) {
+                // EBUSY / ENOTEMPTY: still in use, which is the expected case under `keep`.
+                tracing::debug!(dir = %dir.display(), error = %e, "cgroup directory kept");
+                return;
+            }
         }
     }
 

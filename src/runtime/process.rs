@@ -143,6 +143,14 @@ impl ProcessRuntime {
         self.instances().get(&id).cloned()
     }
 
+    /// Called once when Switchboard exits, after its deployments were stopped or left running:
+    /// removes the node's cgroup directory if nothing is left in it.
+    pub fn close(&self) {
+        if let TreeTracking::Cgroup { root, .. } = &self.tracking {
+            root.release();
+        }
+    }
+
     /// Kills every deployment tree under this node that is not in `keep`: what an earlier
     /// Switchboard process left running when it died without stopping it. Returns their ids.
     pub fn sweep_orphans(&self, keep: &dyn Fn(Uuid) -> bool) -> Vec<Uuid> {
@@ -183,9 +191,9 @@ impl ProcessRuntime {
             return Err(RuntimeError::WorkingDir(dir.clone()));
         }
         let log_path = self.log_path(spec.deployment_id);
-        let log_err = |source| RuntimeError::Log {
+        let log_err = |error| RuntimeError::Log {
             path: log_path.clone(),
-            source,
+            error,
         };
         std::fs::create_dir_all(&self.logs_dir).map_err(log_err)?;
         let mut log = std::fs::OpenOptions::new()
@@ -241,18 +249,18 @@ impl ProcessRuntime {
         if let Some(dir) = &spec.working_dir {
             cmd.current_dir(dir);
         }
-        let child = cmd.spawn().map_err(|source| {
+        let child = cmd.spawn().map_err(|error| {
             if let Some(dir) = &cgroup_dir {
                 let _ = cgroup::remove(dir);
             }
             RuntimeError::Spawn {
                 program: spec.program.clone(),
-                source,
+                error,
             }
         })?;
         let pid = child.id().ok_or_else(|| RuntimeError::Spawn {
             program: spec.program.clone(),
-            source: std::io::Error::other("process exited before its pid was read"),
+            error: std::io::Error::other("process exited before its pid was read"),
         })?;
         Ok((pid, cgroup_dir, child))
     }
