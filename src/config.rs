@@ -7,7 +7,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::{Component, Path, PathBuf},
     time::Duration,
 };
 
@@ -19,19 +19,17 @@ pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCA
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {error}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("config file {path} is invalid: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("cannot read the API token file {path}: {source}")]
+    #[error("cannot read the API token file {path}: {error}")]
     TokenFile {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("the API token file {0} is empty")]
     EmptyToken(PathBuf),
@@ -242,18 +240,34 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from("switchboard-data")
 }
 
+/// `p` against `base`, which is canonical (no symlinks, no `..`), so the leading `.` and `..`
+/// of `p` can be applied by name: logs and records then show `/srv/data`, not
+/// `/srv/examples/../data`. Later components are kept as written (past a symlink, `..` is the
+/// kernel's business).
 fn resolve(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
+        return p.to_path_buf();
     }
+    let mut out = base.to_path_buf();
+    let mut rest = p.components().peekable();
+    while let Some(c) = rest.peek() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => break,
+        }
+        rest.next();
+    }
+    out.extend(rest);
+    out
 }
 
 fn read_token_file(path: &Path) -> Result<String, ConfigError> {
-    let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::TokenFile {
+    let raw = std::fs::read_to_string(path).map_err(|error| ConfigError::TokenFile {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let t = raw.trim().to_owned();
     if t.is_empty() {
@@ -266,16 +280,18 @@ impl Config {
     pub fn load(o: Overrides) -> Result<Config, ConfigError> {
         let (file, base) = match &o.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
                     path: path.clone(),
-                    source,
+                    error,
                 })?;
                 let file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
                     path: path.clone(),
                     message: e.to_string(),
                 })?;
-                // Absolute, so resolved paths stay right whatever directory a server runs in.
-                let base = std::path::absolute(path)
+                // Absolute, so resolved paths stay right whatever directory a server runs in;
+                // canonical, so `resolve` may apply a leading `..` by name.
+                let base = std::fs::canonicalize(path)
+                    .or_else(|_| std::path::absolute(path))
                     .ok()
                     .and_then(|p| p.parent().map(Path::to_path_buf))
                     .unwrap_or_else(|| PathBuf::from("."));
@@ -424,6 +440,27 @@ mod tests {
             dir.path().join("bin/server").to_string_lossy()
         );
         assert_eq!(c.listen, DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn a_leading_parent_directory_is_resolved_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("examples");
+        std::fs::create_dir(&sub).unwrap();
+        let p = write(
+            &sub,
+            r#"
+            [server]
+            data_dir = "../.data"
+            "#,
+        );
+        let c = Config::load(Overrides {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        assert_eq!(c.data_dir, root.join(".data"));
     }
 
     #[test]

@@ -138,17 +138,16 @@ pub enum PackageError {
     },
     #[error("installing {package} did not finish within {} s; it was stopped (retry the deployment, or check the registry's speed)", after.as_secs())]
     Timeout { package: String, after: Duration },
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> PackageError {
     let context = context.into();
-    move |source| PackageError::Io { context, source }
+    move |error| PackageError::Io { context, error }
 }
 
 impl Package {
@@ -450,7 +449,7 @@ pub async fn ensure_installed(
         .await
         .map_err(|e| PackageError::Io {
             context: "finishing the install".into(),
-            source: std::io::Error::other(e),
+            error: std::io::Error::other(e),
         })??;
     progress(&format!(
         "installed {pkg} in {:.1} s",
@@ -500,7 +499,7 @@ async fn lock(
             Err((_, e)) => {
                 return Err(PackageError::Io {
                     context: format!("cannot lock {}", path.display()),
-                    source: e.into(),
+                    error: e.into(),
                 });
             }
         }
@@ -520,7 +519,7 @@ fn commit(partial: &Path, dir: &Path, note: &str) -> Result<(), PackageError> {
         std::fs::File::open(partial).map_err(io(format!("cannot open {}", partial.display())))?;
     nix::unistd::syncfs(&root).map_err(|e| PackageError::Io {
         context: format!("cannot sync {}", partial.display()),
-        source: e.into(),
+        error: e.into(),
     })?;
     let marker = partial.join(MARKER);
     let mut f = std::fs::File::create(&marker)
@@ -563,7 +562,7 @@ fn npm_executable(pkg: &Package, name: &str, dir: &Path) -> Result<Installed, Pa
     let manifest: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| PackageError::Io {
             context: format!("cannot parse {}", manifest_path.display()),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            error: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         })?;
     let unscoped = name.rsplit('/').next().unwrap_or(name);
     let no_executable = |candidates: Vec<String>| PackageError::NoExecutable {
@@ -655,7 +654,7 @@ fn pypi_executable(pkg: &Package, name: &str, dir: &Path) -> Result<Installed, P
         .into_string()
         .map_err(|p| PackageError::Io {
             context: format!("{} is not valid UTF-8", Path::new(&p).display()),
-            source: std::io::ErrorKind::InvalidData.into(),
+            error: std::io::ErrorKind::InvalidData.into(),
         })?;
     Ok(Installed {
         program: bin.join("python"),
@@ -914,7 +913,7 @@ fn arg(flag: &str, path: &Path) -> Result<String, PackageError> {
         .map(|p| format!("{flag}{p}"))
         .ok_or_else(|| PackageError::Io {
             context: format!("{} is not valid UTF-8", path.display()),
-            source: std::io::ErrorKind::InvalidData.into(),
+            error: std::io::ErrorKind::InvalidData.into(),
         })
 }
 

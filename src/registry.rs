@@ -18,7 +18,8 @@ pub enum Transport {
     /// The server listens on a port Switchboard gives it and speaks Streamable HTTP.
     #[default]
     StreamableHttp,
-    /// The server speaks MCP on stdin/stdout. Accepted in definitions, not deployable yet.
+    /// The server speaks MCP on stdin/stdout; a bridge process serves it as Streamable HTTP
+    /// (see `stdio`).
     Stdio,
 }
 

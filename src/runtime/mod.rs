@@ -92,19 +92,17 @@ pub struct InstanceInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("cannot start '{program}': {source}")]
+    #[error("cannot start '{program}': {error}")]
     Spawn {
         program: String,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("working directory {0} does not exist or is not a directory")]
     WorkingDir(PathBuf),
-    #[error("cannot open the deployment log {path}: {source}")]
+    #[error("cannot open the deployment log {path}: {error}")]
     Log {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("process tree control failed: {0}")]
     Tree(#[source] std::io::Error),
