@@ -1435,6 +1435,9 @@ impl Manager {
                 if let Some(p) = live.port {
                     self.ports.release(p);
                 }
+                if let Some(m) = &self.metrics {
+                    m.forget_deployment(&live.slug, &id.to_string());
+                }
                 let from = live.status.borrow().0;
                 live.status.send_modify(|s| s.0 = status);
                 self.publish(

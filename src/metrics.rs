@@ -5,7 +5,8 @@
 //! counters and one histogram, no label lookup or allocation per request). What can be read
 //! when Prometheus scrapes (in-flight requests, open streams, statuses, process CPU and memory,
 //! ports) is read then, into gauges that are rebuilt on each scrape, so the request path pays
-//! nothing for it and stopped deployments leave no stale series.
+//! nothing for it. The counters and histograms of a deployment are dropped when it ends
+//! ([`Metrics::forget_deployment`]), so ended deployments leave no series behind.
 
 use std::sync::{Mutex, atomic::AtomicU64};
 
@@ -306,6 +307,43 @@ impl Metrics {
             .inc();
     }
 
+    /// Drops every series of a deployment that has ended, so `/metrics` stays the size of
+    /// what is live however many deployments come and go. (A backend still held by an
+    /// in-flight request keeps counting into handles nobody exports any more.)
+    pub fn forget_deployment(&self, tool: &str, deployment: &str) {
+        let labels = DeploymentLabels {
+            tool: tool.to_owned(),
+            deployment: deployment.to_owned(),
+        };
+        for method in METHODS {
+            for class in CLASSES {
+                self.requests.remove(&RequestLabels {
+                    tool: tool.to_owned(),
+                    deployment: deployment.to_owned(),
+                    method,
+                    class,
+                });
+            }
+        }
+        for kind in ERROR_KINDS {
+            self.upstream_errors.remove(&ErrorLabels {
+                tool: tool.to_owned(),
+                deployment: deployment.to_owned(),
+                kind,
+            });
+        }
+        for result in ["healthy", "unhealthy"] {
+            self.health_checks.remove(&CheckLabels {
+                tool: tool.to_owned(),
+                deployment: deployment.to_owned(),
+                result,
+            });
+        }
+        self.latency.remove(&labels);
+        self.health_latency.remove(&labels);
+        self.restarts.remove(&labels);
+    }
+
     /// Empties the gauges that are rebuilt at each scrape.
     pub fn clear_snapshot(&self) {
         self.in_flight.clear();
@@ -474,6 +512,26 @@ mod tests {
             !classic.contains("# EOF") && !classic.contains("# UNIT"),
             "{classic}"
         );
+    }
+
+    #[test]
+    fn a_forgotten_deployment_leaves_no_series() {
+        let m = Metrics::new();
+        let empty = m.encode();
+        for d in ["d1", "d2"] {
+            let b = m.backend("echo", d);
+            b.observe(0, http::StatusCode::OK, 0.001);
+            b.upstream_error(1);
+            m.health_check("echo", d, true, 0.001);
+            m.health_check("echo", d, false, 0.001);
+            m.restart("echo", d);
+        }
+        m.forget_deployment("echo", "d1");
+        let text = m.encode();
+        assert!(!text.contains(r#"deployment="d1""#), "{text}");
+        assert!(text.contains(r#"deployment="d2""#), "{text}");
+        m.forget_deployment("echo", "d2");
+        assert_eq!(m.encode(), empty);
     }
 
     #[test]

@@ -199,3 +199,111 @@ async fn metrics_count_real_traffic_checks_and_restarts_and_pass_promtool() {
     assert_eq!(st, StatusCode::NOT_FOUND);
     app.stop().await;
 }
+
+/// Series keys of a scrape (name and labels, without the value), sorted.
+fn series(text: &str) -> Vec<String> {
+    let mut keys: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.rsplit_once(' ').map_or(l, |(k, _)| k).to_owned())
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// Deploy/stop cycles of one tool (SWITCHBOARD_METRICS_CYCLES; 200 by default, each a real
+/// process started, probed, called and stopped).
+fn cycles() -> usize {
+    std::env::var("SWITCHBOARD_METRICS_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
+
+#[tokio::test]
+async fn ended_failed_and_deleted_deployments_leave_no_series() {
+    let app = TestApp::start().await;
+    let scrape = || async {
+        app.http
+            .get(format!("{}/metrics", app.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // A deployment that stays live through the test (checked hourly: none during the test,
+    // so its own series do not change).
+    app.add_test_tool("anchor", &[], json!({"health": {"interval_ms": 3_600_000}}))
+        .await;
+    let anchor = app.deploy_wait("anchor").await;
+    assert_eq!(anchor["status"], "RUNNING", "{anchor}");
+    app.add_test_tool("cycle", &[], json!({"health": {"interval_ms": 100}}))
+        .await;
+    let (st, _) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(
+                json!({"slug": "ghost", "command": "/nonexistent/mcp-server",
+                        "restart": {"policy": "never"}}),
+            ),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let before = scrape().await;
+    let url = format!("{}/mcp/cycle", app.url);
+    let mut ended = Vec::new();
+    for i in 0..cycles() {
+        let d = app.deploy_wait("cycle").await;
+        assert_eq!(d["status"], "RUNNING", "{d}");
+        let id = d["id"].as_str().unwrap().to_owned();
+        whoami(&url).await;
+        if i == 0 {
+            // Every kind of per-deployment series once: checks, a restart.
+            let check =
+                format!(r#"switchboard_health_checks_total{{tool="cycle",deployment="{id}""#);
+            common::eventually(Duration::from_secs(20), || async {
+                scrape().await.contains(&check)
+            })
+            .await;
+            common::sigkill(d["pid"].as_u64().unwrap() as i32);
+            app.wait_record(&id, "restarted", |r| {
+                r["status"] == "RUNNING" && r["restart_count"] == 1
+            })
+            .await;
+            let restarts = format!(
+                r#"switchboard_deployment_restarts_total{{tool="cycle",deployment="{id}"}}"#
+            );
+            assert!(scrape().await.contains(&restarts));
+        }
+        app.stop_deployment(&id).await;
+        ended.push(id);
+    }
+    let failed = app.deploy_wait("ghost").await;
+    assert_eq!(failed["status"], "FAILED", "{failed}");
+    ended.push(failed["id"].as_str().unwrap().to_owned());
+
+    let after = scrape().await;
+    for id in &ended {
+        assert!(
+            !after.contains(id.as_str()),
+            "series of ended {id} remain:\n{after}"
+        );
+    }
+    assert_eq!(
+        series(&after),
+        series(&before),
+        "before:\n{before}\nafter:\n{after}"
+    );
+    assert_eq!(after.lines().count(), before.lines().count());
+
+    // A deleted tool leaves nothing either.
+    let (st, _) = app.call("DELETE", "/api/v1/tools/cycle", None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let text = scrape().await;
+    assert!(!text.contains(r#"tool="cycle""#), "{text}");
+    assert!(text.contains(r#"tool="anchor""#), "{text}");
+    app.stop().await;
+}
