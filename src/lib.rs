@@ -7,6 +7,7 @@ pub mod deployment;
 pub mod events;
 pub mod health;
 pub mod manager;
+pub mod mcp;
 pub mod metrics;
 pub mod packages;
 pub mod ports;
