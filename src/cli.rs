@@ -37,8 +37,9 @@ pub struct ClientArgs {
         default_value = "http://127.0.0.1:7300"
     )]
     pub url: String,
-    /// API token (client commands).
-    #[arg(long, global = true, env = "SWITCHBOARD_TOKEN", hide_env_values = true)]
+    /// API token (client commands). `serve` reads SWITCHBOARD_TOKEN too, but refuses the
+    /// flag: a server runs long, and a flag would show its token in `ps`.
+    #[arg(long, global = true, env = TOKEN_ENV, hide_env_values = true)]
     pub token: Option<String>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
@@ -115,7 +116,7 @@ pub struct ServeArgs {
     /// Ports for deployments, LOW-HIGH [default: 8100-8200].
     #[arg(long, env = "SWITCHBOARD_PORT_RANGE")]
     pub port_range: Option<PortRange>,
-    /// File holding the API token (SWITCHBOARD_API_TOKEN also works).
+    /// File holding the API token (or set SWITCHBOARD_TOKEN).
     #[arg(long, env = "SWITCHBOARD_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
     /// Database: sqlite://PATH or postgres://... [default: SQLite in the data directory].
@@ -136,6 +137,49 @@ pub struct ServeArgs {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+}
+
+/// The variable that holds the API token, for the server and the CLI alike.
+pub const TOKEN_ENV: &str = "SWITCHBOARD_TOKEN";
+/// What the server read before the two agreed on [`TOKEN_ENV`]; still accepted, with a warning.
+const OLD_SERVER_TOKEN_ENV: &str = "SWITCHBOARD_API_TOKEN";
+
+/// The server's token from the environment only (a flag would show it in `ps`):
+/// SWITCHBOARD_TOKEN, else the old SWITCHBOARD_API_TOKEN with a warning to rename it.
+fn server_token_from_env() -> Option<String> {
+    let read = |name| {
+        std::env::var(name)
+            .ok()
+            .filter(|t: &String| !t.trim().is_empty())
+    };
+    match (read(TOKEN_ENV), read(OLD_SERVER_TOKEN_ENV)) {
+        (Some(t), None) => Some(t),
+        (Some(t), Some(_)) => {
+            tracing::warn!(
+                "{OLD_SERVER_TOKEN_ENV} is ignored because {TOKEN_ENV} is set; unset {OLD_SERVER_TOKEN_ENV}"
+            );
+            Some(t)
+        }
+        (None, Some(t)) => {
+            tracing::warn!(
+                "{OLD_SERVER_TOKEN_ENV} is deprecated: rename it to {TOKEN_ENV}, which the CLI reads too"
+            );
+            Some(t)
+        }
+        (None, None) => None,
+    }
+}
+
+/// `serve --token` would put the server's token on its command line for its whole life;
+/// the token is taken from SWITCHBOARD_TOKEN or a file instead.
+pub fn refuse_serve_token_flag(client: &ClientArgs) -> anyhow::Result<()> {
+    if client.token.is_some() && client.token != std::env::var(TOKEN_ENV).ok() {
+        bail!(
+            "`serve` takes no --token (it would show in `ps`): set {TOKEN_ENV} in its \
+             environment, or give --api-token-file"
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -160,8 +204,7 @@ impl ServeArgs {
             listen: self.listen,
             data_dir: self.data_dir,
             port_range: self.port_range,
-            // Only from the environment: a flag would show the token in `ps`.
-            api_token: std::env::var("SWITCHBOARD_API_TOKEN").ok(),
+            api_token: server_token_from_env(),
             api_token_file: self.api_token_file,
             database_url: self.database_url,
             worker_threads: self.worker_threads.map(usize::from),
@@ -280,18 +323,7 @@ impl Client {
             return serde_json::from_str(&text)
                 .with_context(|| format!("the API sent invalid JSON: {text}"));
         }
-        let parsed: Option<Value> = serde_json::from_str(&text).ok();
-        match parsed.as_ref().and_then(|v| v.get("error")) {
-            Some(err) => bail!(
-                "{} ({}, HTTP {})",
-                err.get("message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("unknown error"),
-                err.get("code").and_then(Value::as_str).unwrap_or("?"),
-                status.as_u16()
-            ),
-            None => bail!("HTTP {status}: {text}"),
-        }
+        Err(api_error(status, &text))
     }
 
     /// A GET whose body is read as it arrives (event and log streams); fails on an error
@@ -307,7 +339,7 @@ impl Client {
             .map_err(|e| anyhow!("cannot reach Switchboard at {}: {e}", self.base))?;
         if !resp.status().is_success() {
             let status = resp.status();
-            bail!("HTTP {status}: {}", resp.text().await.unwrap_or_default());
+            return Err(api_error(status, &resp.text().await.unwrap_or_default()));
         }
         Ok(resp)
     }
@@ -325,6 +357,26 @@ impl Client {
         let v = self.call(reqwest::Method::POST, path, body).await?;
         Ok((serde_json::from_value(v.clone())?, v))
     }
+}
+
+/// An error answer of the API, as a sentence: its message and code, and for a 401 where the
+/// CLI takes the token from.
+fn api_error(status: reqwest::StatusCode, text: &str) -> anyhow::Error {
+    let parsed: Option<Value> = serde_json::from_str(text).ok();
+    let Some(err) = parsed.as_ref().and_then(|v| v.get("error")) else {
+        return anyhow!("HTTP {status}: {text}");
+    };
+    let message = err
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown error");
+    let code = err.get("code").and_then(Value::as_str).unwrap_or("?");
+    let hint = if status == reqwest::StatusCode::UNAUTHORIZED {
+        format!("\ngive the API token with --token or in {TOKEN_ENV}")
+    } else {
+        String::new()
+    };
+    anyhow!("{message} ({code}, HTTP {}){hint}", status.as_u16())
 }
 
 fn print_json(v: &Value) {

@@ -37,7 +37,7 @@ pub enum ConfigError {
     NodeId(String),
     #[error(
         "refusing to listen on {0} without an API token: a non-loopback address exposes the API \
-         (which starts processes) to the network. Set SWITCHBOARD_API_TOKEN or api_token_file, \
+         (which starts processes) to the network. Set SWITCHBOARD_TOKEN or api_token_file, \
          or listen on 127.0.0.1"
     )]
     TokenRequired(SocketAddr),

@@ -24,7 +24,9 @@ fn main() -> std::process::ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => {
+            switchboard::cli::refuse_serve_token_flag(&cli.client).and_then(|()| serve(args))
+        }
         // A client makes a few requests: one thread is plenty.
         other => tokio::runtime::Builder::new_current_thread()
             .enable_all()

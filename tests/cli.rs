@@ -43,6 +43,7 @@ impl Serve {
             .args(extra)
             .env("RUST_LOG", "info")
             .env_remove("SWITCHBOARD_API_TOKEN")
+            .env_remove("SWITCHBOARD_TOKEN")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -83,11 +84,17 @@ impl Serve {
     }
 
     fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        self.cli_env(args, &[])
+    }
+
+    /// A client command with these variables set (and no token unless one of them is it).
+    fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
         let out = Command::new(switchboard_bin())
             .arg("--url")
             .arg(&self.url)
             .args(args)
             .env_remove("SWITCHBOARD_TOKEN")
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         (
@@ -783,7 +790,7 @@ fn the_token_and_secrets_are_required_or_hidden_and_never_logged() {
     let mut sb = Serve::start_env(
         dir.path(),
         &[],
-        &[("SWITCHBOARD_API_TOKEN", token), ("RUST_LOG", "debug")],
+        &[("SWITCHBOARD_TOKEN", token), ("RUST_LOG", "debug")],
     );
     let (ok, _, err) = sb.cli(&["tool", "list"]);
     assert!(!ok);
@@ -944,4 +951,91 @@ fn a_full_disk_refuses_writes_clearly_and_traffic_keeps_flowing() {
     .unwrap();
     let st = child.wait().unwrap();
     assert!(st.success(), "serve exited with {st}");
+}
+
+/// Server and CLI read one variable, SWITCHBOARD_TOKEN; a 401 says where the token goes.
+#[test]
+fn server_and_cli_share_switchboard_token_and_a_401_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "tok-51c7e0a2";
+    let sb = Serve::start_env(dir.path(), &[], &[("SWITCHBOARD_TOKEN", token)]);
+    let (ok, out, err) = sb.cli(&["tool", "list"]);
+    assert!(!ok, "no token, yet the API answered: {out}");
+    assert!(err.contains("HTTP 401"), "{err}");
+    assert!(
+        err.contains("--token") && err.contains("SWITCHBOARD_TOKEN"),
+        "{err}"
+    );
+    // Streams (events, logs) report a 401 the same way.
+    let (ok, _, err) = sb.cli(&["events"]);
+    assert!(!ok);
+    assert!(
+        err.contains("--token") && err.contains("SWITCHBOARD_TOKEN"),
+        "{err}"
+    );
+    let (ok, out, err) = sb.cli_env(&["tool", "list"], &[("SWITCHBOARD_TOKEN", token)]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = sb.cli(&["--token", token, "tool", "list"]);
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = sb.cli(&["--token", "wrong", "tool", "list"]);
+    assert!(!ok);
+    assert!(err.contains("HTTP 401"), "{err}");
+}
+
+/// The server's old variable still works, with a warning that names the new one.
+#[test]
+fn the_old_server_token_variable_works_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "tok-0b9e33d1";
+    let sb = Serve::start_env(dir.path(), &[], &[("SWITCHBOARD_API_TOKEN", token)]);
+    let (ok, out, _) = sb.cli(&["tool", "list"]);
+    assert!(!ok, "the old variable was not applied: {out}");
+    let (ok, out, err) = sb.cli_env(&["tool", "list"], &[("SWITCHBOARD_TOKEN", token)]);
+    assert!(ok, "{out}{err}");
+    let head = sb.head.join("\n");
+    assert!(
+        head.contains("SWITCHBOARD_API_TOKEN is deprecated") && head.contains("SWITCHBOARD_TOKEN"),
+        "{head}"
+    );
+    assert!(!head.contains(token), "{head}");
+}
+
+/// `serve --token` would show the token in `ps` for the server's whole life: refused, saying
+/// what to do instead.
+#[test]
+fn serve_refuses_a_token_on_its_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(switchboard_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--token",
+            "tok-on-the-cmdline",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("SWITCHBOARD_TOKEN")
+        .env_remove("SWITCHBOARD_API_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = (0..300).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        child.try_wait().unwrap().is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+        common::kill_node_trees(dir.path());
+        panic!("serve accepted --token and kept running");
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SWITCHBOARD_TOKEN") && err.contains("--api-token-file"),
+        "{err}"
+    );
 }

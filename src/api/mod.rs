@@ -147,7 +147,9 @@ async fn require_token(
             let mut resp = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "missing or wrong API token: send 'Authorization: Bearer <token>'",
+                "missing or wrong API token: send 'Authorization: Bearer <token>' (the switchboard \
+                 CLI sends --token or SWITCHBOARD_TOKEN; the server's token is SWITCHBOARD_TOKEN \
+                 or api_token_file)",
             )
             .into_response();
             resp.headers_mut().insert(
