@@ -135,3 +135,78 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
             .map_err(|rej| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", rej.body_text()))
     }
 }
+
+/// Adds to every operation of `doc` the error responses the extractors and middleware give,
+/// so that no operation answers a status its document does not name (schemathesis checks this
+/// in tests/openapi.rs) and a new operation cannot forget them: 401 (the API token), 500 and
+/// 503 (`store_unavailable`, `shutting_down`) everywhere; 400 `invalid_json`, 413, 415 and 422
+/// `invalid_body` where there is a request body; 400 `invalid_query` where there is a query.
+/// An operation's own description of a status is kept.
+pub fn document_common_errors(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{
+        ContentBuilder, Ref, RefOr, ResponseBuilder,
+        path::{Operation, ParameterIn},
+    };
+    let error = |description: &str| -> RefOr<utoipa::openapi::Response> {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build()
+            .into()
+    };
+    let add = |op: &mut Operation, status: &str, description: &str| {
+        op.responses
+            .responses
+            .entry(status.to_owned())
+            .or_insert_with(|| error(description));
+    };
+    for item in doc.paths.paths.values_mut() {
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in ops.into_iter().flatten() {
+            add(op, "401", "`unauthorized`: no or a wrong API token");
+            add(
+                op,
+                "500",
+                "`internal`: a bug in Switchboard (its log has details)",
+            );
+            add(
+                op,
+                "503",
+                "`store_unavailable` (the database cannot be reached) or `shutting_down`",
+            );
+            if op.request_body.is_some() {
+                add(op, "400", "`invalid_json`: the body is not JSON");
+                add(op, "413", "`body_too_large`");
+                add(
+                    op,
+                    "415",
+                    "`unsupported_media_type`: the body is not application/json",
+                );
+                add(op, "422", "`invalid_body`: JSON of the wrong shape");
+            }
+            let has_query = op
+                .parameters
+                .iter()
+                .flatten()
+                .any(|p| matches!(p, RefOr::T(p) if p.parameter_in == ParameterIn::Query));
+            if has_query {
+                add(
+                    op,
+                    "400",
+                    "`invalid_query`: a query parameter is unknown or malformed",
+                );
+            }
+        }
+    }
+}

@@ -90,7 +90,7 @@ struct ApiDoc;
 
 /// The whole HTTP surface of Switchboard's control plane.
 pub fn router(state: AppState) -> Router {
-    let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (api, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(list_tools, create_tool))
         .routes(routes!(get_tool, update_tool, delete_tool))
         .routes(routes!(deploy))
@@ -103,6 +103,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(deployment_logs))
         .routes(routes!(events))
         .split_for_parts();
+    error::document_common_errors(&mut doc);
     let doc = Arc::new(doc);
     let api = api
         .route("/metrics", axum::routing::get(metrics))
