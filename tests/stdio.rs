@@ -720,3 +720,55 @@ async fn replacing_dead_pool_processes_keeps_the_pool_its_size() {
         n
     });
 }
+
+#[tokio::test]
+async fn concurrent_opens_at_the_cap_admit_exactly_max_sessions() {
+    let app = TestApp::start().await;
+    add_stdio_tool(&app, "full", &[], json!({"stdio": {"max_sessions": 2}})).await;
+    let d = app.deploy_wait("full").await;
+    let id = d["id"].as_str().unwrap();
+    let url = format!("{}/mcp/full", app.url);
+    // Rounds of simultaneous opens from an empty bridge: each round, exactly the cap gets in
+    // and everyone else gets 429 (never the cap plus one, whatever the interleaving).
+    for round in 0..10 {
+        let opens: Vec<_> = (0..12)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { mcp_rpc(&url, &initialize(), &[]).await })
+            })
+            .collect();
+        let mut admitted = Vec::new();
+        let mut refused = 0;
+        for o in opens {
+            let (st, h, msg) = o.await.unwrap();
+            match st {
+                StatusCode::OK => admitted.push(
+                    h.get("mcp-session-id")
+                        .unwrap_or_else(|| panic!("no session id: {msg:?}"))
+                        .to_str()
+                        .unwrap()
+                        .to_owned(),
+                ),
+                StatusCode::TOO_MANY_REQUESTS => refused += 1,
+                other => panic!("round {round}: unexpected {other}: {msg:?}"),
+            }
+        }
+        let view = sessions(&app, id).await;
+        assert_eq!(
+            (admitted.len(), refused),
+            (2, 10),
+            "round {round}: admitted {admitted:?}; {view}"
+        );
+        assert_eq!(view["sessions"].as_array().unwrap().len(), 2, "{view}");
+        for sid in &admitted {
+            let resp = app
+                .http
+                .delete(&url)
+                .header("mcp-session-id", sid)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+    }
+}

@@ -16,7 +16,7 @@
 //!   to legacy clients). On a modern server it is also the pool's first member.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
@@ -36,6 +36,8 @@ pub struct HostConfig {
     pub max_sessions: usize,
     pub idle: Duration,
     pub pool_size: usize,
+    /// Processes started ahead of the next legacy sessions.
+    pub spares: usize,
     /// How long a stopping child gets after its stdin closes, and again after SIGTERM.
     pub grace: Duration,
 }
@@ -67,28 +69,72 @@ pub enum HostError {
     },
     #[error("the server is not ready yet")]
     NotReady,
+    #[error("the bridge is stopping")]
+    Stopping,
 }
 
 pub struct Host {
     pub config: HostConfig,
-    era: Mutex<Option<Era>>,
-    health: Mutex<Option<Arc<Child>>>,
-    pool: Mutex<Vec<Arc<Child>>>,
-    spare: Mutex<Option<Arc<Child>>>,
-    sessions: Mutex<HashMap<String, Arc<Session>>>,
-    /// Sessions being created, counted against the cap.
-    opening: Mutex<usize>,
+    /// Everything that changes, behind one lock held only for bookkeeping: never across an
+    /// await, I/O or a process spawn. A process is started outside it after a place was
+    /// reserved under it, and committed (or released) under it again.
+    state: Mutex<State>,
     probe_ids: AtomicU64,
-    /// When recent health children died (the window is [`DEATH_WINDOW`]).
-    health_deaths: Mutex<std::collections::VecDeque<Instant>>,
-    /// Cancelled (with the reason stored in `fatal_reason`) when the server keeps dying: the
-    /// bridge then exits, so the supervisor's restart policy and backoff take over and the
-    /// record shows why.
+    /// Cancelled (with the reason in the state) when the server keeps dying: the bridge then
+    /// exits, so the supervisor's restart policy and backoff take over and the record shows
+    /// why.
     pub fatal: tokio_util::sync::CancellationToken,
-    pub fatal_reason: Mutex<Option<String>>,
+}
+
+#[derive(Default)]
+struct State {
+    era: Option<Era>,
+    health: Option<Arc<Child>>,
+    pool: Vec<Arc<Child>>,
+    spares: VecDeque<Arc<Child>>,
+    /// Spares being started outside the lock, so concurrent opens start only what is missing.
+    spares_starting: usize,
+    sessions: HashMap<String, Arc<Session>>,
+    /// Sessions being opened (a place reserved, not yet registered), counted against the cap.
+    opening: usize,
+    /// When recent health children died (the window is [`DEATH_WINDOW`]).
+    health_deaths: VecDeque<Instant>,
+    fatal_reason: Option<String>,
     /// Who the server says it is (from `server/discover`, or the first `initialize` reply),
     /// reported by `/health`.
-    about: Mutex<Option<Value>>,
+    about: Option<Value>,
+    /// Set by `stop_all`: a process started after it is stopped, not kept.
+    stopped: bool,
+}
+
+impl State {
+    /// Puts `fresh` wherever `dead` was (the health slot, and its pool slot: on a modern
+    /// server the health child is the pool's first member). False when `dead` was nowhere,
+    /// i.e. someone replaced it already.
+    fn replace(&mut self, dead: &Arc<Child>, fresh: &Arc<Child>) -> bool {
+        let mut found = false;
+        if self.health.as_ref().is_some_and(|h| Arc::ptr_eq(h, dead)) {
+            self.health = Some(Arc::clone(fresh));
+            found = true;
+        }
+        for slot in self.pool.iter_mut().filter(|p| Arc::ptr_eq(p, dead)) {
+            *slot = Arc::clone(fresh);
+            found = true;
+        }
+        found
+    }
+
+    fn children(&self) -> Vec<Arc<Child>> {
+        let mut all: Vec<Arc<Child>> = self.pool.clone();
+        if let Some(h) = &self.health
+            && !all.iter().any(|c| Arc::ptr_eq(c, h))
+        {
+            all.push(Arc::clone(h));
+        }
+        all.extend(self.spares.iter().cloned());
+        all.extend(self.sessions.values().map(|s| Arc::clone(&s.child)));
+        all
+    }
 }
 
 /// Health children that may die within [`DEATH_WINDOW`] before the bridge gives up: a server
@@ -96,10 +142,6 @@ pub struct Host {
 /// passes the next probe.
 const MAX_HEALTH_DEATHS: usize = 3;
 const DEATH_WINDOW: Duration = Duration::from_secs(60);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The `_meta` every modern request carries (2026-07-28).
 fn modern_meta() -> Value {
@@ -114,24 +156,26 @@ impl Host {
     pub fn new(config: HostConfig) -> Arc<Host> {
         Arc::new(Host {
             config,
-            era: Mutex::new(None),
-            health: Mutex::new(None),
-            pool: Mutex::new(Vec::new()),
-            spare: Mutex::new(None),
-            sessions: Mutex::new(HashMap::new()),
-            opening: Mutex::new(0),
+            state: Mutex::new(State::default()),
             probe_ids: AtomicU64::new(1),
-            health_deaths: Mutex::new(std::collections::VecDeque::new()),
             fatal: tokio_util::sync::CancellationToken::new(),
-            fatal_reason: Mutex::new(None),
-            about: Mutex::new(None),
         })
     }
 
-    pub fn era(&self) -> Option<Era> {
-        *lock(&self.era)
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub fn era(&self) -> Option<Era> {
+        self.state().era
+    }
+
+    /// Why the bridge gave up (see `fatal`).
+    pub fn fatal_reason(&self) -> Option<String> {
+        self.state().fatal_reason.clone()
+    }
+
+    /// Starts a server process. Never called with the state locked.
     fn spawn(&self, mode: IdMode) -> Result<Arc<Child>, HostError> {
         Child::spawn(&self.config.program, &self.config.args, mode).map_err(|source| {
             HostError::Spawn {
@@ -141,12 +185,39 @@ impl Host {
         })
     }
 
+    /// Stops a process that was started but is not needed after all (someone else filled its
+    /// place, or the bridge is stopping).
+    fn discard(&self, child: Arc<Child>) {
+        let grace = self.config.grace;
+        tokio::spawn(async move {
+            child.shutdown(grace, grace).await;
+        });
+    }
+
+    /// Keeps `child` in the state with `place`, unless the bridge is stopping (then it is
+    /// stopped). False when it was not kept.
+    fn commit(&self, child: &Arc<Child>, place: impl FnOnce(&mut State)) -> bool {
+        let kept = {
+            let mut s = self.state();
+            if !s.stopped {
+                place(&mut s);
+            }
+            !s.stopped
+        };
+        if !kept {
+            self.discard(Arc::clone(child));
+        }
+        kept
+    }
+
     /// Starts the health child and learns the era. Errors when the server cannot be started
     /// or ends before answering: the deployment has then failed to start.
     pub async fn start(self: &Arc<Self>, timeout: Duration) -> Result<Era, String> {
         let child = self.spawn(IdMode::Shared).map_err(|e| e.to_string())?;
         // Known from the start, so a failed start still stops it.
-        *lock(&self.health) = Some(Arc::clone(&child));
+        if !self.commit(&child, |s| s.health = Some(Arc::clone(&child))) {
+            return Err(HostError::Stopping.to_string());
+        }
         let discover =
             self.probe_request(&child, "server/discover", json!({"_meta": modern_meta()}));
         let era = match tokio::time::timeout(timeout.min(Duration::from_secs(10)), discover).await {
@@ -181,14 +252,17 @@ impl Host {
                 }
             }
         }
-        *lock(&self.era) = Some(era);
-        *lock(&self.health) = Some(Arc::clone(&child));
+        {
+            let mut s = self.state();
+            s.era = Some(era);
+            if era == Era::Modern {
+                s.pool.push(Arc::clone(&child));
+            }
+        }
         if era == Era::Modern {
-            let mut pool = lock(&self.pool);
-            pool.push(child);
             for _ in 1..self.config.pool_size.max(1) {
                 if let Ok(c) = self.spawn(IdMode::Shared) {
-                    pool.push(c);
+                    self.commit(&c, |s| s.pool.push(Arc::clone(&c)));
                 }
             }
         }
@@ -240,9 +314,9 @@ impl Host {
 
     /// Remembers the server's name and version (the first report wins).
     pub fn note_server(&self, server_info: &Value, protocol_version: &str) {
-        let mut about = lock(&self.about);
-        if about.is_none() {
-            *about = Some(json!({
+        let mut s = self.state();
+        if s.about.is_none() {
+            s.about = Some(json!({
                 "server_name": server_info.get("name"),
                 "server_version": server_info.get("version"),
                 "protocol_version": protocol_version,
@@ -253,15 +327,15 @@ impl Host {
     /// One health probe on the health child's pipe: `ping` (legacy) or `server/discover`
     /// (modern). A health child that has ended is replaced, and this probe fails with why.
     pub async fn check(self: &Arc<Self>, timeout: Duration) -> Result<Value, String> {
-        let Some(era) = self.era() else {
-            return Err("the server is starting".to_owned());
+        let (era, child) = {
+            let s = self.state();
+            (s.era, s.health.clone())
         };
-        let child = lock(&self.health).clone();
-        let Some(child) = child else {
+        let (Some(era), Some(child)) = (era, child) else {
             return Err("the server is starting".to_owned());
         };
         if let Some(why) = child.exit_description() {
-            return Err(self.health_child_died(era, &child, &why));
+            return Err(self.health_child_died(&child, &why));
         }
         let (method, params) = match era {
             Era::Modern => ("server/discover", json!({"_meta": modern_meta()})),
@@ -269,20 +343,18 @@ impl Host {
         };
         match tokio::time::timeout(timeout, self.probe_request(&child, method, params)).await {
             Ok(Ok(r)) if r.get("result").is_some() => {
-                let mut v = json!({
-                    "era": era,
-                    "children": self.children().len(),
-                    "sessions": lock(&self.sessions).len(),
-                });
-                if let (Some(about), Some(obj)) = (lock(&self.about).clone(), v.as_object_mut())
-                    && let Value::Object(about) = about
-                {
+                let (children, sessions, about) = {
+                    let s = self.state();
+                    (s.children().len(), s.sessions.len(), s.about.clone())
+                };
+                let mut v = json!({"era": era, "children": children, "sessions": sessions});
+                if let (Some(Value::Object(about)), Some(obj)) = (about, v.as_object_mut()) {
                     obj.extend(about);
                 }
                 Ok(v)
             }
             Ok(Ok(r)) => Err(format!("{method} answered {r}")),
-            Ok(Err(e)) => Err(self.health_child_died(era, &child, &e.to_string())),
+            Ok(Err(e)) => Err(self.health_child_died(&child, &e.to_string())),
             Err(_) => Err(format!(
                 "no answer to {method} within {} ms",
                 timeout.as_millis()
@@ -291,108 +363,107 @@ impl Host {
     }
 
     /// Replaces a dead health child, or, when they keep dying, gives up (see `fatal`).
-    fn health_child_died(&self, era: Era, dead: &Arc<Child>, why: &str) -> String {
-        if !self.replace_health(era, dead) {
-            // Replaced already (a concurrent check, or the pool): one death, counted once.
-            return format!("the health child {why}; another was started");
+    fn health_child_died(&self, dead: &Arc<Child>, why: &str) -> String {
+        let replaced_already = |s: &State| !s.health.as_ref().is_some_and(|h| Arc::ptr_eq(h, dead));
+        // Replaced already (a concurrent check, or the pool): one death, counted once.
+        let another = format!("the health child {why}; another was started");
+        if replaced_already(&self.state()) {
+            return another;
         }
+        let fresh = match self.spawn(IdMode::Shared) {
+            Ok(c) => c,
+            Err(e) => return format!("the health child {why}; {e}"),
+        };
         let deaths = {
-            let mut d = lock(&self.health_deaths);
-            let now = Instant::now();
-            d.push_back(now);
-            while d
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > DEATH_WINDOW)
-            {
-                d.pop_front();
+            let mut s = self.state();
+            if s.stopped || replaced_already(&s) {
+                None
+            } else {
+                s.replace(dead, &fresh);
+                let now = Instant::now();
+                s.health_deaths.push_back(now);
+                while s
+                    .health_deaths
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > DEATH_WINDOW)
+                {
+                    s.health_deaths.pop_front();
+                }
+                Some(s.health_deaths.len())
             }
-            d.len()
+        };
+        let Some(deaths) = deaths else {
+            self.discard(fresh);
+            return another;
         };
         if deaths >= MAX_HEALTH_DEATHS {
             let reason = format!(
                 "the MCP server keeps exiting ({deaths} times within {} s; last: it {why})",
                 DEATH_WINDOW.as_secs()
             );
-            *lock(&self.fatal_reason) = Some(reason.clone());
+            self.state().fatal_reason = Some(reason.clone());
             self.fatal.cancel();
             return reason;
         }
         format!("the health child {why}; started another")
     }
 
-    /// Puts a new health child in place of `dead` (in its pool slot too, on a modern server,
-    /// where the health child is the pool's first member). False when `dead` was no longer
-    /// the health child. Locks: pool, then health, everywhere.
-    fn replace_health(&self, era: Era, dead: &Arc<Child>) -> bool {
-        let mut pool = lock(&self.pool);
-        let mut health = lock(&self.health);
-        if !health.as_ref().is_some_and(|h| Arc::ptr_eq(h, dead)) {
-            return false;
-        }
-        let Ok(c) = self.spawn(IdMode::Shared) else {
-            return false;
-        };
-        if era == Era::Modern
-            && let Some(slot) = pool.iter_mut().find(|p| Arc::ptr_eq(p, dead))
-        {
-            *slot = Arc::clone(&c);
-        }
-        *health = Some(c);
-        true
-    }
-
     /// The pool child with the fewest requests in flight; ended children are replaced.
     pub fn pool_child(&self) -> Result<Arc<Child>, HostError> {
-        let mut pool = lock(&self.pool);
-        if pool.is_empty() {
-            return Err(HostError::NotReady);
-        }
-        for slot in pool.iter_mut() {
-            if !slot.alive() {
-                let fresh = self.spawn(IdMode::Shared)?;
-                // The health child is the pool's first member: keep them the same process.
-                let mut health = lock(&self.health);
-                if health.as_ref().is_some_and(|h| Arc::ptr_eq(h, slot)) {
-                    *health = Some(Arc::clone(&fresh));
-                }
-                *slot = fresh;
+        let dead: Vec<Arc<Child>> = {
+            let s = self.state();
+            if s.pool.is_empty() {
+                return Err(HostError::NotReady);
+            }
+            s.pool.iter().filter(|c| !c.alive()).cloned().collect()
+        };
+        for d in &dead {
+            let fresh = self.spawn(IdMode::Shared)?;
+            let mut replaced = false;
+            self.commit(&fresh, |s| replaced = s.replace(d, &fresh));
+            if !replaced {
+                // A concurrent request replaced it first.
+                self.discard(fresh);
             }
         }
-        pool.iter()
+        let s = self.state();
+        if s.stopped {
+            return Err(HostError::Stopping);
+        }
+        s.pool
+            .iter()
+            .filter(|c| c.alive())
             .min_by_key(|c| c.in_flight())
+            .or_else(|| s.pool.first())
             .cloned()
             .ok_or(HostError::NotReady)
     }
 
-    /// A child for a new legacy session: the spare if one is ready, else a new one; a new
-    /// spare is started for the session after this one.
+    /// A child for a new legacy session: a spare if one is ready, else a new one; spares are
+    /// then started for the sessions after this one. The place under the cap is reserved
+    /// here (see [`SessionSlot`]) and becomes the session in `register`.
     pub fn open_session(self: &Arc<Self>) -> Result<(Arc<Session>, SessionSlot), HostError> {
-        {
-            let sessions = lock(&self.sessions).len();
-            let mut opening = lock(&self.opening);
-            if sessions + *opening >= self.config.max_sessions {
+        let spare = {
+            let mut s = self.state();
+            if s.stopped {
+                return Err(HostError::Stopping);
+            }
+            if s.sessions.len() + s.opening >= self.config.max_sessions {
                 return Err(HostError::TooManySessions(self.config.max_sessions));
             }
-            *opening += 1;
-        }
+            s.opening += 1;
+            // Ended spares are dropped on the way (their processes are gone).
+            std::iter::from_fn(|| s.spares.pop_front()).find(|c| c.alive())
+        };
         let slot = SessionSlot {
             host: Arc::clone(self),
+            reserved: true,
         };
-        let spare = lock(&self.spare).take().filter(|c| c.alive());
         let child = match spare {
             Some(c) => c,
             None => self.spawn(IdMode::Owned)?,
         };
-        {
-            // One spare at most: concurrent opens must not each leave one (an overwritten
-            // spare would run untracked until the deployment stops).
-            let mut slot = lock(&self.spare);
-            if slot.as_ref().is_none_or(|c| !c.alive())
-                && let Ok(next) = self.spawn(IdMode::Owned)
-            {
-                *slot = Some(next);
-            }
-        }
+        self.refill_spares();
         let session = Arc::new(Session {
             id: uuid::Uuid::new_v4().simple().to_string(),
             child,
@@ -401,81 +472,129 @@ impl Host {
         Ok((session, slot))
     }
 
-    /// Makes an opened session reachable by its id.
-    pub fn register(self: &Arc<Self>, session: &Arc<Session>, slot: SessionSlot) {
-        lock(&self.sessions).insert(session.id.clone(), Arc::clone(session));
-        drop(slot);
+    /// Starts the spares that are missing (counting those being started), outside the lock.
+    fn refill_spares(&self) {
+        let missing = {
+            let mut s = self.state();
+            s.spares.retain(|c| c.alive());
+            let missing = self
+                .config
+                .spares
+                .saturating_sub(s.spares.len() + s.spares_starting);
+            s.spares_starting += missing;
+            missing
+        };
+        for _ in 0..missing {
+            let started = self.spawn(IdMode::Owned);
+            let mut s = self.state();
+            s.spares_starting -= 1;
+            match started {
+                Ok(c) if !s.stopped => s.spares.push_back(c),
+                Ok(c) => {
+                    drop(s);
+                    self.discard(c);
+                }
+                Err(e) => {
+                    drop(s);
+                    tracing::warn!(error = %e, "Cannot start a spare MCP server process");
+                }
+            }
+        }
+    }
+
+    /// Makes an opened session reachable by its id: its reserved place becomes the session, in
+    /// one step, so the cap counts it exactly once throughout.
+    pub fn register(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        mut slot: SessionSlot,
+    ) -> Result<(), HostError> {
+        let kept = {
+            let mut s = self.state();
+            s.opening = s.opening.saturating_sub(1);
+            slot.reserved = false;
+            if !s.stopped {
+                s.sessions.insert(session.id.clone(), Arc::clone(session));
+            }
+            !s.stopped
+        };
+        if !kept {
+            self.discard(Arc::clone(&session.child));
+            return Err(HostError::Stopping);
+        }
         // The session ends with its child.
         let host = Arc::clone(self);
         let s = Arc::clone(session);
         tokio::spawn(async move {
             let why = s.child.wait().await;
-            if lock(&host.sessions).remove(&s.id).is_some() {
+            if host.state().sessions.remove(&s.id).is_some() {
                 tracing::warn!(session = %s.id, pid = s.child.pid, "MCP session ended: its server process {why}");
             }
         });
+        Ok(())
     }
 
     pub fn session(&self, id: &str) -> Option<Arc<Session>> {
-        lock(&self.sessions).get(id).cloned()
+        self.state().sessions.get(id).cloned()
     }
 
     /// Ends a session (DELETE, idle, or its `initialize` failed): its child is stopped as the
     /// spec says (stdin closed, then SIGTERM, then SIGKILL).
-    pub fn close_session(self: &Arc<Self>, id: &str) -> bool {
-        let Some(s) = lock(&self.sessions).remove(id) else {
+    pub fn close_session(&self, id: &str) -> bool {
+        let Some(s) = self.state().sessions.remove(id) else {
             return false;
         };
-        let grace = self.config.grace;
-        tokio::spawn(async move {
-            s.child.shutdown(grace, grace).await;
-        });
+        self.discard(Arc::clone(&s.child));
         true
     }
 
     /// Closes sessions idle longer than the configured time: no request for that long and no
     /// request or standalone stream open.
-    pub fn reap_idle(self: &Arc<Self>) -> usize {
+    pub fn reap_idle(&self) -> usize {
         let idle = self.config.idle;
-        let stale: Vec<String> = lock(&self.sessions)
-            .values()
-            .filter(|s| {
-                s.child.idle_for() >= idle && s.child.in_flight() == 0 && !s.child.has_listener()
-            })
-            .map(|s| s.id.clone())
-            .collect();
-        for id in &stale {
-            tracing::info!(session = %id, "Closing an idle MCP session");
-            self.close_session(id);
+        let stale: Vec<Arc<Session>> = {
+            let mut s = self.state();
+            let ids: Vec<String> = s
+                .sessions
+                .values()
+                .filter(|s| {
+                    s.child.idle_for() >= idle
+                        && s.child.in_flight() == 0
+                        && !s.child.has_listener()
+                })
+                .map(|s| s.id.clone())
+                .collect();
+            ids.iter().filter_map(|id| s.sessions.remove(id)).collect()
+        };
+        for s in &stale {
+            tracing::info!(session = %s.id, "Closing an idle MCP session");
+            self.discard(Arc::clone(&s.child));
         }
         stale.len()
     }
 
     pub fn sessions(&self) -> Vec<Arc<Session>> {
-        lock(&self.sessions).values().cloned().collect()
+        self.state().sessions.values().cloned().collect()
     }
 
     /// Every child this host runs.
     pub fn children(&self) -> Vec<Arc<Child>> {
-        let mut all: Vec<Arc<Child>> = lock(&self.pool).clone();
-        if let Some(h) = lock(&self.health).clone()
-            && !all.iter().any(|c| Arc::ptr_eq(c, &h))
-        {
-            all.push(h);
-        }
-        all.extend(lock(&self.spare).clone());
-        all.extend(lock(&self.sessions).values().map(|s| Arc::clone(&s.child)));
-        all
+        self.state().children()
     }
 
-    /// Stops every child (sessions, pool, health, spare) as the spec says, all at once, and
-    /// waits for them.
+    /// Stops every child (sessions, pool, health, spares) as the spec says, all at once, and
+    /// waits for them. Processes started after this are stopped as they are committed.
     pub async fn stop_all(&self) {
-        let children = self.children();
-        lock(&self.sessions).clear();
-        lock(&self.pool).clear();
-        lock(&self.health).take();
-        lock(&self.spare).take();
+        let children = {
+            let mut s = self.state();
+            s.stopped = true;
+            let all = s.children();
+            s.sessions.clear();
+            s.pool.clear();
+            s.health = None;
+            s.spares.clear();
+            all
+        };
         let grace = self.config.grace;
         let waits: Vec<_> = children
             .into_iter()
@@ -487,15 +606,19 @@ impl Host {
     }
 }
 
-/// Holds a place under the session cap while a session is being opened.
+/// A place held under the session cap while a session is being opened; released if the
+/// session is never registered.
 pub struct SessionSlot {
     host: Arc<Host>,
+    reserved: bool,
 }
 
 impl Drop for SessionSlot {
     fn drop(&mut self) {
-        let mut opening = lock(&self.host.opening);
-        *opening = opening.saturating_sub(1);
+        if self.reserved {
+            let mut s = self.host.state();
+            s.opening = s.opening.saturating_sub(1);
+        }
     }
 }
 
@@ -503,4 +626,68 @@ impl Drop for SessionSlot {
 enum ProbeError {
     #[error("{0}")]
     Ended(String),
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    fn cat_host(max_sessions: usize) -> Arc<Host> {
+        Host::new(HostConfig {
+            program: "cat".to_owned(),
+            args: Vec::new(),
+            max_sessions,
+            idle: Duration::from_secs(600),
+            pool_size: 1,
+            spares: 1,
+            grace: Duration::from_millis(500),
+        })
+    }
+
+    /// Many tasks open and close sessions against the cap at once (real `cat` processes); no
+    /// open may ever succeed while the cap's worth of sessions is already held.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+    async fn concurrent_opens_never_exceed_the_cap() {
+        const CAP: usize = 3;
+        let host = cat_host(CAP);
+        // Sessions the tasks hold: counted up once an open succeeds, down before the close.
+        let held = Arc::new(AtomicUsize::new(0));
+        let worst = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..12)
+            .map(|_| {
+                let (host, held, worst) =
+                    (Arc::clone(&host), Arc::clone(&held), Arc::clone(&worst));
+                tokio::spawn(async move {
+                    let mut opened = 0;
+                    while opened < 150 {
+                        match host.open_session() {
+                            Ok((session, slot)) => {
+                                let now = held.fetch_add(1, Ordering::SeqCst) + 1;
+                                worst.fetch_max(now, Ordering::SeqCst);
+                                host.register(&session, slot).unwrap();
+                                tokio::task::yield_now().await;
+                                held.fetch_sub(1, Ordering::SeqCst);
+                                host.close_session(&session.id);
+                                opened += 1;
+                            }
+                            Err(HostError::TooManySessions(_)) => tokio::task::yield_now().await,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(
+            worst.load(Ordering::SeqCst) <= CAP,
+            "{} sessions held at once with a cap of {CAP}",
+            worst.load(Ordering::SeqCst)
+        );
+        host.stop_all().await;
+    }
 }

@@ -148,6 +148,7 @@ pub async fn serve(
         max_sessions: args.max_sessions.max(1),
         idle: Duration::from_millis(args.idle_ms.max(1)),
         pool_size: args.pool.max(1),
+        spares: 1,
         grace: Duration::from_millis(args.grace_ms),
     });
     // A socket left by a process that is gone (the bridge is the only one to bind it).
@@ -207,7 +208,7 @@ pub async fn serve(
         () = fatal.cancelled() => {
             host.stop_all().await;
             let _ = std::fs::remove_file(&args.socket);
-            let why = host.fatal_reason.lock().ok().and_then(|r| r.clone()).unwrap_or_default();
+            let why = host.fatal_reason().unwrap_or_default();
             anyhow::bail!("{why}");
         }
         () = shutdown => {
@@ -443,7 +444,9 @@ async fn initialize(host: &Arc<Host>, msg: Value, sse: bool) -> Response {
         }
         Err(e) => return jsonrpc_error(StatusCode::SERVICE_UNAVAILABLE, -32603, e.to_string()),
     };
-    host.register(&session, slot);
+    if let Err(e) = host.register(&session, slot) {
+        return jsonrpc_error(StatusCode::SERVICE_UNAVAILABLE, -32603, e.to_string());
+    }
     // Closes the session unless the handshake completes: a client that goes away during a
     // slow start must not leave a session (and a process) under an id nobody knows.
     let mut pending_session = ClosesSession {
