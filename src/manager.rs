@@ -861,6 +861,8 @@ impl Manager {
             spec.stdio.session_idle_ms.to_string(),
             "--pool".to_owned(),
             spec.stdio.pool_size.to_string(),
+            "--spares".to_owned(),
+            spec.stdio.spares.to_string(),
             "--grace-ms".to_owned(),
             child_grace.to_string(),
             "--startup-ms".to_owned(),

@@ -178,6 +178,10 @@ pub struct StdioSpec {
     pub session_idle_ms: u64,
     /// Processes per deployment shared by stateless (2026-07-28) requests.
     pub pool_size: u32,
+    /// Processes per deployment started ahead of the next legacy sessions, so `initialize`
+    /// does not wait for a server to start; raise it for clients that open sessions in bursts,
+    /// 0 starts each session's process on demand.
+    pub spares: u32,
 }
 
 impl Default for StdioSpec {
@@ -186,6 +190,7 @@ impl Default for StdioSpec {
             max_sessions: 100,
             session_idle_ms: 600_000,
             pool_size: 2,
+            spares: 1,
         }
     }
 }
@@ -410,6 +415,9 @@ impl ToolSpec {
         }
         if !(1..=64).contains(&st.pool_size) {
             return Err(invalid("stdio.pool_size", "must be between 1 and 64"));
+        }
+        if st.spares > 64 {
+            return Err(invalid("stdio.spares", "must be between 0 and 64"));
         }
         if self.transport == Transport::Stdio
             && (self.args.iter().any(|a| a.contains("{port}"))

@@ -772,3 +772,77 @@ async fn concurrent_opens_at_the_cap_admit_exactly_max_sessions() {
         }
     }
 }
+
+#[tokio::test]
+async fn bursty_tools_get_the_spares_they_ask_for() {
+    let app = TestApp::start().await;
+    add_stdio_tool(
+        &app,
+        "bursty",
+        &[],
+        json!({"stdio": {"spares": 3, "pool_size": 1}}),
+    )
+    .await;
+    let d = app.deploy_wait("bursty").await;
+    let id = d["id"].as_str().unwrap();
+    let bridge = pid_of(&d);
+    let url = format!("{}/mcp/bursty", app.url);
+    let first = legacy_session(&url).await;
+    let view = sessions(&app, id).await;
+    let mut tracked = pids(&view);
+    tracked.sort_unstable();
+    // The pool's process (it also answers health probes), the session's, and 3 spares.
+    assert_eq!(tracked.len(), 5, "{view}");
+    assert_eq!(server_children(bridge), tracked, "{view}");
+    let in_use: Vec<u32> = view["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(pid_of)
+        .chain(std::iter::once(pid_of(&whoami(&url).await)))
+        .collect();
+    let spares: Vec<u32> = tracked
+        .iter()
+        .copied()
+        .filter(|p| !in_use.contains(p))
+        .collect();
+    assert_eq!(spares.len(), 3, "{view}");
+    // A burst of three sessions is served by the processes already started.
+    let burst: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { legacy_session(&url).await })
+        })
+        .collect();
+    for b in burst {
+        let sid = b.await.unwrap();
+        assert_ne!(sid, first);
+        let p = pid_of(&whoami_in_session(&url, &sid).await.unwrap());
+        assert!(
+            spares.contains(&p),
+            "session {sid} on {p}, not a spare {spares:?}"
+        );
+    }
+    // And the spares are made up again.
+    let view = sessions(&app, id).await;
+    assert_eq!(pids(&view).len(), 8, "{view}");
+    // Out of range is refused with the setting's name.
+    let (st, v) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(
+                json!({"slug": "greedy", "command": "x", "transport": "stdio",
+                "stdio": {"spares": 65}}),
+            ),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("stdio.spares"),
+        "{v}"
+    );
+}

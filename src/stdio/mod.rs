@@ -83,6 +83,9 @@ pub struct BridgeArgs {
     /// Processes shared by modern (stateless) requests.
     #[arg(long, default_value_t = 2)]
     pub pool: usize,
+    /// Processes started ahead of the next legacy sessions.
+    #[arg(long, default_value_t = 1)]
+    pub spares: usize,
     /// A stopping process gets this long after its stdin closes, and again after SIGTERM.
     #[arg(long, default_value_t = 2_000)]
     pub grace_ms: u64,
@@ -148,7 +151,7 @@ pub async fn serve(
         max_sessions: args.max_sessions.max(1),
         idle: Duration::from_millis(args.idle_ms.max(1)),
         pool_size: args.pool.max(1),
-        spares: 1,
+        spares: args.spares,
         grace: Duration::from_millis(args.grace_ms),
     });
     // A socket left by a process that is gone (the bridge is the only one to bind it).
