@@ -846,3 +846,62 @@ async fn bursty_tools_get_the_spares_they_ask_for() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn a_session_whose_stream_broke_in_a_restart_gets_its_idle_time_to_reconnect() {
+    let app = TestApp::start().await;
+    add_stdio_tool(
+        &app,
+        "patient",
+        &[],
+        json!({"stdio": {"session_idle_ms": 5000}}),
+    )
+    .await;
+    let d = app.deploy_wait("patient").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/mcp/patient", app.url);
+    let sid = legacy_session(&url).await;
+    let stream = app
+        .http
+        .get(&url)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &sid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    // Longer than the idle time: an open stream keeps the session.
+    tokio::time::sleep(Duration::from_millis(6000)).await;
+    assert_eq!(
+        sessions(&app, &id).await["sessions"][0]["stream_open"],
+        true
+    );
+
+    // Switchboard restarts; the stream breaks with it and the client reconnects a little later.
+    let dir = app.crash().await;
+    drop(stream);
+    let app = TestApp::start_in(dir, common::AppOptions::default()).await;
+    app.wait_status(&id, "RUNNING").await;
+    eventually(Duration::from_secs(30), || async {
+        sessions(&app, &id).await["sessions"][0]["stream_open"] == false
+    })
+    .await;
+    // Two of the reaper's rounds (every idle/4), well inside the idle time since the break.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let url = format!("{}/mcp/patient", app.url);
+    let again = app
+        .http
+        .get(&url)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &sid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        again.status(),
+        StatusCode::OK,
+        "the session was reaped while its client reconnected"
+    );
+    drop(again);
+    app.stop_deployment(&id).await;
+}

@@ -555,8 +555,11 @@ async fn get_stream(State(host): State<Arc<Host>>, headers: HeaderMap) -> Respon
     }
     // Comment lines keep idle intermediaries from closing the stream.
     let keepalive = tokio_stream_interval(Duration::from_secs(15));
-    let messages = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|m| (sse_frame(&m), rx))
+    // The session's idle time starts again when the stream ends, not when it opened: a client
+    // whose stream broke (a Switchboard restart cuts it) gets the whole idle time to reconnect.
+    let ended = TouchOnDrop(Arc::clone(&session.child));
+    let messages = futures_util::stream::unfold((rx, ended), |(mut rx, ended)| async move {
+        rx.recv().await.map(|m| (sse_frame(&m), (rx, ended)))
     });
     let merged = futures_util::stream::select(messages.map(Some), keepalive.map(|()| None))
         // Ends with the session's process (its sink is dropped then, but the keep-alive
@@ -573,6 +576,15 @@ async fn get_stream(State(host): State<Arc<Host>>, headers: HeaderMap) -> Respon
         .header("x-accel-buffering", "no")
         .body(Body::from_stream(merged))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Notes activity on a child when dropped (see `Child::idle_for`).
+struct TouchOnDrop(Arc<child::Child>);
+
+impl Drop for TouchOnDrop {
+    fn drop(&mut self) {
+        self.0.touch();
+    }
 }
 
 fn tokio_stream_interval(every: Duration) -> impl futures_util::Stream<Item = ()> {
