@@ -536,7 +536,10 @@ impl Manager {
         let start = if adopted {
             Start::Adopted(d.status)
         } else {
-            Start::Restart(d.last_exit.clone().unwrap_or_default())
+            Start::Restart {
+                why: d.last_exit.clone().unwrap_or_default(),
+                ran: d.status == DeploymentStatus::Running,
+            }
         };
         self.tasks.spawn(async move {
             let _done = done_tx;
@@ -992,11 +995,17 @@ impl Manager {
         let target = self.probe_target(id, &endpoint_url, spec);
         let backend = Arc::new(backend);
         let mut backoff = Backoff::new(&spec.restart);
-        let (mut running, mut pending_restart) = match start {
-            Start::Spawned | Start::Install => (false, None),
-            Start::Adopted(status) => (status == DeploymentStatus::Running, None),
-            Start::Restart(why) => (false, Some(why)),
+        // A deployment that has never been RUNNING gets `max_start_failures` tries; one that
+        // has run keeps its restart policy (a dependency may come back).
+        let (mut running, mut pending_restart, mut has_run) = match start {
+            Start::Spawned | Start::Install => (false, None, false),
+            Start::Adopted(status) => {
+                let running = status == DeploymentStatus::Running;
+                (running, None, running)
+            }
+            Start::Restart { why, ran } => (false, Some(why), ran),
         };
+        let mut failed_starts = 0u32;
         let mut started_at = Instant::now();
         loop {
             if let Some(why) = pending_restart.take() {
@@ -1007,7 +1016,7 @@ impl Manager {
                 started_at = Instant::now();
                 running = false;
             }
-            let ending = tokio::select! {
+            let (ending, ran) = tokio::select! {
                 _ = cancel.cancelled() => return,
                 e = self.run_once(id, spec, &target, &backend, running) => e,
             };
@@ -1015,8 +1024,19 @@ impl Manager {
             if cancel.is_cancelled() {
                 return;
             }
+            has_run |= ran;
+            failed_starts = if ran { 0 } else { failed_starts + 1 };
             if !ending.restarts_under(spec.restart.policy) {
                 self.fail(id, ending.exit(), ending.to_string()).await;
+                return;
+            }
+            let limit = spec.restart.max_start_failures;
+            if !has_run && failed_starts >= limit {
+                let why = format!(
+                    "{ending}; gave up after {failed_starts} failed start(s) without ever \
+                     becoming RUNNING (restart.max_start_failures = {limit})"
+                );
+                self.fail(id, ending.exit(), why).await;
                 return;
             }
             tracing::warn!(deployment = %id, tool = %spec.slug, reason = %ending, "Deployment ended; restarting per its policy");
@@ -1030,7 +1050,8 @@ impl Manager {
     }
 
     /// One process's life: readiness (unless it already runs), then health checks until it
-    /// exits or fails them.
+    /// exits or fails them. Says how it ended and whether it was RUNNING (a failed start is
+    /// not).
     async fn run_once(
         &self,
         id: Uuid,
@@ -1038,21 +1059,22 @@ impl Manager {
         target: &ProbeTarget,
         backend: &Arc<Backend>,
         already_running: bool,
-    ) -> Ending {
+    ) -> (Ending, bool) {
         let exit = self.runtime.wait(id);
         tokio::pin!(exit);
         if !already_running {
             let startup = Duration::from_millis(spec.startup_timeout_ms);
             let deadline = Instant::now() + startup;
             let ready = tokio::select! {
-                e = &mut exit => return Ending::Exited(e.unwrap_or_default()),
+                e = &mut exit => return (Ending::Exited(e.unwrap_or_default()), false),
                 r = self.wait_ready(target, deadline) => r,
             };
             if let Err(last) = ready {
-                return Ending::NotReady(format!(
+                let why = format!(
                     "no answer to an MCP request within {:.1} s; last probe: {last}",
                     startup.as_secs_f64()
-                ));
+                );
+                return (Ending::NotReady(why), false);
             }
             let recorded = self
                 .until_stored(id, "RUNNING", || self.store.mark_running(id))
@@ -1060,7 +1082,7 @@ impl Manager {
             if recorded != Some(true) {
                 // Stopped meanwhile: the stop owns the rest.
                 let _ = exit.await;
-                return Ending::Exited(ExitInfo::default());
+                return (Ending::Exited(ExitInfo::default()), false);
             }
             {
                 // Under the live lock, so a stop that starts now either sees the route (and
@@ -1092,10 +1114,11 @@ impl Manager {
                 }
             }
         }
-        tokio::select! {
+        let ending = tokio::select! {
             e = &mut exit => Ending::Exited(e.unwrap_or_default()),
             why = self.watch_health(id, spec, target, backend) => Ending::Unhealthy(why),
-        }
+        };
+        (ending, true)
     }
 
     /// Checks health every interval; returns (with the last error) when the failure threshold
@@ -1619,8 +1642,8 @@ enum Start {
     Spawned,
     /// An earlier Switchboard's process, adopted; the record's status.
     Adopted(DeploymentStatus),
-    /// The process is gone; start it again, for this reason.
-    Restart(String),
+    /// The process is gone; start it again, for this reason. `ran`: the record was RUNNING.
+    Restart { why: String, ran: bool },
 }
 
 /// The process's command line and environment, with `{port}` substituted.

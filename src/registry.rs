@@ -92,6 +92,11 @@ pub struct RestartSpec {
     /// A process that ran this long without ending resets the delay (the next restart is
     /// immediate again).
     pub reset_after_ms: u64,
+    /// Starts that may fail in a row (the process exits, or does not answer within
+    /// `startup_timeout_ms`) before a deployment that has never been RUNNING is FAILED, with
+    /// the last failure as its error. A deployment that has run keeps restarting as `policy`
+    /// says.
+    pub max_start_failures: u32,
 }
 
 impl Default for RestartSpec {
@@ -101,6 +106,7 @@ impl Default for RestartSpec {
             initial_delay_ms: 1_000,
             max_delay_ms: 300_000,
             reset_after_ms: 600_000,
+            max_start_failures: 3,
         }
     }
 }
@@ -400,6 +406,12 @@ impl ToolSpec {
                 format!("must be at most {}", 7 * DAY_MS),
             ));
         }
+        if !(1..=100).contains(&r.max_start_failures) {
+            return Err(invalid(
+                "restart.max_start_failures",
+                "must be between 1 and 100",
+            ));
+        }
         if let Some(Err(e)) = crate::packages::Package::parse(&self.command) {
             return Err(invalid("command", e.to_string()));
         }
@@ -527,6 +539,7 @@ mod tests {
         assert_eq!(s.restart.initial_delay_ms, 1_000);
         assert_eq!(s.restart.max_delay_ms, 300_000);
         assert_eq!(s.restart.reset_after_ms, 600_000);
+        assert_eq!(s.restart.max_start_failures, 3);
         assert_eq!(s.health.interval_ms, 10_000);
         assert_eq!(s.health.timeout_ms, 5_000);
         assert_eq!(s.health.failure_threshold, 3);
@@ -555,6 +568,10 @@ mod tests {
             (
                 serde_json::json!({"restart": {"initial_delay_ms": 10, "max_delay_ms": 5}}),
                 "restart",
+            ),
+            (
+                serde_json::json!({"restart": {"max_start_failures": 0}}),
+                "restart.max_start_failures",
             ),
         ];
         for (extra, field) in bad {

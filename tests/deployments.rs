@@ -601,3 +601,150 @@ async fn a_graceful_exit_removes_the_nodes_empty_cgroup_directory() {
         dir.display()
     );
 }
+
+/// Deploys without waiting and returns the record's id.
+async fn deploy_id(app: &TestApp, slug: &str) -> String {
+    let (st, d) = app
+        .call("POST", &format!("/api/v1/tools/{slug}/deployments"), None)
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{d}");
+    d["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_server_that_never_becomes_ready_is_failed_after_max_start_failures() {
+    let app = TestApp::start().await;
+    // The default restart policy (on-failure) and the default limit of 3 failed starts.
+    app.add_test_tool(
+        "mute",
+        &["--never-ready"],
+        json!({"startup_timeout_ms": 300,
+               "restart": {"initial_delay_ms": 100, "max_delay_ms": 100}}),
+    )
+    .await;
+    let resp = reqwest::Client::new()
+        .get(format!("{}/api/v1/events?tool=mute", app.url))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = Box::pin(resp.bytes_stream());
+    let id = deploy_id(&app, "mute").await;
+    let d = app.wait_status(&id, "FAILED").await;
+    assert_eq!(
+        d["restart_count"], 2,
+        "three starts, two of them restarts: {d}"
+    );
+    let err = d["error"].as_str().unwrap();
+    assert!(
+        err.contains("no answer to an MCP request within 0.3 s"),
+        "{err}"
+    );
+    assert!(
+        err.contains("gave up after 3 failed start(s) without ever becoming RUNNING"),
+        "{err}"
+    );
+    assert!(err.contains("restart.max_start_failures = 3"), "{err}");
+    assert!(
+        d["last_exit"].as_str().unwrap().contains("no answer"),
+        "{d}"
+    );
+    // The event says why too.
+    let mut seen = Vec::new();
+    events_until(&mut stream, &mut seen, |e| e["to"] == "FAILED").await;
+    let failed = seen.last().unwrap();
+    assert!(
+        failed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("gave up after 3"),
+        "{failed}"
+    );
+    // Its port is free and nothing of it runs.
+    let (_, live) = app
+        .call("GET", "/api/v1/deployments?status=STARTING,RUNNING", None)
+        .await;
+    assert_eq!(live.as_array().unwrap().len(), 0, "{live}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_command_under_the_default_policy_ends_failed() {
+    let app = TestApp::start().await;
+    let (st, _) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(
+                json!({"slug": "ghost", "command": "/nonexistent/mcp-server",
+                        "restart": {"initial_delay_ms": 100, "max_delay_ms": 100}}),
+            ),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let id = deploy_id(&app, "ghost").await;
+    let d = app.wait_status(&id, "FAILED").await;
+    assert_eq!(d["restart_count"], 2, "{d}");
+    let err = d["error"].as_str().unwrap();
+    assert!(err.contains("/nonexistent/mcp-server"), "{err}");
+    assert!(err.contains("gave up after 3 failed start(s)"), "{err}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_that_has_run_keeps_restarting_past_max_start_failures() {
+    let app = TestApp::start().await;
+    app.add_test_tool(
+        "phoenix",
+        &[],
+        json!({"restart": {"initial_delay_ms": 100, "max_delay_ms": 100,
+                           "max_start_failures": 1}}),
+    )
+    .await;
+    let d = app.deploy_wait("phoenix").await;
+    let id = d["id"].as_str().unwrap();
+    let mut pid = d["pid"].as_u64().unwrap();
+    for n in 1..=3 {
+        common::sigkill(pid as i32);
+        let r = app
+            .wait_record(id, "RUNNING again", |r| {
+                r["status"] == "RUNNING" && r["restart_count"] == n
+            })
+            .await;
+        pid = r["pid"].as_u64().unwrap();
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn max_start_failures_is_validated_and_shown() {
+    {
+        let app = TestApp::start().await;
+        let (st, e) = app
+            .call(
+                "POST",
+                "/api/v1/tools",
+                Some(json!({"slug": "x", "command": "x",
+                            "restart": {"max_start_failures": 0}})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+        assert_eq!(e["error"]["code"], "invalid_tool");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("restart.max_start_failures"),
+            "{e}"
+        );
+        let (_, doc) = app.call("GET", "/api/v1/openapi.json", None).await;
+        let field =
+            &doc["components"]["schemas"]["RestartSpec"]["properties"]["max_start_failures"];
+        assert!(
+            field["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("never been RUNNING")),
+            "{field}"
+        );
+        app.stop().await;
+    }
+}
