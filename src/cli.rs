@@ -605,19 +605,10 @@ async fn for_each_sse(
 ) -> anyhow::Result<()> {
     use futures_util::StreamExt as _;
     let mut body = resp.bytes_stream();
-    let mut buf = Vec::new();
-    let mut event = String::new();
+    let mut parser = crate::mcp::sse::Parser::new();
     while let Some(chunk) = body.next().await {
-        buf.extend_from_slice(&chunk.context("the event stream broke")?);
-        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=nl).collect();
-            let line = String::from_utf8_lossy(&line);
-            let line = line.trim_end_matches(['\r', '\n']);
-            if let Some(name) = line.strip_prefix("event:") {
-                event = name.trim().to_owned();
-            } else if let Some(data) = line.strip_prefix("data:") {
-                f(&event, data.trim());
-            }
+        for event in parser.feed(&chunk.context("the event stream broke")?) {
+            f(&event.event, &event.data);
         }
     }
     Ok(())

@@ -22,25 +22,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
-use crate::deployment::HealthStatus;
+pub use crate::mcp::Era;
+use crate::{
+    deployment::HealthStatus,
+    mcp::{self, jsonrpc, jsonrpc::Message, sse},
+};
 
-pub const MODERN_VERSION: &str = "2026-07-28";
-pub const LEGACY_VERSION: &str = "2025-11-25";
 /// A probe reply larger than this is not a health answer.
 const MAX_REPLY_BYTES: usize = 1 << 20;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Era {
-    /// 2026-07-28 and later: stateless, `server/discover`.
-    Modern,
-    /// 2025-11-25 and earlier: `initialize` handshake and sessions.
-    Legacy,
-    /// The deprecated 2024-11-05 HTTP+SSE transport: a GET stream whose first event names the
-    /// URL to POST to.
-    #[serde(rename = "legacy-sse")]
-    LegacySse,
-}
 
 /// What a plain health endpoint may say about the server behind it (all optional).
 #[derive(Debug, Default, Deserialize)]
@@ -260,18 +249,15 @@ impl Prober {
                     resp.status()
                 )));
             }
-            let mut buf: Vec<u8> = Vec::new();
+            let mut parser = sse::Parser::new();
             let mut stream = resp.bytes_stream();
             while let Some(chunk) = stream.next().await {
-                buf.extend_from_slice(&chunk.map_err(|e| ProbeError::Protocol(e.to_string()))?);
-                if let Some((event, _)) = split_event(&buf) {
-                    let text = String::from_utf8_lossy(event);
-                    if text.lines().any(|l| {
-                        l.trim_end() == "event: endpoint" || l.trim_end() == "event:endpoint"
-                    }) {
+                let chunk = chunk.map_err(|e| ProbeError::Protocol(e.to_string()))?;
+                if let (_, Some(event)) = parser.next_event(&chunk) {
+                    if event.event == "endpoint" {
                         return Ok(Success {
                             era: Era::LegacySse,
-                            protocol_version: Some("2024-11-05".to_owned()),
+                            protocol_version: Some(mcp::HTTP_SSE_VERSION.to_owned()),
                             server_name: None,
                             server_version: None,
                         });
@@ -280,7 +266,7 @@ impl Prober {
                         "the GET stream did not open with an endpoint event".into(),
                     ));
                 }
-                if buf.len() > MAX_REPLY_BYTES {
+                if parser.buffered() > MAX_REPLY_BYTES {
                     break;
                 }
             }
@@ -294,21 +280,18 @@ impl Prober {
     }
 
     async fn modern(&self, url: &str, timeout: Duration) -> Result<Success, ProbeError> {
-        let body = json!({
-            "jsonrpc": "2.0", "id": 1, "method": "server/discover",
-            "params": {"_meta": {
-                "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
-                "io.modelcontextprotocol/clientInfo": client_info(),
-                "io.modelcontextprotocol/clientCapabilities": {},
-            }}
-        });
+        let body = jsonrpc::request(
+            1,
+            "server/discover",
+            json!({"_meta": mcp::modern_meta(CLIENT_NAME)}),
+        );
         let reply = self
             .rpc(
                 url,
                 &body,
                 &[
-                    ("mcp-protocol-version", MODERN_VERSION),
-                    ("mcp-method", "server/discover"),
+                    (mcp::PROTOCOL_VERSION, mcp::MODERN_VERSION),
+                    (mcp::METHOD, "server/discover"),
                 ],
                 timeout,
             )
@@ -320,37 +303,30 @@ impl Prober {
             .ok_or_else(|| {
                 ProbeError::Protocol("server/discover result has no supportedVersions".into())
             })?;
-        let version = if versions.iter().any(|v| v == MODERN_VERSION) {
-            Some(MODERN_VERSION.to_owned())
+        let version = if versions.iter().any(|v| v == mcp::MODERN_VERSION) {
+            Some(mcp::MODERN_VERSION.to_owned())
         } else {
             versions.first().and_then(Value::as_str).map(str::to_owned)
         };
-        let info = result
-            .pointer("/_meta/io.modelcontextprotocol~1serverInfo")
-            .or_else(|| result.get("serverInfo"));
+        let (server_name, server_version) = mcp::server_info(result);
         Ok(Success {
             era: Era::Modern,
             protocol_version: version,
-            server_name: info
-                .and_then(|i| i.get("name"))
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            server_version: info
-                .and_then(|i| i.get("version"))
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            server_name,
+            server_version,
         })
     }
 
     async fn legacy(&self, url: &str, timeout: Duration) -> Result<Success, ProbeError> {
-        let init = json!({
-            "jsonrpc": "2.0", "id": 1, "method": "initialize",
-            "params": {
-                "protocolVersion": LEGACY_VERSION,
+        let init = jsonrpc::request(
+            1,
+            "initialize",
+            json!({
+                "protocolVersion": mcp::LEGACY_VERSION,
                 "capabilities": {},
-                "clientInfo": client_info(),
-            }
-        });
+                "clientInfo": {"name": CLIENT_NAME, "version": env!("CARGO_PKG_VERSION")},
+            }),
+        );
         let reply = self.rpc(url, &init, &[], timeout).await?;
         let result = expect_result(&reply, "initialize")?;
         let version = result
@@ -358,30 +334,24 @@ impl Prober {
             .and_then(Value::as_str)
             .ok_or_else(|| ProbeError::Protocol("initialize result has no protocolVersion".into()))?
             .to_owned();
-        let info = result.get("serverInfo");
+        let (server_name, server_version) = mcp::server_info(result);
         let success = Success {
             era: Era::Legacy,
             protocol_version: Some(version.clone()),
-            server_name: info
-                .and_then(|i| i.get("name"))
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            server_version: info
-                .and_then(|i| i.get("version"))
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            server_name,
+            server_version,
         };
         let session = reply
             .headers
-            .get("mcp-session-id")
+            .get(mcp::SESSION_ID)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let mut headers: Vec<(&str, &str)> = vec![("mcp-protocol-version", &version)];
+        let mut headers = vec![(mcp::PROTOCOL_VERSION, version.as_str())];
         if let Some(s) = &session {
-            headers.push(("mcp-session-id", s));
+            headers.push((mcp::SESSION_ID, s));
         }
         let outcome = async {
-            let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+            let initialized = jsonrpc::notification("notifications/initialized");
             let r = self.rpc(url, &initialized, &headers, timeout).await?;
             if !r.status.is_success() {
                 return Err(ProbeError::Protocol(format!(
@@ -389,7 +359,7 @@ impl Prober {
                     r.status
                 )));
             }
-            let ping = json!({"jsonrpc": "2.0", "id": 2, "method": "ping"});
+            let ping = jsonrpc::request(2, "ping", json!({}));
             let r = self.rpc(url, &ping, &headers, timeout).await?;
             expect_result(&r, "ping")?;
             Ok(())
@@ -400,8 +370,8 @@ impl Prober {
             let _ = self
                 .client
                 .delete(url)
-                .header("mcp-session-id", s)
-                .header("mcp-protocol-version", &version)
+                .header(mcp::SESSION_ID, s)
+                .header(mcp::PROTOCOL_VERSION, &version)
                 .timeout(timeout)
                 .send()
                 .await;
@@ -415,7 +385,7 @@ impl Prober {
         &self,
         url: &str,
         body: &Value,
-        headers: &[(&str, &str)],
+        headers: &[(reqwest::header::HeaderName, &str)],
         timeout: Duration,
     ) -> Result<Reply, ProbeError> {
         let fut = async {
@@ -426,7 +396,7 @@ impl Prober {
                 .header("accept", "application/json, text/event-stream")
                 .json(body);
             for (k, v) in headers {
-                req = req.header(*k, *v);
+                req = req.header(k, *v);
             }
             let resp = req
                 .send()
@@ -461,18 +431,20 @@ impl Prober {
     }
 }
 
-fn client_info() -> Value {
-    json!({"name": "switchboard-health", "version": env!("CARGO_PKG_VERSION")})
-}
+/// How probes name their client in `initialize` and `_meta`.
+const CLIENT_NAME: &str = "switchboard-health";
 
 fn expect_result<'a>(reply: &'a Reply, method: &str) -> Result<&'a Value, ProbeError> {
-    let Some(msg) = &reply.message else {
-        return Err(ProbeError::Protocol(format!(
-            "{method} answered HTTP {} with no JSON-RPC response",
-            reply.status
-        )));
+    let outcome = match reply.message.as_ref().and_then(Message::parse) {
+        Some(Message::Response { outcome, .. }) => outcome,
+        _ => {
+            return Err(ProbeError::Protocol(format!(
+                "{method} answered HTTP {} with no JSON-RPC response",
+                reply.status
+            )));
+        }
     };
-    if let Some(err) = msg.get("error") {
+    if let Err(err) = outcome {
         return Err(ProbeError::Protocol(format!(
             "{method} answered HTTP {} with JSON-RPC error {}",
             reply.status, err
@@ -484,7 +456,8 @@ fn expect_result<'a>(reply: &'a Reply, method: &str) -> Result<&'a Value, ProbeE
             reply.status
         )));
     }
-    msg.get("result")
+    outcome
+        .ok()
         .filter(|r| r.is_object())
         .ok_or_else(|| ProbeError::Protocol(format!("{method} response has no result object")))
 }
@@ -502,24 +475,18 @@ async fn read_capped(resp: reqwest::Response) -> Result<Vec<u8>, ProbeError> {
     Ok(out)
 }
 
-/// Reads SSE events until one carries the JSON-RPC response with `id`.
+/// Reads SSE events until one carries the JSON-RPC response with `id` (any response when
+/// `id` is `None`).
 async fn read_sse_response(
     resp: reqwest::Response,
     id: Option<&Value>,
 ) -> Result<Option<Value>, ProbeError> {
-    let mut buf: Vec<u8> = Vec::new();
+    let mut parser = sse::Parser::new();
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| ProbeError::Protocol(e.to_string()))?;
-        buf.extend_from_slice(&chunk);
-        if buf.len() > MAX_REPLY_BYTES {
-            return Err(ProbeError::Protocol("reply larger than 1 MiB".into()));
-        }
-        while let Some((event, rest)) = split_event(&buf) {
-            if let Some(msg) = event_message(event)
-                && (id.is_none() || msg.get("id") == id)
-                && (msg.get("result").is_some() || msg.get("error").is_some())
-            {
+        for event in parser.feed(&chunk) {
+            if let Some(msg) = response_in(&event, id) {
                 // A stateless server ends the stream right after the response: read to the
                 // end (briefly) so the connection goes back to the pool instead of being
                 // dropped and reconnected for every probe.
@@ -529,68 +496,62 @@ async fn read_sse_response(
                 .await;
                 return Ok(Some(msg));
             }
-            buf = rest.to_vec();
+        }
+        if parser.buffered() > MAX_REPLY_BYTES {
+            return Err(ProbeError::Protocol("reply larger than 1 MiB".into()));
         }
     }
     Ok(None)
 }
 
-/// Splits the first complete SSE event (terminated by a blank line) off the buffer.
-fn split_event(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let mut i = 0;
-    while i + 1 < buf.len() {
-        if buf[i] == b'\n' && buf[i + 1] == b'\n' {
-            return Some((&buf[..i], &buf[i + 2..]));
-        }
-        if buf[i] == b'\n' && buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
-            return Some((&buf[..i], &buf[i + 3..]));
-        }
-        i += 1;
-    }
-    None
-}
-
-/// The JSON in an event's `data:` lines, if any.
-fn event_message(event: &[u8]) -> Option<Value> {
-    let text = std::str::from_utf8(event).ok()?;
-    let mut data = String::new();
-    for line in text.lines() {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        if let Some(d) = line.strip_prefix("data:") {
-            if !data.is_empty() {
-                data.push('\n');
-            }
-            data.push_str(d.strip_prefix(' ').unwrap_or(d));
-        }
-    }
-    if data.trim().is_empty() {
-        return None;
-    }
-    serde_json::from_str(&data).ok()
+/// The JSON-RPC response to `id` an SSE event carries, if it carries one.
+fn response_in(event: &sse::Event, id: Option<&Value>) -> Option<Value> {
+    let msg: Value = serde_json::from_str(&event.data).ok()?;
+    let matches = match (Message::parse(&msg)?, id) {
+        (m @ Message::Response { .. }, Some(id)) => m.response_to(id).is_some(),
+        (Message::Response { .. }, None) => true,
+        _ => false,
+    };
+    matches.then_some(msg)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn sse_events_split_and_parse() {
-        let raw =
-            b"data: \nid: 0\nretry: 3000\n\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n";
-        let (first, rest) = split_event(raw).unwrap();
-        assert!(
-            event_message(first).is_none(),
-            "priming event has no message"
-        );
-        let (second, rest) = split_event(rest).unwrap();
-        assert!(rest.is_empty());
-        assert_eq!(event_message(second).unwrap()["id"], 1);
+    fn events(raw: &[u8]) -> Vec<sse::Event> {
+        sse::Parser::new().feed(raw)
     }
 
     #[test]
-    fn crlf_events_parse() {
-        let raw = b"event: message\r\ndata: {\"id\":2,\"result\":{}}\r\n\r\n";
-        let (ev, _) = split_event(raw).unwrap();
-        assert_eq!(event_message(ev).unwrap()["id"], 2);
+    fn the_response_is_found_after_a_priming_event() {
+        let raw =
+            b"data: \nid: 0\nretry: 3000\n\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n";
+        let ev = events(raw);
+        assert_eq!(ev.len(), 2);
+        assert!(
+            response_in(&ev[0], Some(&json!(1))).is_none(),
+            "priming event has no message"
+        );
+        assert_eq!(response_in(&ev[1], Some(&json!(1))).unwrap()["id"], 1);
+        assert!(
+            response_in(&ev[1], Some(&json!(2))).is_none(),
+            "another request's response"
+        );
+    }
+
+    #[test]
+    fn crlf_and_multi_line_data_parse() {
+        let raw = b"event: message\r\ndata: {\"id\":2,\r\ndata: \"result\":{}}\r\n\r\n";
+        let ev = events(raw);
+        assert_eq!(response_in(&ev[0], Some(&json!(2))).unwrap()["id"], 2);
+    }
+
+    #[test]
+    fn notifications_and_requests_are_not_the_response() {
+        let raw = b"data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\"}\n\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"roots/list\"}\n\n";
+        for ev in events(raw) {
+            assert!(response_in(&ev, Some(&json!(1))).is_none(), "{ev:?}");
+        }
     }
 }

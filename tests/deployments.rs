@@ -397,7 +397,7 @@ async fn events_until(
     until: impl Fn(&serde_json::Value) -> bool,
 ) {
     use futures_util::StreamExt as _;
-    let mut buf = String::new();
+    let mut parser = switchboard::mcp::sse::Parser::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let chunk = tokio::time::timeout_at(deadline, stream.next())
@@ -405,16 +405,12 @@ async fn events_until(
             .expect("the awaited event never came")
             .unwrap()
             .unwrap();
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buf.find("\n\n") {
-            let frame: String = buf.drain(..end + 2).collect();
-            if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data:")) {
-                let v: serde_json::Value = serde_json::from_str(data.trim()).unwrap();
-                let done = until(&v);
-                seen.push(v);
-                if done {
-                    return;
-                }
+        for event in parser.feed(&chunk) {
+            let v: serde_json::Value = serde_json::from_str(&event.data).unwrap();
+            let done = until(&v);
+            seen.push(v);
+            if done {
+                return;
             }
         }
     }

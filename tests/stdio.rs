@@ -9,8 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    TestApp, alive, eventually, legacy_session, mcp_rpc, sigkill, test_server_bin, whoami,
-    whoami_in_session,
+    TestApp, alive, eventually, legacy_session, mcp_rpc, sigkill, sse_messages, test_server_bin,
+    whoami, whoami_in_session,
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -547,13 +547,7 @@ async fn modern_messages(url: &str, body: &Value) -> Vec<Value> {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    resp.text()
-        .await
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(|d| serde_json::from_str(d.trim()).unwrap())
-        .collect()
+    sse_messages(&resp.text().await.unwrap())
 }
 
 #[tokio::test]

@@ -12,6 +12,9 @@ pub mod code {
     pub const INVALID_REQUEST: i64 = -32600;
     pub const METHOD_NOT_FOUND: i64 = -32601;
     pub const INTERNAL_ERROR: i64 = -32603;
+    /// The SDKs' generic server error, which they answer "Bad Request" with (a missing session
+    /// header, a GET without a session).
+    pub const SERVER_ERROR: i64 = -32000;
     /// The SDKs' "session not found" for an unknown `Mcp-Session-Id`.
     pub const SESSION_NOT_FOUND: i64 = -32001;
     /// 2026-07-28's UnsupportedProtocolVersionError (a client then falls back to `initialize`).

@@ -525,7 +525,7 @@ impl Child {
                         drop(routes);
                         self.send_value(&serde_json::json!({
                             "jsonrpc": "2.0", "id": id,
-                            "error": {"code": -32601, "message": "this server is shared by many clients (Switchboard's stateless pool): server-to-client requests are not available; use a legacy session"},
+                            "error": {"code": crate::mcp::jsonrpc::code::METHOD_NOT_FOUND, "message": "this server is shared by many clients (Switchboard's stateless pool): server-to-client requests are not available; use a legacy session"},
                         }));
                     } else {
                         tracing::debug!(
@@ -598,7 +598,7 @@ pub fn server_ended_error(id: Value, status: &str) -> Value {
         "jsonrpc": "2.0",
         "id": id,
         "error": {
-            "code": -32603,
+            "code": crate::mcp::jsonrpc::code::INTERNAL_ERROR,
             "message": format!("the MCP server process ended before replying ({status})"),
         },
     })

@@ -42,12 +42,8 @@ pub struct HostConfig {
     pub grace: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Era {
-    Legacy,
-    Modern,
-}
+/// A stdio server is `Legacy` or `Modern` (HTTP+SSE is an HTTP transport).
+pub use crate::mcp::Era;
 
 pub struct Session {
     pub id: String,
@@ -145,11 +141,7 @@ const DEATH_WINDOW: Duration = Duration::from_secs(60);
 
 /// The `_meta` every modern request carries (2026-07-28).
 fn modern_meta() -> Value {
-    json!({
-        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-        "io.modelcontextprotocol/clientInfo": {"name": "switchboard", "version": env!("CARGO_PKG_VERSION")},
-        "io.modelcontextprotocol/clientCapabilities": {},
-    })
+    crate::mcp::modern_meta("switchboard")
 }
 
 impl Host {
@@ -225,7 +217,7 @@ impl Host {
                 if let Some(info) =
                     reply.pointer("/result/_meta/io.modelcontextprotocol~1serverInfo")
                 {
-                    self.note_server(info, "2026-07-28");
+                    self.note_server(info, crate::mcp::MODERN_VERSION);
                 }
                 Era::Modern
             }
@@ -339,7 +331,7 @@ impl Host {
         }
         let (method, params) = match era {
             Era::Modern => ("server/discover", json!({"_meta": modern_meta()})),
-            Era::Legacy => ("ping", json!({})),
+            Era::Legacy | Era::LegacySse => ("ping", json!({})),
         };
         match tokio::time::timeout(timeout, self.probe_request(&child, method, params)).await {
             Ok(Ok(r)) if r.get("result").is_some() => {

@@ -48,6 +48,7 @@ use self::{
     child::{SendError, encode},
     host::{Era, Host, HostConfig, HostError},
 };
+use crate::mcp::{self, jsonrpc::code};
 
 /// An HTTP client for a bridge's socket (its `/health` and `/sessions`): every connection goes
 /// to `socket`, so URLs only name the path (`http://bridge/health`).
@@ -232,10 +233,7 @@ pub async fn serve(
     served.context("serving HTTP")
 }
 
-const SESSION: &str = "mcp-session-id";
-
-/// The revisions a legacy (`initialize`) server may speak, newest first.
-const LEGACY_VERSIONS: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
+const SESSION: http::HeaderName = mcp::SESSION_ID;
 
 fn jsonrpc_error(status: StatusCode, code: i64, message: impl Into<String>) -> Response {
     let body =
@@ -263,15 +261,14 @@ fn wants_sse(headers: &HeaderMap) -> bool {
 }
 
 fn is_modern(msg: &Value) -> bool {
-    msg.pointer("/params/_meta/io.modelcontextprotocol~1protocolVersion")
-        .is_some()
+    mcp::meta_protocol_version(msg).is_some()
         || msg.get("method").and_then(Value::as_str) == Some("server/discover")
 }
 
 fn session_not_found() -> Response {
     jsonrpc_error(
         StatusCode::NOT_FOUND,
-        -32001,
+        code::SESSION_NOT_FOUND,
         "Session not found: it ended (its server process exited, it was idle, or it was deleted); initialize a new session",
     )
 }
@@ -306,7 +303,12 @@ async fn respond(
         }
         drop(registration);
         let body = last.unwrap_or_else(|| {
-            encode(&json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32603, "message": "no reply"}}))
+            encode(&mcp::jsonrpc::error_response(
+                Value::Null,
+                code::INTERNAL_ERROR,
+                "no reply",
+                None,
+            ))
         });
         return builder
             .header(header::CONTENT_TYPE, "application/json")
@@ -332,12 +334,12 @@ fn send_failed(e: SendError, legacy: bool) -> Response {
         SendError::Ended(_) if legacy => session_not_found(),
         SendError::Ended(why) => jsonrpc_error(
             StatusCode::SERVICE_UNAVAILABLE,
-            -32603,
+            code::INTERNAL_ERROR,
             format!("the MCP server process has ended ({why}); retry"),
         ),
         SendError::DuplicateId(id) => jsonrpc_error(
             StatusCode::BAD_REQUEST,
-            -32600,
+            code::INVALID_REQUEST,
             format!("a request with id {id} is already in flight on this session"),
         ),
     }
@@ -347,13 +349,17 @@ async fn post(State(host): State<Arc<Host>>, headers: HeaderMap, body: Bytes) ->
     let msg: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
-            return jsonrpc_error(StatusCode::BAD_REQUEST, -32700, format!("Parse error: {e}"));
+            return jsonrpc_error(
+                StatusCode::BAD_REQUEST,
+                code::PARSE_ERROR,
+                format!("Parse error: {e}"),
+            );
         }
     };
     if !msg.is_object() {
         return jsonrpc_error(
             StatusCode::BAD_REQUEST,
-            -32600,
+            code::INVALID_REQUEST,
             "Invalid Request: one JSON-RPC message per POST (batches are not supported)",
         );
     }
@@ -392,24 +398,29 @@ async fn post(State(host): State<Arc<Host>>, headers: HeaderMap, body: Bytes) ->
         if host.era() != Some(Era::Modern) {
             // The spec's UnsupportedProtocolVersionError, so a client falls back to
             // `initialize` (the server behind this bridge speaks only the legacy era).
-            let requested = msg
-                .pointer("/params/_meta/io.modelcontextprotocol~1protocolVersion")
+            let requested = mcp::meta_protocol_version(&msg)
                 .cloned()
                 .unwrap_or(Value::Null);
             let body = json!({
                 "jsonrpc": "2.0",
                 "id": msg.get("id").cloned().unwrap_or(Value::Null),
                 "error": {
-                    "code": -32022,
+                    "code": code::UNSUPPORTED_PROTOCOL_VERSION,
                     "message": "this server does not support protocol version 2026-07-28: use a legacy session (initialize)",
-                    "data": {"supported": LEGACY_VERSIONS, "requested": requested},
+                    "data": {"supported": mcp::LEGACY_VERSIONS, "requested": requested},
                 },
             });
             return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
         }
         let child = match host.pool_child() {
             Ok(c) => c,
-            Err(e) => return jsonrpc_error(StatusCode::SERVICE_UNAVAILABLE, -32603, e.to_string()),
+            Err(e) => {
+                return jsonrpc_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    code::INTERNAL_ERROR,
+                    e.to_string(),
+                );
+            }
         };
         if !is_request {
             // A stateless notification has no session to belong to; a cancellation names an
@@ -427,7 +438,7 @@ async fn post(State(host): State<Arc<Host>>, headers: HeaderMap, body: Bytes) ->
     }
     jsonrpc_error(
         StatusCode::BAD_REQUEST,
-        -32000,
+        code::SERVER_ERROR,
         "Bad Request: Mcp-Session-Id header is required (send initialize first, or a 2026-07-28 request with _meta)",
     )
 }
@@ -445,7 +456,13 @@ async fn initialize(host: &Arc<Host>, msg: Value, sse: bool) -> Response {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             return r;
         }
-        Err(e) => return jsonrpc_error(StatusCode::SERVICE_UNAVAILABLE, -32603, e.to_string()),
+        Err(e) => {
+            return jsonrpc_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                code::INTERNAL_ERROR,
+                e.to_string(),
+            );
+        }
     };
     if let Err(e) = host.register(&session, slot) {
         return jsonrpc_error(StatusCode::SERVICE_UNAVAILABLE, -32603, e.to_string());
@@ -481,7 +498,7 @@ async fn initialize(host: &Arc<Host>, msg: Value, sse: bool) -> Response {
     let Some((reply, v)) = reply else {
         return jsonrpc_error(
             StatusCode::BAD_GATEWAY,
-            -32603,
+            code::INTERNAL_ERROR,
             "the MCP server sent no reply to initialize",
         );
     };
@@ -537,7 +554,7 @@ async fn get_stream(State(host): State<Arc<Host>>, headers: HeaderMap) -> Respon
     let Some(sid) = session_header(&headers) else {
         return jsonrpc_error(
             StatusCode::METHOD_NOT_ALLOWED,
-            -32000,
+            code::SERVER_ERROR,
             "GET needs an Mcp-Session-Id (a legacy session's stream); 2026-07-28 has no GET stream",
         );
     };
@@ -549,7 +566,7 @@ async fn get_stream(State(host): State<Arc<Host>>, headers: HeaderMap) -> Respon
     if !session.child.listen(tx) {
         return jsonrpc_error(
             StatusCode::CONFLICT,
-            -32000,
+            code::SERVER_ERROR,
             "Conflict: only one standalone SSE stream is allowed per session",
         );
     }
@@ -601,7 +618,7 @@ async fn delete(State(host): State<Arc<Host>>, headers: HeaderMap) -> Response {
     let Some(sid) = session_header(&headers) else {
         return jsonrpc_error(
             StatusCode::BAD_REQUEST,
-            -32000,
+            code::SERVER_ERROR,
             "Bad Request: Mcp-Session-Id header is required",
         );
     };
@@ -654,10 +671,7 @@ async fn sessions(State(host): State<Arc<Host>>) -> Response {
         .collect();
     list.sort_by_key(|s| s.created_at);
     let body = BridgeSessions {
-        era: host.era().map(|e| match e {
-            Era::Legacy => "legacy".to_owned(),
-            Era::Modern => "modern".to_owned(),
-        }),
+        era: host.era().map(|e| e.as_str().to_owned()),
         max_sessions: host.config.max_sessions,
         sessions: list,
         processes: host

@@ -11,6 +11,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use switchboard::{
     config::{Config, EdgeLimits},
+    mcp::jsonrpc::Message,
     ports::PortRange,
     proxy::ProxyConfig,
 };
@@ -430,15 +431,22 @@ pub async fn whoami(endpoint: &str) -> Value {
         .await
         .unwrap();
     let text = resp.text().await.unwrap();
-    let data = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(str::trim)
-        .find(|d| d.contains("\"result\""))
+    let msg = sse_messages(&text)
+        .into_iter()
+        .find(|m| m.get("result").is_some())
         .unwrap_or_else(|| panic!("no result in {text}"));
-    let msg: Value = serde_json::from_str(data).unwrap();
     let inner = msg["result"]["content"][0]["text"].as_str().unwrap();
     serde_json::from_str(inner).unwrap()
+}
+
+/// The JSON messages in an SSE body (events whose data is not JSON, like a priming event's
+/// empty data, are skipped), read with Switchboard's own parser.
+pub fn sse_messages(text: &str) -> Vec<Value> {
+    switchboard::mcp::sse::Parser::new()
+        .feed(text.as_bytes())
+        .into_iter()
+        .filter_map(|e| serde_json::from_str(&e.data).ok())
+        .collect()
 }
 
 /// One MCP message over HTTP: the status, headers, and the JSON-RPC response (JSON or SSE).
@@ -466,12 +474,12 @@ pub async fn mcp_rpc(
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let text = resp.text().await.unwrap();
     let msg = if sse {
-        text.lines()
-            .filter_map(|l| l.strip_prefix("data:"))
-            .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
-            .find(|m| {
-                m.get("id").is_some() && (m.get("result").is_some() || m.get("error").is_some())
-            })
+        sse_messages(&text).into_iter().find(|m| {
+            matches!(
+                Message::parse(m),
+                Some(Message::Response { id, .. }) if !id.is_null()
+            )
+        })
     } else {
         serde_json::from_str(&text).ok()
     };
