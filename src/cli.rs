@@ -2,16 +2,21 @@
 //! API (`--url`, `SWITCHBOARD_URL`, `SWITCHBOARD_TOKEN`), printing tables for people and the
 //! API's JSON with `--json`.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, anyhow, bail};
 use chrono::Utc;
 use clap::{Args, Parser, Subcommand};
 use comfy_table::{Table, presets::NOTHING};
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
-use crate::{config::Overrides, deployment::Deployment, ports::PortRange, registry::Tool};
+use crate::{
+    config::Overrides,
+    deployment::Deployment,
+    ports::PortRange,
+    registry::{Tool, ToolSpec},
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -218,13 +223,24 @@ impl ServeArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum ToolCommand {
-    /// Register a tool: `switchboard tool add SLUG -- COMMAND [ARGS...]`, or `--file spec.toml`.
+    /// Register a tool: `switchboard tool add SLUG -- COMMAND [ARGS...]`, or `--file FILE`
+    /// (one tool, or the config file's `[[tools]]` form).
     Add(Box<ToolAddArgs>),
+    /// Change a tool: the flags given (the rest stays), or `--file FILE` for a whole new
+    /// definition. A new transport is refused while the tool has live deployments.
+    Update(Box<ToolUpdateArgs>),
+    /// Create or update every tool of a file in the config file's `[[tools]]` form, and
+    /// report each as created, updated or unchanged.
+    Apply {
+        /// TOML (or JSON, by extension); a whole config file works too.
+        #[arg(long, short)]
+        file: PathBuf,
+    },
     /// List registered tools.
     List,
     /// Show one tool.
     Show { slug: String },
-    /// Delete a tool (refused while it has live deployments).
+    /// Delete a tool (refused while it has live deployments; its deployments' records stay).
     Rm { slug: String },
 }
 
@@ -232,7 +248,23 @@ pub enum ToolCommand {
 pub struct ToolAddArgs {
     /// The tool's slug (or in the file).
     pub slug: Option<String>,
-    /// A tool definition, TOML or JSON (by extension); flags override its fields.
+    #[command(flatten)]
+    pub fields: ToolFields,
+}
+
+#[derive(Args, Debug)]
+pub struct ToolUpdateArgs {
+    pub slug: String,
+    #[command(flatten)]
+    pub fields: ToolFields,
+}
+
+/// A tool's fields as flags. Relative paths (a command containing `/`, `--working-dir`)
+/// resolve against this command's working directory, as a config file's against its own.
+#[derive(Args, Debug)]
+pub struct ToolFields {
+    /// A tool definition: one tool's table, or the config file's `[[tools]]` form; TOML, or
+    /// JSON by extension. Flags override its fields.
     #[arg(long)]
     pub file: Option<PathBuf>,
     #[arg(long)]
@@ -264,12 +296,98 @@ pub struct ToolAddArgs {
     pub stop_grace_period_ms: Option<u64>,
     #[arg(long)]
     pub replicas: Option<u32>,
-    /// Deploy it whenever Switchboard starts.
-    #[arg(long)]
-    pub autostart: bool,
+    /// Deploy it whenever Switchboard starts (`--autostart=false` turns that off).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub autostart: Option<bool>,
     /// The command and its arguments, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+impl ToolFields {
+    /// Whether any field is given (besides the file).
+    fn any_given(&self) -> bool {
+        self.name.is_some()
+            || self.description.is_some()
+            || !self.env.is_empty()
+            || !self.secret_env.is_empty()
+            || self.working_dir.is_some()
+            || self.transport.is_some()
+            || self.endpoint_path.is_some()
+            || self.port_env.is_some()
+            || self.no_port_env
+            || self.startup_timeout_ms.is_some()
+            || self.stop_grace_period_ms.is_some()
+            || self.replicas.is_some()
+            || self.autostart.is_some()
+            || !self.command.is_empty()
+    }
+
+    /// Sets the fields the flags give on `spec`; whether any was given.
+    fn set_on(self, spec: &mut ToolSpec) -> anyhow::Result<bool> {
+        let given = self.any_given();
+        if let Some((cmd, args)) = self.command.split_first() {
+            spec.command.clone_from(cmd);
+            spec.args = args.to_vec();
+        }
+        if let Some(v) = self.name {
+            spec.name = v;
+        }
+        if let Some(v) = self.description {
+            spec.description = v;
+        }
+        for kv in &self.env {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--env '{kv}' must be KEY=VALUE"))?;
+            spec.env.insert(k.to_owned(), v.to_owned());
+        }
+        for kv in &self.secret_env {
+            let (k, v) = match kv.split_once('=') {
+                Some((k, v)) => (k.to_owned(), v.to_owned()),
+                None => (
+                    kv.clone(),
+                    std::env::var(kv).map_err(|_| {
+                        anyhow!("--secret-env {kv}: {kv} is not set in this environment")
+                    })?,
+                ),
+            };
+            spec.secret_env.insert(k, v);
+        }
+        if let Some(v) = self.working_dir {
+            spec.working_dir = Some(v);
+        }
+        if let Some(v) = self.transport {
+            spec.transport = serde_json::from_value(json!(v))?;
+        }
+        if let Some(v) = self.endpoint_path {
+            spec.endpoint_path = v;
+        }
+        if let Some(v) = self.port_env {
+            spec.port_env = Some(v);
+        }
+        if self.no_port_env {
+            spec.port_env = None;
+        }
+        if let Some(v) = self.startup_timeout_ms {
+            spec.startup_timeout_ms = v;
+        }
+        if let Some(v) = self.stop_grace_period_ms {
+            spec.stop_grace_period_ms = v;
+        }
+        if let Some(v) = self.replicas {
+            spec.replicas = v;
+        }
+        if let Some(v) = self.autostart {
+            spec.autostart = v;
+        }
+        // Paths from the file are absolute by now; those from flags resolve here. Without a
+        // working directory they stay relative, and the API refuses them saying why.
+        if let Ok(cwd) = std::env::current_dir() {
+            crate::config::resolve_tool_paths(spec, &cwd);
+        }
+        Ok(given)
+    }
 }
 
 /// A client of the REST API.
@@ -441,107 +559,118 @@ fn print_deployment(d: &Deployment) {
     }
 }
 
-fn tool_body(a: ToolAddArgs) -> anyhow::Result<Value> {
-    let mut body: Map<String, Value> = match &a.file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let v: Value = if path.extension().is_some_and(|e| e == "json") {
-                serde_json::from_str(&text)
-                    .with_context(|| format!("{} is not valid JSON", path.display()))?
-            } else {
-                let t: toml::Value = toml::from_str(&text)
-                    .with_context(|| format!("{} is not valid TOML", path.display()))?;
-                serde_json::to_value(t)?
+/// The definitions `tool add` registers: the file's, or one from the slug and the command.
+fn tools_to_add(a: ToolAddArgs) -> anyhow::Result<Vec<ToolSpec>> {
+    let ToolAddArgs { slug, mut fields } = a;
+    let mut specs = match fields.file.take() {
+        Some(path) => crate::config::read_tools_file(&path)?,
+        None => {
+            let slug = slug.clone().ok_or_else(|| {
+                anyhow!("give the tool a slug: `switchboard tool add SLUG -- COMMAND [ARGS...]`")
+            })?;
+            let Some(command) = fields.command.first() else {
+                bail!(
+                    "give the tool a command after `--`: `switchboard tool add SLUG -- COMMAND [ARGS...]`"
+                );
             };
-            match v {
-                Value::Object(m) => m,
-                _ => bail!(
-                    "{} must hold one tool definition (a table/object)",
-                    path.display()
-                ),
+            vec![serde_json::from_value(
+                json!({"slug": slug, "command": command}),
+            )?]
+        }
+    };
+    match specs.as_mut_slice() {
+        [spec] => {
+            if let Some(s) = slug {
+                spec.slug = s;
+            }
+            fields.set_on(spec)?;
+        }
+        many => {
+            if slug.is_some() || fields.any_given() {
+                bail!(
+                    "the file defines {} tools: a slug or flags would apply to one of them; \
+                     put them in the file",
+                    many.len()
+                );
             }
         }
-        None => Map::new(),
-    };
-    let mut set = |k: &str, v: Value| {
-        body.insert(k.to_owned(), v);
-    };
-    if let Some(s) = a.slug {
-        set("slug", json!(s));
     }
-    if let Some((cmd, args)) = a.command.split_first() {
-        set("command", json!(cmd));
-        set("args", json!(args));
-    }
-    if let Some(v) = a.name {
-        set("name", json!(v));
-    }
-    if let Some(v) = a.description {
-        set("description", json!(v));
-    }
-    if !a.env.is_empty() {
-        let mut env = BTreeMap::new();
-        for kv in &a.env {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| anyhow!("--env '{kv}' must be KEY=VALUE"))?;
-            env.insert(k.to_owned(), v.to_owned());
+    Ok(specs)
+}
+
+/// The definition `tool update SLUG` sends: the file's (the tool of that slug when the file
+/// has several) or the stored one, with the flags set on it.
+async fn tool_to_update(client: &Client, a: ToolUpdateArgs) -> anyhow::Result<ToolSpec> {
+    let ToolUpdateArgs { slug, mut fields } = a;
+    let from_file = fields.file.take();
+    let mut spec = match &from_file {
+        Some(path) => {
+            let mut specs = crate::config::read_tools_file(path)?;
+            match specs.iter().position(|s| s.slug == slug) {
+                Some(i) => specs.swap_remove(i),
+                None if specs.len() == 1 => specs.remove(0),
+                None => bail!("{} defines no tool '{slug}'", path.display()),
+            }
         }
-        set("env", json!(env));
-    }
-    if !a.secret_env.is_empty() {
-        let mut env = BTreeMap::new();
-        for kv in &a.secret_env {
-            let (k, v) = match kv.split_once('=') {
-                Some((k, v)) => (k.to_owned(), v.to_owned()),
-                None => (
-                    kv.clone(),
-                    std::env::var(kv).map_err(|_| {
-                        anyhow!("--secret-env {kv}: {kv} is not set in this environment")
-                    })?,
-                ),
-            };
-            env.insert(k, v);
+        // Secrets come back as "********", which the API reads as "keep the stored value".
+        None => {
+            client
+                .get::<Tool>(&format!("/api/v1/tools/{slug}"))
+                .await?
+                .0
+                .spec
         }
-        set("secret_env", json!(env));
+    };
+    if spec.slug.is_empty() {
+        spec.slug.clone_from(&slug);
     }
-    if let Some(v) = a.working_dir {
-        set("working_dir", json!(v));
-    }
-    if let Some(v) = a.transport {
-        set("transport", json!(v));
-    }
-    if let Some(v) = a.endpoint_path {
-        set("endpoint_path", json!(v));
-    }
-    if let Some(v) = a.port_env {
-        set("port_env", json!(v));
-    }
-    if a.no_port_env {
-        set("port_env", Value::Null);
-    }
-    if let Some(v) = a.startup_timeout_ms {
-        set("startup_timeout_ms", json!(v));
-    }
-    if let Some(v) = a.stop_grace_period_ms {
-        set("stop_grace_period_ms", json!(v));
-    }
-    if let Some(v) = a.replicas {
-        set("replicas", json!(v));
-    }
-    if a.autostart {
-        set("autostart", json!(true));
-    }
-    if !body.contains_key("slug") {
-        bail!("give the tool a slug: `switchboard tool add SLUG -- COMMAND [ARGS...]`");
-    }
-    if !body.contains_key("command") {
+    if spec.slug != slug {
         bail!(
-            "give the tool a command after `--`: `switchboard tool add SLUG -- COMMAND [ARGS...]`"
+            "the file defines tool '{}', not '{slug}' (a slug cannot be renamed)",
+            spec.slug
         );
     }
-    Ok(Value::Object(body))
+    if !fields.set_on(&mut spec)? && from_file.is_none() {
+        bail!("nothing to change: give flags, a command after `--`, or --file");
+    }
+    Ok(spec)
+}
+
+/// Prints what `POST /api/v1/apply` did; an error naming every tool that was not applied.
+fn report_applied(resp: &crate::api::ApplyResponse, json: bool) -> anyhow::Result<()> {
+    if !json {
+        let mut t = table(&["SLUG", "RESULT"]);
+        for r in &resp.results {
+            let result = match (&r.outcome, &r.error) {
+                (Some(o), _) => serde_json::to_value(o)?
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                (None, Some(e)) => format!("FAILED: {} ({})", e.message, e.code),
+                (None, None) => "?".to_owned(),
+            };
+            t.add_row(vec![r.slug.clone(), result]);
+        }
+        println!("{t}");
+    }
+    let failed: Vec<String> = resp
+        .results
+        .iter()
+        .filter_map(|r| {
+            r.error
+                .as_ref()
+                .map(|e| format!("'{}': {} ({})", r.slug, e.message, e.code))
+        })
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} tools were not applied:\n  {}",
+            failed.len(),
+            resp.results.len(),
+            failed.join("\n  ")
+        );
+    }
+    Ok(())
 }
 
 fn print_tool(t: &Tool) {
@@ -686,13 +815,50 @@ pub async fn run_client(command: Command, args: &ClientArgs) -> anyhow::Result<(
     match command {
         Command::Serve(_) => unreachable!("serve is handled by main"),
         Command::Tool(ToolCommand::Add(a)) => {
-            let body = tool_body(*a)?;
-            let (t, raw): (Tool, _) = client.post("/api/v1/tools", Some(&body)).await?;
+            let mut failed = Vec::new();
+            for spec in tools_to_add(*a)? {
+                let body = serde_json::to_value(&spec)?;
+                match client.post::<Tool>("/api/v1/tools", Some(&body)).await {
+                    Ok((_, raw)) if args.json => print_json(&raw),
+                    Ok((t, _)) => println!("Registered tool '{}'", t.spec.slug),
+                    Err(e) => failed.push(format!("'{}': {e}", spec.slug)),
+                }
+            }
+            match failed.as_slice() {
+                [] => {}
+                [one] => bail!("tool {one}"),
+                many => bail!(
+                    "{} tools were not added:\n  {}",
+                    many.len(),
+                    many.join("\n  ")
+                ),
+            }
+        }
+        Command::Tool(ToolCommand::Update(a)) => {
+            let spec = tool_to_update(&client, *a).await?;
+            let body = serde_json::to_value(&spec)?;
+            let v = client
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/api/v1/tools/{}", spec.slug),
+                    Some(&body),
+                )
+                .await?;
+            if args.json {
+                print_json(&v);
+            } else {
+                println!("Updated tool '{}'", spec.slug);
+            }
+        }
+        Command::Tool(ToolCommand::Apply { file }) => {
+            let tools = crate::config::read_tools_file(&file)?;
+            let (resp, raw): (crate::api::ApplyResponse, _) = client
+                .post("/api/v1/apply", Some(&json!({ "tools": tools })))
+                .await?;
             if args.json {
                 print_json(&raw);
-            } else {
-                println!("Registered tool '{}'", t.spec.slug);
             }
+            report_applied(&resp, args.json)?;
         }
         Command::Tool(ToolCommand::List) => {
             let (tools, raw): (Vec<Tool>, _) = client.get("/api/v1/tools").await?;

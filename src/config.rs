@@ -264,6 +264,74 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     out
 }
 
+/// The directory relative paths in the file at `path` resolve against: its own, absolute (so
+/// resolved paths stay right whatever directory a server runs in) and canonical (so `resolve`
+/// may apply a leading `..` by name).
+fn base_dir_of(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path)
+        .or_else(|_| std::path::absolute(path))
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Makes a tool's relative paths absolute against `base`, a canonical directory: its `command`
+/// when that contains a `/` (a bare name is looked up in `PATH`; `npx:@scope/name` names a
+/// package), and its `working_dir`. The server never sees a path that would depend on its own
+/// working directory.
+pub fn resolve_tool_paths(t: &mut ToolSpec, base: &Path) {
+    if t.command.contains('/') && crate::packages::Package::parse(&t.command).is_none() {
+        t.command = resolve(base, Path::new(&t.command))
+            .to_string_lossy()
+            .into_owned();
+    }
+    t.working_dir = t.working_dir.take().map(|w| resolve(base, &w));
+}
+
+/// Tool definitions in a file, as `switchboard tool add/update/apply --file` read them: the
+/// config file's `[[tools]]` form (a whole config file works; its other sections are checked
+/// and left alone), or one tool's table. TOML, or JSON when the name ends in `.json`. Relative
+/// paths resolve against the file's directory, as in a config file.
+pub fn read_tools_file(path: &Path) -> Result<Vec<ToolSpec>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let parse_error = |message: String| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message,
+    };
+    let json = path.extension().is_some_and(|e| e == "json");
+    let many = if json {
+        serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| parse_error(e.to_string()))?
+            .get("tools")
+            .is_some()
+    } else {
+        toml::from_str::<toml::Table>(&text)
+            .map_err(|e| parse_error(e.to_string()))?
+            .contains_key("tools")
+    };
+    let mut tools = match (many, json) {
+        (true, true) => serde_json::from_str::<FileConfig>(&text)
+            .map(|f| f.tools)
+            .map_err(|e| parse_error(e.to_string()))?,
+        (true, false) => toml::from_str::<FileConfig>(&text)
+            .map(|f| f.tools)
+            .map_err(|e| parse_error(e.to_string()))?,
+        (false, true) => vec![serde_json::from_str(&text).map_err(|e| parse_error(e.to_string()))?],
+        (false, false) => vec![toml::from_str(&text).map_err(|e| parse_error(e.to_string()))?],
+    };
+    if tools.is_empty() {
+        return Err(parse_error("it defines no tools".to_owned()));
+    }
+    let base = base_dir_of(path);
+    for t in &mut tools {
+        resolve_tool_paths(t, &base);
+    }
+    Ok(tools)
+}
+
 fn read_token_file(path: &Path) -> Result<String, ConfigError> {
     let raw = std::fs::read_to_string(path).map_err(|error| ConfigError::TokenFile {
         path: path.to_path_buf(),
@@ -288,14 +356,7 @@ impl Config {
                     path: path.clone(),
                     message: e.to_string(),
                 })?;
-                // Absolute, so resolved paths stay right whatever directory a server runs in;
-                // canonical, so `resolve` may apply a leading `..` by name.
-                let base = std::fs::canonicalize(path)
-                    .or_else(|_| std::path::absolute(path))
-                    .ok()
-                    .and_then(|p| p.parent().map(Path::to_path_buf))
-                    .unwrap_or_else(|| PathBuf::from("."));
-                (file, base)
+                (file, base_dir_of(path))
             }
             None => (FileConfig::default(), PathBuf::from(".")),
         };
@@ -323,14 +384,7 @@ impl Config {
             .tools
             .into_iter()
             .map(|mut t| {
-                // `npx:@scope/name` names a package, not a path.
-                if t.command.contains('/') && crate::packages::Package::parse(&t.command).is_none()
-                {
-                    t.command = resolve(&base, Path::new(&t.command))
-                        .to_string_lossy()
-                        .into_owned();
-                }
-                t.working_dir = t.working_dir.map(|w| resolve(&base, &w));
+                resolve_tool_paths(&mut t, &base);
                 t
             })
             .collect();

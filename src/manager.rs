@@ -37,7 +37,7 @@ use crate::{
     metrics::Metrics,
     ports::{PortAllocator, PortsExhausted},
     proxy::routes::{Backend, RouteTable},
-    registry::{SpecError, Tool, ToolSpec, Transport},
+    registry::{ApplyOutcome, SpecError, Tool, ToolSpec, Transport},
     restart::{Backoff, Ending},
     runtime::{LaunchSpec, ProcessId, Runtime, RuntimeError, StopMode},
     store::{DeleteTool, DeploymentFilter, Store, StoreError},
@@ -85,6 +85,16 @@ pub enum ManagerError {
     NotStdio(Uuid),
     #[error("the stdio bridge of deployment {id} did not answer: {message}")]
     Bridge { id: Uuid, message: String },
+    #[error(
+        "tool '{slug}' has {live} live deployment(s) serving over {from}; stop them before \
+         changing its transport to {to} (a running deployment cannot change how it is reached)"
+    )]
+    TransportChange {
+        slug: String,
+        from: &'static str,
+        to: &'static str,
+        live: usize,
+    },
 }
 
 /// Lines of a failed server's log quoted in its record's `error`.
@@ -223,6 +233,8 @@ pub struct Applied {
     pub created: usize,
     pub updated: usize,
     pub unchanged: usize,
+    /// Changes refused (and logged) because live deployments could not follow them.
+    pub refused: usize,
 }
 
 impl Manager {
@@ -550,25 +562,51 @@ impl Manager {
 
     // ----- tools -----
 
-    /// Registers or updates the config file's tools; running it twice changes nothing.
+    /// Registers or updates the config file's tools; running it twice changes nothing. A
+    /// transport change that live deployments cannot follow is logged and skipped: failing the
+    /// start would leave no server through which to stop them.
     pub async fn apply_tools(&self, specs: Vec<ToolSpec>) -> Result<Applied, ManagerError> {
         let mut applied = Applied::default();
         for spec in specs {
-            let spec = spec.validate()?;
-            match self.store.get_tool(&spec.slug).await? {
-                None => {
-                    self.store.insert_tool(&spec).await?;
-                    self.routes.add_tool(&spec.slug);
-                    applied.created += 1;
+            let slug = spec.slug.clone();
+            match self.apply_tool(spec).await {
+                Ok((ApplyOutcome::Created, _)) => applied.created += 1,
+                Ok((ApplyOutcome::Updated, _)) => applied.updated += 1,
+                Ok((ApplyOutcome::Unchanged, _)) => applied.unchanged += 1,
+                Err(e @ ManagerError::TransportChange { .. }) => {
+                    tracing::warn!(tool = %slug, "Config change refused, the stored definition stays: {e}");
+                    applied.refused += 1;
                 }
-                Some(t) if t.spec != spec => {
-                    self.store.update_tool(&spec).await?;
-                    applied.updated += 1;
-                }
-                Some(_) => applied.unchanged += 1,
+                Err(e) => return Err(e),
             }
         }
         Ok(applied)
+    }
+
+    /// Creates the tool, or updates it when its definition differs from the stored one: what
+    /// the config file and `POST /api/v1/apply` do with each tool.
+    pub async fn apply_tool(
+        &self,
+        mut spec: ToolSpec,
+    ) -> Result<(ApplyOutcome, Tool), ManagerError> {
+        let stored = self.store.get_tool(&spec.slug).await?;
+        if let Some(t) = &stored {
+            spec.keep_secrets_from(&t.spec);
+        }
+        let spec = spec.validate()?;
+        match stored {
+            None => Ok((ApplyOutcome::Created, self.create_tool(spec).await?)),
+            Some(t) if t.spec == spec => Ok((ApplyOutcome::Unchanged, t)),
+            Some(t) => {
+                self.refuse_transport_change(&t.spec, &spec).await?;
+                let tool = self
+                    .store
+                    .update_tool(&spec)
+                    .await?
+                    .ok_or(ManagerError::ToolNotFound(spec.slug))?;
+                Ok((ApplyOutcome::Updated, tool))
+            }
+        }
     }
 
     pub async fn create_tool(&self, spec: ToolSpec) -> Result<Tool, ManagerError> {
@@ -582,14 +620,44 @@ impl Manager {
     }
 
     pub async fn update_tool(&self, mut spec: ToolSpec) -> Result<Tool, ManagerError> {
-        if let Some(stored) = self.store.get_tool(&spec.slug).await? {
-            spec.keep_secrets_from(&stored.spec);
-        }
+        let stored = self.get_tool(&spec.slug).await?;
+        spec.keep_secrets_from(&stored.spec);
         let spec = spec.validate()?;
+        self.refuse_transport_change(&stored.spec, &spec).await?;
         self.store
             .update_tool(&spec)
             .await?
             .ok_or(ManagerError::ToolNotFound(spec.slug))
+    }
+
+    /// A live deployment was started, routed and is restarted for the transport it began
+    /// with (a port or a bridge's socket): a new transport is refused while any is live.
+    async fn refuse_transport_change(
+        &self,
+        stored: &ToolSpec,
+        new: &ToolSpec,
+    ) -> Result<(), ManagerError> {
+        if stored.transport == new.transport {
+            return Ok(());
+        }
+        let live = self
+            .store
+            .list_deployments(&DeploymentFilter {
+                tool_slug: Some(new.slug.clone()),
+                statuses: vec![DeploymentStatus::Starting, DeploymentStatus::Running],
+                ..Default::default()
+            })
+            .await?
+            .len();
+        if live > 0 {
+            return Err(ManagerError::TransportChange {
+                slug: new.slug.clone(),
+                from: stored.transport.as_str(),
+                to: new.transport.as_str(),
+                live,
+            });
+        }
+        Ok(())
     }
 
     pub async fn get_tool(&self, slug: &str) -> Result<Tool, ManagerError> {

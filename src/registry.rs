@@ -240,6 +240,14 @@ fn invalid(field: &'static str, message: impl Into<String>) -> SpecError {
     }
 }
 
+fn relative_path_advice(path: &str) -> String {
+    format!(
+        "'{path}' is a relative path, which would depend on Switchboard's working directory: \
+         give an absolute path (the switchboard CLI resolves paths against its working \
+         directory, a config file against its own)"
+    )
+}
+
 /// `^[a-z0-9][a-z0-9-]{0,62}$`, without pulling in a regex engine for one pattern.
 pub fn is_valid_slug(slug: &str) -> bool {
     let bytes = slug.as_bytes();
@@ -275,6 +283,22 @@ impl ToolSpec {
         }
         if self.command.contains('\0') || self.args.iter().any(|a| a.contains('\0')) {
             return Err(invalid("args", "must not contain NUL bytes"));
+        }
+        // A relative path would be resolved against the server's working directory, which
+        // whoever wrote it rarely means: the CLI and config files resolve them before sending.
+        if self.command.contains('/')
+            && !self.command.starts_with('/')
+            && crate::packages::Package::parse(&self.command).is_none()
+        {
+            return Err(invalid("command", relative_path_advice(&self.command)));
+        }
+        if let Some(w) = &self.working_dir
+            && w.is_relative()
+        {
+            return Err(invalid(
+                "working_dir",
+                relative_path_advice(&w.to_string_lossy()),
+            ));
         }
         for (k, v) in &self.env {
             if !valid_env_name(k) {
@@ -442,6 +466,16 @@ impl ToolSpec {
         }
         Ok(self)
     }
+}
+
+/// What applying a tool definition did to the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyOutcome {
+    Created,
+    Updated,
+    /// The stored definition was already this one.
+    Unchanged,
 }
 
 /// How a secret value reads in API responses.

@@ -148,6 +148,7 @@ pub async fn run(
         created = applied.created,
         updated = applied.updated,
         unchanged = applied.unchanged,
+        refused = applied.refused,
         "Config tools applied"
     );
 

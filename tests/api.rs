@@ -337,3 +337,101 @@ async fn a_tool_read_back_and_put_keeps_its_secrets() {
     assert!(String::from_utf8_lossy(&environ).contains("VAULT_KEY=s3cr3t-55"));
     app.stop().await;
 }
+
+/// The API does not guess what a relative path is relative to: it refuses it, saying what to
+/// send instead (the CLI and config files resolve paths before they reach it).
+#[tokio::test]
+async fn relative_command_paths_are_refused_with_advice() {
+    let app = TestApp::start().await;
+    for body in [
+        json!({"slug": "rel", "command": "./bin/server"}),
+        json!({"slug": "rel", "command": "bin/server"}),
+        json!({"slug": "rel", "command": "/bin/server", "working_dir": "srv"}),
+    ] {
+        let (status, b) = app.call("POST", "/api/v1/tools", Some(body.clone())).await;
+        assert_error(status, &b, StatusCode::UNPROCESSABLE_ENTITY, "invalid_tool");
+        let msg = b["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("relative path") && msg.contains("absolute path"),
+            "{msg}"
+        );
+    }
+    // A bare name is looked up in PATH, and a package is not a path.
+    for command in ["mcp-server", "npx:@scope/server"] {
+        let (status, b) = app
+            .call(
+                "POST",
+                "/api/v1/tools",
+                Some(json!({"slug": "ok", "command": command})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{b}");
+        app.call("DELETE", "/api/v1/tools/ok", None).await;
+    }
+    app.stop().await;
+}
+
+/// PUT and apply refuse a new transport while the tool has a live deployment: 409 with a
+/// stable code and the reason, documented in the OpenAPI document.
+#[tokio::test]
+async fn a_transport_change_under_live_deployments_is_a_documented_409() {
+    let app = TestApp::start().await;
+    let tool = app.add_test_tool("live", &[], json!({})).await;
+    let d = app.deploy_wait("live").await;
+    let mut body = tool.clone();
+    for k in ["id", "created_at", "updated_at"] {
+        body.as_object_mut().unwrap().remove(k);
+    }
+    body["transport"] = "stdio".into();
+    body["args"] = json!(["--stdio"]);
+    let (st, b) = app
+        .call("PUT", "/api/v1/tools/live", Some(body.clone()))
+        .await;
+    assert_error(
+        st,
+        &b,
+        StatusCode::CONFLICT,
+        "transport_change_with_live_deployments",
+    );
+    let msg = b["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("1 live deployment") && msg.contains("stdio"),
+        "{msg}"
+    );
+    let (st, b) = app
+        .call(
+            "POST",
+            "/api/v1/apply",
+            Some(json!({"tools": [body.clone()]})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    assert_eq!(
+        b["results"][0]["error"]["code"], "transport_change_with_live_deployments",
+        "{b}"
+    );
+    let (_, still) = app.call("GET", "/api/v1/tools/live", None).await;
+    assert_eq!(still["transport"], "streamable-http");
+    // Other changes are fine while it runs.
+    let mut other = body.clone();
+    other["transport"] = "streamable-http".into();
+    other["args"] = tool["args"].clone();
+    other["description"] = "edited".into();
+    let (st, b) = app.call("PUT", "/api/v1/tools/live", Some(other)).await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    app.stop_deployment(d["id"].as_str().unwrap()).await;
+    let (st, b) = app.call("PUT", "/api/v1/tools/live", Some(body)).await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    assert_eq!(b["transport"], "stdio");
+
+    let (_, doc) = app.call("GET", "/api/v1/openapi.json", None).await;
+    let put = &doc["paths"]["/api/v1/tools/{slug}"]["put"]["responses"]["409"];
+    assert!(
+        put["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("transport_change_with_live_deployments")),
+        "{put}"
+    );
+    assert!(doc["paths"]["/api/v1/apply"]["post"].is_object());
+    app.stop().await;
+}

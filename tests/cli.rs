@@ -89,19 +89,25 @@ impl Serve {
 
     /// A client command with these variables set (and no token unless one of them is it).
     fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
-        let out = Command::new(switchboard_bin())
-            .arg("--url")
+        let mut cmd = self.cli_command(args);
+        cmd.envs(env.iter().copied());
+        run(cmd)
+    }
+
+    /// A client command run in `dir` (its working directory).
+    fn cli_in(&self, dir: &Path, args: &[&str]) -> (bool, String, String) {
+        let mut cmd = self.cli_command(args);
+        cmd.current_dir(dir);
+        run(cmd)
+    }
+
+    fn cli_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(switchboard_bin());
+        cmd.arg("--url")
             .arg(&self.url)
             .args(args)
-            .env_remove("SWITCHBOARD_TOKEN")
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+            .env_remove("SWITCHBOARD_TOKEN");
+        cmd
     }
 
     /// Starts a long-running client command; its stdout lines arrive on the receiver.
@@ -158,6 +164,16 @@ impl Serve {
         }
         panic!("switchboard serve did not exit");
     }
+}
+
+/// Runs a client command: whether it succeeded, its stdout and its stderr.
+fn run(mut cmd: Command) -> (bool, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 impl Drop for Serve {
@@ -1038,4 +1054,241 @@ fn serve_refuses_a_token_on_its_command_line() {
         err.contains("SWITCHBOARD_TOKEN") && err.contains("--api-token-file"),
         "{err}"
     );
+}
+
+/// `[[tools]]` of the test server, one per (slug, description).
+fn tools_file(dir: &Path, name: &str, tools: &[(&str, &str)]) -> std::path::PathBuf {
+    let mut text = String::new();
+    for (slug, description) in tools {
+        text.push_str(&format!(
+            "[[tools]]\nslug = \"{slug}\"\ndescription = \"{description}\"\ncommand = {:?}\nargs = [\"--port\", \"{{port}}\"]\n\n",
+            test_server_bin().to_str().unwrap()
+        ));
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn outcomes(v: &Value) -> Vec<(String, String)> {
+    v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let what = r["outcome"].as_str().map_or_else(
+                || r["error"]["code"].as_str().unwrap().to_owned(),
+                str::to_owned,
+            );
+            (r["slug"].as_str().unwrap().to_owned(), what)
+        })
+        .collect()
+}
+
+/// `tool update` changes the given fields, `tool apply` reports created/updated/unchanged,
+/// `tool add --file` takes the `[[tools]]` form, and a transport change under live
+/// deployments is refused with the reason and a failing exit code.
+#[test]
+fn tools_are_updated_and_applied_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let sb = Serve::start(dir.path(), &[]);
+    let server = test_server_bin();
+    add_server_tool(&sb, "echo");
+
+    let out = sb.ok(&[
+        "tool",
+        "update",
+        "echo",
+        "--replicas",
+        "2",
+        "-e",
+        "GREETING=hi",
+    ]);
+    assert!(out.contains("Updated tool 'echo'"), "{out}");
+    let shown = sb.json(&["tool", "show", "echo"]);
+    assert_eq!(shown["replicas"], 2, "{shown}");
+    assert_eq!(shown["env"]["GREETING"], "hi", "{shown}");
+    assert_eq!(shown["command"], server.to_str().unwrap(), "the rest stays");
+    assert_eq!(shown["args"], serde_json::json!(["--port", "{port}"]));
+    sb.ok(&[
+        "tool",
+        "update",
+        "echo",
+        "--autostart",
+        "--",
+        server.to_str().unwrap(),
+        "--port",
+        "{port}",
+        "--name",
+        "x",
+    ]);
+    let shown = sb.json(&["tool", "show", "echo"]);
+    assert_eq!(shown["autostart"], true, "{shown}");
+    assert_eq!(shown["args"].as_array().unwrap().len(), 4, "{shown}");
+    sb.ok(&["tool", "update", "echo", "--autostart=false"]);
+    assert_eq!(sb.json(&["tool", "show", "echo"])["autostart"], false);
+
+    let (ok, _, err) = sb.cli(&["tool", "update", "nope", "--replicas", "2"]);
+    assert!(!ok && err.contains("tool_not_found"), "{err}");
+    let (ok, _, err) = sb.cli(&["tool", "update", "echo"]);
+    assert!(!ok && err.contains("nothing to change"), "{err}");
+    let (ok, _, err) = sb.cli(&["tool", "update", "echo", "--replicas", "0"]);
+    assert!(
+        !ok && err.contains("invalid_tool") && err.contains("HTTP 422"),
+        "{err}"
+    );
+
+    // apply: created, then unchanged, then only the changed one updated.
+    let v1 = tools_file(files.path(), "v1.toml", &[("alpha", "a"), ("beta", "b")]);
+    let first = sb.json(&["tool", "apply", "-f", v1.to_str().unwrap()]);
+    assert_eq!(
+        outcomes(&first),
+        [
+            ("alpha".into(), "created".into()),
+            ("beta".into(), "created".into())
+        ]
+    );
+    let again = sb.json(&["tool", "apply", "-f", v1.to_str().unwrap()]);
+    assert_eq!(
+        outcomes(&again),
+        [
+            ("alpha".into(), "unchanged".into()),
+            ("beta".into(), "unchanged".into())
+        ]
+    );
+    let v2 = tools_file(files.path(), "v2.toml", &[("alpha", "a"), ("beta", "b2")]);
+    let out = sb.ok(&["tool", "apply", "-f", v2.to_str().unwrap()]);
+    assert!(
+        out.contains("unchanged") && out.contains("updated"),
+        "{out}"
+    );
+    assert_eq!(sb.json(&["tool", "show", "beta"])["description"], "b2");
+
+    // tool add --file takes the same form, several tools at once.
+    let more = tools_file(files.path(), "more.toml", &[("gamma", "g"), ("delta", "d")]);
+    let out = sb.ok(&["tool", "add", "--file", more.to_str().unwrap()]);
+    assert!(out.contains("'gamma'") && out.contains("'delta'"), "{out}");
+    let (ok, _, err) = sb.cli(&["tool", "add", "--file", more.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("tool_exists") && err.contains("'gamma'"),
+        "{err}"
+    );
+
+    // A transport change while alpha runs: refused (409, with the reason), and an apply that
+    // contains it fails naming alpha while applying the rest.
+    let d = sb.json(&["deploy", "alpha", "--wait"]);
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let (ok, _, err) = sb.cli(&[
+        "tool",
+        "update",
+        "alpha",
+        "--transport",
+        "stdio",
+        "--",
+        server.to_str().unwrap(),
+        "--stdio",
+    ]);
+    assert!(
+        !ok,
+        "a transport change under a live deployment was accepted"
+    );
+    assert!(
+        err.contains("HTTP 409") && err.contains("transport_change_with_live_deployments"),
+        "{err}"
+    );
+    assert!(err.contains("live deployment"), "{err}");
+    assert_eq!(
+        sb.json(&["tool", "show", "alpha"])["transport"],
+        "streamable-http"
+    );
+    let mut stdio = std::fs::read_to_string(&v2).unwrap();
+    stdio = stdio.replacen(
+        "args = [\"--port\", \"{port}\"]",
+        "args = [\"--stdio\"]\ntransport = \"stdio\"",
+        1,
+    );
+    stdio.push_str(&format!(
+        "[[tools]]\nslug = \"epsilon\"\ncommand = {:?}\n",
+        server.to_str().unwrap()
+    ));
+    let v3 = files.path().join("v3.toml");
+    std::fs::write(&v3, stdio).unwrap();
+    let (ok, out, err) = sb.cli(&["tool", "apply", "-f", v3.to_str().unwrap()]);
+    assert!(!ok, "an apply with a refused tool exited 0: {out}");
+    assert!(
+        err.contains("1 of 3 tools were not applied")
+            && err.contains("'alpha'")
+            && err.contains("transport_change_with_live_deployments"),
+        "{err}"
+    );
+    assert!(
+        out.contains("created") && out.contains("unchanged"),
+        "{out}"
+    );
+    assert_eq!(sb.json(&["tool", "show", "epsilon"])["slug"], "epsilon");
+
+    // Once nothing runs, the same change goes through.
+    sb.ok(&["stop", d["id"].as_str().unwrap()]);
+    let again = sb.json(&["tool", "apply", "-f", v3.to_str().unwrap()]);
+    assert_eq!(outcomes(&again)[0], ("alpha".into(), "updated".into()));
+    assert_eq!(sb.json(&["tool", "show", "alpha"])["transport"], "stdio");
+}
+
+/// A relative command given to the CLI is the CLI's: it resolves against the CLI's working
+/// directory (a config file's against the file's), not the server's.
+#[test]
+fn relative_command_paths_resolve_against_the_cli_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let sb = Serve::start(dir.path(), &[]);
+    let bin = test_server_bin();
+    let bin_dir = bin.parent().unwrap();
+    let (ok, out, err) = sb.cli_in(
+        bin_dir,
+        &[
+            "tool",
+            "add",
+            "rel",
+            "--working-dir",
+            ".",
+            "--",
+            "./mcp-test-server",
+            "--port",
+            "{port}",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let shown = sb.json(&["tool", "show", "rel"]);
+    let canonical = std::fs::canonicalize(&bin).unwrap();
+    assert_eq!(shown["command"], canonical.to_str().unwrap(), "{shown}");
+    assert_eq!(
+        shown["working_dir"],
+        canonical.parent().unwrap().to_str().unwrap(),
+        "{shown}"
+    );
+    let d = sb.json(&["deploy", "rel", "--wait"]);
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    sb.ok(&["stop", d["id"].as_str().unwrap()]);
+
+    // A file's relative paths resolve against the file, wherever the CLI runs.
+    let files = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&canonical, files.path().join("srv")).unwrap();
+    std::fs::write(
+        files.path().join("t.toml"),
+        "slug = \"filerel\"\ncommand = \"./srv\"\nargs = [\"--port\", \"{port}\"]\n",
+    )
+    .unwrap();
+    let (ok, out, err) = sb.cli_in(
+        bin_dir,
+        &[
+            "tool",
+            "add",
+            "--file",
+            files.path().join("t.toml").to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let shown = sb.json(&["tool", "show", "filerel"]);
+    let want = std::fs::canonicalize(files.path()).unwrap().join("srv");
+    assert_eq!(shown["command"], want.to_str().unwrap(), "{shown}");
 }

@@ -25,7 +25,7 @@ pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, serde::Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable, machine-readable: `tool_not_found`, `ports_exhausted`, ...
     pub code: String,
@@ -88,6 +88,10 @@ impl From<ManagerError> for ApiError {
             M::NotLive { .. } => (StatusCode::CONFLICT, "not_live"),
             M::NotStdio(_) => (StatusCode::CONFLICT, "not_stdio"),
             M::Bridge { .. } => (StatusCode::BAD_GATEWAY, "bridge_unavailable"),
+            M::TransportChange { .. } => (
+                StatusCode::CONFLICT,
+                "transport_change_with_live_deployments",
+            ),
         };
         ApiError::new(status, code, msg)
     }

@@ -9,6 +9,7 @@
 //! GET    /api/v1/tools/{slug}                   one tool
 //! PUT    /api/v1/tools/{slug}                   replace a tool's definition
 //! DELETE /api/v1/tools/{slug}                   delete (409 while it has live deployments)
+//! POST   /api/v1/apply                          create or update many tools (the config file's form)
 //! POST   /api/v1/tools/{slug}/deployments       deploy (201; ?wait=true answers when RUNNING/FAILED)
 //! GET    /api/v1/deployments                    list (?tool=SLUG&status=RUNNING,STARTING&node=ID&limit=N&offset=M)
 //! GET    /api/v1/deployments/{id}               one deployment
@@ -39,18 +40,18 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
-use utoipa::{IntoParams, OpenApi};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use self::error::{ApiError, Body, ErrorBody, Query};
+use self::error::{ApiError, Body, ErrorBody, ErrorDetail, Query};
 use crate::{
     deployment::{Deployment, DeploymentStatus},
     events::Event,
     health::HealthCheckResult,
     manager::Manager,
     proxy::Proxy,
-    registry::{Tool, ToolSpec},
+    registry::{ApplyOutcome, Tool, ToolSpec},
     store::DeploymentFilter,
 };
 
@@ -93,6 +94,7 @@ pub fn router(state: AppState) -> Router {
     let (api, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(list_tools, create_tool))
         .routes(routes!(get_tool, update_tool, delete_tool))
+        .routes(routes!(apply_tools))
         .routes(routes!(deploy))
         .routes(routes!(list_deployments))
         .routes(routes!(get_deployment))
@@ -289,10 +291,14 @@ async fn get_tool(
     Ok(Json(s.manager.get_tool(&slug).await?.redacted()))
 }
 
-/// The body may omit `slug`; when present it must equal the one in the path.
+/// The body may omit `slug`; when present it must equal the one in the path. A new
+/// `transport` is refused (409 `transport_change_with_live_deployments`) while the tool has
+/// live deployments.
 #[utoipa::path(put, path = "/api/v1/tools/{slug}", tag = "tools", request_body = ToolSpec,
     params(("slug" = String, Path)),
     responses((status = 200, body = Tool), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody,
+               description = "transport_change_with_live_deployments: stop the tool's live deployments first"),
               (status = 422, body = ErrorBody)))]
 async fn update_tool(
     State(s): State<AppState>,
@@ -312,6 +318,63 @@ async fn update_tool(
         ));
     }
     Ok(Json(s.manager.update_tool(spec).await?.redacted()))
+}
+
+/// Tool definitions in the config file's `[[tools]]` form.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ApplyRequest {
+    tools: Vec<ToolSpec>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ApplyResponse {
+    /// One per tool of the request, in its order.
+    pub results: Vec<ApplyResult>,
+}
+
+/// What happened to one tool: `outcome` when it was applied, `error` when it was not.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ApplyResult {
+    pub slug: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<ApplyOutcome>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
+/// Creates the tools that do not exist and updates those whose definition differs, each on
+/// its own (secrets sent back as `********` keep their values). The answer is 200 with each
+/// tool's outcome; a tool that could not be applied (`invalid_tool`,
+/// `transport_change_with_live_deployments`, ...) carries the error, and the others are
+/// applied all the same.
+#[utoipa::path(post, path = "/api/v1/apply", tag = "tools", request_body = ApplyRequest,
+    responses((status = 200, body = ApplyResponse), (status = 422, body = ErrorBody)))]
+async fn apply_tools(
+    State(s): State<AppState>,
+    Body(req): Body<ApplyRequest>,
+) -> Json<ApplyResponse> {
+    let mut results = Vec::with_capacity(req.tools.len());
+    for spec in req.tools {
+        let slug = spec.slug.clone();
+        let (outcome, error) = match s.manager.apply_tool(spec).await {
+            Ok((outcome, _)) => (Some(outcome), None),
+            Err(e) => {
+                let e = ApiError::from(e);
+                let detail = ErrorDetail {
+                    code: e.code.to_owned(),
+                    message: e.message,
+                };
+                (None, Some(detail))
+            }
+        };
+        results.push(ApplyResult {
+            slug,
+            outcome,
+            error,
+        });
+    }
+    Json(ApplyResponse { results })
 }
 
 #[utoipa::path(delete, path = "/api/v1/tools/{slug}", tag = "tools",
