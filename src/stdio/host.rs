@@ -138,6 +138,9 @@ impl State {
 /// passes the next probe.
 const MAX_HEALTH_DEATHS: usize = 3;
 const DEATH_WINDOW: Duration = Duration::from_secs(60);
+/// How long `server/discover` waits alone before era detection also sends `ping` (rmcp's
+/// Auto mode gives its discover probe the same 10 s).
+const DISCOVER_ALONE: Duration = Duration::from_secs(10);
 
 /// The `_meta` every modern request carries (2026-07-28).
 fn modern_meta() -> Value {
@@ -202,48 +205,16 @@ impl Host {
         kept
     }
 
-    /// Starts the health child and learns the era. Errors when the server cannot be started
-    /// or ends before answering: the deployment has then failed to start.
+    /// Starts the health child and learns the era, all within `timeout`. Errors when the
+    /// server cannot be started, ends before answering, or answers neither probe in time: the
+    /// deployment has then failed to start.
     pub async fn start(self: &Arc<Self>, timeout: Duration) -> Result<Era, String> {
         let child = self.spawn(IdMode::Shared).map_err(|e| e.to_string())?;
         // Known from the start, so a failed start still stops it.
         if !self.commit(&child, |s| s.health = Some(Arc::clone(&child))) {
             return Err(HostError::Stopping.to_string());
         }
-        let discover =
-            self.probe_request(&child, "server/discover", json!({"_meta": modern_meta()}));
-        let era = match tokio::time::timeout(timeout.min(Duration::from_secs(10)), discover).await {
-            Ok(Ok(reply)) if reply.pointer("/result/supportedVersions").is_some() => {
-                if let Some(info) =
-                    reply.pointer("/result/_meta/io.modelcontextprotocol~1serverInfo")
-                {
-                    self.note_server(info, crate::mcp::MODERN_VERSION);
-                }
-                Era::Modern
-            }
-            Ok(Err(ProbeError::Ended(why))) => {
-                return Err(format!(
-                    "the server {why} before answering its first request"
-                ));
-            }
-            // An error, a bogus result or silence: a legacy server (the spec's fallback rule,
-            // not keyed to one error code).
-            _ => Era::Legacy,
-        };
-        if era == Era::Legacy {
-            match tokio::time::timeout(timeout, self.probe_request(&child, "ping", json!({}))).await
-            {
-                Ok(Ok(r)) if r.get("result").is_some() => {}
-                Ok(Ok(r)) => return Err(format!("the server answered ping with {r}")),
-                Ok(Err(e)) => return Err(format!("the server {e} before answering ping")),
-                Err(_) => {
-                    return Err(format!(
-                        "the server did not answer ping within {} ms",
-                        timeout.as_millis()
-                    ));
-                }
-            }
-        }
+        let era = self.learn_era(&child, timeout).await?;
         {
             let mut s = self.state();
             s.era = Some(era);
@@ -259,6 +230,79 @@ impl Host {
             }
         }
         Ok(era)
+    }
+
+    /// The spec's stdio era detection: `server/discover` first; a DiscoverResult means
+    /// modern, any other answer or silence means legacy, confirmed by `ping`. One deadline
+    /// covers both probes. A server still silent after [`DISCOVER_ALONE`] (or half the
+    /// deadline) also gets the `ping`, but the discover request stays open: a slow modern
+    /// server answers it late (before the ping, which it would refuse) and is still modern.
+    async fn learn_era(&self, child: &Arc<Child>, timeout: Duration) -> Result<Era, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let discover =
+            self.probe_request(child, "server/discover", json!({"_meta": modern_meta()}));
+        tokio::pin!(discover);
+        let alone = (timeout / 2).min(DISCOVER_ALONE);
+        // `None` while discover is unanswered; `Some(false)`: answered, not modern.
+        let mut discover_said = None;
+        if let Ok(reply) = tokio::time::timeout(alone, &mut discover).await {
+            if self.is_discover_result(reply)? {
+                return Ok(Era::Modern);
+            }
+            discover_said = Some(false);
+        }
+        let ping = self.probe_request(child, "ping", json!({}));
+        tokio::pin!(ping);
+        let mut ping_refused = None;
+        let waited = tokio::time::timeout_at(deadline, async {
+            loop {
+                tokio::select! {
+                    reply = &mut discover, if discover_said.is_none() => {
+                        if self.is_discover_result(reply)? {
+                            return Ok(Era::Modern);
+                        }
+                        discover_said = Some(false);
+                    }
+                    reply = &mut ping, if ping_refused.is_none() => match reply {
+                        Ok(r) if r.get("result").is_some() => return Ok(Era::Legacy),
+                        Ok(r) => ping_refused = Some(r),
+                        Err(e) => return Err(format!("the server {e} before answering ping")),
+                    },
+                }
+                // Both answered, neither in a way that lets the server be used.
+                if let (Some(false), Some(r)) = (discover_said, &ping_refused) {
+                    return Err(format!("the server answered ping with {r}"));
+                }
+            }
+        })
+        .await;
+        waited.unwrap_or_else(|_| {
+            Err(match discover_said {
+                None => format!(
+                    "the server answered neither server/discover nor ping within {} ms",
+                    timeout.as_millis()
+                ),
+                Some(_) => format!(
+                    "the server did not answer ping within {} ms",
+                    timeout.as_millis()
+                ),
+            })
+        })
+    }
+
+    /// Whether a `server/discover` reply makes the server modern (a result with
+    /// `supportedVersions`; an error, a bogus result or anything else does not: the spec's
+    /// fallback rule is not keyed to one error code). A server that ended is an error.
+    fn is_discover_result(&self, reply: Result<Value, ProbeError>) -> Result<bool, String> {
+        let reply =
+            reply.map_err(|why| format!("the server {why} before answering its first request"))?;
+        if reply.pointer("/result/supportedVersions").is_none() {
+            return Ok(false);
+        }
+        if let Some(info) = reply.pointer("/result/_meta/io.modelcontextprotocol~1serverInfo") {
+            self.note_server(info, crate::mcp::MODERN_VERSION);
+        }
+        Ok(true)
     }
 
     async fn probe_request(
@@ -628,9 +672,13 @@ mod tests {
     use super::*;
 
     fn cat_host(max_sessions: usize) -> Arc<Host> {
+        host_of("cat", &[], max_sessions)
+    }
+
+    fn host_of(program: &str, args: &[&str], max_sessions: usize) -> Arc<Host> {
         Host::new(HostConfig {
-            program: "cat".to_owned(),
-            args: Vec::new(),
+            program: program.to_owned(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
             max_sessions,
             idle: Duration::from_secs(600),
             pool_size: 1,
@@ -681,5 +729,42 @@ mod tests {
             worst.load(Ordering::SeqCst)
         );
         host.stop_all().await;
+    }
+
+    /// A server that reads its input and never answers: discover and ping share the one
+    /// startup deadline (time is paused: the clock jumps to each next timer, so "within" is
+    /// virtual time, not a measurement).
+    #[tokio::test(start_paused = true)]
+    async fn era_detection_has_one_deadline_for_discover_and_ping() {
+        let host = host_of("sleep", &["600"], 1);
+        let deadline = Duration::from_millis(1500);
+        let started =
+            tokio::time::timeout(deadline + Duration::from_millis(100), host.start(deadline)).await;
+        host.stop_all().await;
+        let err = started
+            .expect("era detection took longer than its deadline")
+            .unwrap_err();
+        assert!(
+            err.contains("neither server/discover nor ping within 1500 ms"),
+            "{err}"
+        );
+    }
+
+    /// A modern server too slow to answer `server/discover` before the bridge also sends
+    /// `ping`: it answers discover first (in order, as stdio servers do), then refuses ping.
+    /// Its late discover reply makes it modern.
+    #[tokio::test]
+    async fn a_late_discover_reply_still_makes_the_server_modern() {
+        let script = r#"
+            read -r discover; read -r ping
+            id() { printf '%s' "$1" | sed 's/.*"id":\([0-9]*\).*/\1/'; }
+            printf '{"jsonrpc":"2.0","id":%s,"result":{"supportedVersions":["2026-07-28"],"capabilities":{},"_meta":{"io.modelcontextprotocol/serverInfo":{"name":"late","version":"1"}}}}\n' "$(id "$discover")"
+            printf '{"jsonrpc":"2.0","id":%s,"error":{"code":-32601,"message":"Method not found"}}\n' "$(id "$ping")"
+            cat >/dev/null
+        "#;
+        let host = host_of("sh", &["-c", script], 1);
+        let era = host.start(Duration::from_secs(6)).await;
+        host.stop_all().await;
+        assert_eq!(era, Ok(Era::Modern));
     }
 }
