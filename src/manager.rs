@@ -850,7 +850,8 @@ impl Manager {
         };
         let authority = http::uri::Authority::try_from(authority)
             .map_err(|e| ManagerError::Internal(format!("bad upstream authority: {e}")))?;
-        let backend = Backend::new(d.id, authority, path);
+        let backend = Backend::new(d.id, authority, path)
+            .with_call_timeout(spec.call_timeout_ms.map(Duration::from_millis));
         Ok(match &self.metrics {
             Some(m) => backend.with_metrics(m.backend(&spec.slug, &d.id.to_string())),
             None => backend,

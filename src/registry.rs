@@ -154,6 +154,11 @@ pub struct ToolSpec {
     /// How long a new deployment may take to answer its first MCP request.
     #[serde(default = "default_startup_timeout_ms")]
     pub startup_timeout_ms: u64,
+    /// How long the proxy waits for a response to this tool's requests to begin, instead of
+    /// its `header_timeout_ms`. A JSON reply arrives whole, so this is how long a client that
+    /// takes only JSON may wait for a tool call; SSE streams have no total limit either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_timeout_ms: Option<u64>,
     /// Time between SIGTERM and SIGKILL when stopping.
     #[serde(default = "default_stop_grace_period_ms")]
     pub stop_grace_period_ms: u64,
@@ -360,6 +365,14 @@ impl ToolSpec {
             return Err(invalid(
                 "startup_timeout_ms",
                 format!("must be between 100 and {MAX_STARTUP_TIMEOUT_MS}"),
+            ));
+        }
+        if let Some(ms) = self.call_timeout_ms
+            && !(100..=DAY_MS).contains(&ms)
+        {
+            return Err(invalid(
+                "call_timeout_ms",
+                format!("must be between 100 and {DAY_MS}"),
             ));
         }
         if self.stop_grace_period_ms > MAX_GRACE_MS {

@@ -899,3 +899,51 @@ async fn a_session_whose_stream_broke_in_a_restart_gets_its_idle_time_to_reconne
     drop(again);
     app.stop_deployment(&id).await;
 }
+
+/// A `sleep` call on a legacy session from a client that takes only JSON (the reply, and so
+/// the response headers, come when the call is done).
+async fn json_only_sleep(app: &TestApp, url: &str, sid: &str, ms: u64) -> (StatusCode, Value) {
+    let resp = app
+        .http
+        .post(url)
+        .header("accept", "application/json")
+        .header("mcp-session-id", sid)
+        .header("mcp-protocol-version", "2025-11-25")
+        .json(&json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+            "params": {"name": "sleep", "arguments": {"ms": ms}}}))
+        .send()
+        .await
+        .unwrap();
+    let st = resp.status();
+    (st, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_json_only_clients_long_call_waits_for_the_tools_call_timeout() {
+    let mut opts = common::AppOptions::default();
+    opts.proxy.header_timeout = Duration::from_millis(500);
+    let app = TestApp::with(opts).await;
+    add_stdio_tool(&app, "slow", &[], json!({"call_timeout_ms": 60000})).await;
+    add_stdio_tool(&app, "hasty", &[], json!({"call_timeout_ms": 500})).await;
+    for slug in ["slow", "hasty"] {
+        app.deploy_wait(slug).await;
+    }
+    // Longer than the proxy's header timeout: the tool's own call timeout applies.
+    let url = format!("{}/mcp/slow", app.url);
+    let sid = legacy_session(&url).await;
+    let (st, v) = json_only_sleep(&app, &url, &sid, 3000).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["result"]["content"][0]["text"], "slept 3000 ms", "{v}");
+    // And it is a limit: a call longer than it is cut, saying which setting cut it.
+    let url = format!("{}/mcp/hasty", app.url);
+    let sid = legacy_session(&url).await;
+    let (st, v) = json_only_sleep(&app, &url, &sid, 30_000).await;
+    assert_eq!(st, StatusCode::GATEWAY_TIMEOUT, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("call_timeout_ms"),
+        "{v}"
+    );
+}

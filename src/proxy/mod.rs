@@ -418,46 +418,49 @@ impl Proxy {
                 }
             }
         };
-        let resp = match tokio::time::timeout(
-            self.config.header_timeout,
-            self.client.request(upstream_req),
-        )
-        .await
-        {
-            Err(_) => {
-                self.record_failure(&backend);
-                observe(StatusCode::GATEWAY_TIMEOUT, Some(1));
-                return error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    format!(
-                        "deployment {} sent no response headers within {:?}",
-                        backend.deployment, self.config.header_timeout
-                    ),
-                );
-            }
-            Ok(Err(e)) => {
-                // A body over the limit is the client's fault, not the upstream's.
-                let kind = match resp_kind(&e) {
-                    ErrorKind::BodyTooLarge => None,
-                    ErrorKind::Connect => Some(0),
-                    ErrorKind::Other => Some(3),
-                };
-                let resp = self.upstream_error(e, &backend);
-                observe(resp.status(), kind);
-                return resp;
-            }
-            Ok(Ok(r)) => {
-                if r.status().is_server_error() {
+        let header_timeout = backend.call_timeout.unwrap_or(self.config.header_timeout);
+        let resp =
+            match tokio::time::timeout(header_timeout, self.client.request(upstream_req)).await {
+                Err(_) => {
                     self.record_failure(&backend);
-                    observe(r.status(), Some(2));
-                } else {
-                    backend.record(true);
-                    observe(r.status(), None);
+                    observe(StatusCode::GATEWAY_TIMEOUT, Some(1));
+                    return error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        format!(
+                            "deployment {} sent no response headers within {:?} ({})",
+                            backend.deployment,
+                            header_timeout,
+                            if backend.call_timeout.is_some() {
+                                "the tool's call_timeout_ms"
+                            } else {
+                                "proxy.header_timeout_ms"
+                            }
+                        ),
+                    );
                 }
-                r
-            }
-        };
+                Ok(Err(e)) => {
+                    // A body over the limit is the client's fault, not the upstream's.
+                    let kind = match resp_kind(&e) {
+                        ErrorKind::BodyTooLarge => None,
+                        ErrorKind::Connect => Some(0),
+                        ErrorKind::Other => Some(3),
+                    };
+                    let resp = self.upstream_error(e, &backend);
+                    observe(resp.status(), kind);
+                    return resp;
+                }
+                Ok(Ok(r)) => {
+                    if r.status().is_server_error() {
+                        self.record_failure(&backend);
+                        observe(r.status(), Some(2));
+                    } else {
+                        backend.record(true);
+                        observe(r.status(), None);
+                    }
+                    r
+                }
+            };
 
         let (mut rparts, rbody) = resp.into_parts();
         strip_hop_by_hop(&mut rparts.headers);

@@ -33,6 +33,9 @@ pub struct Backend {
     breaker: Breaker,
     /// Per-request metrics, when metrics are on.
     pub metrics: Option<crate::metrics::BackendMetrics>,
+    /// The tool's `call_timeout_ms`: how long to wait for response headers instead of the
+    /// proxy's `header_timeout`.
+    pub call_timeout: Option<Duration>,
 }
 
 /// Consecutive failures (connect errors, timeouts, 5xx) that take a backend out of balancing.
@@ -119,7 +122,13 @@ impl Backend {
             streams: AtomicU32::new(0),
             breaker: Breaker::default(),
             metrics: None,
+            call_timeout: None,
         }
+    }
+
+    pub fn with_call_timeout(mut self, timeout: Option<Duration>) -> Backend {
+        self.call_timeout = timeout;
+        self
     }
 
     /// Whether this backend is a stdio deployment's bridge (reached over its Unix socket).
