@@ -524,7 +524,8 @@ fn age(d: &Deployment) -> String {
 
 fn print_deployments(ds: &[Deployment]) {
     let mut t = table(&[
-        "ID", "TOOL", "STATUS", "HEALTH", "RESTARTS", "PORT", "PID", "AGE", "ENDPOINT",
+        "ID", "TOOL", "STATUS", "HEALTH", "RESTARTS", "PORT", "RUNTIME", "INSTANCE", "AGE",
+        "ENDPOINT",
     ]);
     for d in ds {
         let status = match (d.status, d.next_restart_at) {
@@ -541,7 +542,11 @@ fn print_deployments(ds: &[Deployment]) {
             d.health_status.to_string(),
             d.restart_count.to_string(),
             d.port.map_or_else(|| "stdio".to_owned(), |p| p.to_string()),
-            d.pid.map(|p| p.to_string()).unwrap_or_default(),
+            d.runtime.as_str().to_owned(),
+            d.instance
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
             age(d),
             d.endpoint_url.clone(),
         ]);

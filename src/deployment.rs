@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+pub use crate::runtime::{ExitInfo, InstanceRef, RuntimeKind};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum DeploymentStatus {
@@ -148,7 +150,13 @@ pub struct Deployment {
     pub last_health_check: Option<DateTime<Utc>>,
     pub deployed_at: DateTime<Utc>,
     pub stopped_at: Option<DateTime<Utc>>,
-    pub pid: Option<u32>,
+    /// The runtime that runs the deployment.
+    #[serde(default)]
+    pub runtime: RuntimeKind,
+    /// The running instance, as its runtime names it (for a process: its pid and start time);
+    /// null before the first start and after the deployment ends.
+    #[serde(default)]
+    pub instance: Option<InstanceRef>,
     /// Exit code of the server process, when it exited normally.
     pub exit_code: Option<i32>,
     /// Signal that ended the server process, when a signal did.
@@ -168,38 +176,4 @@ pub struct Deployment {
     /// it here (with `restart_count` and `last_exit`).
     #[serde(default)]
     pub next_restart_at: Option<DateTime<Utc>>,
-    /// Start time of `pid` (clock ticks after boot, /proc/PID/stat field 22): with the pid, it
-    /// names one process, so a reused pid is never mistaken for the deployment's.
-    #[serde(default)]
-    pub pid_start_time: Option<u64>,
-}
-
-/// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ExitInfo {
-    pub code: Option<i32>,
-    pub signal: Option<i32>,
-}
-
-impl From<std::process::ExitStatus> for ExitInfo {
-    fn from(status: std::process::ExitStatus) -> Self {
-        use std::os::unix::process::ExitStatusExt as _;
-        ExitInfo {
-            code: status.code(),
-            signal: status.signal(),
-        }
-    }
-}
-
-impl fmt::Display for ExitInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.code, self.signal) {
-            (Some(c), _) => write!(f, "exit status {c}"),
-            (None, Some(s)) => match nix::sys::signal::Signal::try_from(s) {
-                Ok(sig) => write!(f, "killed by {sig}"),
-                Err(_) => write!(f, "killed by signal {s}"),
-            },
-            (None, None) => f.write_str("unknown exit status"),
-        }
-    }
 }

@@ -39,7 +39,7 @@ use crate::{
     proxy::routes::{Backend, RouteTable},
     registry::{ApplyOutcome, SpecError, Tool, ToolSpec, Transport},
     restart::{Backoff, Ending},
-    runtime::{LaunchSpec, ProcessId, Runtime, RuntimeError, StopMode},
+    runtime::{InstanceRef, LaunchSpec, Runtime, RuntimeError, StopMode},
     store::{DeleteTool, DeploymentFilter, Store, StoreError},
 };
 
@@ -457,22 +457,19 @@ impl Manager {
                 _ if d.desired == Desired::Stopped => Plan::Close("stopped"),
                 None => Plan::Close("tool gone"),
                 Some(tool) => {
-                    let ours = match (d.pid, d.pid_start_time) {
-                        // Adoption only registers the process with the runtime; it signals
+                    let ours = match &d.instance {
+                        // Adoption only registers the instance with the runtime; it signals
                         // nothing.
-                        (Some(pid), Some(t)) => self.runtime.adopt(
+                        Some(instance) => self.runtime.adopt(
                             d.id,
-                            ProcessId {
-                                pid,
-                                start_time: Some(t),
-                            },
+                            instance,
                             if tool.spec.transport == Transport::Stdio {
                                 StopMode::MainFirst
                             } else {
                                 StopMode::Tree
                             },
                         ),
-                        _ => false,
+                        None => false,
                     };
                     if ours {
                         Plan::Adopt(tool.clone())
@@ -513,7 +510,7 @@ impl Manager {
                     done.closed += 1;
                 }
                 Plan::Adopt(tool) => {
-                    tracing::info!(deployment = %d.id, tool = %d.tool_slug, pid = d.pid, "Adopted a running deployment");
+                    tracing::info!(deployment = %d.id, tool = %d.tool_slug, instance = ?d.instance, "Adopted a running deployment");
                     self.supervise_existing(d, tool, true);
                     done.adopted += 1;
                 }
@@ -775,7 +772,8 @@ impl Manager {
             last_health_check: None,
             deployed_at: now,
             stopped_at: None,
-            pid: None,
+            runtime: self.runtime.kind(),
+            instance: None,
             exit_code: None,
             exit_signal: None,
             error: None,
@@ -784,7 +782,6 @@ impl Manager {
             restart_count: 0,
             last_exit: None,
             next_restart_at: None,
-            pid_start_time: None,
         };
         let backend = match self.backend_for(&d, spec) {
             Ok(b) => b,
@@ -894,17 +891,13 @@ impl Manager {
             Some(port) => launch_spec(id, spec, port),
             None => self.bridge_launch_spec(id, spec),
         };
-        let process = self.runtime.start(launch).await?;
-        // The record exists and the process runs: a failure to note the pid must not leave
-        // the process unsupervised (adoption after a crash then restarts it instead).
-        if let Err(e) = self
-            .store
-            .set_process(id, process.pid, process.start_time)
-            .await
-        {
-            tracing::warn!(deployment = %id, error = %e, "Could not record the pid");
+        let instance = self.runtime.start(launch).await?;
+        // The record exists and the instance runs: a failure to note it must not leave the
+        // instance unsupervised (adoption after a crash then restarts it instead).
+        if let Err(e) = self.store.set_instance(id, &instance).await {
+            tracing::warn!(deployment = %id, error = %e, "Could not record the instance");
         }
-        tracing::info!(deployment = %id, tool = %spec.slug, pid = process.pid, port, "Deployment process started");
+        tracing::info!(deployment = %id, tool = %spec.slug, %instance, port, "Deployment started");
         Ok(())
     }
 
@@ -1324,12 +1317,16 @@ impl Manager {
             deployment: id,
             tool: d.tool_slug,
             status: d.status,
-            pid: d.pid,
+            pid: d.instance.as_ref().and_then(InstanceRef::pid),
             processes: tree.len(),
             cpu_seconds: cpu,
             resident_memory_bytes: rss,
             open_fds: crate::metrics::open_fds(&tree),
-            uptime_seconds: d.pid.and_then(crate::metrics::uptime_seconds),
+            uptime_seconds: d
+                .instance
+                .as_ref()
+                .and_then(InstanceRef::pid)
+                .and_then(crate::metrics::uptime_seconds),
             restart_count: d.restart_count,
             requests_total: by_class.iter().sum(),
             requests_by_class: crate::metrics::CLASSES

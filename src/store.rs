@@ -27,7 +27,9 @@ use sqlx::{
 use uuid::Uuid;
 
 use crate::{
-    deployment::{Deployment, DeploymentStatus, Desired, ExitInfo, HealthStatus},
+    deployment::{
+        Deployment, DeploymentStatus, Desired, ExitInfo, HealthStatus, InstanceRef, RuntimeKind,
+    },
     registry::{Tool, ToolSpec},
 };
 
@@ -189,7 +191,9 @@ struct DeploymentRow {
     last_health_check: Option<DateTime<Utc>>,
     deployed_at: DateTime<Utc>,
     stopped_at: Option<DateTime<Utc>>,
-    pid: Option<i64>,
+    runtime: String,
+    /// The runtime's [`InstanceRef`] as JSON.
+    instance: Option<String>,
     exit_code: Option<i64>,
     exit_signal: Option<i64>,
     error: Option<String>,
@@ -198,7 +202,11 @@ struct DeploymentRow {
     restart_count: i64,
     last_exit: Option<String>,
     next_restart_at: Option<DateTime<Utc>>,
-    pid_start_time: Option<i64>,
+}
+
+fn instance_json(instance: Option<&InstanceRef>) -> Option<String> {
+    // Serializing a plain enum of integers cannot fail.
+    instance.map(|i| serde_json::to_string(i).unwrap_or_default())
 }
 
 fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
@@ -227,7 +235,15 @@ impl TryFrom<DeploymentRow> for Deployment {
             last_health_check: r.last_health_check,
             deployed_at: r.deployed_at,
             stopped_at: r.stopped_at,
-            pid: narrow(r.pid, "pid")?,
+            runtime: RuntimeKind::from_str(&r.runtime).map_err(StoreError::Corrupt)?,
+            instance: r
+                .instance
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| {
+                    StoreError::Corrupt(format!("instance of deployment {}: {e}", r.id))
+                })?,
             exit_code: narrow(r.exit_code, "exit code")?,
             exit_signal: narrow(r.exit_signal, "exit signal")?,
             error: r.error,
@@ -237,7 +253,6 @@ impl TryFrom<DeploymentRow> for Deployment {
             restart_count: narrow(Some(r.restart_count), "restart count")?.unwrap_or(0),
             last_exit: r.last_exit,
             next_restart_at: r.next_restart_at,
-            pid_start_time: narrow(r.pid_start_time, "pid start time")?,
         })
     }
 }
@@ -454,9 +469,9 @@ impl Store {
         let res = on_pool!(self, pool, sql => {
             sqlx::query(sql(
                 "INSERT INTO deployments (id, tool_id, tool_slug, node_id, endpoint_url, port, \
-                 status, health_status, last_health_check, deployed_at, stopped_at, pid, \
-                 exit_code, exit_signal, error, updated_at, desired, restart_count, last_exit, \
-                 next_restart_at, pid_start_time) \
+                 status, health_status, last_health_check, deployed_at, stopped_at, runtime, \
+                 instance, exit_code, exit_signal, error, updated_at, desired, restart_count, \
+                 last_exit, next_restart_at) \
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             ))
             .bind(d.id.to_string())
@@ -470,7 +485,8 @@ impl Store {
             .bind(d.last_health_check)
             .bind(d.deployed_at)
             .bind(d.stopped_at)
-            .bind(d.pid.map(i64::from))
+            .bind(d.runtime.as_str())
+            .bind(instance_json(d.instance.as_ref()))
             .bind(d.exit_code.map(i64::from))
             .bind(d.exit_signal.map(i64::from))
             .bind(&d.error)
@@ -479,7 +495,6 @@ impl Store {
             .bind(i64::from(d.restart_count))
             .bind(&d.last_exit)
             .bind(d.next_restart_at)
-            .bind(d.pid_start_time.and_then(|t| i64::try_from(t).ok()))
             .execute(pool)
             .await
             .map(|_| ())
@@ -549,19 +564,13 @@ impl Store {
         .await
     }
 
-    /// Notes the process now running a live deployment: its pid and that pid's start time.
-    pub async fn set_process(
-        &self,
-        id: Uuid,
-        pid: u32,
-        start_time: Option<u64>,
-    ) -> Result<(), StoreError> {
+    /// Notes the instance now running a live deployment, as its runtime names it.
+    pub async fn set_instance(&self, id: Uuid, instance: &InstanceRef) -> Result<(), StoreError> {
         on_pool!(self, pool, sql => {
             sqlx::query(sql(
-                "UPDATE deployments SET pid = ?, pid_start_time = ?, updated_at = ? WHERE id = ?",
+                "UPDATE deployments SET instance = ?, updated_at = ? WHERE id = ?",
             ))
-            .bind(i64::from(pid))
-            .bind(start_time.and_then(|t| i64::try_from(t).ok()))
+            .bind(instance_json(Some(instance)))
             .bind(now())
             .bind(id.to_string())
             .execute(pool)
@@ -602,7 +611,7 @@ impl Store {
             sqlx::query(sql(
                 "UPDATE deployments SET status = 'STARTING', health_status = 'UNKNOWN', \
                  restart_count = restart_count + 1, last_exit = ?, next_restart_at = ?, \
-                 pid = NULL, pid_start_time = NULL, updated_at = ? \
+                 instance = NULL, updated_at = ? \
                  WHERE id = ? AND status IN ('STARTING', 'RUNNING') AND desired = 'RUNNING'",
             ))
             .bind(last_exit)

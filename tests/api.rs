@@ -333,7 +333,7 @@ async fn a_tool_read_back_and_put_keeps_its_secrets() {
     assert_eq!(st, reqwest::StatusCode::OK, "{updated}");
     assert!(!updated.to_string().contains("s3cr3t"), "{updated}");
     let d = app.deploy_wait("vault").await;
-    let environ = std::fs::read(format!("/proc/{}/environ", d["pid"])).unwrap();
+    let environ = std::fs::read(format!("/proc/{}/environ", d["instance"]["pid"])).unwrap();
     assert!(String::from_utf8_lossy(&environ).contains("VAULT_KEY=s3cr3t-55"));
     app.stop().await;
 }

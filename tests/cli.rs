@@ -29,8 +29,13 @@ impl Serve {
     }
 
     fn start_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Serve {
+        Self::start_bin(&switchboard_bin(), data_dir, extra, env)
+    }
+
+    /// `serve` of the given `switchboard` binary (another release's, for upgrade tests).
+    fn start_bin(bin: &Path, data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Serve {
         let range = port_range(5).to_string();
-        let mut child = Command::new(switchboard_bin())
+        let mut child = Command::new(bin)
             .args([
                 "serve",
                 "--listen",
@@ -248,7 +253,7 @@ fn cli_flow(backend: common::Backend) {
     let (ok, out, err) = sb.cli(&["stop", &short[..8]]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("STOPPED"), "{out}");
-    assert!(!alive(d["pid"].as_u64().unwrap() as u32));
+    assert!(!alive(d["instance"]["pid"].as_u64().unwrap() as u32));
     assert!(
         !sb.ok(&["ps"]).contains(&short),
         "ps hides stopped deployments"
@@ -280,7 +285,7 @@ fn cli_flow(backend: common::Backend) {
         "{port}",
     ]);
     let d = sb.json(&["deploy", "again", "--wait"]);
-    let pid = d["pid"].as_u64().unwrap() as u32;
+    let pid = d["instance"]["pid"].as_u64().unwrap() as u32;
     sb.signal(nix::sys::signal::Signal::SIGTERM);
     let st = sb.wait();
     assert!(st.success(), "serve exited with {st}");
@@ -322,7 +327,11 @@ fn a_killed_switchboard_adopts_its_running_deployments_at_restart() {
     }
     let rec = record(&sb, &id);
     assert_eq!(rec["status"], "RUNNING", "{rec}");
-    assert_eq!(rec["pid"].as_u64(), Some(u64::from(tree[0])), "{rec}");
+    assert_eq!(
+        rec["instance"]["pid"].as_u64(),
+        Some(u64::from(tree[0])),
+        "{rec}"
+    );
     assert_eq!(rec["restart_count"], 0, "{rec}");
     assert!(
         sb.head
@@ -331,6 +340,61 @@ fn a_killed_switchboard_adopts_its_running_deployments_at_restart() {
         "the adoption is logged before Switchboard listens"
     );
     // Adopted means supervised: a stop takes the whole tree, the setsid grandchild included.
+    let stopped = sb.json(&["stop", &id]);
+    assert_eq!(stopped["status"], "STOPPED", "{stopped}");
+    for pid in &tree {
+        assert!(
+            !alive(*pid),
+            "{pid} survived the stop of an adopted deployment"
+        );
+    }
+}
+
+/// The previous release's binary (scripts/previous-release builds it; scripts/test passes its
+/// path in SWITCHBOARD_PREVIOUS_RELEASE).
+fn previous_release_bin() -> std::path::PathBuf {
+    let path = std::env::var_os("SWITCHBOARD_PREVIOUS_RELEASE").map(std::path::PathBuf::from);
+    match path {
+        Some(p) if p.is_file() => p,
+        _ => panic!(
+            "SWITCHBOARD_PREVIOUS_RELEASE does not name the previous release's binary: run \
+             `SWITCHBOARD_PREVIOUS_RELEASE=$(scripts/previous-release) cargo nextest run ...` \
+             (scripts/test does this)"
+        ),
+    }
+}
+
+/// Upgrades lose nothing: a data directory the previous release wrote (pid columns, before the
+/// runtime boundary), its Switchboard SIGKILLed with a deployment live, is opened by this
+/// binary, which migrates the record and adopts the same process: no restart.
+#[test]
+fn a_live_deployment_of_the_previous_release_is_adopted_after_the_upgrade() {
+    let old = previous_release_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("tree.pids");
+    let mut sb = Serve::start_bin(&old, dir.path(), &[], &[]);
+    add_tree_tool(&sb, &pids);
+    let d = sb.json(&["deploy", "tree", "--wait"]);
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let id = d["id"].as_str().unwrap().to_owned();
+    sb.signal(nix::sys::signal::Signal::SIGKILL);
+    sb.wait();
+    let tree = read_pids(&pids);
+    assert_eq!(tree.len(), 2);
+
+    let sb = Serve::start(dir.path(), &[]);
+    for pid in &tree {
+        assert!(alive(*pid), "{pid} was killed instead of adopted");
+    }
+    let rec = record(&sb, &id);
+    assert_eq!(rec["status"], "RUNNING", "{rec}");
+    assert_eq!(rec["runtime"], "process", "{rec}");
+    assert_eq!(
+        rec["instance"]["pid"].as_u64(),
+        Some(u64::from(tree[0])),
+        "{rec}"
+    );
+    assert_eq!(rec["restart_count"], 0, "adopted, not restarted: {rec}");
     let stopped = sb.json(&["stop", &id]);
     assert_eq!(stopped["status"], "STOPPED", "{stopped}");
     for pid in &tree {
@@ -364,7 +428,11 @@ fn what_died_while_switchboard_was_down_is_restarted_and_its_leftovers_killed() 
     let rec = restarted_record(&sb, &id);
     assert_eq!(rec["status"], "RUNNING", "{rec}");
     assert_eq!(rec["restart_count"], 1, "{rec}");
-    assert_ne!(rec["pid"].as_u64(), Some(u64::from(tree[0])), "{rec}");
+    assert_ne!(
+        rec["instance"]["pid"].as_u64(),
+        Some(u64::from(tree[0])),
+        "{rec}"
+    );
     assert!(
         rec["last_exit"]
             .as_str()
@@ -396,12 +464,14 @@ fn a_stale_record_never_gets_an_unrelated_process_signalled() {
         let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
             .await
             .unwrap();
-        sqlx::query("UPDATE deployments SET pid = ? WHERE id = ?")
-            .bind(i64::from(by_pid))
-            .bind(&id)
-            .execute(&mut c)
-            .await
-            .unwrap();
+        sqlx::query(
+            "UPDATE deployments SET instance = json_set(instance, '$.pid', ?) WHERE id = ?",
+        )
+        .bind(i64::from(by_pid))
+        .bind(&id)
+        .execute(&mut c)
+        .await
+        .unwrap();
     });
     let sb = Serve::start(dir.path(), &[]);
     assert!(
@@ -410,7 +480,11 @@ fn a_stale_record_never_gets_an_unrelated_process_signalled() {
     );
     let rec = restarted_record(&sb, &id);
     assert_eq!(rec["status"], "RUNNING", "restarted, not adopted: {rec}");
-    assert_ne!(rec["pid"].as_u64(), Some(u64::from(by_pid)), "{rec}");
+    assert_ne!(
+        rec["instance"]["pid"].as_u64(),
+        Some(u64::from(by_pid)),
+        "{rec}"
+    );
     sb.json(&["stop", &id]);
     assert!(
         alive(by_pid),
@@ -491,7 +565,11 @@ fn on_exit_keep_leaves_deployments_running_for_the_next_start_and_stop_is_the_de
     let mut sb = Serve::start(dir.path(), &[]);
     let rec = record(&sb, &id);
     assert_eq!(rec["status"], "RUNNING", "{rec}");
-    assert_eq!(rec["pid"].as_u64(), Some(u64::from(tree[0])), "{rec}");
+    assert_eq!(
+        rec["instance"]["pid"].as_u64(),
+        Some(u64::from(tree[0])),
+        "{rec}"
+    );
     // ...and stops them when it exits.
     sb.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(sb.wait().success());
@@ -581,7 +659,7 @@ fn logs_print_and_follow_a_deployments_output_until_it_ends() {
     };
     // The tail first; then output written after the follower attached: a restart's banner.
     next_start(&rx);
-    common::sigkill(d["pid"].as_u64().unwrap() as i32);
+    common::sigkill(d["instance"]["pid"].as_u64().unwrap() as i32);
     next_start(&rx);
     sb.ok(&["stop", &id]);
     // The deployment ended: the stream ends and the follower exits by itself.
@@ -830,7 +908,7 @@ fn the_token_and_secrets_are_required_or_hidden_and_never_logged() {
         String::from_utf8_lossy(&add.stderr)
     );
     let d = sb.json(&["--token", token, "deploy", "vault", "--wait"]);
-    let pid = d["pid"].as_u64().unwrap();
+    let pid = d["instance"]["pid"].as_u64().unwrap();
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert!(
         String::from_utf8_lossy(&environ).contains(&format!("VAULT_KEY={secret}")),

@@ -151,8 +151,13 @@ async fn check(http: &reqwest::Client, node: &Node, acked: &Acked, marker: &str,
                     if pids.len() > 1 {
                         problems.push(format!("{} processes for deployment {id}", pids.len()));
                     }
-                    if d["status"] == "RUNNING" && d["pid"].as_u64() != Some(u64::from(pids[0])) {
-                        problems.push(format!("{id} records pid {} but runs {pids:?}", d["pid"]));
+                    if d["status"] == "RUNNING"
+                        && d["instance"]["pid"].as_u64() != Some(u64::from(pids[0]))
+                    {
+                        problems.push(format!(
+                            "{id} records pid {} but runs {pids:?}",
+                            d["instance"]["pid"]
+                        ));
                     }
                 }
             }

@@ -29,7 +29,10 @@ async fn deployment_record_lifecycle_and_identity() {
     assert!(d["deployed_at"].is_string());
     let port = d["port"].as_u64().unwrap() as u16;
     assert_eq!(d["endpoint_url"], format!("http://127.0.0.1:{port}/mcp"));
-    assert!(d["pid"].as_u64().is_some(), "pid recorded at spawn: {d}");
+    assert!(
+        d["instance"]["pid"].as_u64().is_some(),
+        "pid recorded at spawn: {d}"
+    );
 
     // The record was committed before the API answered: it is in the file now.
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.db_path().display()))
@@ -49,10 +52,10 @@ async fn deployment_record_lifecycle_and_identity() {
     let who = whoami(d["endpoint_url"].as_str().unwrap()).await;
     assert_eq!(who["tool"], "ident");
     assert_eq!(who["deployment"], id.as_str());
-    assert_eq!(who["pid"], d["pid"]);
+    assert_eq!(who["pid"], d["instance"]["pid"]);
     assert_eq!(who["port"], port);
 
-    let pid = d["pid"].as_u64().unwrap() as u32;
+    let pid = d["instance"]["pid"].as_u64().unwrap() as u32;
     let stopped = app.stop_deployment(&id).await;
     assert_eq!(stopped["status"], "STOPPED");
     assert!(stopped["stopped_at"].is_string());
@@ -295,7 +298,7 @@ async fn graceful_shutdown_stops_every_deployment() {
     app.add_test_tool("plain", &[], json!({})).await;
     let t = app.deploy_wait("tree").await;
     let p = app.deploy_wait("plain").await;
-    let plain_pid = p["pid"].as_u64().unwrap() as u32;
+    let plain_pid = p["instance"]["pid"].as_u64().unwrap() as u32;
     let tree_pids = read_pids(&pids);
     assert_eq!(
         tree_pids.len(),
@@ -335,7 +338,7 @@ async fn a_killed_server_is_restarted_on_its_port_and_the_record_says_so() {
     app.add_test_tool("phoenix", &[], json!({})).await;
     let d = app.deploy_wait("phoenix").await;
     let id = d["id"].as_str().unwrap();
-    let pid = d["pid"].as_u64().unwrap() as i32;
+    let pid = d["instance"]["pid"].as_u64().unwrap() as i32;
     common::sigkill(pid);
     // The first restart is immediate (no backoff before it).
     let r = app
@@ -344,7 +347,7 @@ async fn a_killed_server_is_restarted_on_its_port_and_the_record_says_so() {
         })
         .await;
     assert_eq!(r["port"], d["port"], "a restart keeps the port");
-    assert_ne!(r["pid"], d["pid"]);
+    assert_ne!(r["instance"]["pid"], d["instance"]["pid"]);
     assert_eq!(r["desired"], "RUNNING");
     assert!(r["last_exit"].as_str().unwrap().contains("SIGKILL"), "{r}");
     assert!(!alive(pid as u32));
@@ -365,7 +368,7 @@ async fn a_hung_server_turns_unhealthy_leaves_routing_and_is_restarted() {
     .await;
     let d = app.deploy_wait("hang").await;
     let id = d["id"].as_str().unwrap();
-    let pid = d["pid"].as_u64().unwrap() as i32;
+    let pid = d["instance"]["pid"].as_u64().unwrap() as i32;
     // Alive but not answering: stopped by SIGSTOP.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
@@ -449,7 +452,7 @@ async fn events_stream_every_transition_and_health_checks_run_on_demand() {
     assert!(h["server_name"].is_string(), "{h}");
     assert!(h["latency_ms"].as_f64().unwrap() > 0.0, "{h}");
 
-    let pid = d["pid"].as_u64().unwrap() as i32;
+    let pid = d["instance"]["pid"].as_u64().unwrap() as i32;
     common::sigkill(pid);
     let mut seen = Vec::new();
     // Two RUNNINGs: the deploy's, then the restart's.

@@ -43,7 +43,7 @@ async fn metrics_count_real_traffic_checks_and_restarts_and_pass_promtool() {
     }
     // Two health checks at least.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let pid = d["pid"].as_u64().unwrap() as i32;
+    let pid = d["instance"]["pid"].as_u64().unwrap() as i32;
     common::sigkill(pid);
     app.wait_record(&id, "restarted", |r| {
         r["status"] == "RUNNING" && r["restart_count"] == 1
@@ -268,7 +268,7 @@ async fn ended_failed_and_deleted_deployments_leave_no_series() {
                 scrape().await.contains(&check)
             })
             .await;
-            common::sigkill(d["pid"].as_u64().unwrap() as i32);
+            common::sigkill(d["instance"]["pid"].as_u64().unwrap() as i32);
             app.wait_record(&id, "restarted", |r| {
                 r["status"] == "RUNNING" && r["restart_count"] == 1
             })

@@ -340,7 +340,7 @@ async fn a_killed_replica_drops_its_sessions() {
     let url = format!("{}/mcp/k", app.url);
     let sid = legacy_session(&url).await;
     whoami_in_session(&url, &sid).await.unwrap();
-    let pid = d["pid"].as_u64().unwrap() as i32;
+    let pid = d["instance"]["pid"].as_u64().unwrap() as i32;
     common::sigkill(pid);
     // Restarted (same deployment, same port, a fresh process): the session is gone with the
     // old process, and the client hears 404, never another session's answers.

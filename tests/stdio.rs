@@ -125,7 +125,7 @@ async fn a_stdio_server_is_served_in_both_eras_without_a_port() {
     );
     let url = format!("{}/mcp/io", app.url);
     assert_eq!(d["endpoint_url"], url.as_str(), "{d}");
-    let bridge = pid_of(&d);
+    let bridge = pid_of(&d["instance"]);
     let id = d["id"].as_str().unwrap();
 
     // Modern (stateless) requests go to the pool; its processes are the bridge's children.
@@ -405,7 +405,7 @@ async fn a_crashed_bridge_is_restarted_and_serves_again() {
     let url = format!("{}/mcp/phoenix", app.url);
     let sid = legacy_session(&url).await;
     let child = pid_of(&whoami_in_session(&url, &sid).await.unwrap());
-    sigkill(i32::try_from(pid_of(&d)).unwrap());
+    sigkill(i32::try_from(pid_of(&d["instance"])).unwrap());
     let d = app
         .wait_record(id, "restarted and RUNNING", |d| {
             d["restart_count"] == 1 && d["status"] == "RUNNING"
@@ -429,7 +429,7 @@ async fn a_stdio_deployment_is_adopted_after_switchboard_crashes() {
     add_stdio_tool(&app, "kept", &[], json!({})).await;
     let d = app.deploy_wait("kept").await;
     let id = d["id"].as_str().unwrap().to_owned();
-    let bridge = pid_of(&d);
+    let bridge = pid_of(&d["instance"]);
     let pooled = pid_of(&whoami(&format!("{}/mcp/kept", app.url)).await);
     let before = legacy_session(&format!("{}/mcp/kept", app.url)).await;
     let session_pid = pid_of(
@@ -442,7 +442,7 @@ async fn a_stdio_deployment_is_adopted_after_switchboard_crashes() {
     let app = TestApp::start_in(dir, common::AppOptions::default()).await;
     let d = app.wait_status(&id, "RUNNING").await;
     assert_eq!(
-        pid_of(&d),
+        pid_of(&d["instance"]),
         bridge,
         "the bridge was adopted, not restarted: {d}"
     );
@@ -619,7 +619,7 @@ async fn concurrent_session_opens_leave_no_untracked_process() {
     add_stdio_tool(&app, "burst", &[], json!({})).await;
     let d = app.deploy_wait("burst").await;
     let id = d["id"].as_str().unwrap();
-    let bridge = pid_of(&d);
+    let bridge = pid_of(&d["instance"]);
     let url = format!("{}/mcp/burst", app.url);
     for _ in 0..3 {
         let opens: Vec<_> = (0..8)
@@ -708,7 +708,7 @@ async fn replacing_dead_pool_processes_keeps_the_pool_its_size() {
     let now = pids(&sessions(&app, id).await);
     assert_eq!(now.len(), 2, "the pool grew: {now:?}");
     assert!(now.iter().all(|p| !first.contains(p)), "{now:?}");
-    assert_eq!(server_children(pid_of(&d)), {
+    assert_eq!(server_children(pid_of(&d["instance"])), {
         let mut n = now.clone();
         n.sort_unstable();
         n

@@ -9,7 +9,7 @@ mod common;
 use chrono::{DateTime, FixedOffset, Utc};
 use common::{fresh_mysql_url, fresh_postgres_url};
 use switchboard::{
-    deployment::{Deployment, DeploymentStatus, ExitInfo, HealthStatus},
+    deployment::{Deployment, DeploymentStatus, ExitInfo, HealthStatus, InstanceRef, RuntimeKind},
     registry::ToolSpec,
     store::{DeleteTool, DeploymentFilter, Store, StoreError, now},
 };
@@ -94,7 +94,11 @@ fn deployment(
         last_health_check: None,
         deployed_at: t,
         stopped_at: None,
-        pid: Some(4242),
+        runtime: RuntimeKind::Process,
+        instance: Some(InstanceRef::Process {
+            pid: 4242,
+            start_time: Some(987_654_321),
+        }),
         exit_code: None,
         exit_signal: None,
         error: None,
@@ -103,7 +107,6 @@ fn deployment(
         restart_count: 0,
         last_exit: None,
         next_restart_at: None,
-        pid_start_time: Some(987_654_321),
     }
 }
 
@@ -412,8 +415,8 @@ async fn two_nodes_share_one_database_and_keep_to_their_own() {
     assert_eq!(e["error"]["code"], "not_owner");
 
     // Node A dies and comes back: it closes its own records and kills its own orphans only.
-    let a_pid = da["pid"].as_u64().unwrap() as u32;
-    let b_pid = db["pid"].as_u64().unwrap() as u32;
+    let a_pid = da["instance"]["pid"].as_u64().unwrap() as u32;
+    let b_pid = db["instance"]["pid"].as_u64().unwrap() as u32;
     let dir = a.crash().await;
     assert!(
         common::alive(a_pid),
@@ -427,7 +430,11 @@ async fn two_nodes_share_one_database_and_keep_to_their_own() {
     assert!(common::alive(b_pid), "node B's deployment is untouched");
     let rec_a = a.deployment(da["id"].as_str().unwrap()).await;
     assert_eq!(rec_a["status"], "RUNNING", "{rec_a}");
-    assert_eq!(rec_a["pid"].as_u64(), Some(u64::from(a_pid)), "{rec_a}");
+    assert_eq!(
+        rec_a["instance"]["pid"].as_u64(),
+        Some(u64::from(a_pid)),
+        "{rec_a}"
+    );
     let rec_b = a.deployment(db["id"].as_str().unwrap()).await;
     assert_eq!(rec_b["status"], "RUNNING", "{rec_b}");
     a.stop().await;
@@ -536,7 +543,15 @@ async fn restarts_keep_the_record_until_a_stop_is_desired(s: Store) {
     let t = s.insert_tool(&spec("t")).await.unwrap();
     let d = deployment(&t, 9100, DeploymentStatus::Starting);
     s.insert_deployment(&d).await.unwrap();
-    s.set_process(d.id, 777, Some(123)).await.unwrap();
+    let process = InstanceRef::Process {
+        pid: 777,
+        start_time: Some(123),
+    };
+    s.set_instance(d.id, &process).await.unwrap();
+    assert_eq!(
+        s.get_deployment(d.id).await.unwrap().unwrap().instance,
+        Some(process)
+    );
     assert!(s.mark_running(d.id).await.unwrap());
     assert!(
         s.set_health(d.id, HealthStatus::Unhealthy, now())
@@ -555,7 +570,7 @@ async fn restarts_keep_the_record_until_a_stop_is_desired(s: Store) {
     assert_eq!(got.last_exit.as_deref(), Some("exited (exit status 1)"));
     assert_eq!(got.next_restart_at, Some(at));
     assert_eq!(
-        got.pid, None,
+        got.instance, None,
         "the old process is no longer the deployment's"
     );
     assert_eq!(got.port, Some(9100), "a restart keeps the port");
@@ -658,4 +673,79 @@ fn with_databases_leaves_no_database_server_running() {
         left.is_empty(),
         "database servers outlived the run: {left:?}"
     );
+}
+
+/// A database migrated by the release before the runtime boundary (pid columns) and holding a
+/// live deployment: after the upgrade, the record names its process as an instance reference,
+/// which is what adoption reads. Run on every backend, since each has its own migration SQL.
+async fn pid_columns_become_an_instance_reference(backend: common::Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = match backend.fresh_url().await {
+        Some(url) => url,
+        None => {
+            let file = dir.path().join("t.db");
+            std::fs::File::create(&file).unwrap();
+            format!("sqlite://{}", file.display())
+        }
+    };
+    let tool_id = Uuid::new_v4();
+    let dep_id = Uuid::new_v4();
+    let t = "2026-01-02 03:04:05";
+    let tool = format!(
+        "INSERT INTO tools (id, slug, spec, created_at, updated_at) \
+         VALUES ('{tool_id}', 'old', '{{\"slug\":\"old\",\"command\":\"x\"}}', '{t}', '{t}')"
+    );
+    let live = format!(
+        "INSERT INTO deployments (id, tool_id, tool_slug, node_id, endpoint_url, port, status, \
+         health_status, deployed_at, updated_at, pid, pid_start_time) VALUES ('{dep_id}', \
+         '{tool_id}', 'old', 'n1', 'http://127.0.0.1:9300/mcp', 9300, 'RUNNING', 'HEALTHY', \
+         '{t}', '{t}', 4242, 987654321)"
+    );
+    // The schema as the previous release left it (migrations 1 to 3), and a row it wrote.
+    macro_rules! previous_release {
+        ($pool:ty, $dir:literal) => {{
+            let pool = <$pool>::connect(&url).await.unwrap();
+            sqlx::migrate!($dir).run_to(3, &pool).await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(tool.clone()))
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(live.clone()))
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }};
+    }
+    match backend {
+        common::Backend::Sqlite => previous_release!(sqlx::SqlitePool, "migrations/sqlite"),
+        common::Backend::Postgres => previous_release!(sqlx::PgPool, "migrations/postgres"),
+        common::Backend::MySql => previous_release!(sqlx::MySqlPool, "migrations/mysql"),
+    }
+    let store = Store::connect(&url).await.unwrap();
+    let d = store.get_deployment(dep_id).await.unwrap().unwrap();
+    assert_eq!(d.runtime, RuntimeKind::Process);
+    assert_eq!(
+        d.instance,
+        Some(InstanceRef::Process {
+            pid: 4242,
+            start_time: Some(987_654_321)
+        })
+    );
+    assert_eq!(d.status, DeploymentStatus::Running);
+}
+
+#[tokio::test]
+async fn pid_columns_become_an_instance_reference_on_sqlite() {
+    pid_columns_become_an_instance_reference(common::Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn pid_columns_become_an_instance_reference_on_postgres() {
+    pid_columns_become_an_instance_reference(common::Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn pid_columns_become_an_instance_reference_on_mysql() {
+    pid_columns_become_an_instance_reference(common::Backend::MySql).await;
 }

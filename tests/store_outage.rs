@@ -64,7 +64,7 @@ async fn outage(url: String, halt: impl Fn(), resume: impl Fn()) {
     );
 
     // Something happens while the database is away: a deployment dies.
-    let pid = victim["pid"].as_u64().unwrap() as i32;
+    let pid = victim["instance"]["pid"].as_u64().unwrap() as i32;
     common::sigkill(pid);
     eventually(Duration::from_secs(10), || async {
         let (st, b) = app.call("POST", "/mcp/victim", Some(json!({}))).await;
@@ -87,7 +87,7 @@ async fn outage(url: String, halt: impl Fn(), resume: impl Fn()) {
         })
         .await;
     assert!(d["last_exit"].as_str().unwrap().contains("SIGKILL"), "{d}");
-    assert_ne!(d["pid"].as_u64(), Some(pid as u64), "{d}");
+    assert_ne!(d["instance"]["pid"].as_u64(), Some(pid as u64), "{d}");
     let (st, _) = app
         .call(
             "POST",

@@ -39,7 +39,7 @@ async fn server_everything_reaches_running_and_stops_cleanly() {
         "{check:?}"
     );
 
-    let pid = d["pid"].as_u64().unwrap() as u32;
+    let pid = d["instance"]["pid"].as_u64().unwrap() as u32;
     let s = app.stop_deployment(d["id"].as_str().unwrap()).await;
     assert_eq!(s["status"], "STOPPED");
     assert!(s["stopped_at"].is_string());

@@ -12,12 +12,107 @@ pub mod cgroup;
 pub mod launch;
 pub mod process;
 
-use std::{path::PathBuf, time::Duration};
+use std::{fmt, path::PathBuf, time::Duration};
 
 use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::deployment::ExitInfo;
+/// Which runtime runs a deployment (stored with its record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// A process tree on this host ([`process::ProcessRuntime`]).
+    #[default]
+    Process,
+}
+
+impl RuntimeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Process => "process",
+        }
+    }
+}
+
+impl std::str::FromStr for RuntimeKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "process" => Ok(RuntimeKind::Process),
+            other => Err(format!("unknown runtime '{other}'")),
+        }
+    }
+}
+
+/// What a runtime needs to find one of its instances again after a Switchboard crash: stored
+/// with the deployment record (as JSON) and handed back to [`Runtime::adopt`]. The manager and
+/// the store never look inside; each runtime reads only its own variant and treats any other
+/// as "not mine". A container runtime adds `Container { id }`, a Kubernetes one
+/// `Pod { namespace, name, uid }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum InstanceRef {
+    /// The main process of a tree: its pid and start time (clock ticks after boot), which
+    /// together name one process, so a reused pid is never taken for the deployment's.
+    Process { pid: u32, start_time: Option<u64> },
+}
+
+impl InstanceRef {
+    /// The runtime this reference belongs to.
+    pub fn runtime(&self) -> RuntimeKind {
+        match self {
+            InstanceRef::Process { .. } => RuntimeKind::Process,
+        }
+    }
+
+    /// The main process's pid, for runtimes whose instances are host processes.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            InstanceRef::Process { pid, .. } => Some(*pid),
+        }
+    }
+}
+
+/// What `ps` prints in its INSTANCE column.
+impl fmt::Display for InstanceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InstanceRef::Process { pid, .. } => write!(f, "pid {pid}"),
+        }
+    }
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExitInfo {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl From<std::process::ExitStatus> for ExitInfo {
+    fn from(status: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt as _;
+        ExitInfo {
+            code: status.code(),
+            signal: status.signal(),
+        }
+    }
+}
+
+impl fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (Some(c), _) => write!(f, "exit status {c}"),
+            (None, Some(s)) => match nix::sys::signal::Signal::try_from(s) {
+                Ok(sig) => write!(f, "killed by {sig}"),
+                Err(_) => write!(f, "killed by signal {s}"),
+            },
+            (None, None) => f.write_str("unknown exit status"),
+        }
+    }
+}
 
 /// Everything a runtime needs to start one deployment. Placeholders are already substituted.
 #[derive(Debug, Clone)]
@@ -50,6 +145,15 @@ pub struct ProcessId {
     pub pid: u32,
     /// `None` where /proc could not be read (the process already gone).
     pub start_time: Option<u64>,
+}
+
+impl From<ProcessId> for InstanceRef {
+    fn from(p: ProcessId) -> InstanceRef {
+        InstanceRef::Process {
+            pid: p.pid,
+            start_time: p.start_time,
+        }
+    }
 }
 
 impl ProcessId {
@@ -111,13 +215,15 @@ pub enum RuntimeError {
 }
 
 pub trait Runtime: Send + Sync + 'static {
-    /// Starts the instance and returns its main process once it exists. Starting an id again
-    /// (a restart) replaces the ended instance.
-    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<ProcessId, RuntimeError>>;
-    /// Takes charge of an instance an earlier Switchboard process started, if `process` is
-    /// still that instance's (same pid and start time, and in its cgroup where there are
-    /// cgroups). Returns false, having signalled nothing, when it is not.
-    fn adopt(&self, id: Uuid, process: ProcessId, stop: StopMode) -> bool;
+    fn kind(&self) -> RuntimeKind;
+    /// Starts the instance and returns the reference that finds it again, once it exists.
+    /// Starting an id again (a restart) replaces the ended instance.
+    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<InstanceRef, RuntimeError>>;
+    /// Takes charge of an instance an earlier Switchboard process started, if `instance` still
+    /// names that deployment's (for a process: same pid and start time, and in its cgroup
+    /// where there are cgroups). Returns false, having signalled nothing, when it does not, or
+    /// when the reference is another runtime's.
+    fn adopt(&self, id: Uuid, instance: &InstanceRef, stop: StopMode) -> bool;
     /// Resolves when the instance's main process exits (at once if it already has).
     fn wait(&self, id: Uuid) -> BoxFuture<'_, Result<ExitInfo, RuntimeError>>;
     /// Stops the whole tree: SIGTERM to every process, SIGKILL to what is left after `grace`.

@@ -24,11 +24,11 @@ use tokio::{process::Command, sync::watch};
 use uuid::Uuid;
 
 use super::{
-    InstanceInfo, LaunchSpec, ProcessId, Runtime, RuntimeError, StopMode,
+    ExitInfo, InstanceInfo, InstanceRef, LaunchSpec, ProcessId, Runtime, RuntimeError, RuntimeKind,
+    StopMode,
     cgroup::{self, CgroupRoot},
     launch::SHIM_ARG,
 };
-use crate::deployment::ExitInfo;
 
 /// A deployment's log is rotated at this size (by the log writer the launch shim starts)...
 pub const LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
@@ -344,7 +344,11 @@ async fn wait_gone(inst: &Instance) {
 }
 
 impl Runtime for ProcessRuntime {
-    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<ProcessId, RuntimeError>> {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Process
+    }
+
+    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<InstanceRef, RuntimeError>> {
         async move {
             let id = spec.deployment_id;
             let (pid, cgroup_dir, mut child) = self.spawn(&spec)?;
@@ -374,12 +378,18 @@ impl Runtime for ProcessRuntime {
                 reap_tree(cgroup_dir.as_deref(), pid);
                 let _ = tx.send(Some(exit));
             });
-            Ok(process)
+            Ok(process.into())
         }
         .boxed()
     }
 
-    fn adopt(&self, id: Uuid, process: ProcessId, stop: StopMode) -> bool {
+    fn adopt(&self, id: Uuid, instance: &InstanceRef, stop: StopMode) -> bool {
+        // Every other variant is another runtime's.
+        #[allow(irrefutable_let_patterns)]
+        let InstanceRef::Process { pid, start_time } = *instance else {
+            return false;
+        };
+        let process = ProcessId { pid, start_time };
         // The pidfd first, then the identity check: if the check passes, the pidfd refers to
         // the process that has this start time, even if the pid is reused right after.
         let pidfd = pidfd_open(process.pid);
