@@ -15,6 +15,8 @@ use common::{alive, port_range, read_pids, switchboard_bin, test_server_bin};
 use serde_json::Value;
 
 struct Serve {
+    /// The `switchboard` binary that serves, and that the client commands run.
+    bin: std::path::PathBuf,
     data_dir: std::path::PathBuf,
     child: Child,
     url: String,
@@ -80,6 +82,7 @@ impl Serve {
             }
         };
         Serve {
+            bin: bin.to_path_buf(),
             data_dir: data_dir.to_path_buf(),
             child,
             url,
@@ -107,7 +110,7 @@ impl Serve {
     }
 
     fn cli_command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(switchboard_bin());
+        let mut cmd = Command::new(&self.bin);
         cmd.arg("--url")
             .arg(&self.url)
             .args(args)
@@ -117,7 +120,7 @@ impl Serve {
 
     /// Starts a long-running client command; its stdout lines arrive on the receiver.
     fn spawn_lines(&self, args: &[&str]) -> (Child, mpsc::Receiver<String>) {
-        let mut child = Command::new(switchboard_bin())
+        let mut child = Command::new(&self.bin)
             .arg("--url")
             .arg(&self.url)
             .args(args)

@@ -701,7 +701,7 @@ async fn a_server_that_has_run_keeps_restarting_past_max_start_failures() {
     .await;
     let d = app.deploy_wait("phoenix").await;
     let id = d["id"].as_str().unwrap();
-    let mut pid = d["pid"].as_u64().unwrap();
+    let mut pid = d["instance"]["pid"].as_u64().unwrap();
     for n in 1..=3 {
         common::sigkill(pid as i32);
         let r = app
@@ -709,7 +709,7 @@ async fn a_server_that_has_run_keeps_restarting_past_max_start_failures() {
                 r["status"] == "RUNNING" && r["restart_count"] == n
             })
             .await;
-        pid = r["pid"].as_u64().unwrap();
+        pid = r["instance"]["pid"].as_u64().unwrap();
     }
     app.stop().await;
 }

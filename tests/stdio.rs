@@ -779,7 +779,7 @@ async fn bursty_tools_get_the_spares_they_ask_for() {
     .await;
     let d = app.deploy_wait("bursty").await;
     let id = d["id"].as_str().unwrap();
-    let bridge = pid_of(&d);
+    let bridge = pid_of(&d["instance"]);
     let url = format!("{}/mcp/bursty", app.url);
     let first = legacy_session(&url).await;
     let view = sessions(&app, id).await;
