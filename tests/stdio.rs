@@ -695,8 +695,10 @@ async fn replacing_dead_pool_processes_keeps_the_pool_its_size() {
     for p in &first {
         sigkill(i32::try_from(*p).unwrap());
     }
+    // Dead, and seen to be by the bridge (it learns of an exit when the pipes close).
     eventually(Duration::from_secs(10), || async {
-        first.iter().all(|p| !alive(*p))
+        let listed = pids(&sessions(&app, id).await);
+        first.iter().all(|p| !alive(*p) && !listed.contains(p))
     })
     .await;
     assert_eq!(whoami(&url).await["tool"], "pool");
@@ -945,5 +947,45 @@ async fn a_json_only_clients_long_call_waits_for_the_tools_call_timeout() {
             .unwrap()
             .contains("call_timeout_ms"),
         "{v}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_dies_at_start_is_restarted_with_its_own_words_in_last_exit() {
+    let app = TestApp::start().await;
+    let (st, v) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({
+                "slug": "nodir",
+                "command": "sh",
+                "args": ["-c", "echo starting up >&2; echo Cannot access directory /srv/shared >&2; exit 1"],
+                "transport": "stdio",
+                "restart": {"initial_delay_ms": 100, "max_delay_ms": 100},
+            })),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let (st, d) = app
+        .call("POST", "/api/v1/tools/nodir/deployments", None)
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{d}");
+    let id = d["id"].as_str().unwrap().to_owned();
+    // What the supervisor records of each failed start is one log line: the bridge's, which
+    // must carry the server's own words, not only its exit status.
+    let d = app
+        .wait_record(&id, "a failed start recorded", |d| {
+            d["last_exit"].is_string() || d["status"] == "FAILED"
+        })
+        .await;
+    let said = d["last_exit"]
+        .as_str()
+        .or(d["error"].as_str())
+        .unwrap_or_default();
+    assert!(
+        said.contains("exited with status 1")
+            && said.contains("Cannot access directory /srv/shared"),
+        "{d}"
     );
 }

@@ -1,7 +1,9 @@
 //! One stdio MCP server process and the relay around its pipes.
 //!
-//! The child reads newline-delimited JSON-RPC on stdin and writes it on stdout (stderr is
-//! inherited: it is the deployment log). One writer task owns stdin, so concurrent senders
+//! The child reads newline-delimited JSON-RPC on stdin and writes it on stdout. Its stderr is
+//! relayed line by line to the bridge's (the deployment log), and the last lines are kept: a
+//! server that dies says why there ("Cannot access directory /srv/shared"), and the bridge's
+//! own error, the one line the supervisor quotes in `last_exit`, must carry those words. One writer task owns stdin, so concurrent senders
 //! never interleave lines and a burst is written with one flush. One reader task owns stdout
 //! and routes every line it reads by what it is, never by order (servers write notifications
 //! before the reply they precede, and answer concurrent requests out of order):
@@ -43,6 +45,9 @@ pub type Sink = mpsc::UnboundedSender<Bytes>;
 const MAX_LINE: usize = 16 * 1024 * 1024;
 /// Server-initiated messages kept while no stream of the session is open.
 const MAX_BACKLOG: usize = 1000;
+/// stderr lines kept for error messages, and the length each is cut to.
+const LAST_WORDS: usize = 3;
+const LAST_WORD_CHARS: usize = 300;
 
 /// How ids are treated on this child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +98,8 @@ pub struct Child {
     /// idle reaping).
     born: std::time::Instant,
     last_active: AtomicU64,
+    /// The last lines the process wrote on stderr (see [`LAST_WORDS`]).
+    last_words: Mutex<VecDeque<String>>,
 }
 
 /// A request registered on a child; dropping it before the reply arrives forgets the request
@@ -163,14 +170,16 @@ impl Child {
         cmd.args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(false);
         let mut proc = cmd.spawn()?;
         let pid = proc
             .id()
             .ok_or_else(|| std::io::Error::other("the process exited before it could be used"))?;
-        let (Some(stdin), Some(stdout)) = (proc.stdin.take(), proc.stdout.take()) else {
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (proc.stdin.take(), proc.stdout.take(), proc.stderr.take())
+        else {
             return Err(std::io::Error::other("stdio pipes missing"));
         };
         let (wtx, wrx) = mpsc::unbounded_channel();
@@ -185,8 +194,13 @@ impl Child {
             exited: exit_rx,
             born: std::time::Instant::now(),
             last_active: AtomicU64::new(0),
+            last_words: Mutex::new(VecDeque::new()),
         });
         tokio::spawn(write_loop(stdin, wrx));
+        let relay = tokio::spawn({
+            let child = Arc::clone(&child);
+            async move { child.relay_stderr(stderr).await }
+        });
         let reader = Arc::clone(&child);
         tokio::spawn(async move {
             reader.read_loop(stdout).await;
@@ -202,6 +216,9 @@ impl Child {
                     }
                 }
             };
+            // Its last words are read before the exit is told (a descendant holding stderr
+            // open must not hold that up for long).
+            let _ = tokio::time::timeout(Duration::from_secs(1), relay).await;
             reader.fail_all(&status);
             let _ = exit_tx.send(Some(status));
         });
@@ -252,6 +269,63 @@ impl Child {
     /// How the process ended, once it has.
     pub fn exit_description(&self) -> Option<String> {
         self.exited.borrow().clone()
+    }
+
+    /// The last lines the process wrote on stderr, joined on one line (`None` when it wrote
+    /// nothing there).
+    pub fn last_words(&self) -> Option<String> {
+        let words = self.last_words.lock().unwrap_or_else(|e| e.into_inner());
+        (!words.is_empty()).then(|| {
+            words
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        })
+    }
+
+    /// How the process ended, with its last words on stderr when it left some: what the
+    /// bridge's own errors say (never what MCP clients are told: stderr is the log's).
+    pub fn ending_in_its_words(&self) -> Option<String> {
+        let why = self.exit_description()?;
+        Some(match self.last_words() {
+            Some(words) => format!("{why} (its stderr: {words})"),
+            None => why,
+        })
+    }
+
+    /// Copies stderr to the bridge's, a line at a time (one write each, so lines of different
+    /// children do not interleave), keeping the last few.
+    async fn relay_stderr(&self, stderr: tokio::process::ChildStderr) {
+        use std::io::Write as _;
+        let mut reader = BufReader::new(stderr);
+        let mut line = Vec::with_capacity(1024);
+        loop {
+            line.clear();
+            // Bounded, so a line without end cannot grow without limit (it is cut in pieces).
+            match (&mut reader)
+                .take(64 * 1024)
+                .read_until(b'\n', &mut line)
+                .await
+            {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if !line.ends_with(b"\n") {
+                line.push(b'\n');
+            }
+            let _ = std::io::stderr().lock().write_all(&line);
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim();
+            if text.is_empty() {
+                continue;
+            }
+            let mut words = self.last_words.lock().unwrap_or_else(|e| e.into_inner());
+            if words.len() == LAST_WORDS {
+                words.pop_front();
+            }
+            words.push_back(text.chars().take(LAST_WORD_CHARS).collect());
+        }
     }
 
     /// Resolves when the process has exited (and its pending requests have been failed).

@@ -321,7 +321,7 @@ impl Host {
         // reply recognizable in logs.
         let _reg = child
             .request(msg, tx, false)
-            .map_err(|e| ProbeError::Ended(e.to_string()))?;
+            .map_err(|e| ProbeError::Ended(child.ending_in_its_words().unwrap_or(e.to_string())))?;
         loop {
             match rx.recv().await {
                 Some(bytes) => {
@@ -331,7 +331,9 @@ impl Host {
                             && err.starts_with("the MCP server process ended")
                         {
                             return Err(ProbeError::Ended(
-                                child.exit_description().unwrap_or_else(|| err.to_owned()),
+                                child
+                                    .ending_in_its_words()
+                                    .unwrap_or_else(|| err.to_owned()),
                             ));
                         }
                         return Ok(v);
@@ -340,7 +342,7 @@ impl Host {
                 None => {
                     return Err(ProbeError::Ended(
                         child
-                            .exit_description()
+                            .ending_in_its_words()
                             .unwrap_or_else(|| "stopped".to_owned()),
                     ));
                 }
@@ -370,7 +372,7 @@ impl Host {
         let (Some(era), Some(child)) = (era, child) else {
             return Err("the server is starting".to_owned());
         };
-        if let Some(why) = child.exit_description() {
+        if let Some(why) = child.ending_in_its_words() {
             return Err(self.health_child_died(&child, &why));
         }
         let (method, params) = match era {

@@ -8,7 +8,8 @@
 //! the range, and nothing but Switchboard's proxy (behind its token and Origin checks) can reach
 //! it; file permissions keep other local users out. It spawns the server's processes itself
 //! (see [`host`] for which client gets which child, and [`child`] for the relay), and children
-//! inherit its stderr, so their logs land in the deployment log, stamped.
+//! write their stderr through it, a line at a time, so their logs land in the deployment log,
+//! stamped (and the bridge's errors about a child can quote its last lines).
 //!
 //! HTTP surface on the socket:
 //! - `POST /mcp`: one JSON-RPC message. `initialize` without a session opens a legacy session;
