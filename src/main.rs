@@ -7,7 +7,7 @@ use switchboard::{
     cli::{Cli, Command},
     config::Config,
     runtime::launch,
-    server,
+    server, signal,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -66,6 +66,6 @@ fn serve(args: switchboard::cli::ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        server::run(listener, config, server::shutdown_signal()).await
+        server::run(listener, config, signal::shutdown_signal()).await
     })
 }

@@ -67,7 +67,38 @@ fn latency_histogram() -> Histogram {
 
 pub const METHODS: [&str; 4] = ["GET", "POST", "DELETE", "OTHER"];
 pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-pub const ERROR_KINDS: [&str; 4] = ["connect", "timeout", "status_5xx", "other"];
+
+/// Why an upstream request failed, as `proxy_upstream_errors` counts it (the `kind` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// No connection to the server.
+    Connect,
+    /// No response headers within the header timeout.
+    Timeout,
+    /// The server answered with a 5xx (passed to the client as it is).
+    Status5xx,
+    /// The request failed otherwise (the connection broke, a malformed response).
+    Other,
+}
+
+impl UpstreamErrorKind {
+    pub const ALL: [UpstreamErrorKind; 4] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Status5xx,
+        UpstreamErrorKind::Other,
+    ];
+
+    /// The `kind` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Status5xx => "status_5xx",
+            UpstreamErrorKind::Other => "other",
+        }
+    }
+}
 
 /// Index into [`METHODS`].
 pub fn method_index(m: &http::Method) -> usize {
@@ -105,9 +136,9 @@ impl BackendMetrics {
         std::array::from_fn(|c| self.requests.iter().map(|m| m[c].get()).sum())
     }
 
-    /// Counts an upstream failure of kind `ERROR_KINDS[kind]`.
-    pub fn upstream_error(&self, kind: usize) {
-        self.errors[kind].inc();
+    /// Counts an upstream failure.
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        self.errors[kind as usize].inc();
     }
 }
 
@@ -270,7 +301,7 @@ impl Metrics {
                 .get_or_create(&ErrorLabels {
                     tool: tool.to_owned(),
                     deployment: deployment.to_owned(),
-                    kind: ERROR_KINDS[k],
+                    kind: UpstreamErrorKind::ALL[k].label(),
                 })
                 .clone()
         });
@@ -325,11 +356,11 @@ impl Metrics {
                 });
             }
         }
-        for kind in ERROR_KINDS {
+        for kind in UpstreamErrorKind::ALL {
             self.upstream_errors.remove(&ErrorLabels {
                 tool: tool.to_owned(),
                 deployment: deployment.to_owned(),
-                kind,
+                kind: kind.label(),
             });
         }
         for result in ["healthy", "unhealthy"] {
@@ -464,6 +495,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn upstream_error_kinds_index_their_counters() {
+        for (i, kind) in UpstreamErrorKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, i, "{kind:?}");
+        }
+    }
+
+    #[test]
     fn classes_and_methods_index() {
         assert_eq!(class_index(http::StatusCode::OK), 1);
         assert_eq!(class_index(http::StatusCode::BAD_GATEWAY), 4);
@@ -477,7 +515,7 @@ mod tests {
         let b = m.backend("echo", "d1");
         b.observe(1, http::StatusCode::OK, 0.002);
         b.observe(1, http::StatusCode::OK, 0.004);
-        b.upstream_error(0);
+        b.upstream_error(UpstreamErrorKind::Connect);
         m.health_check("echo", "d1", true, 0.001);
         m.restart("echo", "d1");
         let text = m.encode();
@@ -521,7 +559,7 @@ mod tests {
         for d in ["d1", "d2"] {
             let b = m.backend("echo", d);
             b.observe(0, http::StatusCode::OK, 0.001);
-            b.upstream_error(1);
+            b.upstream_error(UpstreamErrorKind::Timeout);
             m.health_check("echo", d, true, 0.001);
             m.health_check("echo", d, false, 0.001);
             m.restart("echo", d);

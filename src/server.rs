@@ -154,7 +154,6 @@ pub async fn run(
 
     let state = AppState {
         manager: Arc::clone(&manager),
-        proxy: Arc::clone(&proxy),
         token: config.api_token.as_deref().map(ApiToken::new),
     };
     let app = api::router(state);
@@ -276,21 +275,5 @@ async fn serve_http(
         .is_err()
     {
         tracing::info!("Some connections were still open after 5 s; closing them");
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("Cannot listen for SIGTERM/SIGINT; stop Switchboard with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
     }
 }

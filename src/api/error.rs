@@ -1,5 +1,5 @@
-//! The API's one error shape, `{"error": {"code": "...", "message": "..."}}`, and the extractors
-//! that turn every client mistake into it (axum's own rejections are plain text).
+//! The API's errors in the one error shape ([`crate::http_error`]), and the extractors that
+//! turn every client mistake into it (axum's own rejections are plain text).
 
 use axum::{
     Json,
@@ -7,29 +7,15 @@ use axum::{
     http::{StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
 };
-use serde::{Serialize, de::DeserializeOwned};
-use utoipa::ToSchema;
+use serde::de::DeserializeOwned;
 
-use crate::{manager::ManagerError, registry::SpecError, store::StoreError};
+pub use crate::http_error::{ErrorBody, ErrorDetail};
+use crate::{http_error, manager::ManagerError, registry::SpecError, store::StoreError};
 
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
-    pub message: String,
-}
-
-/// The body of every error response.
-#[derive(Serialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Serialize, serde::Deserialize, ToSchema)]
-pub struct ErrorDetail {
-    /// Stable, machine-readable: `tool_not_found`, `ports_exhausted`, ...
-    pub code: String,
-    /// For people.
     pub message: String,
 }
 
@@ -48,13 +34,7 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::warn!(code = self.code, message = %self.message, "Request failed");
         }
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code.to_owned(),
-                message: self.message,
-            },
-        };
-        let mut resp = (self.status, Json(body)).into_response();
+        let mut resp = http_error::response(self.status, self.code, self.message);
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));

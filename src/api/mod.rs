@@ -19,8 +19,10 @@
 //! GET    /api/v1/deployments/{id}/sessions      a stdio deployment's MCP sessions and processes
 //! GET    /api/v1/deployments/{id}/logs          output (?tail=N, ?follow=true streams new lines)
 //! GET    /api/v1/events                         status and health transitions (SSE; ?tool=SLUG)
-//! ANY    /mcp/{slug}[/{rest}]                   MCP traffic, proxied to a live deployment
 //! ```
+//!
+//! `/mcp/{slug}[/{rest}]` (MCP traffic, not behind the token) never reaches this router: the
+//! server hands it to the proxy first.
 //!
 //! Handlers are thin: they parse, call the [`Manager`], and map its errors through
 //! [`error::ApiError`]. Routes and the OpenAPI document come from the same `routes!` calls, so
@@ -50,7 +52,6 @@ use crate::{
     events::Event,
     health::HealthCheckResult,
     manager::Manager,
-    proxy::Proxy,
     registry::{ApplyOutcome, Tool, ToolSpec},
     store::DeploymentFilter,
 };
@@ -78,7 +79,6 @@ impl std::fmt::Debug for ApiToken {
 #[derive(Clone)]
 pub struct AppState {
     pub manager: Arc<Manager>,
-    pub proxy: Arc<Proxy>,
     pub token: Option<ApiToken>,
 }
 
@@ -119,9 +119,6 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", axum::routing::get(healthz))
-        // MCP traffic: not behind the API token (the servers do their own auth, and the
-        // proxy forwards `Authorization` to them).
-        .route("/mcp/{*rest}", axum::routing::any(proxy))
         .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -207,10 +204,6 @@ async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Result<Respon
         )
             .into_response()
     })
-}
-
-async fn proxy(State(s): State<AppState>, req: axum::extract::Request) -> Response {
-    s.proxy.handle(req, None).await
 }
 
 async fn not_found() -> ApiError {

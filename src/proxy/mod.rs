@@ -7,12 +7,11 @@
 //! HTTP+SSE GET stream is touched ([`sse`]).
 //!
 //! Per request: one lock-free table lookup ([`routes`]), a session-map lookup only when the
-//! request carries a session id ([`sessions`]), no body buffering. Errors say whose fault they
-//! are through their code: `tool_not_found`/`session_not_found`/`origin_not_allowed`/
-//! `body_too_large` (client), `no_healthy_deployment`/`upstream_unavailable`/`upstream_timeout`/
-//! `upstream_error` (upstream).
+//! request carries a session id ([`sessions`]), no body buffering. Errors are
+//! [`error::ProxyError`]s, which say who failed and become a response in one place.
 
 pub mod connect;
+pub mod error;
 pub mod routes;
 pub mod sessions;
 pub mod sse;
@@ -30,7 +29,7 @@ use axum::{
     body::Body,
     extract::{ConnectInfo, Request},
     http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header},
-    response::{IntoResponse, Response},
+    response::Response,
 };
 use bytes::Bytes;
 use http_body::Frame;
@@ -41,10 +40,11 @@ use hyper_util::{
 };
 
 use self::{
+    error::{ProxyError, Source},
     routes::{Backend, InFlight, RouteTable},
     sessions::{Sessions, valid_session_id},
 };
-use crate::api::error::ApiError;
+use crate::{mcp, metrics::UpstreamErrorKind};
 
 /// Proxy settings; see the `[proxy]` section of the config.
 #[derive(Debug, Clone)]
@@ -100,7 +100,7 @@ pub struct Proxy {
     config: ProxyConfig,
 }
 
-const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
+const MCP_SESSION_ID: HeaderName = mcp::SESSION_ID;
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -146,10 +146,6 @@ fn origin_allowed(allowed: &[String], origin: &str) -> bool {
             None => false,
         }
     })
-}
-
-fn error(status: StatusCode, code: &'static str, msg: impl Into<String>) -> Response {
-    ApiError::new(status, code, msg).into_response()
 }
 
 impl Proxy {
@@ -209,12 +205,24 @@ impl Proxy {
         resp
     }
 
+    /// The one place a [`ProxyError`] becomes the client's answer.
     async fn route(
         &self,
         req: Request,
         client: Option<SocketAddr>,
         chosen: &mut Option<uuid::Uuid>,
     ) -> Response {
+        self.try_route(req, client, chosen)
+            .await
+            .unwrap_or_else(ProxyError::into_response)
+    }
+
+    async fn try_route(
+        &self,
+        req: Request,
+        client: Option<SocketAddr>,
+        chosen: &mut Option<uuid::Uuid>,
+    ) -> Result<Response, ProxyError> {
         let (parts, body) = req.into_parts();
         // A cheap (reference-counted) copy, so the slug and rest can borrow from it while
         // `parts` is rewritten for the upstream.
@@ -231,35 +239,18 @@ impl Proxy {
                 .to_str()
                 .is_ok_and(|o| origin_allowed(&self.config.allowed_origins, o));
             if !ok {
-                return error(
-                    StatusCode::FORBIDDEN,
-                    "origin_not_allowed",
-                    format!(
-                        "Origin {origin:?} is not allowed to call MCP servers through this Switchboard"
-                    ),
-                );
+                return Err(ProxyError::OriginNotAllowed(origin.clone()));
             }
         }
 
         let Some(tool) = self.routes.get(slug) else {
-            return error(
-                StatusCode::NOT_FOUND,
-                "tool_not_found",
-                format!("no tool with slug '{slug}'"),
-            );
+            return Err(ProxyError::ToolNotFound(slug.to_owned()));
         };
 
         // A session's requests go where the session was minted.
         let session = match parts.headers.get(MCP_SESSION_ID) {
             Some(v) if !valid_session_id(v.as_bytes()) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_session_id",
-                    format!(
-                        "Mcp-Session-Id must be 1-{} visible ASCII characters",
-                        sessions::MAX_SESSION_ID_LEN
-                    ),
-                );
+                return Err(ProxyError::InvalidSessionId);
             }
             Some(v) => v.to_str().ok().map(str::to_owned),
             None => legacy_session_param(&uri),
@@ -277,43 +268,22 @@ impl Proxy {
                 None if tool.backends.len() == 1 && tool.backends[0].is_stdio_bridge() => {
                     Arc::clone(&tool.backends[0])
                 }
-                None => {
-                    return error(
-                        StatusCode::NOT_FOUND,
-                        "session_not_found",
-                        "unknown or expired MCP session (or its deployment is gone): initialize a new session",
-                    );
-                }
+                None => return Err(ProxyError::SessionNotFound),
             },
             None => match tool.pick() {
                 Some(b) => Arc::clone(b),
                 None => {
-                    let msg = match tool.backends.len() {
-                        0 => format!("tool '{slug}' has no running deployment"),
-                        n => format!(
-                            "all {n} deployment(s) of tool '{slug}' are failing requests and are \
-                             ejected for now"
-                        ),
-                    };
-                    let mut r = error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no_healthy_deployment",
-                        msg,
-                    );
-                    r.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                    return r;
+                    return Err(ProxyError::NoHealthyDeployment {
+                        slug: slug.to_owned(),
+                        running: tool.backends.len(),
+                    });
                 }
             },
         };
         if rest.is_some() && backend.is_stdio_bridge() {
             // A stdio tool has one endpoint; the bridge's other routes (health, sessions) are
             // Switchboard's own and must not be reachable by MCP clients.
-            return error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("tool '{slug}' is a stdio server: its only endpoint is /mcp/{slug}"),
-            );
+            return Err(ProxyError::StdioSubPath(slug.to_owned()));
         }
         *chosen = Some(backend.deployment);
         self.forward(parts, body, slug, rest, session, backend, client)
@@ -330,7 +300,7 @@ impl Proxy {
         session: Option<String>,
         backend: Arc<Backend>,
         client: Option<SocketAddr>,
-    ) -> Response {
+    ) -> Result<Response, ProxyError> {
         if let Some(len) = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -338,7 +308,7 @@ impl Proxy {
             .and_then(|v| v.parse::<u64>().ok())
             && len > self.config.max_body_bytes
         {
-            return body_too_large(self.config.max_body_bytes);
+            return Err(ProxyError::BodyTooLarge(self.config.max_body_bytes));
         }
 
         let path = rest.unwrap_or(&backend.endpoint_path);
@@ -346,21 +316,12 @@ impl Proxy {
             Some(q) => format!("{path}?{q}"),
             None => path.to_owned(),
         };
-        let uri = match Uri::builder()
+        let uri = Uri::builder()
             .scheme("http")
             .authority(backend.authority.clone())
             .path_and_query(pq)
             .build()
-        {
-            Ok(u) => u,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_path",
-                    format!("cannot forward this path: {e}"),
-                );
-            }
-        };
+            .map_err(ProxyError::InvalidPath)?;
 
         let client_ip = client
             .or_else(|| {
@@ -410,7 +371,7 @@ impl Proxy {
         let mut in_flight = backend.track();
         let started = backend.metrics.as_ref().map(|_| std::time::Instant::now());
         let method_ix = crate::metrics::method_index(&method);
-        let observe = |status: StatusCode, error_kind: Option<usize>| {
+        let observe = |status: StatusCode, error_kind: Option<UpstreamErrorKind>| {
             if let (Some(m), Some(t)) = (&backend.metrics, started) {
                 m.observe(method_ix, status, t.elapsed().as_secs_f64());
                 if let Some(k) = error_kind {
@@ -419,48 +380,39 @@ impl Proxy {
             }
         };
         let header_timeout = backend.call_timeout.unwrap_or(self.config.header_timeout);
-        let resp =
+        let outcome =
             match tokio::time::timeout(header_timeout, self.client.request(upstream_req)).await {
-                Err(_) => {
-                    self.record_failure(&backend);
-                    observe(StatusCode::GATEWAY_TIMEOUT, Some(1));
-                    return error(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream_timeout",
-                        format!(
-                            "deployment {} sent no response headers within {:?} ({})",
-                            backend.deployment,
-                            header_timeout,
-                            if backend.call_timeout.is_some() {
-                                "the tool's call_timeout_ms"
-                            } else {
-                                "proxy.header_timeout_ms"
-                            }
-                        ),
-                    );
-                }
-                Ok(Err(e)) => {
-                    // A body over the limit is the client's fault, not the upstream's.
-                    let kind = match resp_kind(&e) {
-                        ErrorKind::BodyTooLarge => None,
-                        ErrorKind::Connect => Some(0),
-                        ErrorKind::Other => Some(3),
-                    };
-                    let resp = self.upstream_error(e, &backend);
-                    observe(resp.status(), kind);
-                    return resp;
-                }
-                Ok(Ok(r)) => {
-                    if r.status().is_server_error() {
-                        self.record_failure(&backend);
-                        observe(r.status(), Some(2));
+                Err(_) => Err(ProxyError::UpstreamTimeout {
+                    deployment: backend.deployment,
+                    after: header_timeout,
+                    setting: if backend.call_timeout.is_some() {
+                        "the tool's call_timeout_ms"
                     } else {
-                        backend.record(true);
-                        observe(r.status(), None);
-                    }
-                    r
-                }
+                        "proxy.header_timeout_ms"
+                    },
+                }),
+                Ok(Err(e)) => Err(self.request_failed(e, &backend)),
+                Ok(Ok(r)) => Ok(r),
             };
+        let resp = match outcome {
+            Err(e) => {
+                if e.source() == Source::Upstream {
+                    self.record_failure(&backend);
+                }
+                observe(e.status(), e.metric_kind());
+                return Err(e);
+            }
+            Ok(r) => {
+                if r.status().is_server_error() {
+                    self.record_failure(&backend);
+                    observe(r.status(), Some(UpstreamErrorKind::Status5xx));
+                } else {
+                    backend.record(true);
+                    observe(r.status(), None);
+                }
+                r
+            }
+        };
 
         let (mut rparts, rbody) = resp.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
@@ -515,7 +467,7 @@ impl Proxy {
         } else {
             Body::new(body)
         };
-        Response::from_parts(rparts, body)
+        Ok(Response::from_parts(rparts, body))
     }
 
     fn record_failure(&self, backend: &Backend) {
@@ -528,60 +480,32 @@ impl Proxy {
         }
     }
 
-    fn upstream_error(&self, e: hyper_util::client::legacy::Error, backend: &Backend) -> Response {
-        let kind = resp_kind(&e);
-        if kind == ErrorKind::BodyTooLarge {
-            return body_too_large(self.config.max_body_bytes);
+    /// What a failed upstream request was: a request body that went over the limit while
+    /// streaming is the client's fault, not the upstream's.
+    fn request_failed(
+        &self,
+        e: hyper_util::client::legacy::Error,
+        backend: &Backend,
+    ) -> ProxyError {
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = src {
+            if s.is::<http_body_util::LengthLimitError>() {
+                return ProxyError::BodyTooLarge(self.config.max_body_bytes);
+            }
+            src = s.source();
         }
-        self.record_failure(backend);
-        if kind == ErrorKind::Connect {
-            return error(
-                StatusCode::BAD_GATEWAY,
-                "upstream_unavailable",
-                format!(
-                    "cannot connect to deployment {} at {}",
-                    backend.deployment, backend.authority
-                ),
-            );
+        if e.is_connect() {
+            ProxyError::UpstreamUnavailable {
+                deployment: backend.deployment,
+                authority: backend.authority.clone(),
+            }
+        } else {
+            ProxyError::UpstreamFailed {
+                deployment: backend.deployment,
+                source: e,
+            }
         }
-        error(
-            StatusCode::BAD_GATEWAY,
-            "upstream_error",
-            format!("deployment {} failed the request: {e}", backend.deployment),
-        )
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ErrorKind {
-    /// The request body went over the limit while streaming (the client's fault).
-    BodyTooLarge,
-    /// No connection to the upstream.
-    Connect,
-    Other,
-}
-
-fn resp_kind(e: &hyper_util::client::legacy::Error) -> ErrorKind {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = src {
-        if s.is::<http_body_util::LengthLimitError>() {
-            return ErrorKind::BodyTooLarge;
-        }
-        src = s.source();
-    }
-    if e.is_connect() {
-        ErrorKind::Connect
-    } else {
-        ErrorKind::Other
-    }
-}
-
-fn body_too_large(limit: u64) -> Response {
-    error(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "body_too_large",
-        format!("request body is larger than the limit of {limit} bytes"),
-    )
 }
 
 /// The legacy HTTP+SSE transport carries its session in the POST URL's `sessionId` parameter.

@@ -127,7 +127,7 @@ pub fn run_bridge() -> ! {
         }
     };
     let code = rt.block_on(async move {
-        match serve(args, crate::server::shutdown_signal()).await {
+        match serve(args, crate::signal::shutdown_signal()).await {
             Ok(()) => 0,
             Err(e) => {
                 tracing::error!("{e:#}");
@@ -243,11 +243,7 @@ fn jsonrpc_error(status: StatusCode, code: i64, message: impl Into<String>) -> R
 }
 
 fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        axum::Json(json!({"error": {"code": code, "message": message.into()}})),
-    )
-        .into_response()
+    crate::http_error::response(status, code, message.into())
 }
 
 fn session_header(headers: &HeaderMap) -> Option<&str> {
