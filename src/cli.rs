@@ -58,12 +58,22 @@ pub enum Command {
     /// Manage the tool registry.
     #[command(subcommand)]
     Tool(ToolCommand),
-    /// Deploy a tool.
+    /// Deploy a tool: start deployments until it has its `replicas` live (it says so when it
+    /// already has them; extra deployments are left alone, `scale` stops them).
+    #[command(after_help = WAIT_EXIT_STATUS)]
     Deploy {
         slug: String,
-        /// Return once the deployment is RUNNING or FAILED.
-        #[arg(long)]
-        wait: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Set a tool's replica count (0-64) and start or stop deployments to match (gracefully:
+    /// those not RUNNING first, then the newest).
+    #[command(after_help = WAIT_EXIT_STATUS)]
+    Scale {
+        slug: String,
+        replicas: u32,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// List deployments (live ones unless --all or --status).
     Ps {
@@ -105,6 +115,48 @@ pub enum Command {
         #[arg(long)]
         tool: Option<String>,
     },
+}
+
+/// What `deploy` and `scale` exit with; scripts can rely on it.
+const WAIT_EXIT_STATUS: &str = "\
+Exit status:
+  0  without --wait: the request was carried out (deployments STARTING, or nothing to do);
+     with --wait: every deployment of the tool is RUNNING
+  1  a deployment FAILED, or (with --wait) its start failed and a restart is scheduled; the
+     reason is printed. Also any failed request (Switchboard unreachable, unknown tool, bad
+     input)
+  2  wrong usage
+  3  --wait gave up after --timeout with a deployment still STARTING";
+
+#[derive(Args, Debug, Clone, Copy)]
+pub struct WaitArgs {
+    /// Wait until every deployment of the tool is RUNNING, has FAILED, or has failed a start
+    /// (a restart is then scheduled); exit 0 only if all are RUNNING.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: stop waiting after this long and exit 3 if a deployment is still STARTING.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300, requires = "wait",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub timeout: u64,
+}
+
+/// Why `deploy` or `scale` did not end with every deployment as asked: its exit status
+/// (see [`WAIT_EXIT_STATUS`]) and the reasons.
+#[derive(Debug, thiserror::Error)]
+pub enum NotRunning {
+    #[error("{0}")]
+    Failed(String),
+    #[error("{0}")]
+    TimedOut(String),
+}
+
+impl NotRunning {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            NotRunning::Failed(_) => 1,
+            NotRunning::TimedOut(_) => 3,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -294,9 +346,11 @@ pub struct ToolFields {
     pub startup_timeout_ms: Option<u64>,
     #[arg(long)]
     pub stop_grace_period_ms: Option<u64>,
+    /// Deployments `switchboard deploy` brings the tool to (0-64; a new tool gets 1).
     #[arg(long)]
     pub replicas: Option<u32>,
-    /// Deploy it whenever Switchboard starts (`--autostart=false` turns that off).
+    /// Also deploy it (to its replicas) whenever Switchboard starts (`--autostart=false`
+    /// turns that off).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub autostart: Option<bool>,
     /// The command and its arguments, after `--`.
@@ -790,6 +844,118 @@ fn print_event(event: &str, data: &str, json: bool) {
     );
 }
 
+/// `deploy` (`replicas: None`) and `scale`: one scale request, what it did, and the exit
+/// status the deployments call for.
+async fn converge(
+    client: &Client,
+    args: &ClientArgs,
+    slug: &str,
+    replicas: Option<u32>,
+    wait: WaitArgs,
+) -> anyhow::Result<()> {
+    if wait.wait && !args.json {
+        eprintln!(
+            "Waiting for '{slug}' to answer MCP requests (at most {} s)...",
+            wait.timeout
+        );
+    }
+    // Subscribed before anything starts, so no install line is missed.
+    let progress = match wait.wait && !args.json {
+        true => client
+            .get_stream(&format!("/api/v1/events?tool={slug}"))
+            .await
+            .ok()
+            .map(|r| tokio::spawn(print_install_progress(r))),
+        false => None,
+    };
+    let query = if wait.wait {
+        format!("?wait=true&timeout_ms={}", wait.timeout * 1000)
+    } else {
+        String::new()
+    };
+    let body = match replicas {
+        Some(n) => json!({ "replicas": n }),
+        None => json!({}),
+    };
+    let posted = client
+        .post(&format!("/api/v1/tools/{slug}/scale{query}"), Some(&body))
+        .await;
+    if let Some(p) = progress {
+        p.abort();
+    }
+    let (scaled, raw): (crate::manager::Scaled, _) = posted?;
+    if args.json {
+        print_json(&raw);
+    } else {
+        println!("{}", scale_summary(&scaled, replicas.is_some()));
+        if !scaled.deployments.is_empty() {
+            print_deployments(&scaled.deployments);
+        }
+    }
+    not_running(&scaled, wait).map_err(anyhow::Error::from)
+}
+
+/// One line on what a scale request did.
+fn scale_summary(s: &crate::manager::Scaled, scaling: bool) -> String {
+    let (tool, want, live) = (&s.tool, s.replicas, s.deployments.len());
+    let (started, stopped) = (s.started.len(), s.stopped.len());
+    match (started, stopped) {
+        (0, 0) if live as u32 > want => format!(
+            "'{tool}' has {live} deployments, more than its {want} replica(s); nothing started \
+             (`switchboard scale {tool} {want}` stops the extra)"
+        ),
+        (0, 0) if scaling => format!("'{tool}' already has {want} replica(s); nothing to do"),
+        (0, 0) => format!("'{tool}' already has its {want} replica(s); nothing started"),
+        _ => format!("'{tool}': {want} replica(s); started {started}, stopped {stopped}"),
+    }
+}
+
+/// Checks the deployments a scale request answered with: `Ok` when each is as asked (with
+/// --wait, RUNNING), or why not, with the exit status that says so.
+fn not_running(s: &crate::manager::Scaled, wait: WaitArgs) -> Result<(), NotRunning> {
+    use crate::deployment::DeploymentStatus as S;
+    let (mut failed, mut starting) = (Vec::new(), Vec::new());
+    for d in &s.deployments {
+        let reason = |t: &Option<String>| {
+            t.as_deref()
+                .map(str::trim_end)
+                .unwrap_or("no reason recorded")
+                .to_owned()
+        };
+        match d.status {
+            S::Running => {}
+            // The whole error: the reason, then the server's last log lines.
+            S::Failed | S::Stopped => failed.push(format!(
+                "deployment {} is {}: {}",
+                short(&d.id),
+                d.status,
+                reason(&d.error)
+            )),
+            S::Starting if !wait.wait => {}
+            S::Starting if d.restart_count > 0 => failed.push(format!(
+                "deployment {} is not running: {}; Switchboard will start it again \
+                 (restart {} is scheduled; `switchboard events --tool {}` follows it)",
+                short(&d.id),
+                reason(&d.last_exit),
+                d.restart_count,
+                d.tool_slug
+            )),
+            S::Starting => starting.push(format!(
+                "deployment {} is still STARTING after {} s (--timeout)",
+                short(&d.id),
+                wait.timeout
+            )),
+        }
+    }
+    if !failed.is_empty() {
+        return Err(NotRunning::Failed(failed.join("\n")));
+    }
+    if !starting.is_empty() {
+        return Err(NotRunning::TimedOut(starting.join("\n")));
+    }
+    Ok(())
+}
+
 /// Resolves a full id or a unique prefix of one (as `ps` prints them).
 async fn resolve_id(client: &Client, id: &str) -> anyhow::Result<String> {
     if uuid::Uuid::parse_str(id).is_ok() {
@@ -916,37 +1082,12 @@ pub async fn run_client(command: Command, args: &ClientArgs) -> anyhow::Result<(
                 println!("Deleted tool '{slug}'");
             }
         }
-        Command::Deploy { slug, wait } => {
-            if wait && !args.json {
-                eprintln!("Deploying '{slug}' and waiting for it to answer MCP requests...");
-            }
-            // Subscribed before the deploy starts, so no install line is missed.
-            let progress = match (wait && !args.json).then_some(()) {
-                Some(()) => client
-                    .get_stream(&format!("/api/v1/events?tool={slug}"))
-                    .await
-                    .ok()
-                    .map(|r| tokio::spawn(print_install_progress(r))),
-                None => None,
-            };
-            let path = format!(
-                "/api/v1/tools/{slug}/deployments{}",
-                if wait { "?wait=true" } else { "" }
-            );
-            let posted = client.post(&path, None).await;
-            if let Some(p) = progress {
-                p.abort();
-            }
-            let (d, raw): (Deployment, _) = posted?;
-            if args.json {
-                print_json(&raw);
-            } else {
-                print_deployment(&d);
-            }
-            if d.status == crate::deployment::DeploymentStatus::Failed {
-                bail!("deployment {} failed", d.id);
-            }
-        }
+        Command::Deploy { slug, wait } => converge(&client, args, &slug, None, wait).await?,
+        Command::Scale {
+            slug,
+            replicas,
+            wait,
+        } => converge(&client, args, &slug, Some(replicas), wait).await?,
         Command::Ps { tool, status, all } => {
             let mut q = Vec::new();
             if let Some(t) = tool {

@@ -38,7 +38,12 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            // deploy/scale say with their status whether a deployment failed or is still
+            // starting (documented in their --help).
+            match e.downcast_ref::<switchboard::cli::NotRunning>() {
+                Some(n) => std::process::ExitCode::from(n.exit_code()),
+                None => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }

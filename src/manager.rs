@@ -137,6 +137,8 @@ pub struct Manager {
     /// `None` when metrics are off.
     metrics: Option<Arc<Metrics>>,
     hosting: Hosting,
+    /// Per tool, held while a scale or deploy changes how many deployments it has.
+    scaling: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Where servers come from and how stdio ones are reached: packages (`npx:`/`uvx:`) are
@@ -219,6 +221,21 @@ impl HealthLog {
     }
 }
 
+/// What [`Manager::scale`] did.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Scaled {
+    pub tool: String,
+    /// The tool's replica count now.
+    pub replicas: u32,
+    /// Deployments this request started.
+    pub started: Vec<Deployment>,
+    /// Deployments this request stopped (gracefully).
+    pub stopped: Vec<Deployment>,
+    /// The tool's deployments on this node after the change, oldest first: the ones it had
+    /// and kept, then the ones started (as they are once settled, when the request waited).
+    pub deployments: Vec<Deployment>,
+}
+
 /// What [`Manager::reconcile`] did at start.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Reconciled {
@@ -266,6 +283,7 @@ impl Manager {
             health_log: HealthLog::new(),
             metrics,
             hosting,
+            scaling: Mutex::default(),
         })
     }
 
@@ -672,6 +690,10 @@ impl Manager {
         match self.store.delete_tool(slug).await? {
             DeleteTool::Deleted => {
                 self.routes.remove_tool(slug);
+                self.scaling
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(slug);
                 Ok(())
             }
             DeleteTool::NotFound => Err(ManagerError::ToolNotFound(slug.to_owned())),
@@ -684,48 +706,145 @@ impl Manager {
 
     // ----- deployments -----
 
-    /// Deploys `replicas` copies of every `autostart` tool, minus those already live.
+    /// Brings every `autostart` tool to its `replicas` live deployments.
     pub async fn autostart(self: &Arc<Self>) -> Result<Vec<Deployment>, ManagerError> {
         let mut out = Vec::new();
         for tool in self.store.list_tools().await? {
-            if !tool.spec.autostart {
-                continue;
-            }
-            let live = self
-                .store
-                .list_deployments(&DeploymentFilter {
-                    tool_slug: Some(tool.spec.slug.clone()),
-                    node_id: Some(self.node_id.clone()),
-                    statuses: vec![DeploymentStatus::Starting, DeploymentStatus::Running],
-                    ..Default::default()
-                })
-                .await?
-                .len();
-            for _ in live..tool.spec.replicas as usize {
-                out.push(self.deploy_tool(&tool).await?);
+            if tool.spec.autostart {
+                out.extend(self.scale(&tool.spec.slug, None, None).await?.started);
             }
         }
         Ok(out)
     }
 
-    /// Starts one deployment of the tool and returns its committed record (STARTING, or FAILED
-    /// when the process could not even be spawned).
+    /// Starts one deployment of the tool, whatever its `replicas` says, and returns its
+    /// committed record (STARTING, or FAILED when the process could not even be spawned).
     pub async fn deploy(self: &Arc<Self>, slug: &str) -> Result<Deployment, ManagerError> {
         let tool = self.get_tool(slug).await?;
         self.deploy_tool(&tool).await
     }
 
-    /// Like [`deploy`](Self::deploy), answering once the deployment is RUNNING or has ended.
-    pub async fn deploy_and_wait(self: &Arc<Self>, slug: &str) -> Result<Deployment, ManagerError> {
+    /// Like [`deploy`](Self::deploy), answering once the deployment has settled (see
+    /// [`settle`](Self::settle)) or `timeout` has passed.
+    pub async fn deploy_and_wait(
+        self: &Arc<Self>,
+        slug: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Deployment, ManagerError> {
         let tool = self.get_tool(slug).await?;
         let d = self.deploy_tool(&tool).await?;
-        let rx = self.live().get(&d.id).map(|l| l.status.subscribe());
-        if let Some(mut rx) = rx {
+        self.settle(&[d.id], timeout).await;
+        self.get_deployment(d.id).await
+    }
+
+    /// Waits until each deployment has settled: RUNNING, ended, or its start failed (a restart
+    /// is then scheduled, or under way), so a caller that waits hears of a crash loop at its
+    /// first turn rather than waiting it out. Returns when `timeout` passes regardless.
+    async fn settle(&self, ids: &[Uuid], timeout: Option<Duration>) {
+        let watches: Vec<_> = {
+            let live = self.live();
+            ids.iter()
+                .filter_map(|id| live.get(id).map(|l| l.status.subscribe()))
+                .collect()
+        };
+        let all = futures_util::future::join_all(watches.into_iter().map(|mut rx| async move {
+            // An error means the deployment left the live set: it has ended.
             let _ = rx
                 .wait_for(|(s, restarts)| *s != DeploymentStatus::Starting || *restarts > 0)
                 .await;
+        }));
+        match timeout {
+            Some(t) => {
+                let _ = tokio::time::timeout(t, all).await;
+            }
+            None => {
+                all.await;
+            }
         }
-        self.get_deployment(d.id).await
+    }
+
+    /// Brings the tool to a number of live deployments on this node. `Some(n)` makes `n` the
+    /// tool's `replicas` and starts or stops deployments to match (the ones stopped are those
+    /// not RUNNING first, then the newest, each gracefully); `None` keeps the count and only
+    /// starts what is missing (a deploy, which never stops anything). With `wait`, answers
+    /// once every deployment has settled or the wait's timeout has passed.
+    pub async fn scale(
+        self: &Arc<Self>,
+        slug: &str,
+        replicas: Option<u32>,
+        wait: Option<Option<Duration>>,
+    ) -> Result<Scaled, ManagerError> {
+        // One change of a tool's count at a time: two concurrent requests must not both see
+        // the same shortfall and start it twice.
+        let lock = Arc::clone(
+            self.scaling
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(slug.to_owned())
+                .or_default(),
+        );
+        let _serial = lock.lock().await;
+        let mut tool = self.get_tool(slug).await?;
+        if let Some(n) = replicas
+            && n != tool.spec.replicas
+        {
+            let mut spec = tool.spec.clone();
+            spec.replicas = n;
+            tool = self.update_tool(spec).await?;
+        }
+        let target = tool.spec.replicas as usize;
+        // What this node runs of the tool and is not already stopping, oldest first.
+        let current: Vec<Deployment> = {
+            let records = self
+                .store
+                .list_deployments(&DeploymentFilter {
+                    tool_slug: Some(slug.to_owned()),
+                    node_id: Some(self.node_id.clone()),
+                    statuses: vec![DeploymentStatus::Starting, DeploymentStatus::Running],
+                    ..Default::default()
+                })
+                .await?;
+            let live = self.live();
+            records
+                .into_iter()
+                .filter(|d| live.get(&d.id).is_some_and(|l| !l.stopping))
+                .collect()
+        };
+        let mut kept: Vec<Uuid> = current.iter().map(|d| d.id).collect();
+        let mut started = Vec::new();
+        for _ in current.len()..target {
+            let d = self.deploy_tool(&tool).await?;
+            kept.push(d.id);
+            started.push(d);
+        }
+        let mut stopped = Vec::new();
+        if replicas.is_some() && current.len() > target {
+            // Those not serving yet go first, then the newest.
+            let mut victims = current;
+            victims.reverse();
+            victims.sort_by_key(|d| d.status == DeploymentStatus::Running);
+            victims.truncate(victims.len() - target);
+            kept.retain(|id| !victims.iter().any(|v| v.id == *id));
+            let stops = victims.iter().map(|d| self.stop(d.id));
+            for r in futures_util::future::join_all(stops).await {
+                stopped.push(r?);
+            }
+        }
+        drop(_serial);
+        if let Some(timeout) = wait {
+            self.settle(&kept, timeout).await;
+        }
+        let mut deployments = Vec::with_capacity(kept.len());
+        for id in kept {
+            deployments.push(self.get_deployment(id).await?);
+        }
+        Ok(Scaled {
+            tool: slug.to_owned(),
+            replicas: tool.spec.replicas,
+            started,
+            stopped,
+            deployments,
+        })
     }
 
     async fn deploy_tool(self: &Arc<Self>, tool: &Tool) -> Result<Deployment, ManagerError> {

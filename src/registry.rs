@@ -162,10 +162,12 @@ pub struct ToolSpec {
     /// Time between SIGTERM and SIGKILL when stopping.
     #[serde(default = "default_stop_grace_period_ms")]
     pub stop_grace_period_ms: u64,
-    /// Number of deployments `autostart` keeps and a plain deploy request counts toward.
+    /// How many deployments the tool should have (0-64): `switchboard deploy` (and the
+    /// scale operation without a count) starts what is missing, `switchboard scale` changes
+    /// it, and `autostart` brings the tool to it when Switchboard starts.
     #[serde(default = "default_replicas")]
     pub replicas: u32,
-    /// Deploy `replicas` copies when Switchboard starts.
+    /// Bring the tool to `replicas` deployments when Switchboard starts.
     #[serde(default)]
     pub autostart: bool,
     #[serde(default)]
@@ -381,10 +383,10 @@ impl ToolSpec {
                 format!("must be at most {MAX_GRACE_MS}"),
             ));
         }
-        if !(1..=MAX_REPLICAS).contains(&self.replicas) {
+        if self.replicas > MAX_REPLICAS {
             return Err(invalid(
                 "replicas",
-                format!("must be between 1 and {MAX_REPLICAS}"),
+                format!("must be between 0 and {MAX_REPLICAS}"),
             ));
         }
         // The timeout defaults to 5 s or the interval, whichever is shorter.

@@ -144,7 +144,7 @@ async fn bad_input_gets_clear_4xx_json_errors() {
         .call(
             "POST",
             "/api/v1/tools",
-            Some(json!({"slug": "a", "command": "x", "replicas": 0})),
+            Some(json!({"slug": "a", "command": "x", "replicas": 65})),
         )
         .await;
     assert_error(st, &b, StatusCode::UNPROCESSABLE_ENTITY, "invalid_tool");

@@ -242,7 +242,7 @@ fn cli_flow(backend: common::Backend) {
     assert_eq!(shown["args"], serde_json::json!(["--port", "{port}"]));
     assert_eq!(shown["env"]["GREETING"], "hi");
 
-    let d = sb.json(&["deploy", "demo", "--wait"]);
+    let d = sb.json(&["deploy", "demo", "--wait"])["deployments"][0].clone();
     assert_eq!(d["status"], "RUNNING", "{d}");
     let id = d["id"].as_str().unwrap().to_owned();
     let table = sb.ok(&["ps"]);
@@ -287,7 +287,7 @@ fn cli_flow(backend: common::Backend) {
         "--port",
         "{port}",
     ]);
-    let d = sb.json(&["deploy", "again", "--wait"]);
+    let d = sb.json(&["deploy", "again", "--wait"])["deployments"][0].clone();
     let pid = d["instance"]["pid"].as_u64().unwrap() as u32;
     sb.signal(nix::sys::signal::Signal::SIGTERM);
     let st = sb.wait();
@@ -312,7 +312,7 @@ fn a_killed_switchboard_adopts_its_running_deployments_at_restart() {
     let pids = dir.path().join("tree.pids");
     let mut sb = Serve::start(dir.path(), &[]);
     add_tree_tool(&sb, &pids);
-    let d = sb.json(&["deploy", "tree", "--wait"]);
+    let d = sb.json(&["deploy", "tree", "--wait"])["deployments"][0].clone();
     assert_eq!(d["status"], "RUNNING");
     let id = d["id"].as_str().unwrap().to_owned();
     sb.signal(nix::sys::signal::Signal::SIGKILL);
@@ -414,7 +414,7 @@ fn what_died_while_switchboard_was_down_is_restarted_and_its_leftovers_killed() 
     let pids = dir.path().join("tree.pids");
     let mut sb = Serve::start(dir.path(), &[]);
     add_tree_tool(&sb, &pids);
-    let d = sb.json(&["deploy", "tree", "--wait"]);
+    let d = sb.json(&["deploy", "tree", "--wait"])["deployments"][0].clone();
     let id = d["id"].as_str().unwrap().to_owned();
     sb.signal(nix::sys::signal::Signal::SIGKILL);
     sb.wait();
@@ -452,7 +452,7 @@ fn a_stale_record_never_gets_an_unrelated_process_signalled() {
     let pids = dir.path().join("tree.pids");
     let mut sb = Serve::start(dir.path(), &[]);
     add_tree_tool(&sb, &pids);
-    let d = sb.json(&["deploy", "tree", "--wait"]);
+    let d = sb.json(&["deploy", "tree", "--wait"])["deployments"][0].clone();
     let id = d["id"].as_str().unwrap().to_owned();
     sb.signal(nix::sys::signal::Signal::SIGKILL);
     sb.wait();
@@ -503,10 +503,11 @@ fn health_and_events_through_the_cli() {
     let sb = Serve::start(dir.path(), &[]);
     add_server_tool(&sb, "echo");
     let (mut follower, rx) = sb.spawn_lines(&["events", "--json"]);
-    // The follower subscribes asynchronously: deploy until it has seen a deployment run.
+    // The follower subscribes asynchronously: add a replica until it has seen one run.
     let mut ids = Vec::new();
     let seen = 'outer: loop {
-        let d = sb.json(&["deploy", "echo", "--wait"]);
+        let n = (ids.len() + 1).to_string();
+        let d = sb.json(&["scale", "echo", &n, "--wait"])["started"][0].clone();
         ids.push(d["id"].as_str().unwrap().to_owned());
         while let Ok(line) = rx.recv_timeout(Duration::from_secs(2)) {
             let e: Value = serde_json::from_str(&line).unwrap();
@@ -543,7 +544,7 @@ fn on_exit_keep_leaves_deployments_running_for_the_next_start_and_stop_is_the_de
     let pids = dir.path().join("tree.pids");
     let mut sb = Serve::start(dir.path(), &["--on-exit", "keep"]);
     add_tree_tool(&sb, &pids);
-    let d = sb.json(&["deploy", "tree", "--wait"]);
+    let d = sb.json(&["deploy", "tree", "--wait"])["deployments"][0].clone();
     let id = d["id"].as_str().unwrap().to_owned();
     sb.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(sb.wait().success());
@@ -593,7 +594,7 @@ fn json_logs_carry_one_access_line_per_proxied_request() {
     let dir = tempfile::tempdir().unwrap();
     let mut sb = Serve::start(dir.path(), &["--log-format", "json"]);
     add_server_tool(&sb, "echo");
-    let d = sb.json(&["deploy", "echo", "--wait"]);
+    let d = sb.json(&["deploy", "echo", "--wait"])["deployments"][0].clone();
     let id = d["id"].as_str().unwrap().to_owned();
     // One plain proxied request, by hand.
     let addr = sb.url.trim_start_matches("http://").to_owned();
@@ -634,7 +635,7 @@ fn logs_print_and_follow_a_deployments_output_until_it_ends() {
     let dir = tempfile::tempdir().unwrap();
     let sb = Serve::start(dir.path(), &[]);
     add_server_tool(&sb, "echo");
-    let d = sb.json(&["deploy", "echo", "--wait"]);
+    let d = sb.json(&["deploy", "echo", "--wait"])["deployments"][0].clone();
     let id = d["id"].as_str().unwrap().to_owned();
     let started = format!("--- switchboard: starting deployment {id}");
     let out = sb.ok(&["logs", &id[..8]]);
@@ -721,7 +722,7 @@ fn top_shows_live_deployments_in_a_real_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let sb = Serve::start(dir.path(), &[]);
     add_server_tool(&sb, "topped");
-    let d = sb.json(&["deploy", "topped", "--wait"]);
+    let d = sb.json(&["deploy", "topped", "--wait"])["deployments"][0].clone();
     let short = d["id"].as_str().unwrap().replace('-', "")[..12].to_owned();
     let session = format!("sbtop-{}", std::process::id());
     let cmd = format!(
@@ -910,7 +911,7 @@ fn the_token_and_secrets_are_required_or_hidden_and_never_logged() {
         "{}",
         String::from_utf8_lossy(&add.stderr)
     );
-    let d = sb.json(&["--token", token, "deploy", "vault", "--wait"]);
+    let d = sb.json(&["--token", token, "deploy", "vault", "--wait"])["deployments"][0].clone();
     let pid = d["instance"]["pid"].as_u64().unwrap();
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert!(
@@ -1214,7 +1215,7 @@ fn tools_are_updated_and_applied_from_the_cli() {
     assert!(!ok && err.contains("tool_not_found"), "{err}");
     let (ok, _, err) = sb.cli(&["tool", "update", "echo"]);
     assert!(!ok && err.contains("nothing to change"), "{err}");
-    let (ok, _, err) = sb.cli(&["tool", "update", "echo", "--replicas", "0"]);
+    let (ok, _, err) = sb.cli(&["tool", "update", "echo", "--replicas", "65"]);
     assert!(
         !ok && err.contains("invalid_tool") && err.contains("HTTP 422"),
         "{err}"
@@ -1258,7 +1259,7 @@ fn tools_are_updated_and_applied_from_the_cli() {
 
     // A transport change while alpha runs: refused (409, with the reason), and an apply that
     // contains it fails naming alpha while applying the rest.
-    let d = sb.json(&["deploy", "alpha", "--wait"]);
+    let d = sb.json(&["deploy", "alpha", "--wait"])["deployments"][0].clone();
     assert_eq!(d["status"], "RUNNING", "{d}");
     let (ok, _, err) = sb.cli(&[
         "tool",
@@ -1347,7 +1348,7 @@ fn relative_command_paths_resolve_against_the_cli_working_directory() {
         canonical.parent().unwrap().to_str().unwrap(),
         "{shown}"
     );
-    let d = sb.json(&["deploy", "rel", "--wait"]);
+    let d = sb.json(&["deploy", "rel", "--wait"])["deployments"][0].clone();
     assert_eq!(d["status"], "RUNNING", "{d}");
     sb.ok(&["stop", d["id"].as_str().unwrap()]);
 
@@ -1372,4 +1373,156 @@ fn relative_command_paths_resolve_against_the_cli_working_directory() {
     let shown = sb.json(&["tool", "show", "filerel"]);
     let want = std::fs::canonicalize(files.path()).unwrap().join("srv");
     assert_eq!(shown["command"], want.to_str().unwrap(), "{shown}");
+}
+
+/// Runs a client command; its exit code, stdout and stderr.
+fn cli_code(sb: &Serve, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = sb.cli_command(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Registers the test server with extra arguments and definition fields (from a JSON file).
+fn add_spec_tool(sb: &Serve, slug: &str, extra_args: &[&str], fields: Value) {
+    let mut args = vec!["--port".to_owned(), "{port}".to_owned()];
+    args.extend(extra_args.iter().map(|a| a.to_string()));
+    let mut spec = serde_json::json!({"slug": slug, "command": test_server_bin(), "args": args});
+    if let (Value::Object(s), Value::Object(f)) = (&mut spec, fields) {
+        s.extend(f);
+    }
+    let file = sb.data_dir.join(format!("{slug}.json"));
+    std::fs::write(&file, spec.to_string()).unwrap();
+    sb.ok(&["tool", "add", "--file", file.to_str().unwrap()]);
+}
+
+#[test]
+fn deploy_wait_exits_zero_only_when_running_and_says_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let sb = Serve::start(dir.path(), &[]);
+
+    add_spec_tool(&sb, "fine", &[], serde_json::json!({}));
+    let (code, out, err) = cli_code(&sb, &["deploy", "fine", "--wait"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("RUNNING"), "{out}");
+
+    // Dies during startup, every time: the first failed start answers, non-zero, with why.
+    add_spec_tool(
+        &sb,
+        "crashy",
+        &["--startup-delay-ms", "60000", "--exit-after-ms", "200"],
+        serde_json::json!({}),
+    );
+    let (code, out, err) = cli_code(&sb, &["deploy", "crashy", "--wait"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("is not running: exited (exit status 3)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("exiting after 200 ms as asked"),
+        "the server's words: {err}"
+    );
+    assert!(err.contains("restart 1 is scheduled"), "{err}");
+
+    // Never answers and may not be retried: FAILED, non-zero, with why.
+    add_spec_tool(
+        &sb,
+        "mute",
+        &["--never-ready"],
+        serde_json::json!({"startup_timeout_ms": 300, "restart": {"max_start_failures": 1}}),
+    );
+    let (code, out, err) = cli_code(&sb, &["deploy", "mute", "--wait", "--json"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["deployments"][0]["status"], "FAILED", "{v}");
+    assert!(
+        err.contains("is FAILED: never became ready (no answer"),
+        "{err}"
+    );
+    assert!(err.contains("gave up after 1 failed start(s)"), "{err}");
+
+    // Still starting when the wait runs out: its own exit status.
+    add_spec_tool(
+        &sb,
+        "slow",
+        &["--startup-delay-ms", "60000"],
+        serde_json::json!({"startup_timeout_ms": 120000}),
+    );
+    let (code, out, err) = cli_code(&sb, &["deploy", "slow", "--wait", "--timeout", "1"]);
+    assert_eq!(code, Some(3), "{out}{err}");
+    assert!(err.contains("still STARTING after 1 s"), "{err}");
+
+    // The help says all of it.
+    let (code, help, _) = cli_code(&sb, &["deploy", "--help"]);
+    assert_eq!(code, Some(0));
+    for line in [
+        "every deployment of the tool is RUNNING",
+        "a restart is scheduled",
+        "3  --wait gave up after --timeout",
+    ] {
+        assert!(help.contains(line), "{line}: {help}");
+    }
+}
+
+#[test]
+fn deploy_brings_a_tool_to_its_replicas_and_scale_changes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let sb = Serve::start(dir.path(), &[]);
+    let server = test_server_bin();
+    // --replicas without --autostart.
+    sb.ok(&[
+        "tool",
+        "add",
+        "rep",
+        "--replicas",
+        "2",
+        "--",
+        server.to_str().unwrap(),
+        "--port",
+        "{port}",
+    ]);
+    let live = || {
+        sb.json(&["ps", "--tool", "rep"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["status"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let out = sb.ok(&["deploy", "rep", "--wait"]);
+    assert!(out.contains("started 2"), "{out}");
+    assert_eq!(live(), ["RUNNING", "RUNNING"]);
+    let out = sb.ok(&["deploy", "rep"]);
+    assert!(out.contains("'rep' already has its 2 replica(s)"), "{out}");
+    assert_eq!(live().len(), 2);
+
+    let out = sb.ok(&["scale", "rep", "3", "--wait"]);
+    assert!(out.contains("started 1, stopped 0"), "{out}");
+    assert_eq!(live(), ["RUNNING", "RUNNING", "RUNNING"]);
+    assert_eq!(sb.json(&["tool", "show", "rep"])["replicas"], 3);
+
+    let out = sb.ok(&["scale", "rep", "1"]);
+    assert!(out.contains("started 0, stopped 2"), "{out}");
+    assert_eq!(live(), ["RUNNING"]);
+    let stopped = sb.json(&["ps", "--tool", "rep", "--status", "STOPPED"]);
+    assert_eq!(stopped.as_array().unwrap().len(), 2, "{stopped}");
+
+    // Bad input: a clear error, a failing exit, nothing changed.
+    let (code, _, err) = cli_code(&sb, &["scale", "rep", "65"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("replicas: must be between 0 and 64"), "{err}");
+    let (code, _, err) = cli_code(&sb, &["scale", "nope", "1"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("tool_not_found"), "{err}");
+    let (code, _, _) = cli_code(&sb, &["scale", "rep", "many"]);
+    assert_eq!(code, Some(2), "a usage error");
+    assert_eq!(live().len(), 1);
+
+    sb.ok(&["scale", "rep", "0"]);
+    assert!(live().is_empty());
+    let out = sb.ok(&["deploy", "rep"]);
+    assert!(out.contains("already has its 0 replica(s)"), "{out}");
 }

@@ -10,7 +10,8 @@
 //! PUT    /api/v1/tools/{slug}                   replace a tool's definition
 //! DELETE /api/v1/tools/{slug}                   delete (409 while it has live deployments)
 //! POST   /api/v1/apply                          create or update many tools (the config file's form)
-//! POST   /api/v1/tools/{slug}/deployments       deploy (201; ?wait=true answers when RUNNING/FAILED)
+//! POST   /api/v1/tools/{slug}/deployments       one more deployment (201; ?wait=true answers once settled)
+//! POST   /api/v1/tools/{slug}/scale             set the replica count and converge ({"replicas": N}; ?wait=true)
 //! GET    /api/v1/deployments                    list (?tool=SLUG&status=RUNNING,STARTING&node=ID&limit=N&offset=M)
 //! GET    /api/v1/deployments/{id}               one deployment
 //! POST   /api/v1/deployments/{id}/stop          stop (idempotent)
@@ -96,6 +97,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(get_tool, update_tool, delete_tool))
         .routes(routes!(apply_tools))
         .routes(routes!(deploy))
+        .routes(routes!(scale_tool))
         .routes(routes!(list_deployments))
         .routes(routes!(get_deployment))
         .routes(routes!(stop_deployment))
@@ -385,27 +387,84 @@ async fn delete_tool(
 
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct DeployParams {
-    /// Answer only once the deployment is RUNNING or FAILED.
+struct WaitParams {
+    /// Answer only once every deployment concerned has settled: RUNNING, ended (FAILED), or
+    /// its start failed and a restart is scheduled (`restart_count` > 0, the reason in
+    /// `last_exit`).
     #[serde(default)]
     wait: bool,
+    /// With `wait`: answer after this long (at most 3600000) even if a deployment is still
+    /// STARTING for the first time (`restart_count` 0).
+    timeout_ms: Option<u64>,
 }
 
+impl WaitParams {
+    /// `None`: do not wait; `Some(None)`: wait with no time limit.
+    fn wait(&self) -> Result<Option<Option<std::time::Duration>>, ApiError> {
+        if let Some(ms) = self.timeout_ms {
+            if !self.wait {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    "timeout_ms needs wait=true",
+                ));
+            }
+            if ms > 3_600_000 {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    "timeout_ms must be at most 3600000",
+                ));
+            }
+        }
+        Ok(self
+            .wait
+            .then(|| self.timeout_ms.map(std::time::Duration::from_millis)))
+    }
+}
+
+/// Starts one more deployment of the tool, whatever its `replicas` says (`scale` brings a
+/// tool to its count).
 #[utoipa::path(post, path = "/api/v1/tools/{slug}/deployments", tag = "deployments",
-    params(("slug" = String, Path), DeployParams),
-    responses((status = 201, body = Deployment), (status = 404, body = ErrorBody),
-              (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+    params(("slug" = String, Path), WaitParams),
+    responses((status = 201, body = Deployment), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 422, body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
 async fn deploy(
     State(s): State<AppState>,
     Path(slug): Path<String>,
-    Query(p): Query<DeployParams>,
+    Query(p): Query<WaitParams>,
 ) -> Result<(StatusCode, Json<Deployment>), ApiError> {
-    let d = if p.wait {
-        s.manager.deploy_and_wait(&slug).await?
-    } else {
-        s.manager.deploy(&slug).await?
+    let d = match p.wait()? {
+        Some(timeout) => s.manager.deploy_and_wait(&slug, timeout).await?,
+        None => s.manager.deploy(&slug).await?,
     };
     Ok((StatusCode::CREATED, Json(d)))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ScaleRequest {
+    /// The tool's new replica count (0-64), stored in its definition; deployments are
+    /// started or stopped (gracefully: those not RUNNING first, then the newest) to match.
+    /// Absent: keep the count and only start what is missing (what `switchboard deploy`
+    /// does; it never stops anything).
+    replicas: Option<u32>,
+}
+
+/// Brings the tool to `replicas` live deployments on this node.
+#[utoipa::path(post, path = "/api/v1/tools/{slug}/scale", tag = "tools",
+    request_body = ScaleRequest, params(("slug" = String, Path), WaitParams),
+    responses((status = 200, body = crate::manager::Scaled), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 415, body = ErrorBody),
+              (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn scale_tool(
+    State(s): State<AppState>,
+    Path(slug): Path<String>,
+    Query(p): Query<WaitParams>,
+    Body(req): Body<ScaleRequest>,
+) -> Result<Json<crate::manager::Scaled>, ApiError> {
+    Ok(Json(s.manager.scale(&slug, req.replicas, p.wait()?).await?))
 }
 
 #[derive(Deserialize, IntoParams)]
