@@ -608,6 +608,31 @@ fn print_deployments(ds: &[Deployment]) {
     println!("{t}");
 }
 
+/// Under `ps`'s table: why each FAILED deployment failed, and why each one waiting for a
+/// restart ended (the first line; `ps --json` has all of it).
+fn print_reasons(ds: &[Deployment]) {
+    use crate::deployment::DeploymentStatus as S;
+    let first = |t: &str| {
+        let line = t.lines().next().unwrap_or_default();
+        line.strip_suffix("; last log lines:")
+            .unwrap_or(line)
+            .to_owned()
+    };
+    let reasons: Vec<String> = ds
+        .iter()
+        .filter_map(|d| match (d.status, &d.error, &d.last_exit) {
+            (S::Failed, Some(e), _) => Some(format!("{}  FAILED: {}", short(&d.id), first(e))),
+            (S::Starting, _, Some(e)) if d.restart_count > 0 => {
+                Some(format!("{}  restarting: {}", short(&d.id), first(e)))
+            }
+            _ => None,
+        })
+        .collect();
+    if !reasons.is_empty() {
+        println!("\n{}", reasons.join("\n"));
+    }
+}
+
 fn print_deployment(d: &Deployment) {
     print_deployments(std::slice::from_ref(d));
     if let Some(e) = &d.last_exit {
@@ -1104,6 +1129,7 @@ pub async fn run_client(command: Command, args: &ClientArgs) -> anyhow::Result<(
                 print_json(&raw);
             } else {
                 print_deployments(&ds);
+                print_reasons(&ds);
             }
         }
         Command::Health { id } => {

@@ -1426,6 +1426,11 @@ fn deploy_wait_exits_zero_only_when_running_and_says_why_not() {
         "the server's words: {err}"
     );
     assert!(err.contains("restart 1 is scheduled"), "{err}");
+    let ps = sb.ok(&["ps", "--tool", "crashy"]);
+    assert!(
+        ps.contains("restarting: exited (exit status 3)"),
+        "ps says why: {ps}"
+    );
 
     // Never answers and may not be retried: FAILED, non-zero, with why.
     add_spec_tool(
@@ -1443,6 +1448,11 @@ fn deploy_wait_exits_zero_only_when_running_and_says_why_not() {
         "{err}"
     );
     assert!(err.contains("gave up after 1 failed start(s)"), "{err}");
+    let ps = sb.ok(&["ps", "--all", "--tool", "mute"]);
+    assert!(
+        ps.contains("FAILED: never became ready") && ps.contains("gave up after 1 failed start"),
+        "ps says why: {ps}"
+    );
 
     // Still starting when the wait runs out: its own exit status.
     add_spec_tool(
