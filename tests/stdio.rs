@@ -989,3 +989,61 @@ async fn a_server_that_dies_at_start_is_restarted_with_its_own_words_in_last_exi
         "{d}"
     );
 }
+
+#[tokio::test]
+async fn a_subscriptions_notifications_reach_its_stream_through_the_pool() {
+    use futures_util::StreamExt as _;
+    let app = TestApp::start().await;
+    add_stdio_tool(&app, "subs", &[], json!({"stdio": {"pool_size": 1}})).await;
+    app.deploy_wait("subs").await;
+    let url = format!("{}/mcp/subs", app.url);
+    // Two listeners on the one shared process, with the same id (each client's own): each
+    // gets its subscription's notifications, under its own id.
+    let listen = json!({"jsonrpc": "2.0", "id": "listen-1", "method": "subscriptions/listen",
+        "params": {"notifications": {"toolsListChanged": true}, "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}}}});
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let resp = app
+            .http
+            .post(&url)
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "subscriptions/listen")
+            .json(&listen)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        open.push(resp);
+    }
+    for resp in open {
+        let mut body = resp.bytes_stream();
+        let mut seen = String::new();
+        let changed = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(chunk) = body.next().await {
+                seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+                let found = seen
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+                    .find(|m| m["method"] == "notifications/tools/list_changed");
+                if found.is_some() {
+                    return found;
+                }
+            }
+            None
+        })
+        .await;
+        let changed = changed
+            .unwrap_or_else(|_| panic!("no list_changed on the listen stream: {seen}"))
+            .unwrap_or_else(|| panic!("the listen stream ended: {seen}"));
+        assert_eq!(
+            changed["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "listen-1",
+            "{changed}"
+        );
+        // Closing the stream cancels the subscription (2026-07-28).
+        drop(body);
+    }
+}

@@ -11,7 +11,8 @@
 //! - a response goes to the pending request with its id (ids rewritten by the modern pool are
 //!   mapped back), which ends that request's stream;
 //! - a notification with a `progressToken` goes to the stream of the request that carried the
-//!   token;
+//!   token, and one with a `_meta` subscription id (2026-07-28) to the stream of the
+//!   `subscriptions/listen` request it names;
 //! - anything else the server starts (requests such as sampling, elicitation, roots, ping, and
 //!   unrelated notifications) goes to the session's standalone GET stream, or else the newest
 //!   open request stream, or else waits in a bounded backlog for the next stream to open.
@@ -558,7 +559,32 @@ impl Child {
                 self.touch();
                 let out = match p.client_id {
                     Some(client_id) => {
+                        // A subscription's final result names its listen request too.
+                        if let Some(sub) = subscription_id_mut(&mut msg, "result") {
+                            *sub = client_id.clone();
+                        }
                         msg["id"] = client_id;
+                        encode(&msg)
+                    }
+                    None => Bytes::copy_from_slice(raw),
+                };
+                let _ = p.sink.send(out);
+            }
+            // A notification of a 2026-07-28 subscription: it names its `subscriptions/listen`
+            // request, whose stream it belongs on (on a shared child, under our id for it).
+            (true, None)
+                if subscription_id(&msg)
+                    .is_some_and(|s| routes.pending.contains_key(&key_of(s))) =>
+            {
+                let key = subscription_id(&msg).map(key_of).unwrap_or_default();
+                let Some(p) = routes.pending.get(&key) else {
+                    return;
+                };
+                let out = match &p.client_id {
+                    Some(theirs) => {
+                        if let Some(sub) = subscription_id_mut(&mut msg, "params") {
+                            *sub = theirs.clone();
+                        }
                         encode(&msg)
                     }
                     None => Bytes::copy_from_slice(raw),
@@ -664,6 +690,20 @@ impl Child {
             let _ = p.sink.send(encode(&server_ended_error(id, status)));
         }
     }
+}
+
+/// The listen request a subscription notification names (`params._meta`).
+fn subscription_id(msg: &Value) -> Option<&Value> {
+    msg.get("params")?
+        .get("_meta")?
+        .get(crate::mcp::meta::SUBSCRIPTION_ID)
+}
+
+/// The subscription id under `at` (`params` of a notification, `result` of the final reply).
+fn subscription_id_mut<'a>(msg: &'a mut Value, at: &str) -> Option<&'a mut Value> {
+    msg.get_mut(at)?
+        .get_mut("_meta")?
+        .get_mut(crate::mcp::meta::SUBSCRIPTION_ID)
 }
 
 /// The error a request gets when its server process ends before replying.

@@ -153,9 +153,38 @@ impl TestServer {
 #[tool_handler]
 impl ServerHandler for TestServer {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_server_info(
-            Implementation::new("switchboard-test-server", env!("CARGO_PKG_VERSION")),
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tool_list_changed()
+                .build(),
         )
+        .with_server_info(Implementation::new(
+            "switchboard-test-server",
+            env!("CARGO_PKG_VERSION"),
+        ))
+    }
+
+    /// 2026-07-28 subscriptions: whatever is asked (tools/list_changed is all there is).
+    fn accepted_subscription_filter(
+        &self,
+        requested: &rmcp::model::SubscriptionFilter,
+    ) -> Option<rmcp::model::SubscriptionFilter> {
+        Some(requested.clone())
+    }
+
+    /// One `notifications/tools/list_changed` at once, so tests see a subscription's
+    /// notification reach the stream of its `subscriptions/listen` request; then open until
+    /// cancelled.
+    async fn listen(
+        &self,
+        context: rmcp::service::SubscriptionContext,
+    ) -> Result<(), rmcp::ErrorData> {
+        let changed =
+            rmcp::model::ServerNotification::ToolListChangedNotification(Default::default());
+        let _ = context.sink().send(changed).await;
+        context.cancelled().await;
+        Ok(())
     }
 }
 
