@@ -669,17 +669,11 @@ async fn a_server_that_never_becomes_ready_is_failed_after_max_start_failures() 
 #[tokio::test]
 async fn a_missing_command_under_the_default_policy_ends_failed() {
     let app = TestApp::start().await;
-    let (st, _) = app
-        .call(
-            "POST",
-            "/api/v1/tools",
-            Some(
-                json!({"slug": "ghost", "command": "/nonexistent/mcp-server",
+    app.add_tool(
+        json!({"slug": "ghost", "command": "/nonexistent/mcp-server",
                         "restart": {"initial_delay_ms": 100, "max_delay_ms": 100}}),
-            ),
-        )
-        .await;
-    assert_eq!(st, StatusCode::CREATED);
+    )
+    .await;
     let id = deploy_id(&app, "ghost").await;
     let d = app.wait_status(&id, "FAILED").await;
     assert_eq!(d["restart_count"], 2, "{d}");
@@ -716,34 +710,31 @@ async fn a_server_that_has_run_keeps_restarting_past_max_start_failures() {
 
 #[tokio::test]
 async fn max_start_failures_is_validated_and_shown() {
-    {
-        let app = TestApp::start().await;
-        let (st, e) = app
-            .call(
-                "POST",
-                "/api/v1/tools",
-                Some(json!({"slug": "x", "command": "x",
-                            "restart": {"max_start_failures": 0}})),
-            )
-            .await;
-        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
-        assert_eq!(e["error"]["code"], "invalid_tool");
-        assert!(
-            e["error"]["message"]
-                .as_str()
-                .unwrap()
-                .starts_with("restart.max_start_failures"),
-            "{e}"
-        );
-        let (_, doc) = app.call("GET", "/api/v1/openapi.json", None).await;
-        let field =
-            &doc["components"]["schemas"]["RestartSpec"]["properties"]["max_start_failures"];
-        assert!(
-            field["description"]
-                .as_str()
-                .is_some_and(|d| d.contains("never been RUNNING")),
-            "{field}"
-        );
-        app.stop().await;
-    }
+    let app = TestApp::start().await;
+    let (st, e) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({"slug": "x", "command": "x",
+                        "restart": {"max_start_failures": 0}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert_eq!(e["error"]["code"], "invalid_tool");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("restart.max_start_failures"),
+        "{e}"
+    );
+    let (_, doc) = app.call("GET", "/api/v1/openapi.json", None).await;
+    let field = &doc["components"]["schemas"]["RestartSpec"]["properties"]["max_start_failures"];
+    assert!(
+        field["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("never been RUNNING")),
+        "{field}"
+    );
+    app.stop().await;
 }

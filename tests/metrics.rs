@@ -241,17 +241,11 @@ async fn ended_failed_and_deleted_deployments_leave_no_series() {
     assert_eq!(anchor["status"], "RUNNING", "{anchor}");
     app.add_test_tool("cycle", &[], json!({"health": {"interval_ms": 100}}))
         .await;
-    let (st, _) = app
-        .call(
-            "POST",
-            "/api/v1/tools",
-            Some(
-                json!({"slug": "ghost", "command": "/nonexistent/mcp-server",
+    app.add_tool(
+        json!({"slug": "ghost", "command": "/nonexistent/mcp-server",
                         "restart": {"policy": "never"}}),
-            ),
-        )
-        .await;
-    assert_eq!(st, StatusCode::CREATED);
+    )
+    .await;
     let before = scrape().await;
     let url = format!("{}/mcp/cycle", app.url);
     let mut ended = Vec::new();

@@ -240,6 +240,13 @@ impl TestApp {
         (status, v)
     }
 
+    /// Registers a tool from a whole definition; returns the stored tool.
+    pub async fn add_tool(&self, spec: Value) -> Value {
+        let (st, v) = self.call("POST", "/api/v1/tools", Some(spec)).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        v
+    }
+
     /// Registers a tool that runs the test server with extra arguments.
     pub async fn add_test_tool(&self, slug: &str, extra_args: &[&str], extra: Value) -> Value {
         let mut args = vec!["--port".to_owned(), "{port}".to_owned()];
