@@ -241,6 +241,30 @@ async fn a_stdio_server_is_served_in_both_eras_without_a_port() {
 }
 
 #[tokio::test]
+async fn a_body_that_is_no_json_rpc_message_is_refused_and_the_session_lives_on() {
+    let app = TestApp::start().await;
+    add_stdio_tool(&app, "strict", &[], json!({})).await;
+    app.deploy_wait("strict").await;
+    let url = format!("{}/mcp/strict", app.url);
+    let sid = legacy_session(&url).await;
+    let headers = [
+        ("mcp-session-id", sid.as_str()),
+        ("mcp-protocol-version", "2025-11-25"),
+    ];
+    // No string method, no result or error: neither a request, a notification nor a response.
+    for bad in [
+        json!({"jsonrpc": "2.0"}),
+        json!({"jsonrpc": "2.0", "id": 3, "method": 7}),
+    ] {
+        let (st, _, msg) = mcp_rpc(&url, &bad, &headers).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}: {msg:?}");
+        let msg = msg.unwrap_or_else(|| panic!("{bad}: no JSON-RPC error"));
+        assert_eq!(msg["error"]["code"], -32600, "{bad}: {msg}");
+    }
+    assert!(whoami_in_session(&url, &sid).await.is_ok());
+}
+
+#[tokio::test]
 async fn the_session_cap_answers_429() {
     let app = TestApp::start().await;
     add_stdio_tool(&app, "capped", &[], json!({"stdio": {"max_sessions": 2}})).await;

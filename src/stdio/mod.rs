@@ -49,7 +49,10 @@ use self::{
     child::{SendError, encode},
     host::{Era, Host, HostConfig, HostError},
 };
-use crate::mcp::{self, jsonrpc::code};
+use crate::mcp::{
+    self,
+    jsonrpc::{Message, code},
+};
 
 /// An HTTP client for a bridge's socket (its `/health` and `/sessions`): every connection goes
 /// to `socket`, so URLs only name the path (`http://bridge/health`).
@@ -259,7 +262,7 @@ fn wants_sse(headers: &HeaderMap) -> bool {
 
 fn is_modern(msg: &Value) -> bool {
     mcp::meta_protocol_version(msg).is_some()
-        || msg.get("method").and_then(Value::as_str) == Some("server/discover")
+        || Message::parse(msg).and_then(|m| m.method()) == Some("server/discover")
 }
 
 fn session_not_found() -> Response {
@@ -360,7 +363,25 @@ async fn post(State(host): State<Arc<Host>>, headers: HeaderMap, body: Bytes) ->
             "Invalid Request: one JSON-RPC message per POST (batches are not supported)",
         );
     }
-    let is_request = msg.get("method").is_some() && msg.get("id").is_some_and(|i| !i.is_null());
+    let Some(parsed) = Message::parse(&msg) else {
+        return jsonrpc_error(
+            StatusCode::BAD_REQUEST,
+            code::INVALID_REQUEST,
+            "Invalid Request: not a JSON-RPC request, notification or response (a string \
+             `method`, or a `result` or `error`)",
+        );
+    };
+    let is_request = matches!(parsed, Message::Request { .. });
+    let is_initialize = is_request && parsed.method() == Some("initialize");
+    // A cancelled request gets no reply from the server: its stream is ended here.
+    let cancelled = match parsed {
+        Message::Notification {
+            method: "notifications/cancelled",
+            params,
+        } => Some(params.and_then(|p| p.get("requestId")).cloned()),
+        _ => None,
+    };
+    let is_modern = is_modern(&msg);
     let sse = wants_sse(&headers);
 
     if let Some(sid) = session_header(&headers) {
@@ -370,10 +391,7 @@ async fn post(State(host): State<Arc<Host>>, headers: HeaderMap, body: Bytes) ->
         session.child.touch();
         if !is_request {
             let sent = session.child.notify(&msg);
-            // A cancelled request gets no reply from the server: end its stream here.
-            if msg.get("method").and_then(Value::as_str) == Some("notifications/cancelled")
-                && let Some(id) = msg.pointer("/params/requestId")
-            {
+            if let Some(Some(id)) = &cancelled {
                 session.child.forget(id);
             }
             return match sent {
@@ -388,25 +406,22 @@ async fn post(State(host): State<Arc<Host>>, headers: HeaderMap, body: Bytes) ->
         };
     }
 
-    if msg.get("method").and_then(Value::as_str) == Some("initialize") && is_request {
+    if is_initialize {
         return initialize(&host, msg, sse).await;
     }
-    if is_modern(&msg) || (!is_request && host.era() == Some(Era::Modern)) {
+    if is_modern || (!is_request && host.era() == Some(Era::Modern)) {
         if host.era() != Some(Era::Modern) {
             // The spec's UnsupportedProtocolVersionError, so a client falls back to
             // `initialize` (the server behind this bridge speaks only the legacy era).
             let requested = mcp::meta_protocol_version(&msg)
                 .cloned()
                 .unwrap_or(Value::Null);
-            let body = json!({
-                "jsonrpc": "2.0",
-                "id": msg.get("id").cloned().unwrap_or(Value::Null),
-                "error": {
-                    "code": code::UNSUPPORTED_PROTOCOL_VERSION,
-                    "message": "this server does not support protocol version 2026-07-28: use a legacy session (initialize)",
-                    "data": {"supported": mcp::LEGACY_VERSIONS, "requested": requested},
-                },
-            });
+            let body = mcp::jsonrpc::error_response(
+                msg.get("id").cloned().unwrap_or(Value::Null),
+                code::UNSUPPORTED_PROTOCOL_VERSION,
+                "this server does not support protocol version 2026-07-28: use a legacy session (initialize)",
+                Some(json!({"supported": mcp::LEGACY_VERSIONS, "requested": requested})),
+            );
             return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
         }
         let child = match host.pool_child() {
@@ -422,7 +437,7 @@ async fn post(State(host): State<Arc<Host>>, headers: HeaderMap, body: Bytes) ->
         if !is_request {
             // A stateless notification has no session to belong to; a cancellation names an
             // id only its own (closed) stream knew, and closing that stream already cancelled.
-            if msg.get("method").and_then(Value::as_str) != Some("notifications/cancelled") {
+            if cancelled.is_none() {
                 let _ = child.notify(&msg);
             }
             return StatusCode::ACCEPTED.into_response();
@@ -483,7 +498,7 @@ async fn initialize(host: &Arc<Host>, msg: Value, sse: bool) -> Response {
         match rx.recv().await {
             Some(m) => {
                 let v: Value = serde_json::from_slice(&m).unwrap_or(Value::Null);
-                if v.get("method").is_none() {
+                if Message::parse(&v).and_then(|p| p.method()).is_none() {
                     break Some((m, v));
                 }
                 early.push(m);
@@ -500,7 +515,13 @@ async fn initialize(host: &Arc<Host>, msg: Value, sse: bool) -> Response {
         );
     };
     let mut builder = Response::builder().status(StatusCode::OK);
-    if v.get("error").is_none() {
+    if !matches!(
+        Message::parse(&v),
+        Some(Message::Response {
+            outcome: Err(_),
+            ..
+        })
+    ) {
         // The session exists: keep it, and name it to the client (an error reply names none,
         // so no one pins a session that is gone).
         pending_session.host = None;
