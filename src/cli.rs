@@ -1245,3 +1245,33 @@ pub async fn run_client(command: Command, args: &ClientArgs) -> anyhow::Result<(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The (event, data) pairs `for_each_sse` reports for a response body.
+    async fn events_of(body: &'static str) -> Vec<(String, String)> {
+        let resp = reqwest::Response::from(http::Response::new(body));
+        let mut seen = Vec::new();
+        for_each_sse(resp, |e, d| seen.push((e.to_owned(), d.to_owned())))
+            .await
+            .unwrap();
+        seen
+    }
+
+    #[tokio::test]
+    async fn event_names_do_not_leak_and_data_lines_join() {
+        // A `lagged` event, then a plain one: the second is a message, not another `lagged`.
+        let seen =
+            events_of(": keep-alive\n\nevent: lagged\ndata: 3\n\ndata: {\"a\":\ndata: 1}\n\n")
+                .await;
+        assert_eq!(
+            seen,
+            [
+                ("lagged".to_owned(), "3".to_owned()),
+                ("message".to_owned(), "{\"a\":\n1}".to_owned()),
+            ]
+        );
+    }
+}
