@@ -1049,6 +1049,10 @@ impl Manager {
             spec.stdio.spares.to_string(),
             "--grace-ms".to_owned(),
             child_grace.to_string(),
+            // The supervisor's check gives up after health.timeout_ms: the bridge answers
+            // within it, so a probe queued behind a busy server's calls is not a failure.
+            "--probe-ms".to_owned(),
+            (spec.health.timeout_ms * 3 / 4).max(100).to_string(),
             "--startup-ms".to_owned(),
             spec.startup_timeout_ms.to_string(),
             "--".to_owned(),

@@ -1071,3 +1071,67 @@ async fn a_subscriptions_notifications_reach_its_stream_through_the_pool() {
         drop(body);
     }
 }
+
+#[tokio::test]
+async fn a_health_probe_queued_behind_a_busy_servers_call_is_not_a_failure() {
+    let app = TestApp::start().await;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/serial_mcp_server.py");
+    let (st, v) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(json!({
+                "slug": "serial",
+                "command": common::python(),
+                "args": [script],
+                "transport": "stdio",
+                "stdio": {"pool_size": 1},
+                // Checks only when asked, each allowed 1 s.
+                "health": {"interval_ms": 3_600_000, "timeout_ms": 1000},
+            })),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let d = app.deploy_wait("serial").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let id = d["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/mcp/serial", app.url);
+    // A call much longer than a health check may take, on the one process.
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "sleep", "arguments": {"ms": 6000},
+        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                  "io.modelcontextprotocol/clientCapabilities": {}}}});
+    let in_flight = tokio::spawn({
+        let url = url.clone();
+        async move {
+            mcp_rpc(
+                &url,
+                &call,
+                &[
+                    ("mcp-protocol-version", "2026-07-28"),
+                    ("mcp-method", "tools/call"),
+                ],
+            )
+            .await
+        }
+    });
+    eventually(Duration::from_secs(20), || async {
+        app.logs(&id, 100)
+            .await
+            .contains("serial: sleeping 6000 ms")
+    })
+    .await;
+    let (st, h) = app
+        .call("POST", &format!("/api/v1/deployments/{id}/health"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{h}");
+    assert_eq!(h["status"], "HEALTHY", "a busy server is not down: {h}");
+    assert!(!in_flight.is_finished(), "the check ran after the call");
+    let (st, _, msg) = in_flight.await.unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        msg.unwrap()["result"]["content"][0]["text"],
+        "slept 6000 ms"
+    );
+}

@@ -38,6 +38,8 @@ pub struct HostConfig {
     pub pool_size: usize,
     /// Processes started ahead of the next legacy sessions.
     pub spares: usize,
+    /// How long a health probe waits for an answer.
+    pub probe: Duration,
     /// How long a stopping child gets after its stdin closes, and again after SIGTERM.
     pub grace: Duration,
 }
@@ -364,6 +366,9 @@ impl Host {
 
     /// One health probe on the health child's pipe: `ping` (legacy) or `server/discover`
     /// (modern). A health child that has ended is replaced, and this probe fails with why.
+    /// A probe that gets no answer while the child has client calls in flight is not a
+    /// failure: many stdio servers handle one request at a time, so it is queued behind them
+    /// (on a modern server the health child is also a pool member); the report says `busy`.
     pub async fn check(self: &Arc<Self>, timeout: Duration) -> Result<Value, String> {
         let (era, child) = {
             let s = self.state();
@@ -379,20 +384,26 @@ impl Host {
             Era::Modern => ("server/discover", json!({"_meta": modern_meta()})),
             Era::Legacy | Era::LegacySse => ("ping", json!({})),
         };
-        match tokio::time::timeout(timeout, self.probe_request(&child, method, params)).await {
-            Ok(Ok(r)) if r.get("result").is_some() => {
-                let (children, sessions, about) = {
-                    let s = self.state();
-                    (s.children().len(), s.sessions.len(), s.about.clone())
-                };
-                let mut v = json!({"era": era, "children": children, "sessions": sessions});
-                if let (Some(Value::Object(about)), Some(obj)) = (about, v.as_object_mut()) {
-                    obj.extend(about);
-                }
-                Ok(v)
+        let report = |busy: u32| {
+            let (children, sessions, about) = {
+                let s = self.state();
+                (s.children().len(), s.sessions.len(), s.about.clone())
+            };
+            let mut v = json!({"era": era, "children": children, "sessions": sessions});
+            if busy > 0 {
+                v["busy"] = json!(busy);
             }
+            if let (Some(Value::Object(about)), Some(obj)) = (about, v.as_object_mut()) {
+                obj.extend(about);
+            }
+            v
+        };
+        match tokio::time::timeout(timeout, self.probe_request(&child, method, params)).await {
+            Ok(Ok(r)) if r.get("result").is_some() => Ok(report(0)),
             Ok(Ok(r)) => Err(format!("{method} answered {r}")),
             Ok(Err(e)) => Err(self.health_child_died(&child, &e.to_string())),
+            // The probe is gone by now (dropped with the timeout): what is in flight is calls.
+            Err(_) if child.in_flight() > 0 => Ok(report(child.in_flight())),
             Err(_) => Err(format!(
                 "no answer to {method} within {} ms",
                 timeout.as_millis()
@@ -685,6 +696,7 @@ mod tests {
             idle: Duration::from_secs(600),
             pool_size: 1,
             spares: 1,
+            probe: Duration::from_secs(10),
             grace: Duration::from_millis(500),
         })
     }

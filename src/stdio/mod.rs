@@ -94,6 +94,10 @@ pub struct BridgeArgs {
     /// A stopping process gets this long after its stdin closes, and again after SIGTERM.
     #[arg(long, default_value_t = 2_000)]
     pub grace_ms: u64,
+    /// How long a health probe waits for the server: less than the supervisor's check
+    /// timeout, so that a probe queued behind a busy server's calls is the bridge's to judge.
+    #[arg(long, default_value_t = 10_000)]
+    pub probe_ms: u64,
     /// How long the first process may take to answer its first request.
     #[arg(long, default_value_t = 30_000)]
     pub startup_ms: u64,
@@ -157,6 +161,7 @@ pub async fn serve(
         idle: Duration::from_millis(args.idle_ms.max(1)),
         pool_size: args.pool.max(1),
         spares: args.spares,
+        probe: Duration::from_millis(args.probe_ms.max(1)),
         grace: Duration::from_millis(args.grace_ms),
     });
     // A socket left by a process that is gone (the bridge is the only one to bind it).
@@ -648,7 +653,7 @@ async fn delete(State(host): State<Arc<Host>>, headers: HeaderMap) -> Response {
 }
 
 async fn health(State(host): State<Arc<Host>>) -> Response {
-    match host.check(Duration::from_secs(10)).await {
+    match host.check(host.config.probe).await {
         Ok(v) => (StatusCode::OK, axum::Json(v)).into_response(),
         Err(e) => api_error(StatusCode::SERVICE_UNAVAILABLE, "unhealthy", e),
     }
