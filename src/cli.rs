@@ -578,8 +578,7 @@ fn age(d: &Deployment) -> String {
 
 fn print_deployments(ds: &[Deployment]) {
     let mut t = table(&[
-        "ID", "TOOL", "STATUS", "HEALTH", "RESTARTS", "PORT", "RUNTIME", "INSTANCE", "AGE",
-        "ENDPOINT",
+        "ID", "TOOL", "STATUS", "HEALTH", "RESTARTS", "PORT", "RUNTIME", "INSTANCE", "AGE", "URL",
     ]);
     for d in ds {
         let status = match (d.status, d.next_restart_at) {
@@ -602,7 +601,7 @@ fn print_deployments(ds: &[Deployment]) {
                 .map(|i| i.to_string())
                 .unwrap_or_default(),
             age(d),
-            d.endpoint_url.clone(),
+            d.tool_url().to_owned(),
         ]);
     }
     println!("{t}");

@@ -177,3 +177,19 @@ pub struct Deployment {
     #[serde(default)]
     pub next_restart_at: Option<DateTime<Utc>>,
 }
+
+impl Deployment {
+    /// A deployment's own address: `<base>/mcp/<slug>/@<id>`, through the proxy, unique to it
+    /// whatever the transport (clients use the tool's `<base>/mcp/<slug>`).
+    pub fn endpoint_url_for(public_url: &str, slug: &str, id: Uuid) -> String {
+        format!("{public_url}/mcp/{slug}/@{id}")
+    }
+
+    /// The tool's URL, the one MCP clients should use (records written before deployments had
+    /// addresses of their own show their old endpoint).
+    pub fn tool_url(&self) -> &str {
+        self.endpoint_url
+            .strip_suffix(&format!("/@{}", self.id))
+            .unwrap_or(&self.endpoint_url)
+    }
+}

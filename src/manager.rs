@@ -296,7 +296,7 @@ impl Manager {
 
     /// How a deployment is probed: its MCP endpoint (or plain health path) over TCP, or, for a
     /// stdio deployment, the bridge's `/health` on its socket (a probe on the server's pipe).
-    fn probe_target(&self, id: Uuid, endpoint_url: &str, spec: &ToolSpec) -> ProbeTarget {
+    fn probe_target(&self, id: Uuid, port: Option<u16>, spec: &ToolSpec) -> ProbeTarget {
         if spec.transport == Transport::Stdio {
             return ProbeTarget {
                 prober: Prober::unix(&self.socket_path(id)),
@@ -304,16 +304,22 @@ impl Manager {
                 plain: Some("http://bridge/health".to_owned()),
             };
         }
+        // The server itself, not the record's endpoint_url (which goes through the proxy).
+        let base = format!(
+            "http://{}:{}",
+            self.advertise_host,
+            port.unwrap_or_default()
+        );
         ProbeTarget {
             prober: self.prober.clone(),
-            url: endpoint_url.to_owned(),
-            plain: spec.health.http_path.as_ref().map(|p| {
-                let base = endpoint_url
-                    .strip_suffix(spec.endpoint_path.as_str())
-                    .unwrap_or(endpoint_url);
-                format!("{base}{p}")
-            }),
+            url: format!("{base}{}", spec.endpoint_path),
+            plain: spec.health.http_path.as_ref().map(|p| format!("{base}{p}")),
         }
+    }
+
+    /// Switchboard's base URL as clients reach it (`http://<listen address>`).
+    pub fn public_url(&self) -> &str {
+        &self.hosting.public_url
     }
 
     pub fn metrics(&self) -> Option<&Arc<Metrics>> {
@@ -570,7 +576,7 @@ impl Manager {
         };
         self.tasks.spawn(async move {
             let _done = done_tx;
-            this.supervise(d.id, tool, d.endpoint_url, backend, start, cancel)
+            this.supervise(d.id, tool, d.port, backend, start, cancel)
                 .await
         });
     }
@@ -878,13 +884,9 @@ impl Manager {
             tool_id: tool.id,
             tool_slug: spec.slug.clone(),
             node_id: self.node_id.clone(),
-            endpoint_url: match port {
-                Some(port) => format!(
-                    "http://{}:{port}{}",
-                    self.advertise_host, spec.endpoint_path
-                ),
-                None => format!("{}/mcp/{}", self.hosting.public_url, spec.slug),
-            },
+            // This deployment's own address, through the proxy (its token, Origin and
+            // metrics apply), whatever the transport; clients use the tool's `/mcp/{slug}`.
+            endpoint_url: Deployment::endpoint_url_for(&self.hosting.public_url, &spec.slug, id),
             port,
             status: DeploymentStatus::Starting,
             health_status: HealthStatus::Unknown,
@@ -929,7 +931,7 @@ impl Manager {
             let tool = tool.clone();
             self.tasks.spawn(async move {
                 let _done = done_tx;
-                this.supervise(d.id, tool, d.endpoint_url, backend, Start::Install, cancel)
+                this.supervise(d.id, tool, d.port, backend, Start::Install, cancel)
                     .await
             });
             return self.get_deployment(d.id).await;
@@ -940,7 +942,7 @@ impl Manager {
                 let tool = tool.clone();
                 self.tasks.spawn(async move {
                     let _done = done_tx;
-                    this.supervise(d.id, tool, d.endpoint_url, backend, Start::Spawned, cancel)
+                    this.supervise(d.id, tool, d.port, backend, Start::Spawned, cancel)
                         .await
                 });
             }
@@ -1146,7 +1148,7 @@ impl Manager {
         self: Arc<Self>,
         id: Uuid,
         tool: Tool,
-        endpoint_url: String,
+        port: Option<u16>,
         backend: Backend,
         start: Start,
         cancel: CancellationToken,
@@ -1177,7 +1179,7 @@ impl Manager {
             }
         };
         let spec = &tool.spec;
-        let target = self.probe_target(id, &endpoint_url, spec);
+        let target = self.probe_target(id, port, spec);
         let backend = Arc::new(backend);
         let mut backoff = Backoff::new(&spec.restart);
         // A deployment that has never been RUNNING gets `max_start_failures` tries; one that
@@ -1511,7 +1513,7 @@ impl Manager {
             });
         }
         let tool = self.get_tool(&d.tool_slug).await?;
-        let target = self.probe_target(id, &d.endpoint_url, &tool.spec);
+        let target = self.probe_target(id, d.port, &tool.spec);
         Ok(self.check(&target, &tool.spec).await)
     }
 

@@ -525,12 +525,18 @@ pub struct Tool {
     pub spec: ToolSpec,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Where MCP clients reach the tool: `http://<switchboard>/mcp/<slug>`, the same for every
+    /// transport (set in API responses; not stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 impl Tool {
-    /// The tool as the API shows it (see [`ToolSpec::redacted`]).
-    pub fn redacted(mut self) -> Tool {
+    /// The tool as the API shows it (see [`ToolSpec::redacted`]), with the URL clients use
+    /// given Switchboard's public base URL.
+    pub fn redacted(mut self, public_url: &str) -> Tool {
         self.spec = self.spec.redacted();
+        self.url = Some(format!("{public_url}/mcp/{}", self.spec.slug));
         self
     }
 }

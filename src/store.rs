@@ -174,6 +174,7 @@ impl TryFrom<ToolRow> for Tool {
                 .map_err(|e| StoreError::Corrupt(format!("tool {}: {e}", row.id)))?,
             created_at: row.created_at,
             updated_at: row.updated_at,
+            url: None,
         })
     }
 }
@@ -367,6 +368,7 @@ impl Store {
             spec: spec.clone(),
             created_at: now,
             updated_at: now,
+            url: None,
         };
         let spec_json =
             serde_json::to_string(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;

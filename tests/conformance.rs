@@ -68,7 +68,7 @@ fn run_suite(url: &str, out: &std::path::Path, requirements: &str) -> BTreeMap<S
 async fn compare(requirements: &str, stdio: bool) {
     let app = TestApp::start().await;
     let d = app.deploy_everything("ev", "streamableHttp", "/mcp").await;
-    let direct_url = d["endpoint_url"].as_str().unwrap().to_owned();
+    let direct_url = format!("http://127.0.0.1:{}/mcp", d["port"]);
     let proxy_url = if stdio {
         let (st, t) = app
             .call(

@@ -28,7 +28,11 @@ async fn deployment_record_lifecycle_and_identity() {
     assert!(d["stopped_at"].is_null());
     assert!(d["deployed_at"].is_string());
     let port = d["port"].as_u64().unwrap() as u16;
-    assert_eq!(d["endpoint_url"], format!("http://127.0.0.1:{port}/mcp"));
+    assert_eq!(
+        d["endpoint_url"],
+        format!("{}/mcp/ident/@{id}", app.url),
+        "the deployment's own address goes through the proxy: {d}"
+    );
     assert!(
         d["instance"]["pid"].as_u64().is_some(),
         "pid recorded at spawn: {d}"
@@ -737,4 +741,45 @@ async fn max_start_failures_is_validated_and_shown() {
         "{field}"
     );
     app.stop().await;
+}
+
+/// One URL for clients, one address per deployment: each replica's `endpoint_url` is its own
+/// (through the proxy, never the backend's port) and reaches exactly that replica; the tool's
+/// API object names the URL clients should use.
+#[tokio::test]
+async fn every_deployment_has_an_address_of_its_own_and_the_tool_one_url() {
+    let app = TestApp::start().await;
+    app.add_test_tool("twins", &[], json!({})).await;
+    let a = app.deploy_wait("twins").await;
+    let b = app.deploy_wait("twins").await;
+    let (ua, ub) = (
+        a["endpoint_url"].as_str().unwrap(),
+        b["endpoint_url"].as_str().unwrap(),
+    );
+    assert_ne!(ua, ub);
+    for (d, url) in [(&a, ua), (&b, ub)] {
+        assert!(
+            url.starts_with(&format!("{}/mcp/twins/@", app.url)),
+            "{url}"
+        );
+        for _ in 0..4 {
+            let who = whoami(url).await;
+            assert_eq!(who["deployment"], d["id"], "{url} reached another replica");
+        }
+    }
+    let (st, tool) = app.call("GET", "/api/v1/tools/twins", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(tool["url"], format!("{}/mcp/twins", app.url), "{tool}");
+    // An address that names no serving deployment is a clear 404, not another replica.
+    let stopped = app.stop_deployment(a["id"].as_str().unwrap()).await;
+    let resp = reqwest::Client::new()
+        .post(stopped["endpoint_url"].as_str().unwrap())
+        .header("content-type", "application/json")
+        .body(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "deployment_not_serving", "{body}");
 }

@@ -124,9 +124,9 @@ async fn a_stdio_server_is_served_in_both_eras_without_a_port() {
         "a stdio deployment takes no port: {d}"
     );
     let url = format!("{}/mcp/io", app.url);
-    assert_eq!(d["endpoint_url"], url.as_str(), "{d}");
-    let bridge = pid_of(&d["instance"]);
     let id = d["id"].as_str().unwrap();
+    assert_eq!(d["endpoint_url"], format!("{url}/@{id}"), "{d}");
+    let bridge = pid_of(&d["instance"]);
 
     // Modern (stateless) requests go to the pool; its processes are the bridge's children.
     let me = whoami(&url).await;

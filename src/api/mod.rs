@@ -258,7 +258,7 @@ async fn list_tools(State(s): State<AppState>) -> Result<Json<Vec<Tool>>, ApiErr
             .list_tools()
             .await?
             .into_iter()
-            .map(Tool::redacted)
+            .map(|t| t.redacted(s.manager.public_url()))
             .collect(),
     ))
 }
@@ -272,7 +272,12 @@ async fn create_tool(
 ) -> Result<(StatusCode, Json<Tool>), ApiError> {
     Ok((
         StatusCode::CREATED,
-        Json(s.manager.create_tool(spec).await?.redacted()),
+        Json(
+            s.manager
+                .create_tool(spec)
+                .await?
+                .redacted(s.manager.public_url()),
+        ),
     ))
 }
 
@@ -283,7 +288,12 @@ async fn get_tool(
     State(s): State<AppState>,
     Path(slug): Path<String>,
 ) -> Result<Json<Tool>, ApiError> {
-    Ok(Json(s.manager.get_tool(&slug).await?.redacted()))
+    Ok(Json(
+        s.manager
+            .get_tool(&slug)
+            .await?
+            .redacted(s.manager.public_url()),
+    ))
 }
 
 /// The body may omit `slug`; when present it must equal the one in the path. A new
@@ -312,7 +322,12 @@ async fn update_tool(
             ),
         ));
     }
-    Ok(Json(s.manager.update_tool(spec).await?.redacted()))
+    Ok(Json(
+        s.manager
+            .update_tool(spec)
+            .await?
+            .redacted(s.manager.public_url()),
+    ))
 }
 
 /// Tool definitions in the config file's `[[tools]]` form.

@@ -36,6 +36,12 @@ pub enum ProxyError {
     InvalidSessionId,
     #[error("unknown or expired MCP session (or its deployment is gone): initialize a new session")]
     SessionNotFound,
+    /// `/mcp/{slug}/@{id}` names a deployment that is not serving this tool here.
+    #[error(
+        "deployment '{id}' of tool '{slug}' is not serving here (it ended, is not RUNNING and \
+         healthy, or runs on another node): use /mcp/{slug}"
+    )]
+    DeploymentNotServing { slug: String, id: String },
     /// A sub-path of a stdio tool: the bridge's other routes are Switchboard's own.
     #[error("tool '{0}' is a stdio server: its only endpoint is /mcp/{0}")]
     StdioSubPath(String),
@@ -81,6 +87,7 @@ impl ProxyError {
             | ProxyError::ToolNotFound(_)
             | ProxyError::InvalidSessionId
             | ProxyError::SessionNotFound
+            | ProxyError::DeploymentNotServing { .. }
             | ProxyError::StdioSubPath(_)
             | ProxyError::InvalidPath(_)
             | ProxyError::BodyTooLarge(_) => Source::Client,
@@ -96,6 +103,7 @@ impl ProxyError {
             ProxyError::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
             ProxyError::ToolNotFound(_)
             | ProxyError::SessionNotFound
+            | ProxyError::DeploymentNotServing { .. }
             | ProxyError::StdioSubPath(_) => StatusCode::NOT_FOUND,
             ProxyError::InvalidSessionId | ProxyError::InvalidPath(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -114,6 +122,7 @@ impl ProxyError {
             ProxyError::ToolNotFound(_) => "tool_not_found",
             ProxyError::InvalidSessionId => "invalid_session_id",
             ProxyError::SessionNotFound => "session_not_found",
+            ProxyError::DeploymentNotServing { .. } => "deployment_not_serving",
             ProxyError::StdioSubPath(_) => "not_found",
             ProxyError::InvalidPath(_) => "invalid_path",
             ProxyError::BodyTooLarge(_) => "body_too_large",
@@ -165,6 +174,10 @@ mod tests {
             ProxyError::ToolNotFound("t".into()),
             ProxyError::InvalidSessionId,
             ProxyError::SessionNotFound,
+            ProxyError::DeploymentNotServing {
+                slug: "t".into(),
+                id: "d".into(),
+            },
             ProxyError::StdioSubPath("t".into()),
             ProxyError::BodyTooLarge(1),
             ProxyError::NoHealthyDeployment {

@@ -229,10 +229,21 @@ impl Proxy {
         let uri = parts.uri.clone();
         let path = uri.path();
         let after = &path["/mcp/".len().min(path.len())..];
-        let (slug, rest) = match after.find('/') {
+        let (slug, mut rest) = match after.find('/') {
             Some(i) => (&after[..i], Some(&after[i..])),
             None => (after, None),
         };
+        // `/mcp/{slug}/@{deployment}[/{rest}]`: one deployment's own address, through the
+        // proxy (its record's `endpoint_url`).
+        let mut pinned = None;
+        if let Some(r) = rest.and_then(|r| r.strip_prefix("/@")) {
+            let (id, tail) = match r.find('/') {
+                Some(i) => (&r[..i], Some(&r[i..])),
+                None => (r, None),
+            };
+            pinned = Some(id);
+            rest = tail;
+        }
 
         if let Some(origin) = parts.headers.get(header::ORIGIN) {
             let ok = origin
@@ -255,8 +266,23 @@ impl Proxy {
             Some(v) => v.to_str().ok().map(str::to_owned),
             None => legacy_session_param(&uri),
         };
-        let backend = match &session {
-            Some(id) => match self
+        let backend = match (pinned, &session) {
+            (Some(id), session) => {
+                let not_serving = || ProxyError::DeploymentNotServing {
+                    slug: slug.to_owned(),
+                    id: id.to_owned(),
+                };
+                let id = uuid::Uuid::parse_str(id).map_err(|_| not_serving())?;
+                let backend = tool.find(id).cloned().ok_or_else(not_serving)?;
+                // A session lives on the deployment that minted it, pinned or not.
+                if let Some(sid) = session
+                    && self.sessions.get(slug, sid).is_some_and(|d| d != id)
+                {
+                    return Err(ProxyError::SessionNotFound);
+                }
+                backend
+            }
+            (None, Some(id)) => match self
                 .sessions
                 .get(slug, id)
                 .and_then(|d| tool.find(d).cloned())
@@ -270,7 +296,7 @@ impl Proxy {
                 }
                 None => return Err(ProxyError::SessionNotFound),
             },
-            None => match tool.pick() {
+            (None, None) => match tool.pick() {
                 Some(b) => Arc::clone(b),
                 None => {
                     return Err(ProxyError::NoHealthyDeployment {
