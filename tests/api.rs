@@ -325,7 +325,7 @@ async fn a_tool_read_back_and_put_keeps_its_secrets() {
     assert_eq!(shown["secret_env"]["VAULT_KEY"], "********", "{shown}");
     // Read, edit, write back: the redaction marker keeps the stored value.
     let mut body = shown.clone();
-    for k in ["id", "created_at", "updated_at"] {
+    for k in ["id", "created_at", "updated_at", "url"] {
         body.as_object_mut().unwrap().remove(k);
     }
     body["description"] = "edited".into();
@@ -379,7 +379,7 @@ async fn a_transport_change_under_live_deployments_is_a_documented_409() {
     let tool = app.add_test_tool("live", &[], json!({})).await;
     let d = app.deploy_wait("live").await;
     let mut body = tool.clone();
-    for k in ["id", "created_at", "updated_at"] {
+    for k in ["id", "created_at", "updated_at", "url"] {
         body.as_object_mut().unwrap().remove(k);
     }
     body["transport"] = "stdio".into();
