@@ -325,27 +325,34 @@ fn a_killed_switchboard_adopts_its_running_deployments_at_restart() {
     );
 
     let sb = Serve::start(dir.path(), &[]);
-    for pid in &tree {
-        assert!(alive(*pid), "{pid} was killed instead of adopted");
-    }
-    let rec = record(&sb, &id);
-    assert_eq!(rec["status"], "RUNNING", "{rec}");
-    assert_eq!(
-        rec["instance"]["pid"].as_u64(),
-        Some(u64::from(tree[0])),
-        "{rec}"
-    );
-    assert_eq!(rec["restart_count"], 0, "{rec}");
     assert!(
         sb.head
             .iter()
             .any(|l| l.contains("Adopted a running deployment")),
         "the adoption is logged before Switchboard listens"
     );
-    // Adopted means supervised: a stop takes the whole tree, the setsid grandchild included.
-    let stopped = sb.json(&["stop", &id]);
+    assert_adopted_and_stoppable(&sb, &id, &tree);
+}
+
+/// `id`'s process tree (`tree`, main process first) runs on, adopted: the record is RUNNING
+/// with the same process and no restart, and a stop takes the whole tree (the setsid
+/// grandchild included), since adopted means supervised.
+fn assert_adopted_and_stoppable(sb: &Serve, id: &str, tree: &[u32]) {
+    for pid in tree {
+        assert!(alive(*pid), "{pid} was killed instead of adopted");
+    }
+    let rec = record(sb, id);
+    assert_eq!(rec["status"], "RUNNING", "{rec}");
+    assert_eq!(rec["runtime"], "process", "{rec}");
+    assert_eq!(
+        rec["instance"]["pid"].as_u64(),
+        Some(u64::from(tree[0])),
+        "{rec}"
+    );
+    assert_eq!(rec["restart_count"], 0, "adopted, not restarted: {rec}");
+    let stopped = sb.json(&["stop", id]);
     assert_eq!(stopped["status"], "STOPPED", "{stopped}");
-    for pid in &tree {
+    for pid in tree {
         assert!(
             !alive(*pid),
             "{pid} survived the stop of an adopted deployment"
@@ -386,26 +393,7 @@ fn a_live_deployment_of_the_previous_release_is_adopted_after_the_upgrade() {
     assert_eq!(tree.len(), 2);
 
     let sb = Serve::start(dir.path(), &[]);
-    for pid in &tree {
-        assert!(alive(*pid), "{pid} was killed instead of adopted");
-    }
-    let rec = record(&sb, &id);
-    assert_eq!(rec["status"], "RUNNING", "{rec}");
-    assert_eq!(rec["runtime"], "process", "{rec}");
-    assert_eq!(
-        rec["instance"]["pid"].as_u64(),
-        Some(u64::from(tree[0])),
-        "{rec}"
-    );
-    assert_eq!(rec["restart_count"], 0, "adopted, not restarted: {rec}");
-    let stopped = sb.json(&["stop", &id]);
-    assert_eq!(stopped["status"], "STOPPED", "{stopped}");
-    for pid in &tree {
-        assert!(
-            !alive(*pid),
-            "{pid} survived the stop of an adopted deployment"
-        );
-    }
+    assert_adopted_and_stoppable(&sb, &id, &tree);
 }
 
 #[test]
