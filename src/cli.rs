@@ -588,9 +588,13 @@ fn print_deployments(ds: &[Deployment]) {
             }
             (s, _) => s.to_string(),
         };
+        let tool = match d.tool_deleted_at {
+            Some(_) => format!("{} (deleted)", d.tool_slug),
+            None => d.tool_slug.clone(),
+        };
         t.add_row(vec![
             short(&d.id),
-            d.tool_slug.clone(),
+            tool,
             status,
             d.health_status.to_string(),
             d.restart_count.to_string(),

@@ -176,6 +176,10 @@ pub struct Deployment {
     /// it here (with `restart_count` and `last_exit`).
     #[serde(default)]
     pub next_restart_at: Option<DateTime<Utc>>,
+    /// When the deployment's tool was deleted; absent while the tool exists. The record stays
+    /// (history outlives `tool rm`), and `ps` marks it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_deleted_at: Option<DateTime<Utc>>,
 }
 
 impl Deployment {

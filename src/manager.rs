@@ -903,6 +903,7 @@ impl Manager {
             restart_count: 0,
             last_exit: None,
             next_restart_at: None,
+            tool_deleted_at: None,
         };
         let backend = match self.backend_for(&d, spec) {
             Ok(b) => b,
@@ -913,7 +914,10 @@ impl Manager {
         };
         if let Err(e) = self.store.insert_deployment(&d).await {
             release(port);
-            return Err(e.into());
+            return Err(match e {
+                StoreError::ToolGone(slug) => ManagerError::ToolNotFound(slug),
+                e => e.into(),
+            });
         }
         self.publish(
             EventKind::Status,

@@ -37,6 +37,9 @@ use crate::{
 pub enum StoreError {
     #[error("{0}")]
     Conflict(String),
+    /// A deployment was to be recorded for a tool deleted meanwhile.
+    #[error("no tool with slug '{0}' (it was deleted)")]
+    ToolGone(String),
     #[error("stored record is unreadable: {0}")]
     Corrupt(String),
     #[error("the database is unavailable or failed: {0}")]
@@ -203,6 +206,7 @@ struct DeploymentRow {
     restart_count: i64,
     last_exit: Option<String>,
     next_restart_at: Option<DateTime<Utc>>,
+    tool_deleted_at: Option<DateTime<Utc>>,
 }
 
 fn instance_json(instance: Option<&InstanceRef>) -> Option<String> {
@@ -254,6 +258,7 @@ impl TryFrom<DeploymentRow> for Deployment {
             restart_count: narrow(Some(r.restart_count), "restart count")?.unwrap_or(0),
             last_exit: r.last_exit,
             next_restart_at: r.next_restart_at,
+            tool_deleted_at: r.tool_deleted_at,
         })
     }
 }
@@ -439,42 +444,72 @@ impl Store {
         rows.into_iter().map(Tool::try_from).collect()
     }
 
-    /// Deletes the tool and its finished deployments, unless it has live ones.
+    /// Deletes the tool, unless it has live deployments; its ended deployments' records stay,
+    /// marked with the time their tool was deleted.
     pub async fn delete_tool(&self, slug: &str) -> Result<DeleteTool, StoreError> {
+        let now = now();
         on_pool!(self, pool, sql => {
             let mut tx = pool.begin().await?;
+            // Lock the tool's row before reading anything: a deploy holding it (see
+            // insert_deployment) commits first, and the count below then sees its deployment
+            // (MySQL takes its snapshot at the first plain read, which comes after this).
+            sqlx::query(sql("UPDATE tools SET slug = slug WHERE slug = ?"))
+                .bind(slug)
+                .execute(&mut *tx)
+                .await?;
+            let id: Option<String> = sqlx::query_scalar(sql("SELECT id FROM tools WHERE slug = ?"))
+                .bind(slug)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(id) = id else {
+                return Ok(DeleteTool::NotFound);
+            };
             let live: i64 = sqlx::query_scalar(sql(
-                "SELECT COUNT(*) FROM deployments WHERE tool_slug = ? AND status IN ('STARTING', 'RUNNING')",
+                "SELECT COUNT(*) FROM deployments WHERE tool_id = ? AND status IN ('STARTING', 'RUNNING')",
             ))
-            .bind(slug)
+            .bind(&id)
             .fetch_one(&mut *tx)
             .await?;
             if live > 0 {
                 return Ok(DeleteTool::InUse(live.unsigned_abs()));
             }
-            let done = sqlx::query(sql("DELETE FROM tools WHERE slug = ?"))
-                .bind(slug)
+            sqlx::query(sql(
+                "UPDATE deployments SET tool_deleted_at = ?, updated_at = ? WHERE tool_id = ?",
+            ))
+            .bind(now)
+            .bind(now)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(sql("DELETE FROM tools WHERE id = ?"))
+                .bind(&id)
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
-            Ok(if done.rows_affected() == 0 {
-                DeleteTool::NotFound
-            } else {
-                DeleteTool::Deleted
-            })
+            Ok(DeleteTool::Deleted)
         })
     }
 
     // ----- deployments -----
 
+    /// Records a new deployment of a tool that still exists: it fails with
+    /// [`StoreError::ToolGone`] when the tool was deleted, even by a delete racing this insert
+    /// (the tool's row is locked first, so [`Store::delete_tool`] waits for this deployment and
+    /// then counts it as live, or this waits for the delete and finds no tool).
     pub async fn insert_deployment(&self, d: &Deployment) -> Result<(), StoreError> {
-        let res = on_pool!(self, pool, sql => {
-            sqlx::query(sql(
+        let res = on_pool!(self, pool, sql => async {
+            let mut tx = pool.begin().await?;
+            sqlx::query(sql("UPDATE tools SET slug = slug WHERE id = ?"))
+                .bind(d.tool_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            let inserted = sqlx::query(sql(
                 "INSERT INTO deployments (id, tool_id, tool_slug, node_id, endpoint_url, port, \
                  status, health_status, last_health_check, deployed_at, stopped_at, runtime, \
                  instance, exit_code, exit_signal, error, updated_at, desired, restart_count, \
                  last_exit, next_restart_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
+                 FROM tools WHERE id = ?",
             ))
             .bind(d.id.to_string())
             .bind(d.tool_id.to_string())
@@ -497,20 +532,23 @@ impl Store {
             .bind(i64::from(d.restart_count))
             .bind(&d.last_exit)
             .bind(d.next_restart_at)
-            .execute(pool)
-            .await
-            .map(|_| ())
-        });
-        res.map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Conflict(format!(
-                    "port {:?} is already held by a live deployment",
-                    d.port
-                ))
-            } else {
-                e.into()
-            }
-        })
+            .bind(d.tool_id.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            Ok::<u64, sqlx::Error>(inserted)
+        }
+        .await);
+        match res {
+            Ok(0) => Err(StoreError::ToolGone(d.tool_slug.clone())),
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(format!(
+                "port {:?} is already held by a live deployment",
+                d.port
+            ))),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub async fn get_deployment(&self, id: Uuid) -> Result<Option<Deployment>, StoreError> {

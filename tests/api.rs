@@ -435,3 +435,40 @@ async fn a_transport_change_under_live_deployments_is_a_documented_409() {
     assert!(doc["paths"]["/api/v1/apply"]["post"].is_object());
     app.stop().await;
 }
+
+/// Deleting a tool keeps its deployments' records, readable by id and in listings, marked
+/// with when their tool was deleted.
+#[tokio::test]
+async fn a_deleted_tools_deployments_stay_readable() {
+    let app = TestApp::start().await;
+    app.add_test_tool("gone", &[], json!({})).await;
+    let d = app.deploy_wait("gone").await;
+    let id = d["id"].as_str().unwrap();
+    let (st, b) = app.call("DELETE", "/api/v1/tools/gone", None).await;
+    assert_error(st, &b, StatusCode::CONFLICT, "tool_in_use");
+    assert!(app.deployment(id).await.get("tool_deleted_at").is_none());
+    app.stop_deployment(id).await;
+    let (st, _) = app.call("DELETE", "/api/v1/tools/gone", None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+
+    let kept = app.deployment(id).await;
+    assert_eq!(kept["status"], "STOPPED", "{kept}");
+    assert_eq!(kept["tool_slug"], "gone", "{kept}");
+    assert!(kept["tool_deleted_at"].is_string(), "{kept}");
+    let (st, listed) = app.call("GET", "/api/v1/deployments?tool=gone", None).await;
+    assert_eq!(st, StatusCode::OK);
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [id]);
+    // Its log is still there too (until the retention setting removes it).
+    assert!(app.logs(id, 10).await.contains("listening"), "no log");
+    let (st, b) = app
+        .call("POST", "/api/v1/tools/gone/deployments", None)
+        .await;
+    assert_error(st, &b, StatusCode::NOT_FOUND, "tool_not_found");
+    app.stop().await;
+}

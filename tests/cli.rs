@@ -1524,3 +1524,33 @@ fn deploy_brings_a_tool_to_its_replicas_and_scale_changes_them() {
     let out = sb.ok(&["deploy", "rep"]);
     assert!(out.contains("already has its 0 replica(s)"), "{out}");
 }
+
+/// `ps --all` keeps showing a deleted tool's deployments, marked as such.
+#[test]
+fn ps_all_shows_a_deleted_tools_deployments() {
+    let dir = tempfile::tempdir().unwrap();
+    let sb = Serve::start(dir.path(), &[]);
+    add_server_tool(&sb, "brief");
+    let d = sb.json(&["deploy", "brief", "--wait"])["deployments"][0].clone();
+    let id = d["id"].as_str().unwrap();
+    sb.ok(&["stop", id]);
+    sb.ok(&["tool", "rm", "brief"]);
+    let short = id.replace('-', "")[..12].to_owned();
+    let table = sb.ok(&["ps", "--all"]);
+    let row = table
+        .lines()
+        .find(|l| l.contains(&short))
+        .unwrap_or_else(|| panic!("ps --all lost the deployment:\n{table}"));
+    assert!(
+        row.contains("brief (deleted)") && row.contains("STOPPED"),
+        "{row}"
+    );
+    let all = sb.json(&["ps", "--all"]);
+    let rec = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .unwrap();
+    assert!(rec["tool_deleted_at"].is_string(), "{rec}");
+}

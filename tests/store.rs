@@ -67,6 +67,7 @@ contract!(
     listings_page_in_deployment_order,
     restarts_keep_the_record_until_a_stop_is_desired,
     a_round_of_health_checks_is_written_at_once,
+    a_deploy_racing_a_tool_delete_never_leaves_a_live_orphan,
 );
 
 fn spec(slug: &str) -> ToolSpec {
@@ -107,6 +108,7 @@ fn deployment(
         restart_count: 0,
         last_exit: None,
         next_restart_at: None,
+        tool_deleted_at: None,
     }
 }
 
@@ -258,11 +260,56 @@ async fn a_tool_in_use_is_not_deleted(s: Store) {
     s.mark_ended(d.id, DeploymentStatus::Stopped, None, None)
         .await
         .unwrap();
-    assert_eq!(s.delete_tool("busy").await.unwrap(), DeleteTool::Deleted);
     assert!(
-        s.get_deployment(d.id).await.unwrap().is_none(),
-        "history goes with the tool"
+        s.get_tool("busy").await.unwrap().is_some(),
+        "a refused delete changes nothing"
     );
+    assert!(
+        s.get_deployment(d.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .tool_deleted_at
+            .is_none()
+    );
+    s.mark_ended(d.id, DeploymentStatus::Stopped, None, None)
+        .await
+        .unwrap();
+    assert_eq!(s.delete_tool("busy").await.unwrap(), DeleteTool::Deleted);
+    assert_eq!(s.delete_tool("busy").await.unwrap(), DeleteTool::NotFound);
+    let kept = s
+        .get_deployment(d.id)
+        .await
+        .unwrap()
+        .expect("history outlives the tool");
+    assert_eq!(kept.status, DeploymentStatus::Stopped);
+    assert_eq!(kept.tool_slug, "busy");
+    assert!(kept.tool_deleted_at.is_some(), "{kept:?}");
+
+    // The slug can be registered again: the old record keeps its mark, the new tool's do not,
+    // and the old tool's id can get no new deployment.
+    let again = s.insert_tool(&spec("busy")).await.unwrap();
+    let fresh = deployment(&again, 9401, DeploymentStatus::Running);
+    s.insert_deployment(&fresh).await.unwrap();
+    let listed = s
+        .list_deployments(&DeploymentFilter {
+            tool_slug: Some("busy".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let marks: Vec<(Uuid, bool)> = listed
+        .iter()
+        .map(|d| (d.id, d.tool_deleted_at.is_some()))
+        .collect();
+    assert_eq!(marks, [(d.id, true), (fresh.id, false)]);
+    let orphan = deployment(&t, 9402, DeploymentStatus::Starting);
+    let err = s.insert_deployment(&orphan).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::ToolGone(ref slug) if slug == "busy"),
+        "{err}"
+    );
+    assert!(s.get_deployment(orphan.id).await.unwrap().is_none());
 }
 
 async fn timestamps_keep_their_instant(s: Store) {
@@ -733,6 +780,34 @@ async fn pid_columns_become_an_instance_reference(backend: common::Backend) {
         })
     );
     assert_eq!(d.status, DeploymentStatus::Running);
+
+    // Later migrations keep the row too (0005 rebuilds SQLite's table), and from then on its
+    // record outlives its tool.
+    assert_eq!(d.tool_slug, "old");
+    assert_eq!(d.port, Some(9300));
+    assert!(d.tool_deleted_at.is_none());
+    assert_eq!(
+        store.delete_tool("old").await.unwrap(),
+        DeleteTool::InUse(1)
+    );
+    store
+        .mark_ended(dep_id, DeploymentStatus::Stopped, None, None)
+        .await
+        .unwrap();
+    assert_eq!(store.delete_tool("old").await.unwrap(), DeleteTool::Deleted);
+    let kept = store.get_deployment(dep_id).await.unwrap().unwrap();
+    assert!(kept.tool_deleted_at.is_some(), "{kept:?}");
+    // The rebuilt table still allows one live deployment per port and node.
+    let t = store.insert_tool(&spec("new")).await.unwrap();
+    store
+        .insert_deployment(&deployment(&t, 9301, DeploymentStatus::Running))
+        .await
+        .unwrap();
+    let clash = store
+        .insert_deployment(&deployment(&t, 9301, DeploymentStatus::Starting))
+        .await
+        .unwrap_err();
+    assert!(matches!(clash, StoreError::Conflict(_)), "{clash}");
 }
 
 #[tokio::test]
@@ -748,4 +823,24 @@ async fn pid_columns_become_an_instance_reference_on_postgres() {
 #[tokio::test]
 async fn pid_columns_become_an_instance_reference_on_mysql() {
     pid_columns_become_an_instance_reference(common::Backend::MySql).await;
+}
+
+/// A deploy and a `tool rm` of the same tool at once: either the deploy wins (and the delete
+/// is refused as in use) or the delete wins (and the deploy finds no tool), never both.
+async fn a_deploy_racing_a_tool_delete_never_leaves_a_live_orphan(s: Store) {
+    for round in 0..20u16 {
+        let slug = format!("race-{round}");
+        let t = s.insert_tool(&spec(&slug)).await.unwrap();
+        let d = deployment(&t, 9600 + round, DeploymentStatus::Starting);
+        let (inserted, deleted) = tokio::join!(s.insert_deployment(&d), s.delete_tool(&slug));
+        match (inserted, deleted.unwrap()) {
+            (Ok(()), DeleteTool::InUse(1)) => {
+                assert!(s.get_tool(&slug).await.unwrap().is_some());
+            }
+            (Err(StoreError::ToolGone(_)), DeleteTool::Deleted) => {
+                assert!(s.get_deployment(d.id).await.unwrap().is_none());
+            }
+            (ins, del) => panic!("round {round}: insert {ins:?}, delete {del:?}"),
+        }
+    }
 }
