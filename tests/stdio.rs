@@ -1135,3 +1135,59 @@ async fn a_health_probe_queued_behind_a_busy_servers_call_is_not_a_failure() {
         "slept 6000 ms"
     );
 }
+
+#[tokio::test]
+async fn a_stalled_standalone_stream_is_closed_not_buffered() {
+    let app = TestApp::start().await;
+    add_stdio_tool(&app, "chatty", &[], json!({})).await;
+    let d = app.deploy_wait("chatty").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/mcp/chatty", app.url);
+    let sid = legacy_session(&url).await;
+    // A client that opens its session's stream and never reads it.
+    let stalled = app
+        .http
+        .get(&url)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &sid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stalled.status(), StatusCode::OK);
+    // ~100 MB of server messages for that stream: far more than the sockets on the way hold.
+    let call = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "chatter", "arguments": {"n": 3000, "bytes": 32768}}});
+    let (st, _, msg) = mcp_rpc(
+        &url,
+        &call,
+        &[
+            ("mcp-session-id", &sid),
+            ("mcp-protocol-version", "2025-11-25"),
+        ],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(msg.unwrap()["result"]["content"][0]["text"], "sent 3000");
+    // The bridge closed the stream rather than holding the rest for a client that does not
+    // read; the session goes on, and a new stream can be opened.
+    eventually(Duration::from_secs(30), || async {
+        sessions(&app, &id).await["sessions"][0]["stream_open"] == false
+    })
+    .await;
+    let log = app.logs(&id, 200).await;
+    assert!(
+        log.contains("stopped reading its session's stream"),
+        "{log}"
+    );
+    drop(stalled);
+    assert!(whoami_in_session(&url, &sid).await.is_ok());
+    let again = app
+        .http
+        .get(&url)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &sid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+}

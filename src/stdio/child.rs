@@ -38,14 +38,26 @@ use tokio::{
     sync::{mpsc, watch},
 };
 
-/// Where messages for one HTTP stream go: raw JSON-RPC messages, one per item.
-pub type Sink = mpsc::UnboundedSender<Bytes>;
+/// Where messages for one HTTP stream go: raw JSON-RPC messages, one per item. Bounded (see
+/// [`STREAM_BOUND`]): a client that stops reading costs at most that much.
+pub type Sink = mpsc::Sender<Bytes>;
+
+/// Messages a stream may fall behind its client (and lines queued for a server's stdin).
+/// Past it, a standalone GET stream is closed (what comes next waits in the backlog for the
+/// client to reconnect) and a request stream loses the message, rather than the bridge
+/// buffering without limit for a client that does not read.
+pub const STREAM_BOUND: usize = 1000;
+
+/// A sink and the receiving end of its stream.
+pub fn stream() -> (Sink, mpsc::Receiver<Bytes>) {
+    mpsc::channel(STREAM_BOUND)
+}
 
 /// The longest line a server may write (rmcp's codec uses the same bound). A longer one is a
 /// broken server: the child is killed rather than buffering without limit.
 const MAX_LINE: usize = 16 * 1024 * 1024;
 /// Server-initiated messages kept while no stream of the session is open.
-const MAX_BACKLOG: usize = 1000;
+const MAX_BACKLOG: usize = STREAM_BOUND;
 /// stderr lines kept for error messages, and the length each is cut to.
 const LAST_WORDS: usize = 3;
 const LAST_WORD_CHARS: usize = 300;
@@ -89,7 +101,7 @@ struct Routes {
 pub struct Child {
     pub pid: u32,
     mode: IdMode,
-    writer: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
+    writer: Mutex<Option<mpsc::Sender<Bytes>>>,
     routes: Mutex<Routes>,
     next_id: AtomicU64,
     in_flight: AtomicU32,
@@ -137,7 +149,7 @@ impl Drop for Registration {
                     "method": "notifications/cancelled",
                     "params": {"requestId": internal_id_value(&self.key), "reason": "client disconnected"},
                 });
-                self.child.send_value(&note);
+                let _ = self.child.send_value(&note);
             }
         }
     }
@@ -161,6 +173,8 @@ pub enum SendError {
     Ended(String),
     #[error("a request with id {0} is already in flight on this session")]
     DuplicateId(String),
+    #[error("the MCP server is not reading its input ({0} messages are waiting for it)")]
+    Busy(usize),
 }
 
 impl Child {
@@ -183,7 +197,7 @@ impl Child {
         else {
             return Err(std::io::Error::other("stdio pipes missing"));
         };
-        let (wtx, wrx) = mpsc::unbounded_channel();
+        let (wtx, wrx) = mpsc::channel(STREAM_BOUND);
         let (exit_tx, exit_rx) = watch::channel(None);
         let child = Arc::new(Child {
             pid,
@@ -220,8 +234,10 @@ impl Child {
             // Its last words are read before the exit is told (a descendant holding stderr
             // open must not hold that up for long).
             let _ = tokio::time::timeout(Duration::from_secs(1), relay).await;
+            // Told before pending requests are failed, so whoever reads such a failure can
+            // already ask how the process ended.
+            let _ = exit_tx.send(Some(status.clone()));
             reader.fail_all(&status);
-            let _ = exit_tx.send(Some(status));
         });
         Ok(child)
     }
@@ -343,15 +359,33 @@ impl Child {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    fn send_line(&self, line: Bytes) -> bool {
+    /// Queues a line for stdin. `Busy` when the server has stopped reading its input (its
+    /// queue is full), `Ended` when the input is closed.
+    fn send_line(&self, line: Bytes) -> Result<(), SendError> {
         let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        writer.as_ref().is_some_and(|w| w.send(line).is_ok())
+        let Some(w) = writer.as_ref() else {
+            return Err(SendError::Ended("its input is closed".to_owned()));
+        };
+        w.try_send(line).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SendError::Busy(STREAM_BOUND),
+            mpsc::error::TrySendError::Closed(_) => {
+                SendError::Ended("its input is closed".to_owned())
+            }
+        })
     }
 
-    fn send_value(&self, v: &Value) -> bool {
-        match serde_json::to_vec(v) {
-            Ok(line) => self.send_line(Bytes::from(line)),
-            Err(_) => false,
+    fn send_value(&self, v: &Value) -> Result<(), SendError> {
+        self.send_line(encode(v))
+    }
+
+    /// Delivers a message to a request's stream; a client that is [`STREAM_BOUND`] messages
+    /// behind loses it (it is not reading; the bridge does not buffer for it).
+    fn deliver(&self, sink: &Sink, msg: Bytes) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = sink.try_send(msg) {
+            tracing::warn!(
+                pid = self.pid,
+                "A client is {STREAM_BOUND} messages behind on a request's stream; dropped one"
+            );
         }
     }
 
@@ -361,11 +395,7 @@ impl Child {
         if let Some(why) = self.exit_description() {
             return Err(SendError::Ended(why));
         }
-        if self.send_value(msg) {
-            Ok(())
-        } else {
-            Err(SendError::Ended("its input is closed".to_owned()))
-        }
+        self.send_value(msg)
     }
 
     /// Sends a request whose messages (progress, then the reply) go to `sink`. On a shared
@@ -424,12 +454,11 @@ impl Child {
             key,
             seq,
         };
-        if !self.send_value(&msg) {
-            return Err(SendError::Ended(
-                self.exit_description()
-                    .unwrap_or_else(|| "its input is closed".to_owned()),
-            ));
-        }
+        // On failure the registration is dropped: the request is forgotten again.
+        self.send_value(&msg).map_err(|e| match e {
+            SendError::Ended(why) => SendError::Ended(self.exit_description().unwrap_or(why)),
+            other => other,
+        })?;
         Ok(registration)
     }
 
@@ -440,8 +469,9 @@ impl Child {
         if routes.listener.as_ref().is_some_and(|l| !l.is_closed()) {
             return false;
         }
+        // The backlog is no longer than the stream's bound, so it all fits.
         while let Some(m) = routes.backlog.pop_front() {
-            let _ = sink.send(m);
+            let _ = sink.try_send(m);
         }
         routes.listener = Some(sink);
         drop(routes);
@@ -454,13 +484,7 @@ impl Child {
     pub fn hold(&self, messages: Vec<Bytes>) {
         let mut routes = self.routes();
         for m in messages {
-            match routes.listener.as_ref().filter(|l| !l.is_closed()) {
-                Some(l) => {
-                    let _ = l.send(m);
-                }
-                None if routes.backlog.len() < MAX_BACKLOG => routes.backlog.push_back(m),
-                None => {}
-            }
+            self.to_listener(&mut routes, m);
         }
     }
 
@@ -568,7 +592,7 @@ impl Child {
                     }
                     None => Bytes::copy_from_slice(raw),
                 };
-                let _ = p.sink.send(out);
+                self.deliver(&p.sink, out);
             }
             // A notification of a 2026-07-28 subscription: it names its `subscriptions/listen`
             // request, whose stream it belongs on (on a shared child, under our id for it).
@@ -589,7 +613,7 @@ impl Child {
                     }
                     None => Bytes::copy_from_slice(raw),
                 };
-                let _ = p.sink.send(out);
+                self.deliver(&p.sink, out);
             }
             // A notification tied to a request by its progress token.
             (true, None)
@@ -615,7 +639,7 @@ impl Child {
                     }
                     None => Bytes::copy_from_slice(raw),
                 };
-                let _ = p.sink.send(out);
+                self.deliver(&p.sink, out);
             }
             (true, id) => {
                 if self.mode == IdMode::Shared {
@@ -623,7 +647,7 @@ impl Child {
                     // to ask on a shared child, so a request is refused at once.
                     if let Some(id) = id {
                         drop(routes);
-                        self.send_value(&serde_json::json!({
+                        let _ = self.send_value(&serde_json::json!({
                             "jsonrpc": "2.0", "id": id,
                             "error": {"code": crate::mcp::jsonrpc::code::METHOD_NOT_FOUND, "message": "this server is shared by many clients (Switchboard's stateless pool): server-to-client requests are not available; use a legacy session"},
                         }));
@@ -636,8 +660,8 @@ impl Child {
                     return;
                 }
                 let out = Bytes::copy_from_slice(raw);
-                if let Some(l) = routes.listener.as_ref().filter(|l| !l.is_closed()) {
-                    let _ = l.send(out);
+                if routes.listener.as_ref().is_some_and(|l| !l.is_closed()) {
+                    self.to_listener(&mut routes, out);
                     return;
                 }
                 let newest = routes
@@ -646,19 +670,8 @@ impl Child {
                     .filter(|p| p.streams && !p.sink.is_closed())
                     .max_by_key(|p| p.seq);
                 match newest {
-                    Some(p) => {
-                        let _ = p.sink.send(out);
-                    }
-                    None => {
-                        if routes.backlog.len() == MAX_BACKLOG {
-                            routes.backlog.pop_front();
-                            tracing::warn!(
-                                pid = self.pid,
-                                "No client stream is open; dropping the oldest held server message"
-                            );
-                        }
-                        routes.backlog.push_back(out);
-                    }
+                    Some(p) => self.deliver(&p.sink, out),
+                    None => self.to_listener(&mut routes, out),
                 }
             }
             (false, None) => {
@@ -668,6 +681,36 @@ impl Child {
                 );
             }
         }
+    }
+
+    /// Delivers a server-initiated message to the standalone stream, or holds it in the
+    /// backlog (the oldest goes when it is full) while none is open. A stream whose client has
+    /// stopped reading ([`STREAM_BOUND`] behind) is closed: the message waits in the backlog
+    /// for the client to reconnect, instead of the bridge buffering without limit.
+    fn to_listener(&self, routes: &mut Routes, msg: Bytes) {
+        let msg = match routes.listener.as_ref().filter(|l| !l.is_closed()) {
+            None => msg,
+            Some(l) => match l.try_send(msg) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(m)) => {
+                    tracing::warn!(
+                        pid = self.pid,
+                        "A client stopped reading its session's stream ({STREAM_BOUND} messages behind); closed the stream"
+                    );
+                    routes.listener = None;
+                    m
+                }
+                Err(mpsc::error::TrySendError::Closed(m)) => m,
+            },
+        };
+        if routes.backlog.len() == MAX_BACKLOG {
+            routes.backlog.pop_front();
+            tracing::warn!(
+                pid = self.pid,
+                "No client stream is open; dropping the oldest held server message"
+            );
+        }
+        routes.backlog.push_back(msg);
     }
 
     /// Ends every pending request with a JSON-RPC error saying how the process ended.
@@ -687,7 +730,7 @@ impl Child {
                 Some(id) => id,
                 None => serde_json::from_str(&key).unwrap_or(Value::Null),
             };
-            let _ = p.sink.send(encode(&server_ended_error(id, status)));
+            self.deliver(&p.sink, encode(&server_ended_error(id, status)));
         }
     }
 }
@@ -735,7 +778,7 @@ fn describe_exit(s: std::process::ExitStatus) -> String {
 }
 
 /// Writes lines to the child's stdin, batching what is queued into one flush.
-async fn write_loop(stdin: ChildStdin, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+async fn write_loop(stdin: ChildStdin, mut rx: mpsc::Receiver<Bytes>) {
     let mut out = tokio::io::BufWriter::with_capacity(64 * 1024, stdin);
     while let Some(line) = rx.recv().await {
         let mut ok = out.write_all(&line).await.is_ok() && out.write_all(b"\n").await.is_ok();

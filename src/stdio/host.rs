@@ -25,7 +25,6 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
 use super::child::{Child, IdMode};
 
@@ -317,7 +316,7 @@ impl Host {
             "switchboard-probe-{}",
             self.probe_ids.fetch_add(1, Ordering::Relaxed)
         );
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = super::child::stream();
         let msg = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
         // The health child is shared, so the id is ours anyway; the probe's own id keeps the
         // reply recognizable in logs.

@@ -242,6 +242,9 @@ pub async fn serve(
     served.context("serving HTTP")
 }
 
+/// How long a standalone stream may be silent before a comment line is sent on it.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
 const SESSION: http::HeaderName = mcp::SESSION_ID;
 
 fn jsonrpc_error(status: StatusCode, code: i64, message: impl Into<String>) -> Response {
@@ -291,7 +294,7 @@ fn sse_frame(msg: &[u8]) -> Bytes {
 /// away unregisters its request (and cancels it on a shared child).
 async fn respond(
     registration: child::Registration,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    mut rx: mpsc::Receiver<Bytes>,
     sse: bool,
     session: Option<&str>,
 ) -> Response {
@@ -347,6 +350,16 @@ fn send_failed(e: SendError, legacy: bool) -> Response {
             code::INVALID_REQUEST,
             format!("a request with id {id} is already in flight on this session"),
         ),
+        e @ SendError::Busy(_) => {
+            let mut r = jsonrpc_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                code::INTERNAL_ERROR,
+                format!("{e}; retry later"),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
     }
 }
 
@@ -404,7 +417,7 @@ async fn post(State(host): State<Arc<Host>>, headers: HeaderMap, body: Bytes) ->
                 Err(e) => send_failed(e, true),
             };
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = child::stream();
         return match session.child.request(msg, tx, sse) {
             Ok(reg) => respond(reg, rx, sse, None).await,
             Err(e) => send_failed(e, true),
@@ -447,7 +460,7 @@ async fn post(State(host): State<Arc<Host>>, headers: HeaderMap, body: Bytes) ->
             }
             return StatusCode::ACCEPTED.into_response();
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = child::stream();
         return match child.request(msg, tx, sse) {
             Ok(reg) => respond(reg, rx, sse, None).await,
             Err(e) => send_failed(e, false),
@@ -490,7 +503,7 @@ async fn initialize(host: &Arc<Host>, msg: Value, sse: bool) -> Response {
         host: Some(Arc::clone(host)),
         id: session.id.clone(),
     };
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = child::stream();
     // `true`: what the server writes before its reply is collected here (see below).
     let reg = match session.child.request(msg, tx, true) {
         Ok(r) => r,
@@ -585,7 +598,7 @@ async fn get_stream(State(host): State<Arc<Host>>, headers: HeaderMap) -> Respon
         return session_not_found();
     };
     session.child.touch();
-    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    let (tx, rx) = child::stream();
     if !session.child.listen(tx) {
         return jsonrpc_error(
             StatusCode::CONFLICT,
@@ -593,22 +606,20 @@ async fn get_stream(State(host): State<Arc<Host>>, headers: HeaderMap) -> Respon
             "Conflict: only one standalone SSE stream is allowed per session",
         );
     }
-    // Comment lines keep idle intermediaries from closing the stream.
-    let keepalive = tokio_stream_interval(Duration::from_secs(15));
     // The session's idle time starts again when the stream ends, not when it opened: a client
     // whose stream broke (a Switchboard restart cuts it) gets the whole idle time to reconnect.
     let ended = TouchOnDrop(Arc::clone(&session.child));
-    let messages = futures_util::stream::unfold((rx, ended), |(mut rx, ended)| async move {
-        rx.recv().await.map(|m| (sse_frame(&m), (rx, ended)))
-    });
-    let merged = futures_util::stream::select(messages.map(Some), keepalive.map(|()| None))
-        // Ends with the session's process (its sink is dropped then, but the keep-alive
-        // ticks alone would keep the merged stream going).
-        .take_until({
-            let child = Arc::clone(&session.child);
-            async move { child.wait().await }
-        })
-        .map(|m| Ok::<_, Infallible>(m.unwrap_or_else(|| Bytes::from_static(b": keep-alive\n\n"))));
+    // Ends when the child lets go of the sink: the process ended, or the client stopped
+    // reading (see `STREAM_BOUND`). A comment line after each quiet spell keeps idle
+    // intermediaries from closing the stream.
+    let merged = futures_util::stream::unfold((rx, ended), |(mut rx, ended)| async move {
+        match tokio::time::timeout(KEEPALIVE, rx.recv()).await {
+            Ok(Some(m)) => Some((sse_frame(&m), (rx, ended))),
+            Ok(None) => None,
+            Err(_) => Some((Bytes::from_static(b": keep-alive\n\n"), (rx, ended))),
+        }
+    })
+    .map(Ok::<_, Infallible>);
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
@@ -625,16 +636,6 @@ impl Drop for TouchOnDrop {
     fn drop(&mut self) {
         self.0.touch();
     }
-}
-
-fn tokio_stream_interval(every: Duration) -> impl futures_util::Stream<Item = ()> {
-    futures_util::stream::unfold(
-        tokio::time::interval_at(tokio::time::Instant::now() + every, every),
-        |mut t| async move {
-            t.tick().await;
-            Some(((), t))
-        },
-    )
 }
 
 async fn delete(State(host): State<Arc<Host>>, headers: HeaderMap) -> Response {

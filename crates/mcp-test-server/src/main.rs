@@ -88,6 +88,14 @@ struct SleepRequest {
     ms: u64,
 }
 
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct ChatterRequest {
+    /// Log notifications to send.
+    n: u32,
+    /// Bytes of data in each.
+    bytes: usize,
+}
+
 #[derive(Debug, Clone)]
 struct TestServer {
     port: Option<u16>,
@@ -140,6 +148,31 @@ impl TestServer {
             }
         }
         format!("counted {n}")
+    }
+
+    /// Many server-initiated messages unrelated to the call (log notifications, which go to the
+    /// session's standalone stream), for tests of a client that does not read them.
+    #[tool(description = "Send n log notifications of `bytes` bytes each, then answer")]
+    #[allow(
+        deprecated,
+        reason = "logging is deprecated in 2026-07-28, still used by legacy"
+    )]
+    async fn chatter(
+        &self,
+        Parameters(ChatterRequest { n, bytes }): Parameters<ChatterRequest>,
+        peer: rmcp::Peer<rmcp::RoleServer>,
+    ) -> String {
+        let data = serde_json::Value::String("x".repeat(bytes));
+        for _ in 0..n {
+            let note = rmcp::model::LoggingMessageNotificationParam::new(
+                rmcp::model::LoggingLevel::Info,
+                data.clone(),
+            );
+            if peer.notify_logging_message(note).await.is_err() {
+                break;
+            }
+        }
+        format!("sent {n}")
     }
 
     /// A request that stays in flight as long as a test needs (to kill the server under it).
