@@ -1,0 +1,158 @@
+//! Start-up reconciliation: this node's records and processes brought into agreement before
+//! anything is deployed.
+
+use std::{collections::HashMap, sync::Arc};
+
+use uuid::Uuid;
+
+use super::{Manager, ManagerError, supervisor::Start};
+use crate::{
+    deployment::{Deployment, DeploymentStatus, Desired},
+    events::EventKind,
+    registry::{Tool, Transport},
+    runtime::StopMode,
+};
+
+/// What [`Manager::reconcile`] did at start.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub adopted: usize,
+    pub restarted: usize,
+    pub closed: usize,
+}
+
+impl Manager {
+    /// Brings this node's records and processes into agreement after a start: adopts the
+    /// processes of desired-running deployments that are still theirs, restarts the others,
+    /// finishes stops that were under way, and (through `sweep`, which kills every tree the
+    /// runtime was not given) kills what no record owns. Must run before the first deploy.
+    pub async fn reconcile(
+        self: &Arc<Self>,
+        sweep: impl FnOnce() -> Vec<Uuid>,
+    ) -> Result<Reconciled, ManagerError> {
+        // 1. Read: nothing is signalled or started until every decision is made.
+        let records = self.store.live_deployments(&self.node_id).await?;
+        let tools: HashMap<Uuid, Tool> = self
+            .store
+            .list_tools()
+            .await?
+            .into_iter()
+            .map(|t| (t.id, t))
+            .collect();
+        // Ports are rebuilt from the store first, so nothing can be handed out twice.
+        for d in &records {
+            if let Some(p) = d.port {
+                self.ports.reserve(p);
+            }
+        }
+        enum Plan {
+            Adopt(Tool),
+            Restart(Tool),
+            Close(&'static str),
+        }
+        let mut plans = Vec::with_capacity(records.len());
+        for d in records {
+            let plan = match tools.get(&d.tool_id) {
+                _ if d.desired == Desired::Stopped => Plan::Close("stopped"),
+                None => Plan::Close("tool gone"),
+                Some(tool) => {
+                    let ours = match &d.instance {
+                        // Adoption only registers the instance with the runtime; it signals
+                        // nothing.
+                        Some(instance) => self.runtime.adopt(
+                            d.id,
+                            instance,
+                            if tool.spec.transport == Transport::Stdio {
+                                StopMode::MainFirst
+                            } else {
+                                StopMode::Tree
+                            },
+                        ),
+                        None => false,
+                    };
+                    if ours {
+                        Plan::Adopt(tool.clone())
+                    } else {
+                        Plan::Restart(tool.clone())
+                    }
+                }
+            };
+            plans.push((d, plan));
+        }
+        // 2. Act.
+        let killed = sweep();
+        let mut done = Reconciled::default();
+        for (d, plan) in plans {
+            match plan {
+                Plan::Close(why) => {
+                    let (status, msg) = if why == "stopped" {
+                        (DeploymentStatus::Stopped, None)
+                    } else {
+                        (
+                            DeploymentStatus::Failed,
+                            Some("its tool was deleted while Switchboard was down"),
+                        )
+                    };
+                    if self.store.mark_ended(d.id, status, None, msg).await?
+                        && let Some(p) = d.port
+                    {
+                        self.ports.release(p);
+                    }
+                    self.publish(
+                        EventKind::Status,
+                        d.id,
+                        &d.tool_slug,
+                        Some(d.status.as_str()),
+                        status.as_str(),
+                        Some("finished at start".into()),
+                    );
+                    done.closed += 1;
+                }
+                Plan::Adopt(tool) => {
+                    tracing::info!(deployment = %d.id, tool = %d.tool_slug, instance = ?d.instance, "Adopted a running deployment");
+                    self.supervise_existing(d, tool, true);
+                    done.adopted += 1;
+                }
+                Plan::Restart(tool) => {
+                    let what = if killed.contains(&d.id) {
+                        "switchboard restarted and found the process gone (its leftovers were killed)"
+                    } else {
+                        "switchboard restarted and found the process gone"
+                    };
+                    tracing::warn!(deployment = %d.id, tool = %d.tool_slug, "Restarting a deployment whose process is gone");
+                    let mut d = d;
+                    d.last_exit = Some(what.to_owned());
+                    self.supervise_existing(d, tool, false);
+                    done.restarted += 1;
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Puts a deployment found in the store under supervision: adopted (its process runs) or
+    /// to be started again at once.
+    pub(super) fn supervise_existing(self: &Arc<Self>, d: Deployment, tool: Tool, adopted: bool) {
+        if d.port.is_none() && tool.spec.transport != Transport::Stdio {
+            return;
+        }
+        let Ok(backend) = self.backend_for(&d, &tool.spec) else {
+            return;
+        };
+        let (cancel, done_tx) = self.insert_live(&d, &tool.spec, d.status);
+        let this = Arc::clone(self);
+        let start = if adopted {
+            Start::Adopted(d.status)
+        } else {
+            Start::Restart {
+                why: d.last_exit.clone().unwrap_or_default(),
+                ran: d.status == DeploymentStatus::Running,
+            }
+        };
+        self.tasks.spawn(async move {
+            let _done = done_tx;
+            this.supervise(d.id, tool, d.port, backend, start, cancel)
+                .await
+        });
+    }
+}

@@ -1,0 +1,108 @@
+//! Resource use and traffic of deployments: the scrape-time metrics gauges and a deployment's
+//! stats.
+
+use uuid::Uuid;
+
+use super::{Manager, ManagerError};
+use crate::{deployment::DeploymentStatus, runtime::InstanceRef};
+
+impl Manager {
+    /// Refreshes the scrape-time gauges: statuses, in-flight requests and streams, the
+    /// processes' CPU and memory, ports, and Switchboard's own process.
+    pub fn refresh_metrics(&self) {
+        let Some(m) = &self.metrics else { return };
+        m.clear_snapshot();
+        let live: Vec<(Uuid, String, DeploymentStatus)> = self
+            .live()
+            .iter()
+            .map(|(id, l)| (*id, l.slug.clone(), l.status.borrow().0))
+            .collect();
+        for (id, slug, status) in &live {
+            m.deployments
+                .get_or_create(&crate::metrics::StatusLabels {
+                    tool: slug.clone(),
+                    status: status.as_str(),
+                })
+                .inc();
+            if let Some(info) = self.runtime.inspect(*id) {
+                let (cpu, rss) = crate::metrics::process_usage(&info.tree);
+                let labels = crate::metrics::DeploymentLabels {
+                    tool: slug.clone(),
+                    deployment: id.to_string(),
+                };
+                m.process_cpu.get_or_create(&labels).set(cpu);
+                m.process_memory
+                    .get_or_create(&labels)
+                    .set(i64::try_from(rss).unwrap_or(i64::MAX));
+            }
+        }
+        for (slug, b) in self.routes.all_backends() {
+            let labels = crate::metrics::DeploymentLabels {
+                tool: slug,
+                deployment: b.deployment.to_string(),
+            };
+            m.in_flight
+                .get_or_create(&labels)
+                .set(i64::from(b.outstanding()));
+            m.open_streams
+                .get_or_create(&labels)
+                .set(i64::from(b.open_streams()));
+        }
+        let used = self.ports.in_use().len();
+        let total = self.ports.range().len();
+        m.ports_in_use.set(i64::try_from(used).unwrap_or(0));
+        m.ports_free
+            .set(i64::try_from(total.saturating_sub(used)).unwrap_or(0));
+        let (cpu, rss) = crate::metrics::process_usage(&[std::process::id()]);
+        m.own_cpu.set(cpu);
+        m.own_memory.set(i64::try_from(rss).unwrap_or(i64::MAX));
+    }
+
+    /// A live deployment's resource use and traffic.
+    pub async fn stats(&self, id: Uuid) -> Result<crate::metrics::DeploymentStats, ManagerError> {
+        let d = self.get_deployment(id).await?;
+        if !d.status.is_live() {
+            return Err(ManagerError::NotLive {
+                id,
+                status: d.status,
+            });
+        }
+        let tree = self.runtime.inspect(id).map(|i| i.tree).unwrap_or_default();
+        let (cpu, rss) = crate::metrics::process_usage(&tree);
+        let backend = self
+            .routes
+            .all_backends()
+            .into_iter()
+            .find(|(_, b)| b.deployment == id)
+            .map(|(_, b)| b);
+        let by_class = backend
+            .as_ref()
+            .and_then(|b| b.metrics.as_ref())
+            .map(|m| m.by_class())
+            .unwrap_or_default();
+        Ok(crate::metrics::DeploymentStats {
+            deployment: id,
+            tool: d.tool_slug,
+            status: d.status,
+            pid: d.instance.as_ref().and_then(InstanceRef::pid),
+            processes: tree.len(),
+            cpu_seconds: cpu,
+            resident_memory_bytes: rss,
+            open_fds: crate::metrics::open_fds(&tree),
+            uptime_seconds: d
+                .instance
+                .as_ref()
+                .and_then(InstanceRef::pid)
+                .and_then(crate::metrics::uptime_seconds),
+            restart_count: d.restart_count,
+            requests_total: by_class.iter().sum(),
+            requests_by_class: crate::metrics::CLASSES
+                .iter()
+                .zip(by_class)
+                .map(|(c, n)| ((*c).to_owned(), n))
+                .collect(),
+            in_flight: backend.as_ref().map_or(0, |b| b.outstanding()),
+            open_streams: backend.as_ref().map_or(0, |b| b.open_streams()),
+        })
+    }
+}

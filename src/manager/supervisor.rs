@@ -1,0 +1,455 @@
+//! The supervisor: the one task per live deployment that runs its processes, from the first
+//! spawn (or adoption) to a final status: readiness probes, health checks with thresholds,
+//! restarts with backoff under the tool's restart policy, and the FAILED record when it gives up.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::Manager;
+use crate::{
+    deployment::{DeploymentStatus, ExitInfo, HealthStatus},
+    events::EventKind,
+    health::{HealthCheckResult, Prober},
+    proxy::routes::Backend,
+    registry::{Tool, ToolSpec, Transport},
+    restart::{Backoff, Ending},
+};
+
+/// Lines of a failed server's log quoted in its record's `error`.
+const LOG_LINES_IN_ERROR: usize = 20;
+/// Longest single wait for a readiness probe answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where and how a deployment's health is probed.
+pub(super) struct ProbeTarget {
+    prober: Prober,
+    url: String,
+    /// A plain HTTP health URL, probed instead of the MCP endpoint when present.
+    plain: Option<String>,
+}
+
+/// Where a supervisor picks up.
+pub(super) enum Start {
+    /// The tool's package must be installed (if it is not yet), then the process spawned.
+    Install,
+    /// The process was just spawned.
+    Spawned,
+    /// An earlier Switchboard's process, adopted; the record's status.
+    Adopted(DeploymentStatus),
+    /// The process is gone; start it again, for this reason. `ran`: the record was RUNNING.
+    Restart { why: String, ran: bool },
+}
+
+impl Manager {
+    /// How a deployment is probed: its MCP endpoint (or plain health path) over TCP, or, for a
+    /// stdio deployment, the bridge's `/health` on its socket (a probe on the server's pipe).
+    pub(super) fn probe_target(&self, id: Uuid, port: Option<u16>, spec: &ToolSpec) -> ProbeTarget {
+        if spec.transport == Transport::Stdio {
+            return ProbeTarget {
+                prober: Prober::unix(&self.socket_path(id)),
+                url: "http://bridge/mcp".to_owned(),
+                plain: Some("http://bridge/health".to_owned()),
+            };
+        }
+        // The server itself, not the record's endpoint_url (which goes through the proxy).
+        let base = format!(
+            "http://{}:{}",
+            self.advertise_host,
+            port.unwrap_or_default()
+        );
+        ProbeTarget {
+            prober: self.prober.clone(),
+            url: format!("{base}{}", spec.endpoint_path),
+            plain: spec.health.http_path.as_ref().map(|p| format!("{base}{p}")),
+        }
+    }
+
+    /// The one task that runs a deployment's processes, from the first spawn (or adoption) to
+    /// a final status: readiness, health, restarts. Returns at once when `cancel` fires; the
+    /// canceller then owns the process.
+    pub(super) async fn supervise(
+        self: Arc<Self>,
+        id: Uuid,
+        tool: Tool,
+        port: Option<u16>,
+        backend: Backend,
+        start: Start,
+        cancel: CancellationToken,
+    ) {
+        let tool = tokio::select! {
+            _ = cancel.cancelled() => return,
+            t = self.install_package(id, tool) => t,
+        };
+        let (tool, start) = match (tool, start) {
+            (Ok(tool), Start::Install) => {
+                let port = self.live().get(&id).and_then(|l| l.port);
+                if let Err(e) = self.spawn_process(id, &tool.spec, port).await {
+                    tracing::warn!(deployment = %id, error = %e, "Deployment could not start");
+                    self.fail(id, None, e.to_string()).await;
+                    return;
+                }
+                (tool, Start::Spawned)
+            }
+            (Ok(tool), start) => (tool, start),
+            (Err((tool, e)), Start::Adopted(status)) => {
+                // The adopted process runs: keep it; only a restart would need the package.
+                tracing::warn!(deployment = %id, error = %e, "The tool's package is not installed; a restart will try again");
+                (tool, Start::Adopted(status))
+            }
+            (Err((_, e)), _) => {
+                self.fail(id, None, e).await;
+                return;
+            }
+        };
+        let spec = &tool.spec;
+        let target = self.probe_target(id, port, spec);
+        let backend = Arc::new(backend);
+        let mut backoff = Backoff::new(&spec.restart);
+        // A deployment that has never been RUNNING gets `max_start_failures` tries; one that
+        // has run keeps its restart policy (a dependency may come back).
+        let (mut running, mut pending_restart, mut has_run) = match start {
+            Start::Spawned | Start::Install => (false, None, false),
+            Start::Adopted(status) => {
+                let running = status == DeploymentStatus::Running;
+                (running, None, running)
+            }
+            Start::Restart { why, ran } => (false, Some(why), ran),
+        };
+        let mut failed_starts = 0u32;
+        let mut started_at = Instant::now();
+        loop {
+            if let Some(why) = pending_restart.take() {
+                let delay = backoff.next_delay(started_at.elapsed());
+                if !self.restart(id, spec, &why, delay, &cancel).await {
+                    return;
+                }
+                started_at = Instant::now();
+                running = false;
+            }
+            let (ending, ran) = tokio::select! {
+                _ = cancel.cancelled() => return,
+                e = self.run_once(id, spec, &target, &backend, running) => e,
+            };
+            running = false;
+            if cancel.is_cancelled() {
+                return;
+            }
+            has_run |= ran;
+            failed_starts = if ran { 0 } else { failed_starts + 1 };
+            if !ending.restarts_under(spec.restart.policy) {
+                self.fail(id, ending.exit(), ending.to_string()).await;
+                return;
+            }
+            let limit = spec.restart.max_start_failures;
+            if !has_run && failed_starts >= limit {
+                let why = format!(
+                    "{ending}; gave up after {failed_starts} failed start(s) without ever \
+                     becoming RUNNING (restart.max_start_failures = {limit})"
+                );
+                self.fail(id, ending.exit(), why).await;
+                return;
+            }
+            tracing::warn!(deployment = %id, tool = %spec.slug, reason = %ending, "Deployment ended; restarting per its policy");
+            // The server's last words usually say why (a missing file, a bad flag).
+            let last_line = self.runtime.logs_tail(id, 1).await;
+            pending_restart = Some(match last_line.trim() {
+                "" => ending.to_string(),
+                line => format!("{ending}; last log line: {line}"),
+            });
+        }
+    }
+
+    /// One process's life: readiness (unless it already runs), then health checks until it
+    /// exits or fails them. Says how it ended and whether it was RUNNING (a failed start is
+    /// not).
+    pub(super) async fn run_once(
+        &self,
+        id: Uuid,
+        spec: &ToolSpec,
+        target: &ProbeTarget,
+        backend: &Arc<Backend>,
+        already_running: bool,
+    ) -> (Ending, bool) {
+        let exit = self.runtime.wait(id);
+        tokio::pin!(exit);
+        if !already_running {
+            let startup = Duration::from_millis(spec.startup_timeout_ms);
+            let deadline = Instant::now() + startup;
+            let ready = tokio::select! {
+                e = &mut exit => return (Ending::Exited(e.unwrap_or_default()), false),
+                r = self.wait_ready(target, deadline) => r,
+            };
+            if let Err(last) = ready {
+                let why = format!(
+                    "no answer to an MCP request within {:.1} s; last probe: {last}",
+                    startup.as_secs_f64()
+                );
+                return (Ending::NotReady(why), false);
+            }
+            let recorded = self
+                .until_stored(id, "RUNNING", || self.store.mark_running(id))
+                .await;
+            if recorded != Some(true) {
+                // Stopped meanwhile: the stop owns the rest.
+                let _ = exit.await;
+                return (Ending::Exited(ExitInfo::default()), false);
+            }
+            {
+                // Under the live lock, so a stop that starts now either sees the route (and
+                // removes it) or has already marked `stopping` (and none is added).
+                let mut live = self.live();
+                if let Some(l) = live.get_mut(&id).filter(|l| !l.stopping) {
+                    l.status.send_modify(|s| s.0 = DeploymentStatus::Running);
+                    l.health = HealthStatus::Healthy;
+                    // A fresh process: what the breaker learned about the last one is moot.
+                    backend.reset_breaker();
+                    self.routes.add_backend(&l.slug, Arc::clone(backend));
+                }
+            }
+            self.publish(
+                EventKind::Status,
+                id,
+                &spec.slug,
+                Some("STARTING"),
+                "RUNNING",
+                None,
+            );
+            tracing::info!(deployment = %id, "Deployment running");
+        } else {
+            let mut live = self.live();
+            if let Some(l) = live.get_mut(&id).filter(|l| !l.stopping) {
+                l.status.send_modify(|s| s.0 = DeploymentStatus::Running);
+                if l.health != HealthStatus::Unhealthy {
+                    self.routes.add_backend(&l.slug, Arc::clone(backend));
+                }
+            }
+        }
+        let ending = tokio::select! {
+            e = &mut exit => Ending::Exited(e.unwrap_or_default()),
+            why = self.watch_health(id, spec, target, backend) => Ending::Unhealthy(why),
+        };
+        (ending, true)
+    }
+
+    /// Checks health every interval; returns (with the last error) when the failure threshold
+    /// is reached and the restart policy would restart. Under the `never` policy an unhealthy
+    /// deployment stays, out of routing, and may recover.
+    pub(super) async fn watch_health(
+        &self,
+        id: Uuid,
+        spec: &ToolSpec,
+        target: &ProbeTarget,
+        backend: &Arc<Backend>,
+    ) -> String {
+        let h = &spec.health;
+        let interval = Duration::from_millis(h.interval_ms);
+        let grace_until = Instant::now() + Duration::from_millis(h.start_period_ms);
+        let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut fails, mut oks) = (0u32, 0u32);
+        loop {
+            ticks.tick().await;
+            let r = self.check(target, spec).await;
+            let healthy = r.status == HealthStatus::Healthy;
+            if let Some(m) = &self.metrics {
+                m.health_check(&spec.slug, &id.to_string(), healthy, r.latency_ms / 1000.0);
+            }
+            if healthy {
+                fails = 0;
+                oks = oks.saturating_add(1);
+            } else if Instant::now() >= grace_until {
+                oks = 0;
+                fails = fails.saturating_add(1);
+            }
+            let current = self
+                .live()
+                .get(&id)
+                .map_or(HealthStatus::Unknown, |l| l.health);
+            let next = if healthy && current != HealthStatus::Healthy && oks >= h.success_threshold
+            {
+                HealthStatus::Healthy
+            } else if !healthy && fails >= h.failure_threshold {
+                HealthStatus::Unhealthy
+            } else {
+                current
+            };
+            if next != current {
+                {
+                    let mut live = self.live();
+                    if let Some(l) = live.get_mut(&id).filter(|l| !l.stopping) {
+                        l.health = next;
+                        if next == HealthStatus::Healthy {
+                            self.routes.add_backend(&l.slug, Arc::clone(backend));
+                        } else {
+                            self.routes.remove_backend(&l.slug, id);
+                        }
+                    }
+                }
+                let reason = r.error.clone();
+                tracing::warn!(deployment = %id, tool = %spec.slug, from = %current, to = %next, error = reason.as_deref().unwrap_or(""), "Health changed");
+                self.publish(
+                    EventKind::Health,
+                    id,
+                    &spec.slug,
+                    Some(current.as_str()),
+                    next.as_str(),
+                    reason,
+                );
+            }
+            if next != current {
+                // A transition is written at once, so the record tells it without delay.
+                if let Err(e) = self.store.set_health(id, next, r.checked_at).await {
+                    tracing::warn!(deployment = %id, error = %e, "Could not record a health change");
+                }
+            } else {
+                self.health_log.record(id, next, r.checked_at);
+            }
+            if next == HealthStatus::Unhealthy
+                && fails >= h.failure_threshold
+                && spec.restart.policy != crate::registry::RestartPolicy::Never
+            {
+                return format!(
+                    "{fails} failed checks in a row; last: {}",
+                    r.error.unwrap_or_default()
+                );
+            }
+        }
+    }
+
+    /// One health check of a deployment's server, as its tool's settings say.
+    pub(super) async fn check(&self, target: &ProbeTarget, spec: &ToolSpec) -> HealthCheckResult {
+        target
+            .prober
+            .check_within(
+                &target.url,
+                target.plain.as_deref(),
+                Duration::from_millis(spec.health.timeout_ms),
+            )
+            .await
+    }
+
+    /// Tears down what is left of an ended process, records the restart, waits out the
+    /// backoff and spawns again. False when the supervisor must return (cancelled, or the
+    /// record is no longer desired running).
+    pub(super) async fn restart(
+        &self,
+        id: Uuid,
+        spec: &ToolSpec,
+        why: &str,
+        delay: Duration,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let port = {
+            let mut live = self.live();
+            let Some(l) = live.get_mut(&id) else {
+                return false;
+            };
+            self.routes.remove_backend(&l.slug, id);
+            l.health = HealthStatus::Unknown;
+            l.port
+        };
+        if let Err(e) = self.runtime.stop(id, Duration::ZERO).await {
+            tracing::error!(deployment = %id, error = %e, "Could not clean up before a restart");
+        }
+        let restart_at = crate::store::now()
+            + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
+        match self
+            .until_stored(id, "a restart", || {
+                self.store.mark_restarting(id, why, restart_at)
+            })
+            .await
+        {
+            Some(true) => {}
+            _ => return false,
+        }
+        if let Some(m) = &self.metrics {
+            m.restart(&spec.slug, &id.to_string());
+        }
+        let from = self.live().get(&id).map(|l| {
+            let from = l.status.borrow().0;
+            l.status
+                .send_modify(|s| *s = (DeploymentStatus::Starting, s.1 + 1));
+            from
+        });
+        self.publish(
+            EventKind::Status,
+            id,
+            &spec.slug,
+            from.map(DeploymentStatus::as_str),
+            DeploymentStatus::Starting.as_str(),
+            Some(format!("restarting in {} ms: {why}", delay.as_millis())),
+        );
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        if let Err(e) = self.spawn_process(id, spec, port).await {
+            // Counted as an ending like any other: the loop backs off and tries again.
+            tracing::warn!(deployment = %id, error = %e, "Restart could not spawn");
+        }
+        true
+    }
+
+    /// Probes (as the tool's health settings say: MCP, or its plain HTTP path) until the
+    /// server answers or the deadline passes; the error is the last failure.
+    pub(super) async fn wait_ready(
+        &self,
+        target: &ProbeTarget,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        let mut delay = Duration::from_millis(5);
+        let mut last = String::from("no probe completed");
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(last);
+            }
+            let r = target
+                .prober
+                .check_within(
+                    &target.url,
+                    target.plain.as_deref(),
+                    remaining.min(PROBE_TIMEOUT),
+                )
+                .await;
+            if r.status == HealthStatus::Healthy {
+                return Ok(());
+            }
+            last = r.error.unwrap_or_default();
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(delay.min(remaining)).await;
+            delay = (delay * 3 / 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// Records a failure the supervisor saw, unless a stop is under way (the stop records it).
+    pub(super) async fn fail(&self, id: Uuid, exit: Option<ExitInfo>, reason: String) {
+        {
+            let live = self.live();
+            match live.get(&id) {
+                None => return,
+                Some(l) if l.stopping => return,
+                // Out of routing now, whether or not the store can take the news yet.
+                Some(l) => self.routes.remove_backend(&l.slug, id),
+            }
+        }
+        let tail = self.runtime.logs_tail(id, LOG_LINES_IN_ERROR).await;
+        let msg = if tail.trim().is_empty() {
+            reason.clone()
+        } else {
+            format!("{reason}; last log lines:\n{tail}")
+        };
+        tracing::warn!(deployment = %id, %reason, "Deployment failed");
+        self.until_stored(id, "FAILED", || {
+            self.end(id, DeploymentStatus::Failed, exit, Some(&msg))
+        })
+        .await;
+        // Whatever is left of the tree goes now; the record already says FAILED.
+        if let Err(e) = self.runtime.stop(id, Duration::ZERO).await {
+            tracing::error!(deployment = %id, error = %e, "Could not clean up failed deployment");
+        }
+    }
+}
