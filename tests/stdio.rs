@@ -112,6 +112,20 @@ async fn slow_call(
     task
 }
 
+/// Opens a legacy session's standalone (GET) stream; the response is the open stream.
+async fn open_stream(app: &TestApp, url: &str, sid: &str) -> reqwest::Response {
+    let resp = app
+        .http
+        .get(url)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", sid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp
+}
+
 #[tokio::test]
 async fn a_stdio_server_is_served_in_both_eras_without_a_port() {
     let app = TestApp::start().await;
@@ -391,15 +405,7 @@ async fn stop_closes_stdin_before_any_signal() {
     let sid = legacy_session(&url).await;
     whoami(&url).await;
     // A client holding its session's GET stream open must not hold up the stop.
-    let stream = app
-        .http
-        .get(&url)
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", &sid)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stream.status(), StatusCode::OK);
+    let stream = open_stream(&app, &url, &sid).await;
     let view = sessions(&app, id).await;
     assert_eq!(view["sessions"][0]["stream_open"], true, "{view}");
     let procs = pids(&view);
@@ -881,15 +887,7 @@ async fn a_session_whose_stream_broke_in_a_restart_gets_its_idle_time_to_reconne
     let id = d["id"].as_str().unwrap().to_owned();
     let url = format!("{}/mcp/patient", app.url);
     let sid = legacy_session(&url).await;
-    let stream = app
-        .http
-        .get(&url)
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", &sid)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stream.status(), StatusCode::OK);
+    let stream = open_stream(&app, &url, &sid).await;
     // Longer than the idle time: an open stream keeps the session.
     tokio::time::sleep(Duration::from_millis(6000)).await;
     assert_eq!(
@@ -1145,15 +1143,7 @@ async fn a_stalled_standalone_stream_is_closed_not_buffered() {
     let url = format!("{}/mcp/chatty", app.url);
     let sid = legacy_session(&url).await;
     // A client that opens its session's stream and never reads it.
-    let stalled = app
-        .http
-        .get(&url)
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", &sid)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stalled.status(), StatusCode::OK);
+    let stalled = open_stream(&app, &url, &sid).await;
     // ~100 MB of server messages for that stream: far more than the sockets on the way hold.
     let call = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
         "params": {"name": "chatter", "arguments": {"n": 3000, "bytes": 32768}}});
@@ -1181,13 +1171,5 @@ async fn a_stalled_standalone_stream_is_closed_not_buffered() {
     );
     drop(stalled);
     assert!(whoami_in_session(&url, &sid).await.is_ok());
-    let again = app
-        .http
-        .get(&url)
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", &sid)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(again.status(), StatusCode::OK);
+    open_stream(&app, &url, &sid).await;
 }
