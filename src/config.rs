@@ -124,8 +124,6 @@ impl ProxySection {
                 .access_log_sample
                 .filter(|r| r.is_finite())
                 .map_or(d.access_log_sample, |r| r.clamp(0.0, 1.0)),
-            // Set by the server from the data directory.
-            socket_dir: d.socket_dir,
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::{
     manager::{ExitPolicy, Hosting, Manager, Reconciled},
     metrics::Metrics,
     ports::PortAllocator,
-    proxy::{Proxy, ProxyConfig, routes::RouteTable},
+    proxy::{Proxy, routes::RouteTable},
     runtime::process::{ProcessRuntime, TreeTracking},
     store::{Store, redact_url},
 };
@@ -94,7 +94,7 @@ pub async fn run(
         packages_dir: data_dir.join("packages"),
         registries: config.registries.clone(),
         bridge: shim.clone(),
-        socket_dir: socket_dir.clone(),
+        socket_dir,
         public_url: format!(
             "http://{}",
             if addr.ip().is_unspecified() {
@@ -117,13 +117,7 @@ pub async fn run(
         config.metrics.then(|| Arc::new(Metrics::new())),
         hosting,
     );
-    let proxy = Arc::new(Proxy::new(
-        routes,
-        ProxyConfig {
-            socket_dir,
-            ..config.proxy.clone()
-        },
-    ));
+    let proxy = Arc::new(Proxy::new(routes, config.proxy.clone()));
 
     manager.set_exit_policy(config.exit_policy);
     manager.start_background();

@@ -525,11 +525,17 @@ async fn an_upstream_that_refuses_connections_is_a_502() {
     routes.add_tool("gone");
     routes.add_backend(
         "gone",
-        Arc::new(Backend::new(
-            uuid::Uuid::new_v4(),
-            format!("127.0.0.1:{port}").parse().unwrap(),
-            "/mcp".into(),
-        )),
+        Arc::new(
+            Backend::new(
+                uuid::Uuid::new_v4(),
+                switchboard::runtime::Endpoint::Tcp {
+                    host: "127.0.0.1".into(),
+                    port,
+                },
+                "/mcp".into(),
+            )
+            .unwrap(),
+        ),
     );
     let proxy = Proxy::new(routes, ProxyConfig::default());
     let req = axum::http::Request::post("/mcp/gone")
@@ -578,11 +584,17 @@ async fn a_failing_replica_is_ejected_from_balancing() {
     for port in [live, dead] {
         routes.add_backend(
             "t",
-            Arc::new(Backend::new(
-                uuid::Uuid::new_v4(),
-                format!("127.0.0.1:{port}").parse().unwrap(),
-                "/mcp".into(),
-            )),
+            Arc::new(
+                Backend::new(
+                    uuid::Uuid::new_v4(),
+                    switchboard::runtime::Endpoint::Tcp {
+                        host: "127.0.0.1".into(),
+                        port,
+                    },
+                    "/mcp".into(),
+                )
+                .unwrap(),
+            ),
         );
     }
     let proxy = Proxy::new(routes, ProxyConfig::default());

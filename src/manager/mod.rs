@@ -52,7 +52,7 @@ use crate::{
     ports::{PortAllocator, PortsExhausted},
     proxy::routes::{Backend, RouteTable},
     registry::{ApplyOutcome, SpecError, Tool, ToolSpec, Transport},
-    runtime::{Runtime, RuntimeError},
+    runtime::{Endpoint, Runtime, RuntimeError},
     store::{DeleteTool, DeploymentFilter, Store, StoreError},
 };
 
@@ -683,18 +683,18 @@ impl Manager {
     }
 
     fn backend_for(&self, d: &Deployment, spec: &ToolSpec) -> Result<Backend, ManagerError> {
-        // A stdio deployment's authority names its bridge's socket (the proxy's connector
-        // resolves `<id>.sock` in the socket directory).
-        let (authority, path) = match d.port {
+        let (endpoint, path) = match d.port {
             Some(port) => (
-                format!("{}:{port}", self.advertise_host),
+                Endpoint::Tcp {
+                    host: self.advertise_host.clone(),
+                    port,
+                },
                 spec.endpoint_path.clone(),
             ),
-            None => (format!("{}.sock", d.id.simple()), "/mcp".to_owned()),
+            None => (Endpoint::Unix(self.socket_path(d.id)), "/mcp".to_owned()),
         };
-        let authority = http::uri::Authority::try_from(authority)
-            .map_err(|e| ManagerError::Internal(format!("bad upstream authority: {e}")))?;
-        let backend = Backend::new(d.id, authority, path)
+        let backend = Backend::new(d.id, endpoint, path)
+            .map_err(|e| ManagerError::Internal(format!("bad upstream address: {e}")))?
             .with_call_timeout(spec.call_timeout_ms.map(Duration::from_millis));
         Ok(match &self.metrics {
             Some(m) => backend.with_metrics(m.backend(&spec.slug, &d.id.to_string())),

@@ -1,18 +1,20 @@
-//! How the proxy reaches an upstream: TCP for HTTP servers, a Unix socket for stdio
-//! deployments (their bridge listens on `<socket dir>/<deployment>.sock`, and the backend's
-//! authority is that file name). One client and one connection pool serve both; the pool keys
-//! connections by authority, so each bridge gets its own kept-alive connections.
+//! How the proxy reaches an upstream [`Endpoint`]: TCP for HTTP servers, a Unix socket for
+//! stdio deployments' bridges. One hyper client and one connection pool serve both. hyper
+//! hands a connector nothing but the request URI, so a socket endpoint travels in the URI's
+//! authority: its path hex-encoded under the reserved `.invalid` domain (RFC 2606), which no
+//! real host can have, which keeps each socket's pooled connections apart (the pool keys by
+//! authority), and which [`Connector`] decodes back into the path. The encoding lives here
+//! alone; everything else handles [`Endpoint`]s.
 
 use std::{
     future::Future,
     io,
     path::PathBuf,
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll},
 };
 
-use http::Uri;
+use http::{Uri, uri::Authority};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::{
     client::legacy::connect::{Connected, Connection, HttpConnector},
@@ -20,21 +22,50 @@ use hyper_util::{
 };
 use tokio::net::{TcpStream, UnixStream};
 
-/// The suffix that marks an authority as a socket file in the socket directory.
-pub const SOCKET_SUFFIX: &str = ".sock";
+use crate::runtime::Endpoint;
+
+/// The domain under which a socket path is carried (see the module doc).
+const SOCKET_DOMAIN: &str = ".sock.invalid";
+
+/// The authority of requests to `endpoint`.
+pub fn authority(endpoint: &Endpoint) -> Result<Authority, http::uri::InvalidUri> {
+    match endpoint {
+        Endpoint::Tcp { host, port } => Authority::try_from(format!("{host}:{port}")),
+        Endpoint::Unix(path) => {
+            use std::{fmt::Write as _, os::unix::ffi::OsStrExt as _};
+            let bytes = path.as_os_str().as_bytes();
+            let mut host = String::with_capacity(bytes.len() * 2 + SOCKET_DOMAIN.len());
+            for b in bytes {
+                let _ = write!(host, "{b:02x}");
+            }
+            host.push_str(SOCKET_DOMAIN);
+            Authority::try_from(host)
+        }
+    }
+}
+
+/// The socket path an authority made by [`authority`] carries.
+fn socket_path(uri: &Uri) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStringExt as _;
+    let hex = uri.host()?.strip_suffix(SOCKET_DOMAIN)?;
+    if uri.port().is_some() || hex.len() % 2 != 0 {
+        return None;
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    Some(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+}
 
 #[derive(Clone)]
 pub struct Connector {
     http: HttpConnector,
-    socket_dir: Arc<PathBuf>,
 }
 
 impl Connector {
-    pub fn new(http: HttpConnector, socket_dir: PathBuf) -> Connector {
-        Connector {
-            http,
-            socket_dir: Arc::new(socket_dir),
-        }
+    pub fn new(http: HttpConnector) -> Connector {
+        Connector { http }
     }
 }
 
@@ -56,13 +87,8 @@ impl tower::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        // Authorities come from the route table (never from a client), so a `.sock` host is
-        // always a file name the manager made.
-        if let Some(host) = uri.host().filter(|h| h.ends_with(SOCKET_SUFFIX))
-            && uri.port().is_none()
-            && !host.contains('/')
-        {
-            let path = self.socket_dir.join(host);
+        // Authorities come from the route table (never from a client).
+        if let Some(path) = socket_path(&uri) {
             return Box::pin(async move {
                 let stream = UnixStream::connect(&path)
                     .await
@@ -138,6 +164,42 @@ impl Write for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Conn::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_socket_endpoint_round_trips_through_its_authority() {
+        let path = PathBuf::from("/srv/switchboard data/run/0123456789abcdef.sock");
+        let a = authority(&Endpoint::Unix(path.clone())).unwrap();
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(a)
+            .path_and_query("/mcp")
+            .build()
+            .unwrap();
+        assert_eq!(socket_path(&uri), Some(path));
+    }
+
+    #[test]
+    fn tcp_hosts_are_never_taken_for_sockets() {
+        let a = authority(&Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port: 8080,
+        })
+        .unwrap();
+        assert_eq!(a.as_str(), "127.0.0.1:8080");
+        for uri in [
+            "http://127.0.0.1:8080/mcp",
+            "http://abcd.sock.invalid:80/mcp",
+            "http://abc.sock.invalid/mcp",
+            "http://zz.sock.invalid/mcp",
+        ] {
+            assert_eq!(socket_path(&uri.parse().unwrap()), None, "{uri}");
         }
     }
 }

@@ -52,10 +52,10 @@ pub enum ProxyError {
     /// No backend to send to: none running (`running == 0`), or all ejected by their breakers.
     #[error("{}", no_healthy_message(.slug, *.running))]
     NoHealthyDeployment { slug: String, running: usize },
-    #[error("cannot connect to deployment {deployment} at {authority}")]
+    #[error("cannot connect to deployment {deployment} at {endpoint}")]
     UpstreamUnavailable {
         deployment: uuid::Uuid,
-        authority: http::uri::Authority,
+        endpoint: crate::runtime::Endpoint,
     },
     #[error("deployment {deployment} sent no response headers within {after:?} ({setting})")]
     UpstreamTimeout {

@@ -66,8 +66,6 @@ pub struct ProxyConfig {
     pub upstream_idle_timeout: Duration,
     /// Share of proxied requests logged (0 to 1; 1 logs each once).
     pub access_log_sample: f64,
-    /// Where stdio deployments' bridges listen (`<data dir>/run`).
-    pub socket_dir: std::path::PathBuf,
 }
 
 impl Default for ProxyConfig {
@@ -86,7 +84,6 @@ impl Default for ProxyConfig {
             stream_idle_timeout: None,
             upstream_idle_timeout: Duration::from_secs(90),
             access_log_sample: 1.0,
-            socket_dir: std::path::PathBuf::from("run"),
         }
     }
 }
@@ -156,10 +153,7 @@ impl Proxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.upstream_idle_timeout)
             .pool_max_idle_per_host(256)
-            .build(connect::Connector::new(
-                connector,
-                config.socket_dir.clone(),
-            ));
+            .build(connect::Connector::new(connector));
         Proxy {
             routes,
             sessions: Sessions::new(config.max_sessions, config.session_idle),
@@ -523,7 +517,7 @@ impl Proxy {
         if e.is_connect() {
             ProxyError::UpstreamUnavailable {
                 deployment: backend.deployment,
-                authority: backend.authority.clone(),
+                endpoint: backend.endpoint.clone(),
             }
         } else {
             ProxyError::UpstreamFailed {

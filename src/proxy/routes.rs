@@ -18,11 +18,16 @@ use arc_swap::ArcSwap;
 use http::uri::Authority;
 use uuid::Uuid;
 
+use crate::runtime::Endpoint;
+
 /// One live deployment that can take requests.
 #[derive(Debug)]
 pub struct Backend {
     pub deployment: Uuid,
-    /// `127.0.0.1:<port>`, also the `Host` the upstream is sent.
+    /// Where the deployment listens.
+    pub endpoint: Endpoint,
+    /// The authority requests to `endpoint` carry (see `proxy::connect`), also the `Host` the
+    /// upstream is sent.
     pub authority: Authority,
     /// The server's MCP endpoint path, e.g. `/mcp`.
     pub endpoint_path: String,
@@ -113,17 +118,22 @@ impl Breaker {
 }
 
 impl Backend {
-    pub fn new(deployment: Uuid, authority: Authority, endpoint_path: String) -> Backend {
-        Backend {
+    pub fn new(
+        deployment: Uuid,
+        endpoint: Endpoint,
+        endpoint_path: String,
+    ) -> Result<Backend, http::uri::InvalidUri> {
+        Ok(Backend {
             deployment,
-            authority,
+            authority: super::connect::authority(&endpoint)?,
+            endpoint,
             endpoint_path,
             outstanding: AtomicU32::new(0),
             streams: AtomicU32::new(0),
             breaker: Breaker::default(),
             metrics: None,
             call_timeout: None,
-        }
+        })
     }
 
     pub fn with_call_timeout(mut self, timeout: Option<Duration>) -> Backend {
@@ -133,9 +143,7 @@ impl Backend {
 
     /// Whether this backend is a stdio deployment's bridge (reached over its Unix socket).
     pub fn is_stdio_bridge(&self) -> bool {
-        self.authority
-            .host()
-            .ends_with(super::connect::SOCKET_SUFFIX)
+        matches!(self.endpoint, Endpoint::Unix(_))
     }
 
     pub fn with_metrics(mut self, metrics: crate::metrics::BackendMetrics) -> Backend {
@@ -370,11 +378,11 @@ mod tests {
     #[test]
     fn pick_skips_open_backends_and_gives_none_when_all_are_open() {
         let mk = || {
-            Arc::new(Backend::new(
-                Uuid::new_v4(),
-                "127.0.0.1:1".parse().unwrap(),
-                "/mcp".into(),
-            ))
+            let endpoint = Endpoint::Tcp {
+                host: "127.0.0.1".into(),
+                port: 1,
+            };
+            Arc::new(Backend::new(Uuid::new_v4(), endpoint, "/mcp".into()).unwrap())
         };
         let routes = ToolRoutes {
             backends: vec![mk(), mk(), mk()],

@@ -46,6 +46,25 @@ impl std::str::FromStr for RuntimeKind {
     }
 }
 
+/// Where an instance listens: how the proxy and health probes reach it. The route table and
+/// the proxy's connector take this type, never a string convention.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// A TCP listener (127.0.0.1 and a port for a process; a published port for a container).
+    Tcp { host: String, port: u16 },
+    /// A Unix socket (a stdio deployment's bridge).
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
 /// What a runtime needs to find one of its instances again after a Switchboard crash: stored
 /// with the deployment record (as JSON) and handed back to [`Runtime::adopt`]. The manager and
 /// the store never look inside; each runtime reads only its own variant and treats any other
