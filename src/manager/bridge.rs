@@ -26,43 +26,28 @@ impl Manager {
     /// --socket ... -- <command> <args>`. The tool's environment reaches the server through
     /// the bridge (never its command line, which any local user can read).
     pub(super) fn bridge_launch_spec(&self, id: Uuid, spec: &ToolSpec) -> LaunchSpec {
-        let mut launch = launch_spec(id, spec, 0);
-        // No port: drop the port variable (launch_spec puts it first; the tool's own env,
-        // which may set the same name, comes later and stays).
-        if spec.port_env.is_some() && !launch.env.is_empty() {
-            launch.env.remove(0);
-        }
+        let mut launch = launch_spec(id, spec, None);
         let replicas = u64::from(spec.replicas.max(1));
         let sessions = u64::from(spec.stdio.max_sessions).div_ceil(replicas);
-        // The bridge gives each server a third of the grace period after closing its stdin
-        // and another third after SIGTERM; the runtime kills what is left at the end.
-        let child_grace = spec.stop_grace_period_ms / 3;
-        let mut args = vec![
-            crate::stdio::BRIDGE_ARG.to_owned(),
-            "--socket".to_owned(),
-            self.socket_path(id).display().to_string(),
-            "--max-sessions".to_owned(),
-            sessions.to_string(),
-            "--idle-ms".to_owned(),
-            spec.stdio.session_idle_ms.to_string(),
-            "--pool".to_owned(),
-            spec.stdio.pool_size.to_string(),
-            "--spares".to_owned(),
-            spec.stdio.spares.to_string(),
-            "--grace-ms".to_owned(),
-            child_grace.to_string(),
+        let mut command = vec![std::mem::take(&mut launch.program)];
+        command.append(&mut launch.args);
+        let bridge = crate::stdio::BridgeArgs {
+            socket: self.socket_path(id),
+            max_sessions: usize::try_from(sessions).unwrap_or(usize::MAX),
+            idle_ms: spec.stdio.session_idle_ms,
+            pool: spec.stdio.pool_size as usize,
+            spares: spec.stdio.spares as usize,
+            // The bridge gives each server a third of the grace period after closing its
+            // stdin and another third after SIGTERM; the runtime kills what is left at the end.
+            grace_ms: spec.stop_grace_period_ms / 3,
             // The supervisor's check gives up after health.timeout_ms: the bridge answers
             // within it, so a probe queued behind a busy server's calls is not a failure.
-            "--probe-ms".to_owned(),
-            (spec.health.timeout_ms * 3 / 4).max(100).to_string(),
-            "--startup-ms".to_owned(),
-            spec.startup_timeout_ms.to_string(),
-            "--".to_owned(),
-            launch.program,
-        ];
-        args.append(&mut launch.args);
+            probe_ms: (spec.health.timeout_ms * 3 / 4).max(100),
+            startup_ms: spec.startup_timeout_ms,
+            command,
+        };
+        launch.args = bridge.to_args();
         launch.program = self.hosting.bridge.display().to_string();
-        launch.args = args;
         launch.stop = StopMode::MainFirst;
         launch
     }

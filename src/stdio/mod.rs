@@ -72,8 +72,10 @@ pub fn is_bridge_invocation() -> bool {
     std::env::args_os().nth(1).is_some_and(|a| a == BRIDGE_ARG)
 }
 
-/// The bridge's command line (built by the manager, not typed by people).
-#[derive(Debug, clap::Parser)]
+/// The bridge's command line: built by the manager ([`to_args`](Self::to_args)) and parsed by
+/// the bridge ([`parse_command_line`](Self::parse_command_line)), never typed by people. One
+/// type for both sides, so an option cannot be written under one name and read under another.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Parser)]
 #[command(name = "switchboard __stdio")]
 pub struct BridgeArgs {
     /// Unix socket to serve Streamable HTTP on.
@@ -106,13 +108,51 @@ pub struct BridgeArgs {
     pub command: Vec<String>,
 }
 
+impl BridgeArgs {
+    /// The arguments that start the bridge: `__stdio --socket ... -- <program> <args>`, what
+    /// follows the switchboard executable on its command line. Holds no environment: the
+    /// tool's env (secrets included) reaches the server through the bridge's environment.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            BRIDGE_ARG.to_owned(),
+            "--socket".to_owned(),
+            self.socket.display().to_string(),
+            "--max-sessions".to_owned(),
+            self.max_sessions.to_string(),
+            "--idle-ms".to_owned(),
+            self.idle_ms.to_string(),
+            "--pool".to_owned(),
+            self.pool.to_string(),
+            "--spares".to_owned(),
+            self.spares.to_string(),
+            "--grace-ms".to_owned(),
+            self.grace_ms.to_string(),
+            "--probe-ms".to_owned(),
+            self.probe_ms.to_string(),
+            "--startup-ms".to_owned(),
+            self.startup_ms.to_string(),
+            "--".to_owned(),
+        ];
+        args.extend(self.command.iter().cloned());
+        args
+    }
+
+    /// Reads a whole command line (`switchboard __stdio ...`, as [`to_args`](Self::to_args)
+    /// wrote it after the executable).
+    pub fn parse_command_line(
+        argv: impl IntoIterator<Item = OsString>,
+    ) -> Result<BridgeArgs, clap::Error> {
+        let args = argv
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, a)| (i != 1).then_some(a));
+        <BridgeArgs as clap::Parser>::try_parse_from(args)
+    }
+}
+
 /// Entry point of `switchboard __stdio`. Never returns.
 pub fn run_bridge() -> ! {
-    let args: Vec<OsString> = std::env::args_os()
-        .enumerate()
-        .filter_map(|(i, a)| (i != 1).then_some(a))
-        .collect();
-    let args = <BridgeArgs as clap::Parser>::parse_from(args);
+    let args = BridgeArgs::parse_command_line(std::env::args_os()).unwrap_or_else(|e| e.exit());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SWITCHBOARD_BRIDGE_LOG")
@@ -706,4 +746,35 @@ async fn sessions(State(host): State<Arc<Host>>) -> Response {
             .collect(),
     };
     (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bridge_parses_back_the_command_line_the_manager_builds() {
+        let built = BridgeArgs {
+            socket: PathBuf::from("/data/run/0f.sock"),
+            max_sessions: 7,
+            idle_ms: 1_234,
+            pool: 3,
+            spares: 0,
+            grace_ms: 567,
+            probe_ms: 890,
+            startup_ms: 4_321,
+            // A server argument that looks like a bridge option stays the server's.
+            command: vec![
+                "node".into(),
+                "server.js".into(),
+                "--pool".into(),
+                "9".into(),
+            ],
+        };
+        let argv = std::iter::once("switchboard".to_owned())
+            .chain(built.to_args())
+            .map(OsString::from);
+        let parsed = BridgeArgs::parse_command_line(argv).expect("the bridge reads its arguments");
+        assert_eq!(parsed, built);
+    }
 }
