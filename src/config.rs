@@ -13,7 +13,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{manager::ExitPolicy, ports::PortRange, proxy::ProxyConfig, registry::ToolSpec};
+use crate::{
+    log_retention::LogRetention, manager::ExitPolicy, ports::PortRange, proxy::ProxyConfig,
+    registry::ToolSpec,
+};
 
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7300);
 
@@ -58,7 +61,43 @@ pub struct FileConfig {
     #[serde(default)]
     pub packages: PackagesSection,
     #[serde(default)]
+    pub logs: LogsSection,
+    #[serde(default)]
     pub tools: Vec<ToolSpec>,
+}
+
+/// `[logs]`: how long ended deployments' logs are kept (see [`crate::log_retention`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsSection {
+    /// Days an ended deployment's log is kept after its last line (default 7).
+    pub retention_days: Option<u64>,
+    /// Ended deployments' logs beyond this total are removed, oldest first (default 1024).
+    pub max_total_mib: Option<u64>,
+    /// Seconds between passes; the first runs at start (default 3600, at least 1).
+    pub check_interval_secs: Option<u64>,
+}
+
+impl LogsSection {
+    fn resolve(&self) -> LogRetention {
+        use crate::log_retention as r;
+        LogRetention {
+            max_age: Duration::from_secs(
+                self.retention_days
+                    .unwrap_or(r::DEFAULT_RETENTION_DAYS)
+                    .saturating_mul(86_400),
+            ),
+            max_total_bytes: self
+                .max_total_mib
+                .unwrap_or(r::DEFAULT_MAX_TOTAL_MIB)
+                .saturating_mul(1024 * 1024),
+            interval: Duration::from_secs(
+                self.check_interval_secs
+                    .unwrap_or(r::DEFAULT_CHECK_INTERVAL_SECS)
+                    .max(1),
+            ),
+        }
+    }
 }
 
 /// `[packages]`: where `npx:` and `uvx:` tools are installed from.
@@ -221,6 +260,8 @@ pub struct Config {
     pub metrics: bool,
     /// Registry overrides for `npx:` / `uvx:` tools.
     pub registries: crate::packages::Registries,
+    /// How long ended deployments' logs are kept.
+    pub log_retention: LogRetention,
 }
 
 /// One per CPU this process may use (tokio's own default).
@@ -422,6 +463,7 @@ impl Config {
             worker_threads,
             exit_policy: o.on_exit.or(file.server.on_exit).unwrap_or_default(),
             metrics: file.server.metrics.unwrap_or(true),
+            log_retention: file.logs.resolve(),
             registries: crate::packages::Registries {
                 npm: file.packages.npm_registry,
                 pypi_index: file.packages.pypi_index,
@@ -513,6 +555,28 @@ mod tests {
         .unwrap();
         let root = std::fs::canonicalize(dir.path()).unwrap();
         assert_eq!(c.data_dir, root.join(".data"));
+    }
+
+    #[test]
+    fn logs_retention_comes_from_the_file_with_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| {
+            Config::load(Overrides {
+                config: Some(write(dir.path(), text)),
+                ..Default::default()
+            })
+            .unwrap()
+            .log_retention
+        };
+        assert_eq!(load(""), LogRetention::default());
+        assert_eq!(
+            LogRetention::default().max_age,
+            Duration::from_secs(7 * 86_400)
+        );
+        let r = load("[logs]\nretention_days = 2\nmax_total_mib = 5\ncheck_interval_secs = 0\n");
+        assert_eq!(r.max_age, Duration::from_secs(2 * 86_400));
+        assert_eq!(r.max_total_bytes, 5 * 1024 * 1024);
+        assert_eq!(r.interval, Duration::from_secs(1), "0 would spin");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod deployment;
 pub mod events;
 pub mod health;
 pub mod http_error;
+pub mod log_retention;
 pub mod manager;
 pub mod mcp;
 pub mod metrics;

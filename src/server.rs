@@ -171,8 +171,17 @@ pub async fn run(
         })
     };
 
+    // After reconcile, so the live set it reads is this run's.
+    let retention = crate::log_retention::spawn(
+        manager.store().clone(),
+        node.clone(),
+        data_dir.join("logs"),
+        config.log_retention,
+    );
+
     serve_http(listener, app, proxy, &config.edge, shutdown).await;
     tracing::info!("Shutting down");
+    retention.abort();
     // New deploys are refused from here on, so autostart finishes quickly and everything it
     // started is in the manager's hands when the stop-all runs.
     manager.refuse_deploys();

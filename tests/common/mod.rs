@@ -61,6 +61,7 @@ pub struct AppOptions {
     pub database_url: Option<String>,
     pub exit_policy: switchboard::manager::ExitPolicy,
     pub registries: switchboard::packages::Registries,
+    pub log_retention: switchboard::log_retention::LogRetention,
 }
 
 impl Default for AppOptions {
@@ -73,6 +74,7 @@ impl Default for AppOptions {
             database_url: None,
             exit_policy: switchboard::manager::ExitPolicy::Stop,
             registries: Default::default(),
+            log_retention: Default::default(),
         }
     }
 }
@@ -112,6 +114,7 @@ impl TestApp {
             exit_policy: opts.exit_policy,
             metrics: true,
             registries: opts.registries.clone(),
+            log_retention: opts.log_retention,
         };
         let (tx, rx) = oneshot::channel::<()>();
         let runtime = tokio::runtime::Builder::new_multi_thread()
