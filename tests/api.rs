@@ -7,6 +7,15 @@ use common::{AppOptions, TestApp};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+/// A tool as the API shows it, made a PUT body: without the fields the server sets.
+fn put_body(tool: &Value) -> Value {
+    let mut body = tool.clone();
+    for k in ["id", "created_at", "updated_at", "url"] {
+        body.as_object_mut().unwrap().remove(k);
+    }
+    body
+}
+
 fn assert_error(status: StatusCode, body: &Value, want_status: StatusCode, want_code: &str) {
     assert_eq!(status, want_status, "{body}");
     assert_eq!(body["error"]["code"], want_code, "{body}");
@@ -324,10 +333,7 @@ async fn a_tool_read_back_and_put_keeps_its_secrets() {
     assert_eq!(st, reqwest::StatusCode::OK);
     assert_eq!(shown["secret_env"]["VAULT_KEY"], "********", "{shown}");
     // Read, edit, write back: the redaction marker keeps the stored value.
-    let mut body = shown.clone();
-    for k in ["id", "created_at", "updated_at", "url"] {
-        body.as_object_mut().unwrap().remove(k);
-    }
+    let mut body = put_body(&shown);
     body["description"] = "edited".into();
     let (st, updated) = app.call("PUT", "/api/v1/tools/vault", Some(body)).await;
     assert_eq!(st, reqwest::StatusCode::OK, "{updated}");
@@ -378,10 +384,7 @@ async fn a_transport_change_under_live_deployments_is_a_documented_409() {
     let app = TestApp::start().await;
     let tool = app.add_test_tool("live", &[], json!({})).await;
     let d = app.deploy_wait("live").await;
-    let mut body = tool.clone();
-    for k in ["id", "created_at", "updated_at", "url"] {
-        body.as_object_mut().unwrap().remove(k);
-    }
+    let mut body = put_body(&tool);
     body["transport"] = "stdio".into();
     body["args"] = json!(["--stdio"]);
     let (st, b) = app
