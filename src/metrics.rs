@@ -450,46 +450,6 @@ pub struct DeploymentStats {
     pub open_streams: u32,
 }
 
-/// Open file descriptors of a set of processes.
-pub fn open_fds(pids: &[u32]) -> usize {
-    pids.iter()
-        .filter_map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).ok())
-        .map(|d| d.count())
-        .sum()
-}
-
-/// Seconds since process `pid` started, from its start time and the system's uptime.
-pub fn uptime_seconds(pid: u32) -> Option<f64> {
-    let start_ticks = crate::runtime::process_start_time(pid)?;
-    let ticks = rustix::param::clock_ticks_per_second().max(1);
-    let up: f64 = std::fs::read_to_string("/proc/uptime")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some((up - start_ticks as f64 / ticks as f64).max(0.0))
-}
-
-/// CPU seconds and resident bytes of a set of processes, from /proc (gone ones count zero).
-pub fn process_usage(pids: &[u32]) -> (f64, u64) {
-    let ticks = rustix::param::clock_ticks_per_second().max(1);
-    let page = u64::try_from(rustix::param::page_size()).unwrap_or(4096);
-    let (mut cpu_ticks, mut rss_pages) = (0u64, 0u64);
-    for pid in pids {
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            && let Some(i) = stat.rfind(')')
-        {
-            let f: Vec<&str> = stat[i + 1..].split_whitespace().collect();
-            // Counted from the state (field 3): utime 14, stime 15, rss 24.
-            let num = |k: usize| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            cpu_ticks += num(11) + num(12);
-            rss_pages += num(21);
-        }
-    }
-    (cpu_ticks as f64 / ticks as f64, rss_pages * page)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,12 +530,5 @@ mod tests {
         assert!(text.contains(r#"deployment="d2""#), "{text}");
         m.forget_deployment("echo", "d2");
         assert_eq!(m.encode(), empty);
-    }
-
-    #[test]
-    fn own_process_usage_is_read() {
-        let (cpu, rss) = process_usage(&[std::process::id()]);
-        assert!(cpu >= 0.0);
-        assert!(rss > 1024 * 1024, "{rss}");
     }
 }

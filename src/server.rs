@@ -122,7 +122,7 @@ pub async fn run(
     manager.set_exit_policy(config.exit_policy);
     manager.start_background();
     let r = manager
-        .reconcile(|| runtime.sweep_orphans(&|_| false))
+        .reconcile()
         .await
         .context("reconciling deployments left by an earlier run")?;
     if r != Reconciled::default() {

@@ -182,7 +182,7 @@ async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Result<Respon
             "metrics are turned off ([server] metrics = false)",
         ));
     };
-    s.manager.refresh_metrics();
+    s.manager.refresh_metrics().await;
     let open_metrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -606,9 +606,6 @@ struct LogParams {
     follow: bool,
 }
 
-/// Longest stretch of a log read in one go (the tail, or a chunk of followed output).
-const LOG_CHUNK: u64 = 4 * 1024 * 1024;
-
 /// The deployment's stdout and stderr as plain text.
 #[utoipa::path(get, path = "/api/v1/deployments/{id}/logs", tag = "deployments",
     params(("id" = String, Path), LogParams),
@@ -619,63 +616,14 @@ async fn deployment_logs(
     Path(id): Path<String>,
     Query(p): Query<LogParams>,
 ) -> Result<Response, ApiError> {
-    use crate::runtime::process::{read_from, tail_with_end};
     let id = parse_id(&id)?;
-    let (_, path) = s.manager.log_file(id).await?;
-    let Some(path) = path else {
-        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "").into_response());
-    };
     let lines = p.tail.unwrap_or(100).min(100_000);
-    let tail_path = path.clone();
-    let (mut text, end) =
-        tokio::task::spawn_blocking(move || tail_with_end(&tail_path, lines, LOG_CHUNK))
-            .await
-            .unwrap_or_default();
-    if !text.is_empty() {
-        text.push('\n');
-    }
+    let output = s.manager.logs(id, lines, p.follow).await?;
     let headers = [
         (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
         (header::CACHE_CONTROL, "no-cache"),
     ];
-    if !p.follow {
-        return Ok((headers, text).into_response());
-    }
-    let manager = Arc::clone(&s.manager);
-    let first =
-        futures_util::stream::once(
-            async move { Ok::<_, std::io::Error>(bytes::Bytes::from(text)) },
-        );
-    let rest = futures_util::stream::unfold((path, end, false), move |(path, at, done)| {
-        let manager = Arc::clone(&manager);
-        async move {
-            if done {
-                return None;
-            }
-            loop {
-                let p2 = path.clone();
-                let (chunk, next) =
-                    tokio::task::spawn_blocking(move || read_from(&p2, at, LOG_CHUNK))
-                        .await
-                        .unwrap_or((Vec::new(), at));
-                if !chunk.is_empty() {
-                    return Some((Ok(bytes::Bytes::from(chunk)), (path, next, false)));
-                }
-                // Nothing new: end once the deployment has ended (its output is complete).
-                let ended = manager
-                    .get_deployment(id)
-                    .await
-                    .map(|d| !d.status.is_live())
-                    .unwrap_or(true);
-                if ended {
-                    return None;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            }
-        }
-    });
-    use futures_util::StreamExt as _;
-    Ok((headers, axum::body::Body::from_stream(first.chain(rest))).into_response())
+    Ok((headers, axum::body::Body::from_stream(output)).into_response())
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -20,6 +20,7 @@
 //! `Manager`'s methods live in one file per concept: here the type and its public operations;
 //! `supervisor`, `reconcile`, `health_batch`, `launch`, `bridge`, `install` and `stats` the rest.
 
+use futures_util::FutureExt as _;
 use std::{
     collections::HashMap,
     sync::{
@@ -727,15 +728,27 @@ impl Manager {
         (cancel, done_tx)
     }
 
-    /// The file a deployment's output goes to, for reading its logs; `None` when it has
-    /// none (yet) on this node.
-    pub async fn log_file(
-        &self,
+    /// A deployment's output, from its runtime: the last `tail` lines and, with `follow`,
+    /// what it writes next until the deployment has ended (across its restarts) and its
+    /// output is all sent.
+    pub async fn logs(
+        self: &Arc<Self>,
         id: Uuid,
-    ) -> Result<(Deployment, Option<std::path::PathBuf>), ManagerError> {
-        let d = self.get_deployment(id).await?;
-        let path = self.runtime.log_file(id).filter(|p| p.exists());
-        Ok((d, path))
+        tail: usize,
+        follow: bool,
+    ) -> Result<crate::runtime::LogStream, ManagerError> {
+        self.get_deployment(id).await?;
+        let until = follow.then(|| {
+            let this = Arc::clone(self);
+            async move {
+                // Live here means supervised by this node, until its final status is written.
+                while this.live().contains_key(&id) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            .boxed()
+        });
+        Ok(self.runtime.logs(id, tail, until))
     }
 
     /// Runs a health check of a live deployment now (outside its schedule).

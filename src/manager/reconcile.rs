@@ -26,10 +26,7 @@ impl Manager {
     /// processes of desired-running deployments that are still theirs, restarts the others,
     /// finishes stops that were under way, and (through `sweep`, which kills every tree the
     /// runtime was not given) kills what no record owns. Must run before the first deploy.
-    pub async fn reconcile(
-        self: &Arc<Self>,
-        sweep: impl FnOnce() -> Vec<Uuid>,
-    ) -> Result<Reconciled, ManagerError> {
+    pub async fn reconcile(self: &Arc<Self>) -> Result<Reconciled, ManagerError> {
         // 1. Read: nothing is signalled or started until every decision is made.
         let records = self.store.live_deployments(&self.node_id).await?;
         let tools: HashMap<Uuid, Tool> = self
@@ -80,7 +77,7 @@ impl Manager {
             plans.push((d, plan));
         }
         // 2. Act.
-        let killed = sweep();
+        let killed = self.runtime.sweep().await;
         let mut done = Reconciled::default();
         for (d, plan) in plans {
             match plan {

@@ -9,7 +9,7 @@ use crate::{deployment::DeploymentStatus, runtime::InstanceRef};
 impl Manager {
     /// Refreshes the scrape-time gauges: statuses, in-flight requests and streams, the
     /// processes' CPU and memory, ports, and Switchboard's own process.
-    pub fn refresh_metrics(&self) {
+    pub async fn refresh_metrics(&self) {
         let Some(m) = &self.metrics else { return };
         m.clear_snapshot();
         let live: Vec<(Uuid, String, DeploymentStatus)> = self
@@ -24,16 +24,15 @@ impl Manager {
                     status: status.as_str(),
                 })
                 .inc();
-            if let Some(info) = self.runtime.inspect(*id) {
-                let (cpu, rss) = crate::metrics::process_usage(&info.tree);
+            if let Some(usage) = self.runtime.usage(*id).await {
                 let labels = crate::metrics::DeploymentLabels {
                     tool: slug.clone(),
                     deployment: id.to_string(),
                 };
-                m.process_cpu.get_or_create(&labels).set(cpu);
+                m.process_cpu.get_or_create(&labels).set(usage.cpu_seconds);
                 m.process_memory
                     .get_or_create(&labels)
-                    .set(i64::try_from(rss).unwrap_or(i64::MAX));
+                    .set(i64::try_from(usage.memory_bytes).unwrap_or(i64::MAX));
             }
         }
         for (slug, b) in self.routes.all_backends() {
@@ -53,7 +52,7 @@ impl Manager {
         m.ports_in_use.set(i64::try_from(used).unwrap_or(0));
         m.ports_free
             .set(i64::try_from(total.saturating_sub(used)).unwrap_or(0));
-        let (cpu, rss) = crate::metrics::process_usage(&[std::process::id()]);
+        let (cpu, rss) = crate::runtime::process::usage_of(&[std::process::id()]);
         m.own_cpu.set(cpu);
         m.own_memory.set(i64::try_from(rss).unwrap_or(i64::MAX));
     }
@@ -67,8 +66,7 @@ impl Manager {
                 status: d.status,
             });
         }
-        let tree = self.runtime.inspect(id).map(|i| i.tree).unwrap_or_default();
-        let (cpu, rss) = crate::metrics::process_usage(&tree);
+        let usage = self.runtime.usage(id).await.unwrap_or_default();
         let backend = self
             .routes
             .all_backends()
@@ -85,15 +83,11 @@ impl Manager {
             tool: d.tool_slug,
             status: d.status,
             pid: d.instance.as_ref().and_then(InstanceRef::pid),
-            processes: tree.len(),
-            cpu_seconds: cpu,
-            resident_memory_bytes: rss,
-            open_fds: crate::metrics::open_fds(&tree),
-            uptime_seconds: d
-                .instance
-                .as_ref()
-                .and_then(InstanceRef::pid)
-                .and_then(crate::metrics::uptime_seconds),
+            processes: usage.processes,
+            cpu_seconds: usage.cpu_seconds,
+            resident_memory_bytes: usage.memory_bytes,
+            open_fds: usage.open_fds.unwrap_or(0),
+            uptime_seconds: usage.uptime_seconds,
             restart_count: d.restart_count,
             requests_total: by_class.iter().sum(),
             requests_by_class: crate::metrics::CLASSES

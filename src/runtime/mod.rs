@@ -14,7 +14,8 @@ pub mod process;
 
 use std::{fmt, path::PathBuf, time::Duration};
 
-use futures_util::future::BoxFuture;
+use bytes::Bytes;
+use futures_util::{future::BoxFuture, stream::BoxStream};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -203,15 +204,21 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     fields.nth(18)?.parse().ok()
 }
 
-/// What a runtime can say about a running or finished instance.
-#[derive(Debug, Clone)]
-pub struct InstanceInfo {
-    pub pid: u32,
-    /// `Some` once the main process has exited.
-    pub exited: Option<ExitInfo>,
-    /// Every live process of the instance's tree, the main one included.
-    pub tree: Vec<u32>,
+/// What an instance uses now.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    pub cpu_seconds: f64,
+    pub memory_bytes: u64,
+    /// Live processes of the instance (its whole tree for a process).
+    pub processes: usize,
+    /// Open file descriptors, where the runtime can count them.
+    pub open_fds: Option<usize>,
+    /// Seconds since the instance's main process started.
+    pub uptime_seconds: Option<f64>,
 }
+
+/// An instance's output as it is read: chunks of text.
+pub type LogStream = BoxStream<'static, std::io::Result<Bytes>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -253,9 +260,18 @@ pub trait Runtime: Send + Sync + 'static {
         id: Uuid,
         grace: Duration,
     ) -> BoxFuture<'_, Result<Option<ExitInfo>, RuntimeError>>;
-    fn inspect(&self, id: Uuid) -> Option<InstanceInfo>;
+    /// What a running instance uses; `None` for one this runtime does not run.
+    fn usage(&self, id: Uuid) -> BoxFuture<'_, Option<Usage>>;
     /// The last `lines` lines of the instance's output.
     fn logs_tail(&self, id: Uuid, lines: usize) -> BoxFuture<'_, String>;
-    /// The file the instance's output goes to (kept after it ends), if it has one.
+    /// The deployment's output (which spans its restarts): its last `tail` lines, then, with
+    /// `until`, what it writes next, until `until` resolves and the output is drained. The
+    /// API streams this; nothing above the runtime opens log files.
+    fn logs(&self, id: Uuid, tail: usize, until: Option<BoxFuture<'static, ()>>) -> LogStream;
+    /// Removes every instance of this node that this runtime does not hold (started or
+    /// adopted): what an earlier Switchboard left running when it died. Called once at start,
+    /// after adoption. Returns the ids of those that were still running.
+    fn sweep(&self) -> BoxFuture<'_, Vec<Uuid>>;
+    /// Where the deployment's output goes, for lines Switchboard adds (package installs).
     fn log_file(&self, id: Uuid) -> Option<PathBuf>;
 }

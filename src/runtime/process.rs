@@ -18,14 +18,15 @@ use std::{
     time::Duration,
 };
 
-use futures_util::{FutureExt as _, future::BoxFuture};
+use bytes::Bytes;
+use futures_util::{FutureExt as _, StreamExt as _, future::BoxFuture};
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{process::Command, sync::watch};
 use uuid::Uuid;
 
 use super::{
-    ExitInfo, InstanceInfo, InstanceRef, LaunchSpec, ProcessId, Runtime, RuntimeError, RuntimeKind,
-    StopMode,
+    ExitInfo, InstanceRef, LaunchSpec, LogStream, ProcessId, Runtime, RuntimeError, RuntimeKind,
+    StopMode, Usage,
     cgroup::{self, CgroupRoot},
     launch::SHIM_ARG,
 };
@@ -151,15 +152,15 @@ impl ProcessRuntime {
         }
     }
 
-    /// Kills every deployment tree under this node that is not in `keep`: what an earlier
-    /// Switchboard process left running when it died without stopping it. Returns their ids.
-    pub fn sweep_orphans(&self, keep: &dyn Fn(Uuid) -> bool) -> Vec<Uuid> {
+    /// Kills every deployment tree under this node that this runtime does not hold: what an
+    /// earlier Switchboard process left running when it died without stopping it.
+    async fn sweep_orphans(&self) -> Vec<Uuid> {
         let TreeTracking::Cgroup { root, .. } = &self.tracking else {
             return Vec::new();
         };
         let mut swept = Vec::new();
         for (id, dir) in root.children().unwrap_or_default() {
-            if keep(id) || self.get(id).is_some() {
+            if self.get(id).is_some() {
                 continue;
             }
             let had_procs = !cgroup::procs(&dir).unwrap_or_default().is_empty();
@@ -171,7 +172,7 @@ impl ProcessRuntime {
                 if cgroup::procs(&dir).unwrap_or_default().is_empty() {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(5));
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let _ = cgroup::remove(&dir);
             if had_procs {
@@ -458,14 +459,29 @@ impl Runtime for ProcessRuntime {
         .boxed()
     }
 
-    fn inspect(&self, id: Uuid) -> Option<InstanceInfo> {
-        let inst = self.get(id)?;
-        let exited = *inst.exit.borrow();
-        Some(InstanceInfo {
-            pid: inst.pid,
-            exited,
-            tree: inst.tree(),
-        })
+    fn usage(&self, id: Uuid) -> BoxFuture<'_, Option<Usage>> {
+        let inst = self.get(id);
+        async move {
+            let inst = inst?;
+            let tree = inst.tree();
+            let (cpu_seconds, memory_bytes) = usage_of(&tree);
+            Some(Usage {
+                cpu_seconds,
+                memory_bytes,
+                processes: tree.len(),
+                open_fds: Some(open_fds(&tree)),
+                uptime_seconds: uptime_seconds(inst.pid),
+            })
+        }
+        .boxed()
+    }
+
+    fn logs(&self, id: Uuid, tail: usize, until: Option<BoxFuture<'static, ()>>) -> LogStream {
+        follow_file(self.log_path(id), tail, until).boxed()
+    }
+
+    fn sweep(&self) -> BoxFuture<'_, Vec<Uuid>> {
+        self.sweep_orphans().boxed()
     }
 
     fn log_file(&self, id: Uuid) -> Option<PathBuf> {
@@ -476,23 +492,133 @@ impl Runtime for ProcessRuntime {
         let path = self.log_path(id);
         async move {
             // Called when a server has just ended: its log writer may still be writing its
-            // last words (it reads them off the pipe within microseconds of the exit). Wait
-            // until the file stops growing: two equal sizes 5 ms apart, 200 ms at most.
-            let mut last = None;
-            for _ in 0..40 {
-                let len = std::fs::metadata(&path).map(|m| m.len()).ok();
-                if len.is_some() && len == last {
-                    break;
-                }
-                last = len;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            // last words.
+            settled(&path).await;
             tokio::task::spawn_blocking(move || tail(&path, lines, 8192))
                 .await
                 .unwrap_or_default()
         }
         .boxed()
     }
+}
+
+/// Waits until a log file stops growing (two equal sizes 5 ms apart, 200 ms at most): a log
+/// writer reads a server's last words off its pipe within microseconds of its exit, and they
+/// belong in what is quoted or sent.
+async fn settled(path: &Path) {
+    let mut last = None;
+    for _ in 0..40 {
+        let len = std::fs::metadata(path).map(|m| m.len()).ok();
+        if len.is_some() && len == last {
+            return;
+        }
+        last = len;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Longest stretch of a log read in one go (the tail, or a chunk of followed output).
+const LOG_CHUNK: u64 = 4 * 1024 * 1024;
+
+/// A log file's last `lines` lines, then, with `until`, what is appended to it (polled every
+/// 200 ms; rotation is followed since a shrunk file is read from its start), until `until`
+/// resolves and the file has stopped growing and been read to its end.
+fn follow_file(
+    path: PathBuf,
+    lines: usize,
+    until: Option<BoxFuture<'static, ()>>,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    struct Follow {
+        path: PathBuf,
+        at: u64,
+        tail: Option<usize>,
+        until: Option<BoxFuture<'static, ()>>,
+        ended: bool,
+    }
+    let state = Follow {
+        path,
+        at: 0,
+        tail: Some(lines),
+        until,
+        ended: false,
+    };
+    futures_util::stream::unfold(Some(state), |st| async move {
+        let mut st = st?;
+        if let Some(lines) = st.tail.take() {
+            let p = st.path.clone();
+            let (mut text, end) =
+                tokio::task::spawn_blocking(move || tail_with_end(&p, lines, LOG_CHUNK))
+                    .await
+                    .unwrap_or_default();
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            st.at = end;
+            let next = st.until.is_some().then_some(st);
+            return Some((Ok(Bytes::from(text)), next));
+        }
+        loop {
+            let (p, at) = (st.path.clone(), st.at);
+            let (chunk, next) = tokio::task::spawn_blocking(move || read_from(&p, at, LOG_CHUNK))
+                .await
+                .unwrap_or((Vec::new(), at));
+            if !chunk.is_empty() {
+                st.at = next;
+                return Some((Ok(Bytes::from(chunk)), Some(st)));
+            }
+            if st.ended {
+                return None;
+            }
+            let until = st.until.as_mut()?;
+            tokio::select! {
+                () = until => {
+                    st.ended = true;
+                    settled(&st.path).await;
+                }
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    })
+}
+
+/// CPU seconds and resident bytes of a set of processes, from /proc (gone ones count zero).
+pub fn usage_of(pids: &[u32]) -> (f64, u64) {
+    let ticks = rustix::param::clock_ticks_per_second().max(1);
+    let page = u64::try_from(rustix::param::page_size()).unwrap_or(4096);
+    let (mut cpu_ticks, mut rss_pages) = (0u64, 0u64);
+    for pid in pids {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            && let Some(i) = stat.rfind(')')
+        {
+            let f: Vec<&str> = stat[i + 1..].split_whitespace().collect();
+            // Counted from the state (field 3): utime 14, stime 15, rss 24.
+            let num = |k: usize| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            cpu_ticks += num(11) + num(12);
+            rss_pages += num(21);
+        }
+    }
+    (cpu_ticks as f64 / ticks as f64, rss_pages * page)
+}
+
+/// Open file descriptors of a set of processes.
+fn open_fds(pids: &[u32]) -> usize {
+    pids.iter()
+        .filter_map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).ok())
+        .map(|d| d.count())
+        .sum()
+}
+
+/// Seconds since process `pid` started, from its start time and the system's uptime.
+fn uptime_seconds(pid: u32) -> Option<f64> {
+    let start_ticks = super::process_start_time(pid)?;
+    let ticks = rustix::param::clock_ticks_per_second().max(1);
+    let up: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((up - start_ticks as f64 / ticks as f64).max(0.0))
 }
 
 /// The last `lines` lines of a file, reading at most `max_bytes` from its end.
@@ -540,4 +666,14 @@ fn tail_of(f: &mut std::fs::File, len: u64, lines: usize, max_bytes: u64) -> Str
     let skip = usize::from(start > 0 && all.len() > 1);
     let from = all.len().saturating_sub(lines).max(skip);
     all[from..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn own_process_usage_is_read() {
+        let (cpu, rss) = super::usage_of(&[std::process::id()]);
+        assert!(cpu >= 0.0);
+        assert!(rss > 1024 * 1024, "{rss}");
+    }
 }
