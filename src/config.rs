@@ -580,6 +580,52 @@ mod tests {
     }
 
     #[test]
+    fn tool_files_take_one_tool_or_the_tools_form_with_paths_against_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        let at = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            read_tools_file(&p)
+        };
+        let one = at(
+            "one.toml",
+            "slug = \"a\"\ncommand = \"./bin/a\"\nworking_dir = \"w\"\n",
+        )
+        .unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].command, base.join("bin/a").to_string_lossy());
+        assert_eq!(
+            one[0].working_dir.as_deref(),
+            Some(base.join("w").as_path())
+        );
+        let many = at(
+            "many.toml",
+            "[server]\nlisten = \"127.0.0.1:7300\"\n[[tools]]\nslug = \"a\"\ncommand = \"npx:@s/a\"\n\
+             [[tools]]\nslug = \"b\"\ncommand = \"b\"\n",
+        )
+        .unwrap();
+        let names: Vec<(&str, &str)> = many
+            .iter()
+            .map(|t| (t.slug.as_str(), t.command.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [("a", "npx:@s/a"), ("b", "b")],
+            "packages and bare names stay"
+        );
+        let json = at("t.json", r#"{"tools": [{"slug": "j", "command": "../j"}]}"#).unwrap();
+        assert_eq!(
+            json[0].command,
+            base.parent().unwrap().join("j").to_string_lossy()
+        );
+        let e = at("none.toml", "tools = []\n").unwrap_err();
+        assert!(e.to_string().contains("defines no tools"), "{e}");
+        let e = at("typo.toml", "slug = \"a\"\ncommand = \"a\"\nreplica = 2\n").unwrap_err();
+        assert!(e.to_string().contains("replica"), "{e}");
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "[server]\nlisten_on = \"x\"\n");
