@@ -1554,3 +1554,55 @@ fn ps_all_shows_a_deleted_tools_deployments() {
         .unwrap();
     assert!(rec["tool_deleted_at"].is_string(), "{rec}");
 }
+
+/// At start, a config file that changes the transport of a tool whose deployment was kept
+/// running is not applied (the adopted deployment could not follow it, and failing the start
+/// would leave no API to stop it through): the refusal is logged and the stored tool stays.
+#[test]
+fn a_config_transport_change_under_a_kept_deployment_is_logged_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let cfg = files.path().join("sb.toml");
+    let tool = |extra: &str| {
+        format!(
+            "[[tools]]\nslug = \"kept\"\ncommand = {:?}\nautostart = true\n{extra}\n",
+            test_server_bin().to_str().unwrap()
+        )
+    };
+    std::fs::write(&cfg, tool("args = [\"--port\", \"{port}\"]")).unwrap();
+    let cfg_arg = cfg.to_str().unwrap();
+    let mut sb = Serve::start(dir.path(), &["--on-exit", "keep", "--config", cfg_arg]);
+    let running = || {
+        sb.json(&["ps", "--tool", "kept", "--status", "RUNNING"])
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let mut tries = 0;
+    while running() != 1 {
+        tries += 1;
+        assert!(tries < 300, "autostart did not bring 'kept' up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sb.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(sb.wait().success());
+    // Not dropped: its drop would kill the deployment kept for the next start.
+    std::mem::forget(sb);
+
+    std::fs::write(&cfg, tool("args = [\"--stdio\"]\ntransport = \"stdio\"")).unwrap();
+    let sb = Serve::start(dir.path(), &["--config", cfg_arg]);
+    let head = sb.head.join("\n");
+    assert!(
+        head.contains("Config change refused")
+            && head.contains("'kept'")
+            && head.contains("stop them before changing its transport to stdio"),
+        "{head}"
+    );
+    assert_eq!(
+        sb.json(&["tool", "show", "kept"])["transport"],
+        "streamable-http"
+    );
+    let live = sb.json(&["ps", "--tool", "kept"]);
+    assert_eq!(live.as_array().unwrap().len(), 1, "{live}");
+    assert_eq!(live[0]["status"], "RUNNING", "{live}");
+}
