@@ -100,6 +100,64 @@ struct Success {
 #[derive(Clone, Debug)]
 pub struct Prober {
     client: reqwest::Client,
+    /// Unit tests' seam: scripted answers instead of HTTP, so the supervisor's tests need no
+    /// server (real probes are tested against real servers in `tests/`).
+    #[cfg(test)]
+    script: Option<HealthScript>,
+}
+
+/// The answers a scripted [`Prober`] gives: healthy or not, as the test sets it, counting the
+/// checks so a test can wait for the next one.
+#[cfg(test)]
+#[derive(Clone, Debug)]
+pub struct HealthScript {
+    healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    checks: tokio::sync::watch::Sender<usize>,
+}
+
+#[cfg(test)]
+impl HealthScript {
+    pub fn new(healthy: bool) -> HealthScript {
+        HealthScript {
+            healthy: std::sync::Arc::new(healthy.into()),
+            checks: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy
+            .store(healthy, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many checks have been answered.
+    pub fn checks(&self) -> usize {
+        *self.checks.borrow()
+    }
+
+    /// Resolves once `n` checks have been answered.
+    pub async fn wait_checks(&self, n: usize) {
+        let mut rx = self.checks.subscribe();
+        let _ = rx.wait_for(|c| *c >= n).await;
+    }
+
+    fn answer(&self) -> HealthCheckResult {
+        self.checks.send_modify(|c| *c += 1);
+        let healthy = self.healthy.load(std::sync::atomic::Ordering::SeqCst);
+        HealthCheckResult {
+            status: if healthy {
+                HealthStatus::Healthy
+            } else {
+                HealthStatus::Unhealthy
+            },
+            era: None,
+            protocol_version: None,
+            server_name: None,
+            server_version: None,
+            latency_ms: 0.0,
+            error: (!healthy).then(|| "scripted failure".to_owned()),
+            checked_at: Utc::now(),
+        }
+    }
 }
 
 impl Default for Prober {
@@ -119,14 +177,31 @@ impl Prober {
             .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
             .build()
             .unwrap_or_default();
-        Prober { client }
+        Prober {
+            client,
+            #[cfg(test)]
+            script: None,
+        }
+    }
+
+    /// A prober that answers as `script` says, without HTTP.
+    #[cfg(test)]
+    pub fn scripted(script: HealthScript) -> Prober {
+        Prober {
+            client: reqwest::Client::new(),
+            script: Some(script),
+        }
     }
 
     /// A prober whose every connection goes to the Unix socket at `path` (a stdio
     /// deployment's bridge); URLs then only name the path.
     pub fn unix(path: &std::path::Path) -> Prober {
         let client = crate::stdio::bridge_client(path).unwrap_or_default();
-        Prober { client }
+        Prober {
+            client,
+            #[cfg(test)]
+            script: None,
+        }
     }
 
     /// One full check of the MCP endpoint at `url`, bounded by `timeout` per request.
@@ -167,6 +242,10 @@ impl Prober {
         plain_url: Option<&str>,
         timeout: Duration,
     ) -> HealthCheckResult {
+        #[cfg(test)]
+        if let Some(script) = &self.script {
+            return script.answer();
+        }
         let started = Instant::now();
         let run = async {
             match plain_url {

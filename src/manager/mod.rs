@@ -41,6 +41,8 @@ mod launch;
 mod reconcile;
 mod stats;
 mod supervisor;
+#[cfg(test)]
+mod tests;
 
 pub use reconcile::Reconciled;
 

@@ -9,6 +9,8 @@
 //! manager can hold an `Arc<dyn Runtime>`; none of them is on a request's hot path.
 
 pub mod cgroup;
+#[cfg(test)]
+pub mod fake;
 pub mod launch;
 pub mod process;
 
