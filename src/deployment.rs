@@ -153,8 +153,9 @@ pub struct Deployment {
     /// The runtime that runs the deployment.
     #[serde(default)]
     pub runtime: RuntimeKind,
-    /// The running instance, as its runtime names it (for a process: its pid and start time);
-    /// null before the first start and after the deployment ends.
+    /// The instance that runs (or last ran) the deployment, as its runtime names it (for a
+    /// process: its pid and start time); null before the first start and while a restart
+    /// waits.
     #[serde(default)]
     pub instance: Option<InstanceRef>,
     /// Exit code of the server process, when it exited normally.
