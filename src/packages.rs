@@ -437,25 +437,46 @@ pub async fn ensure_installed(
             package: pkg.to_string(),
             after: INSTALL_TIMEOUT,
         })
-    })
+    });
     // A package without a runnable program is no use: fail now, not at every start.
-    .and_then(|_| executable(pkg, &partial));
+    let outcome = match outcome {
+        Ok(_) => find_executable(pkg, &partial).await,
+        Err(e) => Err(e),
+    };
     if let Err(e) = outcome {
         let _ = tokio::fs::remove_dir_all(&partial).await;
         return Err(e);
     }
     let (from, to, note) = (partial.clone(), dir.clone(), pkg.to_string());
-    tokio::task::spawn_blocking(move || commit(&from, &to, &note))
-        .await
-        .map_err(|e| PackageError::Io {
-            context: "finishing the install".into(),
-            error: std::io::Error::other(e),
-        })??;
+    blocking("finishing the install", move || commit(&from, &to, &note)).await?;
     progress(&format!(
         "installed {pkg} in {:.1} s",
         started.elapsed().as_secs_f64()
     ));
-    executable(pkg, &dir)
+    find_executable(pkg, &dir).await
+}
+
+/// Runs filesystem work (syncs, manifests, directory listings) on the blocking pool, never on
+/// an async worker thread.
+async fn blocking<T: Send + 'static>(
+    context: &str,
+    work: impl FnOnce() -> Result<T, PackageError> + Send + 'static,
+) -> Result<T, PackageError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| PackageError::Io {
+            context: context.to_owned(),
+            error: std::io::Error::other(e),
+        })?
+}
+
+/// [`executable`], which reads the install's manifest and directories, off the async threads.
+async fn find_executable(pkg: &Package, dir: &Path) -> Result<Installed, PackageError> {
+    let (pkg, dir) = (pkg.clone(), dir.to_owned());
+    blocking("finding the installed program", move || {
+        executable(&pkg, &dir)
+    })
+    .await
 }
 
 /// The install in `dir`, if it is complete and still has its program.
@@ -466,7 +487,7 @@ async fn cached(pkg: &Package, dir: &Path) -> Option<Installed> {
     {
         return None;
     }
-    executable(pkg, dir).ok()
+    find_executable(pkg, dir).await.ok()
 }
 
 /// Takes the per-package install lock, polling so that waiting holds no thread and can be
@@ -476,12 +497,15 @@ async fn lock(
     pkg: &Package,
     progress: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<Flock<std::fs::File>, PackageError> {
-    let mut file = std::fs::OpenOptions::new()
+    let mut file = tokio::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)
-        .map_err(io(format!("cannot open {}", path.display())))?;
+        .await
+        .map_err(io(format!("cannot open {}", path.display())))?
+        .into_std()
+        .await;
     let mut told = false;
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {

@@ -16,10 +16,17 @@ use crate::{
 pub enum Ending {
     /// The process exited on its own (or was killed by someone else).
     Exited(ExitInfo),
-    /// It never answered its readiness probe in time.
-    NotReady(String),
-    /// It failed its liveness checks `failure_threshold` times in a row.
-    Unhealthy(String),
+    /// It never answered its readiness probe within `within`; `last_probe` says how the last
+    /// probe failed.
+    NotReady {
+        within: Duration,
+        last_probe: String,
+    },
+    /// It failed its liveness checks `failed_checks` (its `failure_threshold`) times in a row.
+    Unhealthy {
+        failed_checks: u32,
+        last_error: String,
+    },
 }
 
 impl Ending {
@@ -44,8 +51,20 @@ impl std::fmt::Display for Ending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Ending::Exited(e) => write!(f, "exited ({e})"),
-            Ending::NotReady(why) => write!(f, "never became ready ({why})"),
-            Ending::Unhealthy(why) => write!(f, "failed its health checks ({why})"),
+            Ending::NotReady { within, last_probe } => write!(
+                f,
+                "never became ready (no answer to an MCP request within {:.1} s; last probe: \
+                 {last_probe})",
+                within.as_secs_f64()
+            ),
+            Ending::Unhealthy {
+                failed_checks,
+                last_error,
+            } => write!(
+                f,
+                "failed its health checks ({failed_checks} failed checks in a row; last: \
+                 {last_error})"
+            ),
         }
     }
 }
@@ -138,7 +157,10 @@ mod tests {
             code: None,
             signal: Some(9),
         });
-        let hung = Ending::Unhealthy("timeout".into());
+        let hung = Ending::Unhealthy {
+            failed_checks: 3,
+            last_error: "timeout".into(),
+        };
         assert!(!clean.restarts_under(RestartPolicy::OnFailure));
         assert!(crash.restarts_under(RestartPolicy::OnFailure));
         assert!(hung.restarts_under(RestartPolicy::OnFailure));

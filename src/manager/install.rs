@@ -1,10 +1,30 @@
 //! Package installs (`npx:` / `uvx:` tools) for a deployment, with progress in its log and
 //! events.
 
+use std::path::PathBuf;
+
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::Manager;
-use crate::{events::EventKind, registry::Tool};
+use crate::{
+    events::EventKind,
+    packages::{Package, PackageError},
+    registry::Tool,
+};
+
+/// Why a tool's package is not there to run.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum InstallError {
+    /// The command names no valid package.
+    #[error(transparent)]
+    BadName(PackageError),
+    #[error("cannot install {package}: {error}")]
+    Failed {
+        package: Package,
+        error: PackageError,
+    },
+}
 
 impl Manager {
     /// For a tool named by package (`npx:` / `uvx:`), installs it (once; later deployments
@@ -15,34 +35,31 @@ impl Manager {
         &self,
         id: Uuid,
         mut tool: Tool,
-    ) -> Result<Tool, (Tool, String)> {
-        let pkg = match crate::packages::Package::parse(&tool.spec.command) {
+    ) -> Result<Tool, (Tool, InstallError)> {
+        let pkg = match Package::parse(&tool.spec.command) {
             None => return Ok(tool),
             Some(Ok(p)) => p,
-            Some(Err(e)) => {
-                let msg = e.to_string();
-                return Err((tool, msg));
-            }
+            Some(Err(e)) => return Err((tool, InstallError::BadName(e))),
         };
-        let log = self.runtime.log_file(id);
-        if let Some(dir) = log.as_ref().and_then(|l| l.parent()) {
-            let _ = std::fs::create_dir_all(dir);
-        }
+        // The progress callback cannot wait: its lines go, in order, to a task that appends
+        // them to the log with async file I/O.
+        let (lines, writer) = match self.runtime.log_file(id) {
+            Some(path) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Some(tx), Some(tokio::spawn(append_lines(path, rx))))
+            }
+            None => (None, None),
+        };
         let slug = tool.spec.slug.clone();
         let progress = |line: &str| {
             if line.trim().is_empty() {
                 return;
             }
-            if let Some(path) = &log {
-                let stamped = format!(
+            if let Some(lines) = &lines {
+                let _ = lines.send(format!(
                     "{} {line}\n",
                     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-                );
-                let _ = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .and_then(|mut f| std::io::Write::write_all(&mut f, stamped.as_bytes()));
+                ));
             }
             self.publish(
                 EventKind::Install,
@@ -60,6 +77,11 @@ impl Manager {
             &progress,
         )
         .await;
+        // Every line is in the log before the server, which writes there too, starts.
+        drop(lines);
+        if let Some(writer) = writer {
+            let _ = writer.await;
+        }
         match installed {
             Ok(i) => {
                 self.publish(EventKind::Install, id, &slug, None, "INSTALLED", None);
@@ -69,19 +91,44 @@ impl Manager {
                 tool.spec.args = args;
                 Ok(tool)
             }
-            Err(e) => {
-                let msg = format!("cannot install {pkg}: {e}");
-                tracing::warn!(deployment = %id, tool = %slug, error = %msg, "Package install failed");
+            Err(error) => {
+                let e = InstallError::Failed {
+                    package: pkg,
+                    error,
+                };
+                tracing::warn!(deployment = %id, tool = %slug, error = %e, "Package install failed");
                 self.publish(
                     EventKind::Install,
                     id,
                     &slug,
                     None,
                     "INSTALL_FAILED",
-                    Some(msg.clone()),
+                    Some(e.to_string()),
                 );
-                Err((tool, msg))
+                Err((tool, e))
             }
         }
+    }
+}
+
+/// Appends each line received to the log file at `path` until the sender is gone.
+async fn append_lines(path: PathBuf, mut lines: mpsc::UnboundedReceiver<String>) {
+    use tokio::io::AsyncWriteExt as _;
+    if let Some(dir) = path.parent() {
+        let _ = tokio::fs::create_dir_all(dir).await;
+    }
+    let mut file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .await
+        .ok();
+    while let Some(line) = lines.recv().await {
+        if let Some(f) = &mut file {
+            let _ = f.write_all(line.as_bytes()).await;
+        }
+    }
+    if let Some(f) = &mut file {
+        let _ = f.flush().await;
     }
 }

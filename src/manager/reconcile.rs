@@ -5,7 +5,10 @@ use std::{collections::HashMap, sync::Arc};
 
 use uuid::Uuid;
 
-use super::{Manager, ManagerError, supervisor::Start};
+use super::{
+    Manager, ManagerError,
+    supervisor::{RestartCause, Start},
+};
 use crate::{
     deployment::{Deployment, DeploymentStatus, Desired},
     events::EventKind,
@@ -142,7 +145,7 @@ impl Manager {
             Start::Adopted(d.status)
         } else {
             Start::Restart {
-                why: d.last_exit.clone().unwrap_or_default(),
+                why: RestartCause::FoundGone(d.last_exit.clone().unwrap_or_default()),
                 ran: d.status == DeploymentStatus::Running,
             }
         };

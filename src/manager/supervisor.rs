@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::Manager;
+use super::{Manager, install::InstallError};
 use crate::{
     deployment::{DeploymentStatus, ExitInfo, HealthStatus},
     events::EventKind,
@@ -16,6 +16,7 @@ use crate::{
     proxy::routes::Backend,
     registry::{Tool, ToolSpec, Transport},
     restart::{Backoff, Ending},
+    runtime::RuntimeError,
 };
 
 /// Lines of a failed server's log quoted in its record's `error`.
@@ -40,7 +41,61 @@ pub(super) enum Start {
     /// An earlier Switchboard's process, adopted; the record's status.
     Adopted(DeploymentStatus),
     /// The process is gone; start it again, for this reason. `ran`: the record was RUNNING.
-    Restart { why: String, ran: bool },
+    Restart { why: RestartCause, ran: bool },
+}
+
+/// Why a supervisor restarts its deployment: the record's `last_exit` and the event's reason.
+#[derive(Debug, Clone)]
+pub(super) enum RestartCause {
+    /// Its process ended, with the server's last log line (which usually says why: a missing
+    /// file, a bad flag).
+    Ended {
+        ending: Ending,
+        last_line: Option<String>,
+    },
+    /// Switchboard found the process gone at start, in the record's words.
+    FoundGone(String),
+}
+
+impl std::fmt::Display for RestartCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RestartCause::Ended {
+                ending,
+                last_line: None,
+            } => write!(f, "{ending}"),
+            RestartCause::Ended {
+                ending,
+                last_line: Some(line),
+            } => write!(f, "{ending}; last log line: {line}"),
+            RestartCause::FoundGone(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Why a supervisor gave its deployment up: the FAILED record's `error` (before the log lines
+/// quoted with it).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Failure {
+    /// The runtime could not start the process.
+    #[error(transparent)]
+    Spawn(#[from] RuntimeError),
+    /// The tool's package could not be installed.
+    #[error(transparent)]
+    Install(#[from] InstallError),
+    /// It ended, and its restart policy does not restart it.
+    #[error("{0}")]
+    Ended(Ending),
+    /// It never became RUNNING in `failed_starts` starts in a row.
+    #[error(
+        "{ending}; gave up after {failed_starts} failed start(s) without ever becoming RUNNING \
+         (restart.max_start_failures = {limit})"
+    )]
+    GaveUp {
+        ending: Ending,
+        failed_starts: u32,
+        limit: u32,
+    },
 }
 
 impl Manager {
@@ -88,7 +143,7 @@ impl Manager {
                 let port = self.live().get(&id).and_then(|l| l.port);
                 if let Err(e) = self.spawn_process(id, &tool.spec, port).await {
                     tracing::warn!(deployment = %id, error = %e, "Deployment could not start");
-                    self.fail(id, None, e.to_string()).await;
+                    self.fail(id, None, e.into()).await;
                     return;
                 }
                 (tool, Start::Spawned)
@@ -100,7 +155,7 @@ impl Manager {
                 (tool, Start::Adopted(status))
             }
             (Err((_, e)), _) => {
-                self.fail(id, None, e).await;
+                self.fail(id, None, e.into()).await;
                 return;
             }
         };
@@ -140,25 +195,25 @@ impl Manager {
             has_run |= ran;
             failed_starts = if ran { 0 } else { failed_starts + 1 };
             if !ending.restarts_under(spec.restart.policy) {
-                self.fail(id, ending.exit(), ending.to_string()).await;
+                self.fail(id, ending.exit(), Failure::Ended(ending)).await;
                 return;
             }
             let limit = spec.restart.max_start_failures;
             if !has_run && failed_starts >= limit {
-                let why = format!(
-                    "{ending}; gave up after {failed_starts} failed start(s) without ever \
-                     becoming RUNNING (restart.max_start_failures = {limit})"
-                );
-                self.fail(id, ending.exit(), why).await;
+                let exit = ending.exit();
+                let why = Failure::GaveUp {
+                    ending,
+                    failed_starts,
+                    limit,
+                };
+                self.fail(id, exit, why).await;
                 return;
             }
             tracing::warn!(deployment = %id, tool = %spec.slug, reason = %ending, "Deployment ended; restarting per its policy");
             // The server's last words usually say why (a missing file, a bad flag).
             let last_line = self.runtime.logs_tail(id, 1).await;
-            pending_restart = Some(match last_line.trim() {
-                "" => ending.to_string(),
-                line => format!("{ending}; last log line: {line}"),
-            });
+            let last_line = Some(last_line.trim().to_owned()).filter(|l| !l.is_empty());
+            pending_restart = Some(RestartCause::Ended { ending, last_line });
         }
     }
 
@@ -177,17 +232,12 @@ impl Manager {
         tokio::pin!(exit);
         if !already_running {
             let startup = Duration::from_millis(spec.startup_timeout_ms);
-            let deadline = Instant::now() + startup;
             let ready = tokio::select! {
                 e = &mut exit => return (Ending::Exited(e.unwrap_or_default()), false),
-                r = self.wait_ready(target, deadline) => r,
+                r = self.wait_ready(target, startup) => r,
             };
-            if let Err(last) = ready {
-                let why = format!(
-                    "no answer to an MCP request within {:.1} s; last probe: {last}",
-                    startup.as_secs_f64()
-                );
-                return (Ending::NotReady(why), false);
+            if let Err(not_ready) = ready {
+                return (not_ready, false);
             }
             let recorded = self
                 .until_stored(id, "RUNNING", || self.store.mark_running(id))
@@ -229,7 +279,7 @@ impl Manager {
         }
         let ending = tokio::select! {
             e = &mut exit => Ending::Exited(e.unwrap_or_default()),
-            why = self.watch_health(id, spec, target, backend) => Ending::Unhealthy(why),
+            unhealthy = self.watch_health(id, spec, target, backend) => unhealthy,
         };
         (ending, true)
     }
@@ -243,7 +293,7 @@ impl Manager {
         spec: &ToolSpec,
         target: &ProbeTarget,
         backend: &Arc<Backend>,
-    ) -> String {
+    ) -> Ending {
         let h = &spec.health;
         let interval = Duration::from_millis(h.interval_ms);
         let grace_until = Instant::now() + Duration::from_millis(h.start_period_ms);
@@ -311,10 +361,10 @@ impl Manager {
                 && fails >= h.failure_threshold
                 && spec.restart.policy != crate::registry::RestartPolicy::Never
             {
-                return format!(
-                    "{fails} failed checks in a row; last: {}",
-                    r.error.unwrap_or_default()
-                );
+                return Ending::Unhealthy {
+                    failed_checks: fails,
+                    last_error: r.error.unwrap_or_default(),
+                };
             }
         }
     }
@@ -338,7 +388,7 @@ impl Manager {
         &self,
         id: Uuid,
         spec: &ToolSpec,
-        why: &str,
+        why: &RestartCause,
         delay: Duration,
         cancel: &CancellationToken,
     ) -> bool {
@@ -354,11 +404,12 @@ impl Manager {
         if let Err(e) = self.runtime.stop(id, Duration::ZERO).await {
             tracing::error!(deployment = %id, error = %e, "Could not clean up before a restart");
         }
+        let why = why.to_string();
         let restart_at = crate::store::now()
             + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
         match self
             .until_stored(id, "a restart", || {
-                self.store.mark_restarting(id, why, restart_at)
+                self.store.mark_restarting(id, &why, restart_at)
             })
             .await
         {
@@ -398,14 +449,18 @@ impl Manager {
     pub(super) async fn wait_ready(
         &self,
         target: &ProbeTarget,
-        deadline: Instant,
-    ) -> Result<(), String> {
+        startup: Duration,
+    ) -> Result<(), Ending> {
+        let deadline = Instant::now() + startup;
         let mut delay = Duration::from_millis(5);
         let mut last = String::from("no probe completed");
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Err(last);
+                return Err(Ending::NotReady {
+                    within: startup,
+                    last_probe: last,
+                });
             }
             let r = target
                 .prober
@@ -426,7 +481,7 @@ impl Manager {
     }
 
     /// Records a failure the supervisor saw, unless a stop is under way (the stop records it).
-    pub(super) async fn fail(&self, id: Uuid, exit: Option<ExitInfo>, reason: String) {
+    pub(super) async fn fail(&self, id: Uuid, exit: Option<ExitInfo>, reason: Failure) {
         {
             let live = self.live();
             match live.get(&id) {
@@ -438,7 +493,7 @@ impl Manager {
         }
         let tail = self.runtime.logs_tail(id, LOG_LINES_IN_ERROR).await;
         let msg = if tail.trim().is_empty() {
-            reason.clone()
+            reason.to_string()
         } else {
             format!("{reason}; last log lines:\n{tail}")
         };
@@ -451,5 +506,59 @@ impl Manager {
         if let Err(e) = self.runtime.stop(id, Duration::ZERO).await {
             tracing::error!(deployment = %id, error = %e, "Could not clean up failed deployment");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deployment::ExitInfo;
+
+    /// The typed reasons render to the texts records, events and `ps` have always shown.
+    #[test]
+    fn reasons_render_to_the_record_texts() {
+        let not_ready = Ending::NotReady {
+            within: Duration::from_millis(2_500),
+            last_probe: "connection refused".into(),
+        };
+        let gave_up = Failure::GaveUp {
+            ending: not_ready.clone(),
+            failed_starts: 3,
+            limit: 3,
+        };
+        assert_eq!(
+            gave_up.to_string(),
+            "never became ready (no answer to an MCP request within 2.5 s; last probe: \
+             connection refused); gave up after 3 failed start(s) without ever becoming \
+             RUNNING (restart.max_start_failures = 3)"
+        );
+        let unhealthy = Ending::Unhealthy {
+            failed_checks: 3,
+            last_error: "no answer within 500 ms".into(),
+        };
+        assert_eq!(
+            Failure::Ended(unhealthy.clone()).to_string(),
+            "failed its health checks (3 failed checks in a row; last: no answer within 500 ms)"
+        );
+        let exited = Ending::Exited(ExitInfo {
+            code: Some(2),
+            signal: None,
+        });
+        assert_eq!(
+            RestartCause::Ended {
+                ending: exited.clone(),
+                last_line: Some("Error: no such file".into()),
+            }
+            .to_string(),
+            "exited (exit status 2); last log line: Error: no such file"
+        );
+        assert_eq!(
+            RestartCause::Ended {
+                ending: exited,
+                last_line: None
+            }
+            .to_string(),
+            "exited (exit status 2)"
+        );
     }
 }
