@@ -108,6 +108,21 @@ impl Harness {
         self.events = self.manager.events().subscribe();
     }
 
+    /// Deploys the tool, ends the manager leaving it running (`on_exit = "keep"`), and starts
+    /// a new manager that finds it adoptable or not.
+    async fn restart_switchboard_over_a_deployment(
+        &mut self,
+        adoptable: bool,
+    ) -> (Uuid, Reconciled) {
+        let id = self.deploy_running().await;
+        self.manager.set_exit_policy(ExitPolicy::Keep);
+        self.manager.shutdown().await;
+        self.runtime.set_adoptable(id, adoptable);
+        self.restart_manager();
+        let done = self.manager.reconcile().await.expect("reconcile");
+        (id, done)
+    }
+
     /// The next event that `pred` accepts.
     async fn event(&mut self, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
         let events = &mut self.events;
@@ -325,12 +340,7 @@ async fn a_stop_during_a_restart_wait_starts_nothing() {
 #[tokio::test(start_paused = true)]
 async fn a_restarted_switchboard_adopts_an_instance_that_is_still_its_own() {
     let mut h = Harness::new(json!({}), true).await;
-    let id = h.deploy_running().await;
-    h.manager.set_exit_policy(ExitPolicy::Keep);
-    h.manager.shutdown().await;
-    h.runtime.set_adoptable(id, true);
-    h.restart_manager();
-    let done = h.manager.reconcile().await.expect("reconcile");
+    let (id, done) = h.restart_switchboard_over_a_deployment(true).await;
     assert_eq!(
         done,
         Reconciled {
@@ -353,12 +363,7 @@ async fn a_restarted_switchboard_adopts_an_instance_that_is_still_its_own() {
 #[tokio::test(start_paused = true)]
 async fn a_restarted_switchboard_restarts_an_instance_it_cannot_adopt() {
     let mut h = Harness::new(json!({}), true).await;
-    let id = h.deploy_running().await;
-    h.manager.set_exit_policy(ExitPolicy::Keep);
-    h.manager.shutdown().await;
-    h.runtime.set_adoptable(id, false);
-    h.restart_manager();
-    let done = h.manager.reconcile().await.expect("reconcile");
+    let (id, done) = h.restart_switchboard_over_a_deployment(false).await;
     assert_eq!(
         done,
         Reconciled {
@@ -367,6 +372,7 @@ async fn a_restarted_switchboard_restarts_an_instance_it_cannot_adopt() {
         }
     );
     h.wait_starts(2).await;
+    assert_eq!(h.runtime.starts(id).len(), 2);
     h.status("RUNNING").await;
 }
 
