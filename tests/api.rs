@@ -7,8 +7,15 @@ use common::{AppOptions, TestApp};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-/// A tool as the API shows it, made a PUT body: without the fields the server sets.
+/// A tool as the API shows it, sent back as a PUT body (the fields the server sets included:
+/// PUT ignores them).
 fn put_body(tool: &Value) -> Value {
+    tool.clone()
+}
+
+/// A tool as the API shows it, made a definition (what `[[tools]]` and `/apply` take): without
+/// the fields the server sets.
+fn definition(tool: &Value) -> Value {
     let mut body = tool.clone();
     for k in ["id", "created_at", "updated_at", "url"] {
         body.as_object_mut().unwrap().remove(k);
@@ -405,7 +412,7 @@ async fn a_transport_change_under_live_deployments_is_a_documented_409() {
         .call(
             "POST",
             "/api/v1/apply",
-            Some(json!({"tools": [body.clone()]})),
+            Some(json!({"tools": [definition(&body)]})),
         )
         .await;
     assert_eq!(st, StatusCode::OK, "{b}");

@@ -296,9 +296,11 @@ async fn get_tool(
     ))
 }
 
-/// The body may omit `slug`; when present it must equal the one in the path. A new
-/// `transport` is refused (409 `transport_change_with_live_deployments`) while the tool has
-/// live deployments.
+/// The body may omit `slug`; when present it must equal the one in the path. A tool as GET
+/// shows it may be sent back as it is: the fields the server sets (`id`, `created_at`,
+/// `updated_at`, `url`) are ignored, and secrets shown as `********` keep their stored values.
+/// A new `transport` is refused (409 `transport_change_with_live_deployments`) while the tool
+/// has live deployments.
 #[utoipa::path(put, path = "/api/v1/tools/{slug}", tag = "tools", request_body = ToolSpec,
     params(("slug" = String, Path)),
     responses((status = 200, body = Tool), (status = 404, body = ErrorBody),
@@ -308,8 +310,21 @@ async fn get_tool(
 async fn update_tool(
     State(s): State<AppState>,
     Path(slug): Path<String>,
-    Body(mut spec): Body<ToolSpec>,
+    Body(mut body): Body<serde_json::Value>,
 ) -> Result<Json<Tool>, ApiError> {
+    // Read, edit, write back: what GET adds to a definition is not part of it.
+    if let Some(fields) = body.as_object_mut() {
+        for shown_only in ["id", "created_at", "updated_at", "url"] {
+            fields.remove(shown_only);
+        }
+    }
+    let mut spec: ToolSpec = serde_json::from_value(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            format!("Failed to deserialize the JSON body into the target type: {e}"),
+        )
+    })?;
     if spec.slug.is_empty() {
         spec.slug = slug.clone();
     } else if spec.slug != slug {
