@@ -515,28 +515,12 @@ async fn a_silent_stream_is_closed_after_the_idle_limit() {
 #[tokio::test]
 async fn an_upstream_that_refuses_connections_is_a_502() {
     use std::sync::Arc;
-    use switchboard::proxy::{
-        Proxy,
-        routes::{Backend, RouteTable},
-    };
+    use switchboard::proxy::{Proxy, routes::RouteTable};
     // A port nothing listens on: bind, note it, close.
     let port = common::free_port();
     let routes = Arc::new(RouteTable::new());
     routes.add_tool("gone");
-    routes.add_backend(
-        "gone",
-        Arc::new(
-            Backend::new(
-                uuid::Uuid::new_v4(),
-                switchboard::runtime::Endpoint::Tcp {
-                    host: "127.0.0.1".into(),
-                    port,
-                },
-                "/mcp".into(),
-            )
-            .unwrap(),
-        ),
-    );
+    routes.add_backend("gone", local_backend(port));
     let proxy = Proxy::new(routes, ProxyConfig::default());
     let req = axum::http::Request::post("/mcp/gone")
         .body(axum::body::Body::empty())
@@ -562,7 +546,7 @@ async fn a_failing_replica_is_ejected_from_balancing() {
     use std::sync::Arc;
     use switchboard::proxy::{
         Proxy,
-        routes::{Backend, EJECT_AFTER, RouteTable},
+        routes::{EJECT_AFTER, RouteTable},
     };
     // A real server on one port; nothing on the other.
     let live = common::free_port();
@@ -582,20 +566,7 @@ async fn a_failing_replica_is_ejected_from_balancing() {
     let routes = Arc::new(RouteTable::new());
     routes.add_tool("t");
     for port in [live, dead] {
-        routes.add_backend(
-            "t",
-            Arc::new(
-                Backend::new(
-                    uuid::Uuid::new_v4(),
-                    switchboard::runtime::Endpoint::Tcp {
-                        host: "127.0.0.1".into(),
-                        port,
-                    },
-                    "/mcp".into(),
-                )
-                .unwrap(),
-            ),
-        );
+        routes.add_backend("t", local_backend(port));
     }
     let proxy = Proxy::new(routes, ProxyConfig::default());
     let mut failures = 0;
@@ -619,4 +590,16 @@ async fn a_failing_replica_is_ejected_from_balancing() {
         failures <= 25,
         "{failures} requests still went to the dead replica"
     );
+}
+
+/// A backend for a server on 127.0.0.1:`port`, as the manager would add one.
+fn local_backend(port: u16) -> std::sync::Arc<switchboard::proxy::routes::Backend> {
+    let endpoint = switchboard::runtime::Endpoint::Tcp {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    std::sync::Arc::new(
+        switchboard::proxy::routes::Backend::new(uuid::Uuid::new_v4(), endpoint, "/mcp".into())
+            .unwrap(),
+    )
 }
