@@ -16,6 +16,22 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 /// Registers the test server as a stdio tool (extra fields merged into the definition).
+/// Registers and deploys a stdio tool (see [`add_stdio_tool`]) and opens a legacy session on
+/// it: the deployment's id, the tool's URL and the session id.
+async fn stdio_session(
+    app: &TestApp,
+    slug: &str,
+    extra_args: &[&str],
+    extra: Value,
+) -> (String, String, String) {
+    add_stdio_tool(app, slug, extra_args, extra).await;
+    let d = app.deploy_wait(slug).await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/mcp/{slug}", app.url);
+    let sid = legacy_session(&url).await;
+    (id, url, sid)
+}
+
 async fn add_stdio_tool(app: &TestApp, slug: &str, extra_args: &[&str], extra: Value) {
     let mut args = vec!["--stdio".to_owned()];
     args.extend(extra_args.iter().map(|a| a.to_string()));
@@ -320,20 +336,16 @@ async fn the_session_cap_answers_429() {
 #[tokio::test]
 async fn idle_sessions_are_reaped() {
     let app = TestApp::start().await;
-    add_stdio_tool(
+    let (id, url, sid) = stdio_session(
         &app,
         "idle",
         &[],
         json!({"stdio": {"session_idle_ms": 1000}}),
     )
     .await;
-    let d = app.deploy_wait("idle").await;
-    let id = d["id"].as_str().unwrap();
-    let url = format!("{}/mcp/idle", app.url);
-    let sid = legacy_session(&url).await;
     let pid = pid_of(&whoami_in_session(&url, &sid).await.unwrap());
     eventually(Duration::from_secs(20), || async {
-        sessions(&app, id).await["sessions"]
+        sessions(&app, &id).await["sessions"]
             .as_array()
             .unwrap()
             .is_empty()
@@ -345,18 +357,14 @@ async fn idle_sessions_are_reaped() {
     );
     eventually(Duration::from_secs(10), || async { !alive(pid) }).await;
     // The log says why (the server's own last words: it saw its input close).
-    let log = app.logs(id, 100).await;
+    let log = app.logs(&id, 100).await;
     assert!(log.contains("Closing an idle MCP session"), "{log}");
 }
 
 #[tokio::test]
 async fn a_killed_child_fails_its_request_and_ends_only_its_session() {
     let app = TestApp::start().await;
-    add_stdio_tool(&app, "crashy", &[], json!({})).await;
-    let d = app.deploy_wait("crashy").await;
-    let id = d["id"].as_str().unwrap().to_owned();
-    let url = format!("{}/mcp/crashy", app.url);
-    let sid = legacy_session(&url).await;
+    let (id, url, sid) = stdio_session(&app, "crashy", &[], json!({})).await;
     let other = legacy_session(&url).await;
     let victim = pid_of(&whoami_in_session(&url, &sid).await.unwrap());
 
@@ -392,32 +400,28 @@ async fn a_killed_child_fails_its_request_and_ends_only_its_session() {
 async fn stop_closes_stdin_before_any_signal() {
     let app = TestApp::start().await;
     // Servers that ignore SIGTERM: only closing their input (or SIGKILL) ends them.
-    add_stdio_tool(
+    let (id, url, sid) = stdio_session(
         &app,
         "polite",
         &["--ignore-sigterm"],
         json!({"stop_grace_period_ms": 30000}),
     )
     .await;
-    let d = app.deploy_wait("polite").await;
-    let id = d["id"].as_str().unwrap();
-    let url = format!("{}/mcp/polite", app.url);
-    let sid = legacy_session(&url).await;
     whoami(&url).await;
     // A client holding its session's GET stream open must not hold up the stop.
     let stream = open_stream(&app, &url, &sid).await;
-    let view = sessions(&app, id).await;
+    let view = sessions(&app, &id).await;
     assert_eq!(view["sessions"][0]["stream_open"], true, "{view}");
     let procs = pids(&view);
     assert!(procs.len() >= 3, "pool, session and spare: {procs:?}");
 
-    app.stop_deployment(id).await;
+    app.stop_deployment(&id).await;
     for p in &procs {
         assert!(!alive(*p), "process {p} outlived the stop");
     }
     // The stream ended with the session.
     assert!(stream.text().await.is_ok());
-    let log = app.logs(id, 1000).await;
+    let log = app.logs(&id, 1000).await;
     let polite = log.matches("stdin closed; exiting").count();
     assert!(
         polite >= procs.len(),
@@ -678,11 +682,7 @@ async fn concurrent_session_opens_leave_no_untracked_process() {
 #[tokio::test]
 async fn a_cancelled_request_ends_its_stream() {
     let app = TestApp::start().await;
-    add_stdio_tool(&app, "cancel", &[], json!({})).await;
-    let d = app.deploy_wait("cancel").await;
-    let id = d["id"].as_str().unwrap().to_owned();
-    let url = format!("{}/mcp/cancel", app.url);
-    let sid = legacy_session(&url).await;
+    let (id, url, sid) = stdio_session(&app, "cancel", &[], json!({})).await;
     let in_flight = slow_call(&app, &id, &url, &sid, json!("slow-1"), 600_000).await;
     let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
         "params": {"requestId": "slow-1", "reason": "user gave up"}});
@@ -876,17 +876,13 @@ async fn bursty_tools_get_the_spares_they_ask_for() {
 #[tokio::test]
 async fn a_session_whose_stream_broke_in_a_restart_gets_its_idle_time_to_reconnect() {
     let app = TestApp::start().await;
-    add_stdio_tool(
+    let (id, url, sid) = stdio_session(
         &app,
         "patient",
         &[],
         json!({"stdio": {"session_idle_ms": 5000}}),
     )
     .await;
-    let d = app.deploy_wait("patient").await;
-    let id = d["id"].as_str().unwrap().to_owned();
-    let url = format!("{}/mcp/patient", app.url);
-    let sid = legacy_session(&url).await;
     let stream = open_stream(&app, &url, &sid).await;
     // Longer than the idle time: an open stream keeps the session.
     tokio::time::sleep(Duration::from_millis(6000)).await;
@@ -1137,11 +1133,7 @@ async fn a_health_probe_queued_behind_a_busy_servers_call_is_not_a_failure() {
 #[tokio::test]
 async fn a_stalled_standalone_stream_is_closed_not_buffered() {
     let app = TestApp::start().await;
-    add_stdio_tool(&app, "chatty", &[], json!({})).await;
-    let d = app.deploy_wait("chatty").await;
-    let id = d["id"].as_str().unwrap().to_owned();
-    let url = format!("{}/mcp/chatty", app.url);
-    let sid = legacy_session(&url).await;
+    let (id, url, sid) = stdio_session(&app, "chatty", &[], json!({})).await;
     // A client that opens its session's stream and never reads it.
     let stalled = open_stream(&app, &url, &sid).await;
     // ~100 MB of server messages for that stream: far more than the sockets on the way hold.
