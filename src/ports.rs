@@ -159,6 +159,16 @@ impl PortAllocator {
         })
     }
 
+    /// Takes `port` if it is in the range, not held by a deployment and not listened on by
+    /// another process.
+    pub fn take(&self, port: u16) -> bool {
+        let mut st = self.lock();
+        if !self.range.contains(port) || st.used.contains(&port) || held_elsewhere(port) {
+            return false;
+        }
+        st.used.insert(port)
+    }
+
     /// Marks a port as held by a live deployment found in the store. Ports outside the range
     /// (the range was changed since) are still tracked so they are never handed out twice.
     pub fn reserve(&self, port: u16) {

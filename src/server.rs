@@ -104,12 +104,14 @@ pub async fn run(
             }
         ),
     };
-    let runtime = Arc::new(ProcessRuntime::new(tracking, data_dir.join("logs")));
-    let ports = PortAllocator::new(config.port_range.clone());
+    let runtime = Arc::new(ProcessRuntime::new(
+        tracking,
+        data_dir.join("logs"),
+        PortAllocator::new(config.port_range.clone()),
+    ));
     let routes = Arc::new(RouteTable::new());
     let manager = Manager::new(
         store,
-        ports,
         runtime.clone(),
         Prober::new(),
         Arc::clone(&routes),

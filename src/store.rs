@@ -605,12 +605,18 @@ impl Store {
     }
 
     /// Notes the instance now running a live deployment, as its runtime names it.
-    pub async fn set_instance(&self, id: Uuid, instance: &InstanceRef) -> Result<(), StoreError> {
+    pub async fn set_instance(
+        &self,
+        id: Uuid,
+        instance: &InstanceRef,
+        port: Option<u16>,
+    ) -> Result<(), StoreError> {
         on_pool!(self, pool, sql => {
             sqlx::query(sql(
-                "UPDATE deployments SET instance = ?, updated_at = ? WHERE id = ?",
+                "UPDATE deployments SET instance = ?, port = ?, updated_at = ? WHERE id = ?",
             ))
             .bind(instance_json(Some(instance)))
+            .bind(port.map(i64::from))
             .bind(now())
             .bind(id.to_string())
             .execute(pool)

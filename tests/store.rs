@@ -99,6 +99,8 @@ fn deployment(
         instance: Some(InstanceRef::Process {
             pid: 4242,
             start_time: Some(987_654_321),
+            port: Some(port),
+            socket: None,
         }),
         exit_code: None,
         exit_signal: None,
@@ -593,12 +595,13 @@ async fn restarts_keep_the_record_until_a_stop_is_desired(s: Store) {
     let process = InstanceRef::Process {
         pid: 777,
         start_time: Some(123),
+        port: Some(9100),
+        socket: None,
     };
-    s.set_instance(d.id, &process).await.unwrap();
-    assert_eq!(
-        s.get_deployment(d.id).await.unwrap().unwrap().instance,
-        Some(process)
-    );
+    s.set_instance(d.id, &process, Some(9100)).await.unwrap();
+    let stored = s.get_deployment(d.id).await.unwrap().unwrap();
+    assert_eq!(stored.instance, Some(process));
+    assert_eq!(stored.port, Some(9100), "the port it listens on");
     assert!(s.mark_running(d.id).await.unwrap());
     assert!(
         s.set_health(d.id, HealthStatus::Unhealthy, now())
@@ -776,7 +779,11 @@ async fn pid_columns_become_an_instance_reference(backend: common::Backend) {
         d.instance,
         Some(InstanceRef::Process {
             pid: 4242,
-            start_time: Some(987_654_321)
+            start_time: Some(987_654_321),
+            // The previous release did not record where it listens: adoption completes it
+            // from `port`.
+            port: None,
+            socket: None,
         })
     );
     assert_eq!(d.status, DeploymentStatus::Running);

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::{Manager, ManagerError, launch::launch_spec};
 use crate::{
     registry::{ToolSpec, Transport},
-    runtime::{LaunchSpec, StopMode},
+    runtime::{LaunchSpec, Listen, StopMode},
 };
 
 /// The longest Unix socket path Linux accepts (`sun_path` is 108 bytes with its NUL).
@@ -26,7 +26,7 @@ impl Manager {
     /// --socket ... -- <command> <args>`. The tool's environment reaches the server through
     /// the bridge (never its command line, which any local user can read).
     pub(super) fn bridge_launch_spec(&self, id: Uuid, spec: &ToolSpec) -> LaunchSpec {
-        let mut launch = launch_spec(id, spec, None);
+        let mut launch = launch_spec(id, spec, Listen::Socket(self.socket_path(id)));
         let replicas = u64::from(spec.replicas.max(1));
         let sessions = u64::from(spec.stdio.max_sessions).div_ceil(replicas);
         let mut command = vec![std::mem::take(&mut launch.program)];

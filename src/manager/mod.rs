@@ -1,5 +1,5 @@
 //! The manager: the one place that turns requests (register, deploy, stop) into coordinated
-//! changes of the store, the port allocator and the runtime, and keeps deployments running.
+//! changes of the store and the runtime, and keeps deployments running.
 //!
 //! Invariants:
 //! - A deployment record is committed (STARTING) before its process is spawned and before the
@@ -9,8 +9,9 @@
 //!   policy with backoff, keeping the record (and its port). A stop first records the intent
 //!   (`desired = STOPPED`), then cancels the supervisor and waits for it to finish before it
 //!   touches the process, so a stop and a restart can never interleave.
-//! - Whoever wins the conditional STARTING/RUNNING → STOPPED/FAILED write releases the port;
-//!   nobody else does. A stop and a crash racing each other therefore free the port once.
+//! - Whoever wins the conditional STARTING/RUNNING → STOPPED/FAILED write releases the
+//!   deployment's endpoint (its port) with the runtime; nobody else does. A stop and a crash
+//!   racing each other therefore free the port once.
 //! - At start ([`Manager::reconcile`]) the store is read and every decision made before
 //!   anything is killed or started: desired-running deployments whose process is still theirs
 //!   (pid and start time match, inside their cgroup) are adopted, the others restarted; what
@@ -52,7 +53,7 @@ use crate::{
     events::{Event, EventKind, Events},
     health::{HealthCheckResult, Prober},
     metrics::Metrics,
-    ports::{PortAllocator, PortsExhausted},
+    ports::PortsExhausted,
     proxy::routes::{Backend, RouteTable},
     registry::{ApplyOutcome, SpecError, Tool, ToolSpec, Transport},
     runtime::{Endpoint, Runtime, RuntimeError},
@@ -113,12 +114,24 @@ pub enum ManagerError {
     },
 }
 
+impl ManagerError {
+    /// A runtime's refusal to host a deployment: "no port left" is the client's to hear about
+    /// (503 with a retry), anything else is ours.
+    fn from_runtime(e: RuntimeError) -> ManagerError {
+        match e {
+            RuntimeError::PortsExhausted(e) => ManagerError::PortsExhausted(e),
+            e => ManagerError::Internal(e.to_string()),
+        }
+    }
+}
+
 struct Live {
     slug: String,
     /// The status, and how many restarts this run has seen (so a deploy request that waits
     /// can answer once the first attempt has failed, rather than wait out a crash loop).
     status: watch::Sender<(DeploymentStatus, u32)>,
-    port: Option<u16>,
+    /// Where it listens (the runtime's reservation, the same across restarts).
+    endpoint: Endpoint,
     grace: Duration,
     stopping: bool,
     /// Cancelled to make the supervisor return (a stop, or Switchboard exiting).
@@ -130,11 +143,9 @@ struct Live {
 
 pub struct Manager {
     store: Store,
-    ports: PortAllocator,
     runtime: Arc<dyn Runtime>,
     prober: Prober,
     routes: Arc<RouteTable>,
-    advertise_host: String,
     live: Mutex<HashMap<Uuid, Live>>,
     tasks: TaskTracker,
     shutting_down: AtomicBool,
@@ -198,7 +209,6 @@ impl Manager {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
-        ports: PortAllocator,
         runtime: Arc<dyn Runtime>,
         prober: Prober,
         routes: Arc<RouteTable>,
@@ -210,11 +220,9 @@ impl Manager {
             me: me.clone(),
             node_id,
             store,
-            ports,
             runtime,
             prober,
             routes,
-            advertise_host: "127.0.0.1".to_owned(),
             live: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             shutting_down: AtomicBool::new(false),
@@ -276,10 +284,6 @@ impl Manager {
 
     pub fn store(&self) -> &Store {
         &self.store
-    }
-
-    pub fn ports(&self) -> &PortAllocator {
-        &self.ports
     }
 
     pub fn prober(&self) -> &Prober {
@@ -583,26 +587,23 @@ impl Manager {
             return Err(ManagerError::ShuttingDown);
         }
         let spec = &tool.spec;
-        let stdio = spec.transport == Transport::Stdio;
-        // A stdio server is reached through its bridge's socket: no port from the range.
-        let port = if stdio {
-            None
-        } else {
-            Some(self.ports.allocate()?)
-        };
-        let release = |port: Option<u16>| {
-            if let Some(p) = port {
-                self.ports.release(p);
-            }
-        };
         let id = Uuid::new_v4();
-        if stdio && self.socket_path(id).as_os_str().len() > MAX_SOCKET_PATH {
+        if spec.transport == Transport::Stdio
+            && self.socket_path(id).as_os_str().len() > MAX_SOCKET_PATH
+        {
             return Err(ManagerError::Internal(format!(
                 "the data directory's path is too long for a Unix socket ({} > {MAX_SOCKET_PATH} \
                  bytes): use a shorter data_dir to host stdio servers",
                 self.socket_path(id).display()
             )));
         }
+        // Claimed before the record is written, so a deploy the runtime cannot host (no port
+        // left) is refused leaving nothing behind.
+        let endpoint = self
+            .runtime
+            .reserve(id, &self.listen_for(id, spec, None))
+            .map_err(ManagerError::from_runtime)?;
+        let port = endpoint.port();
         let now = crate::store::now();
         let d = Deployment {
             id,
@@ -630,15 +631,15 @@ impl Manager {
             next_restart_at: None,
             tool_deleted_at: None,
         };
-        let backend = match self.backend_for(&d, spec) {
+        let backend = match self.backend_for(d.id, &endpoint, spec) {
             Ok(b) => b,
             Err(e) => {
-                release(port);
+                self.runtime.release(id);
                 return Err(e);
             }
         };
         if let Err(e) = self.store.insert_deployment(&d).await {
-            release(port);
+            self.runtime.release(id);
             return Err(match e {
                 StoreError::ToolGone(slug) => ManagerError::ToolNotFound(slug),
                 e => e.into(),
@@ -652,7 +653,7 @@ impl Manager {
             DeploymentStatus::Starting.as_str(),
             None,
         );
-        let (cancel, done_tx) = self.insert_live(&d, spec, DeploymentStatus::Starting);
+        let (cancel, done_tx) = self.insert_live(&d, &endpoint, spec, DeploymentStatus::Starting);
         if crate::packages::Package::parse(&spec.command).is_some() {
             // Installing may take minutes: the supervisor does it, and the record is
             // STARTING meanwhile.
@@ -660,18 +661,18 @@ impl Manager {
             let tool = tool.clone();
             self.tasks.spawn(async move {
                 let _done = done_tx;
-                this.supervise(d.id, tool, d.port, backend, Start::Install, cancel)
+                this.supervise(d.id, tool, endpoint, backend, Start::Install, cancel)
                     .await
             });
             return self.get_deployment(d.id).await;
         }
-        match self.spawn_process(d.id, spec, port).await {
-            Ok(()) => {
+        match self.spawn_process(d.id, spec).await {
+            Ok(_) => {
                 let this = Arc::clone(self);
                 let tool = tool.clone();
                 self.tasks.spawn(async move {
                     let _done = done_tx;
-                    this.supervise(d.id, tool, d.port, backend, Start::Spawned, cancel)
+                    this.supervise(d.id, tool, endpoint, backend, Start::Spawned, cancel)
                         .await
                 });
             }
@@ -685,22 +686,22 @@ impl Manager {
         self.get_deployment(d.id).await
     }
 
-    fn backend_for(&self, d: &Deployment, spec: &ToolSpec) -> Result<Backend, ManagerError> {
-        let (endpoint, path) = match d.port {
-            Some(port) => (
-                Endpoint::Tcp {
-                    host: self.advertise_host.clone(),
-                    port,
-                },
-                spec.endpoint_path.clone(),
-            ),
-            None => (Endpoint::Unix(self.socket_path(d.id)), "/mcp".to_owned()),
+    fn backend_for(
+        &self,
+        id: Uuid,
+        endpoint: &Endpoint,
+        spec: &ToolSpec,
+    ) -> Result<Backend, ManagerError> {
+        // The bridge serves MCP at `/mcp` whatever the server's own path would be.
+        let path = match endpoint {
+            Endpoint::Tcp { .. } => spec.endpoint_path.clone(),
+            Endpoint::Unix(_) => "/mcp".to_owned(),
         };
-        let backend = Backend::new(d.id, endpoint, path)
+        let backend = Backend::new(id, endpoint.clone(), path)
             .map_err(|e| ManagerError::Internal(format!("bad upstream address: {e}")))?
             .with_call_timeout(spec.call_timeout_ms.map(Duration::from_millis));
         Ok(match &self.metrics {
-            Some(m) => backend.with_metrics(m.backend(&spec.slug, &d.id.to_string())),
+            Some(m) => backend.with_metrics(m.backend(&spec.slug, &id.to_string())),
             None => backend,
         })
     }
@@ -708,6 +709,7 @@ impl Manager {
     fn insert_live(
         &self,
         d: &Deployment,
+        endpoint: &Endpoint,
         spec: &ToolSpec,
         status: DeploymentStatus,
     ) -> (CancellationToken, watch::Sender<()>) {
@@ -719,7 +721,7 @@ impl Manager {
             Live {
                 slug: spec.slug.clone(),
                 status: status_tx,
-                port: d.port,
+                endpoint: endpoint.clone(),
                 grace: Duration::from_millis(spec.stop_grace_period_ms),
                 stopping: false,
                 cancel: cancel.clone(),
@@ -763,7 +765,15 @@ impl Manager {
             });
         }
         let tool = self.get_tool(&d.tool_slug).await?;
-        let target = self.probe_target(id, d.port, &tool.spec);
+        let endpoint =
+            self.live()
+                .get(&id)
+                .map(|l| l.endpoint.clone())
+                .ok_or(ManagerError::NotLive {
+                    id,
+                    status: d.status,
+                })?;
+        let target = self.probe_target(&endpoint, &tool.spec);
         Ok(self.check(&target, &tool.spec).await)
     }
 
@@ -780,9 +790,7 @@ impl Manager {
             let live = self.live().remove(&id);
             if let Some(live) = live {
                 self.routes.remove_backend(&live.slug, id);
-                if let Some(p) = live.port {
-                    self.ports.release(p);
-                }
+                self.runtime.release(id);
                 if let Some(m) = &self.metrics {
                     m.forget_deployment(&live.slug, &id.to_string());
                 }

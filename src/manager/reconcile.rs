@@ -13,7 +13,7 @@ use crate::{
     deployment::{Deployment, DeploymentStatus, Desired},
     events::EventKind,
     registry::{Tool, Transport},
-    runtime::StopMode,
+    runtime::{Endpoint, StopMode},
 };
 
 /// What [`Manager::reconcile`] did at start.
@@ -39,14 +39,8 @@ impl Manager {
             .into_iter()
             .map(|t| (t.id, t))
             .collect();
-        // Ports are rebuilt from the store first, so nothing can be handed out twice.
-        for d in &records {
-            if let Some(p) = d.port {
-                self.ports.reserve(p);
-            }
-        }
         enum Plan {
-            Adopt(Tool),
+            Adopt(Tool, Endpoint),
             Restart(Tool),
             Close(&'static str),
         }
@@ -57,21 +51,23 @@ impl Manager {
                 None => Plan::Close("tool gone"),
                 Some(tool) => {
                     let ours = match &d.instance {
-                        // Adoption only registers the instance with the runtime; it signals
-                        // nothing.
+                        // Adoption only registers the instance with the runtime (and claims
+                        // its endpoint); it signals nothing.
                         Some(instance) => self.runtime.adopt(
                             d.id,
-                            instance,
+                            &instance
+                                .clone()
+                                .with_endpoint(d.port, self.socket_path(d.id)),
                             if tool.spec.transport == Transport::Stdio {
                                 StopMode::MainFirst
                             } else {
                                 StopMode::Tree
                             },
                         ),
-                        None => false,
+                        None => None,
                     };
-                    if ours {
-                        Plan::Adopt(tool.clone())
+                    if let Some(endpoint) = ours {
+                        Plan::Adopt(tool.clone(), endpoint)
                     } else {
                         Plan::Restart(tool.clone())
                     }
@@ -93,10 +89,8 @@ impl Manager {
                             Some("its tool was deleted while Switchboard was down"),
                         )
                     };
-                    if self.store.mark_ended(d.id, status, None, msg).await?
-                        && let Some(p) = d.port
-                    {
-                        self.ports.release(p);
+                    if self.store.mark_ended(d.id, status, None, msg).await? {
+                        self.runtime.release(d.id);
                     }
                     self.publish(
                         EventKind::Status,
@@ -108,9 +102,12 @@ impl Manager {
                     );
                     done.closed += 1;
                 }
-                Plan::Adopt(tool) => {
+                Plan::Adopt(tool, endpoint) => {
                     tracing::info!(deployment = %d.id, tool = %d.tool_slug, instance = ?d.instance, "Adopted a running deployment");
-                    self.supervise_existing(d, tool, true);
+                    let id = d.id;
+                    if let Err(e) = self.supervise_existing(d, tool, Some(endpoint)) {
+                        self.unsupervisable(id, &e).await?;
+                    }
                     done.adopted += 1;
                 }
                 Plan::Restart(tool) => {
@@ -122,7 +119,10 @@ impl Manager {
                     tracing::warn!(deployment = %d.id, tool = %d.tool_slug, "Restarting a deployment whose process is gone");
                     let mut d = d;
                     d.last_exit = Some(what.to_owned());
-                    self.supervise_existing(d, tool, false);
+                    let id = d.id;
+                    if let Err(e) = self.supervise_existing(d, tool, None) {
+                        self.unsupervisable(id, &e).await?;
+                    }
                     done.restarted += 1;
                 }
             }
@@ -130,18 +130,36 @@ impl Manager {
         Ok(done)
     }
 
-    /// Puts a deployment found in the store under supervision: adopted (its process runs) or
-    /// to be started again at once.
-    pub(super) fn supervise_existing(self: &Arc<Self>, d: Deployment, tool: Tool, adopted: bool) {
-        if d.port.is_none() && tool.spec.transport != Transport::Stdio {
-            return;
-        }
-        let Ok(backend) = self.backend_for(&d, &tool.spec) else {
-            return;
+    /// Ends a record found at start that cannot be supervised again (its restart found no
+    /// free port), rather than leave it live with nobody watching it.
+    async fn unsupervisable(&self, id: Uuid, e: &ManagerError) -> Result<(), ManagerError> {
+        tracing::error!(deployment = %id, error = %e, "Cannot supervise a deployment found at start");
+        self.runtime.release(id);
+        self.store
+            .mark_ended(id, DeploymentStatus::Failed, None, Some(&e.to_string()))
+            .await?;
+        Ok(())
+    }
+
+    /// Puts a deployment found in the store under supervision: adopted (its instance runs and
+    /// listens on `adopted`) or to be started again at once (on the port it had, if free).
+    pub(super) fn supervise_existing(
+        self: &Arc<Self>,
+        d: Deployment,
+        tool: Tool,
+        adopted: Option<Endpoint>,
+    ) -> Result<(), ManagerError> {
+        let endpoint = match &adopted {
+            Some(e) => e.clone(),
+            None => self
+                .runtime
+                .reserve(d.id, &self.listen_for(d.id, &tool.spec, d.port))
+                .map_err(ManagerError::from_runtime)?,
         };
-        let (cancel, done_tx) = self.insert_live(&d, &tool.spec, d.status);
+        let backend = self.backend_for(d.id, &endpoint, &tool.spec)?;
+        let (cancel, done_tx) = self.insert_live(&d, &endpoint, &tool.spec, d.status);
         let this = Arc::clone(self);
-        let start = if adopted {
+        let start = if adopted.is_some() {
             Start::Adopted(d.status)
         } else {
             Start::Restart {
@@ -151,8 +169,9 @@ impl Manager {
         };
         self.tasks.spawn(async move {
             let _done = done_tx;
-            this.supervise(d.id, tool, d.port, backend, start, cancel)
+            this.supervise(d.id, tool, endpoint, backend, start, cancel)
                 .await
         });
+        Ok(())
     }
 }

@@ -47,11 +47,11 @@ impl Manager {
                 .get_or_create(&labels)
                 .set(i64::from(b.open_streams()));
         }
-        let used = self.ports.in_use().len();
-        let total = self.ports.range().len();
-        m.ports_in_use.set(i64::try_from(used).unwrap_or(0));
-        m.ports_free
-            .set(i64::try_from(total.saturating_sub(used)).unwrap_or(0));
+        if let Some(ports) = self.runtime.host_ports() {
+            m.ports_in_use.set(i64::try_from(ports.in_use).unwrap_or(0));
+            m.ports_free
+                .set(i64::try_from(ports.total.saturating_sub(ports.in_use)).unwrap_or(0));
+        }
         let (cpu, rss) = crate::runtime::process::usage_of(&[std::process::id()]);
         m.own_cpu.set(cpu);
         m.own_memory.set(i64::try_from(rss).unwrap_or(i64::MAX));

@@ -14,9 +14,9 @@ use crate::{
     events::EventKind,
     health::{HealthCheckResult, Prober},
     proxy::routes::Backend,
-    registry::{Tool, ToolSpec, Transport},
+    registry::{Tool, ToolSpec},
     restart::{Backoff, Ending},
-    runtime::RuntimeError,
+    runtime::{Endpoint, RuntimeError},
 };
 
 /// Lines of a failed server's log quoted in its record's `error`.
@@ -101,20 +101,18 @@ pub(super) enum Failure {
 impl Manager {
     /// How a deployment is probed: its MCP endpoint (or plain health path) over TCP, or, for a
     /// stdio deployment, the bridge's `/health` on its socket (a probe on the server's pipe).
-    pub(super) fn probe_target(&self, id: Uuid, port: Option<u16>, spec: &ToolSpec) -> ProbeTarget {
-        if spec.transport == Transport::Stdio {
-            return ProbeTarget {
-                prober: Prober::unix(&self.socket_path(id)),
-                url: "http://bridge/mcp".to_owned(),
-                plain: Some("http://bridge/health".to_owned()),
-            };
-        }
-        // The server itself, not the record's endpoint_url (which goes through the proxy).
-        let base = format!(
-            "http://{}:{}",
-            self.advertise_host,
-            port.unwrap_or_default()
-        );
+    pub(super) fn probe_target(&self, endpoint: &Endpoint, spec: &ToolSpec) -> ProbeTarget {
+        let base = match endpoint {
+            Endpoint::Unix(socket) => {
+                return ProbeTarget {
+                    prober: Prober::unix(socket),
+                    url: "http://bridge/mcp".to_owned(),
+                    plain: Some("http://bridge/health".to_owned()),
+                };
+            }
+            // The server itself, not the record's endpoint_url (which goes through the proxy).
+            Endpoint::Tcp { host, port } => format!("http://{host}:{port}"),
+        };
         ProbeTarget {
             prober: self.prober.clone(),
             url: format!("{base}{}", spec.endpoint_path),
@@ -129,7 +127,7 @@ impl Manager {
         self: Arc<Self>,
         id: Uuid,
         tool: Tool,
-        port: Option<u16>,
+        endpoint: Endpoint,
         backend: Backend,
         start: Start,
         cancel: CancellationToken,
@@ -140,8 +138,7 @@ impl Manager {
         };
         let (tool, start) = match (tool, start) {
             (Ok(tool), Start::Install) => {
-                let port = self.live().get(&id).and_then(|l| l.port);
-                if let Err(e) = self.spawn_process(id, &tool.spec, port).await {
+                if let Err(e) = self.spawn_process(id, &tool.spec).await {
                     tracing::warn!(deployment = %id, error = %e, "Deployment could not start");
                     self.fail(id, None, e.into()).await;
                     return;
@@ -160,7 +157,7 @@ impl Manager {
             }
         };
         let spec = &tool.spec;
-        let target = self.probe_target(id, port, spec);
+        let target = self.probe_target(&endpoint, spec);
         let backend = Arc::new(backend);
         let mut backoff = Backoff::new(&spec.restart);
         // A deployment that has never been RUNNING gets `max_start_failures` tries; one that
@@ -392,15 +389,14 @@ impl Manager {
         delay: Duration,
         cancel: &CancellationToken,
     ) -> bool {
-        let port = {
+        {
             let mut live = self.live();
             let Some(l) = live.get_mut(&id) else {
                 return false;
             };
             self.routes.remove_backend(&l.slug, id);
             l.health = HealthStatus::Unknown;
-            l.port
-        };
+        }
         if let Err(e) = self.runtime.stop(id, Duration::ZERO).await {
             tracing::error!(deployment = %id, error = %e, "Could not clean up before a restart");
         }
@@ -437,7 +433,7 @@ impl Manager {
             _ = cancel.cancelled() => return false,
             _ = tokio::time::sleep(delay) => {}
         }
-        if let Err(e) = self.spawn_process(id, spec, port).await {
+        if let Err(e) = self.spawn_process(id, spec).await {
             // Counted as an ending like any other: the loop backs off and tries again.
             tracing::warn!(deployment = %id, error = %e, "Restart could not spawn");
         }

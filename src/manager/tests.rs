@@ -18,7 +18,6 @@ use crate::{
     deployment::{DeploymentStatus, ExitInfo},
     events::{Event, EventKind},
     health::{HealthScript, Prober},
-    ports::{PortAllocator, PortRange},
     proxy::routes::RouteTable,
     runtime::{Runtime, fake::FakeRuntime},
     store::Store,
@@ -187,7 +186,6 @@ fn manager_on(
 ) -> Arc<Manager> {
     Manager::new(
         store.clone(),
-        PortAllocator::new(PortRange::new(47_100, 47_199).expect("a range")),
         Arc::clone(runtime) as Arc<dyn Runtime>,
         Prober::scripted(health.clone()),
         Arc::new(RouteTable::new()),

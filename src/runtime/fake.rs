@@ -13,8 +13,8 @@ use tokio::{sync::watch, time::Instant};
 use uuid::Uuid;
 
 use super::{
-    ExitInfo, InstanceRef, LaunchSpec, LogStream, Runtime, RuntimeError, RuntimeKind, StopMode,
-    Usage,
+    Endpoint, ExitInfo, InstanceRef, LaunchSpec, Listen, LogStream, Runtime, RuntimeError,
+    RuntimeKind, Started, StopMode, Usage,
 };
 
 /// What a stop reports for an instance that was still running.
@@ -92,13 +92,31 @@ impl FakeRuntime {
     }
 }
 
+/// Nothing listens anywhere: the endpoint only has to be well-formed (probes are scripted).
+fn endpoint(listen: &Listen) -> Endpoint {
+    match listen {
+        Listen::Port { prefer, .. } => Endpoint::Tcp {
+            host: "127.0.0.1".to_owned(),
+            port: prefer.unwrap_or(47_100),
+        },
+        Listen::Socket(path) => Endpoint::Unix(path.clone()),
+    }
+}
+
 impl Runtime for FakeRuntime {
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Process
     }
 
-    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<InstanceRef, RuntimeError>> {
+    fn reserve(&self, _id: Uuid, listen: &Listen) -> Result<Endpoint, RuntimeError> {
+        Ok(endpoint(listen))
+    }
+
+    fn release(&self, _id: Uuid) {}
+
+    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Started, RuntimeError>> {
         let id = spec.deployment_id;
+        let endpoint = endpoint(&spec.listen);
         let instance = {
             let mut state = self.state();
             state.next_pid += 1;
@@ -108,22 +126,28 @@ impl Runtime for FakeRuntime {
             InstanceRef::Process {
                 pid: state.next_pid,
                 start_time: Some(1),
+                port: endpoint.port(),
+                socket: None,
             }
         };
         self.started.send_modify(|n| *n += 1);
-        Box::pin(async move { Ok(instance) })
+        Box::pin(async move { Ok(Started { instance, endpoint }) })
     }
 
-    fn adopt(&self, id: Uuid, _instance: &InstanceRef, _stop: StopMode) -> bool {
+    fn adopt(&self, id: Uuid, instance: &InstanceRef, _stop: StopMode) -> Option<Endpoint> {
         let mut state = self.state();
         if !state.adoptable.contains(&id) {
-            return false;
+            return None;
         }
         state
             .instances
             .entry(id)
             .or_insert_with(|| watch::Sender::new(None));
-        true
+        let InstanceRef::Process { port, .. } = instance;
+        Some(endpoint(&Listen::Port {
+            env: None,
+            prefer: *port,
+        }))
     }
 
     fn wait(&self, id: Uuid) -> BoxFuture<'_, Result<ExitInfo, RuntimeError>> {

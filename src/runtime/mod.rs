@@ -4,9 +4,20 @@
 //! quotes when a start fails) because a Docker and a Kubernetes runtime will implement it too.
 //! Only the process runtime exists today ([`process::ProcessRuntime`]).
 //!
-//! Boundary: a runtime knows nothing about the store, ports or MCP. It runs what [`LaunchSpec`]
-//! says, reports exits, and stops whole process trees. Its methods return boxed futures so the
-//! manager can hold an `Arc<dyn Runtime>`; none of them is on a request's hot path.
+//! Boundary: a runtime knows nothing about the store or MCP. It runs what [`LaunchSpec`] says,
+//! owns what its instances listen on (a process runtime allocates host ports from the
+//! configured range; a socket is named by the launch), reports exits, and stops whole
+//! instances. Its methods return boxed futures so the manager can hold an `Arc<dyn Runtime>`;
+//! none of them is on a request's hot path.
+//!
+//! Invariants every runtime keeps (the manager relies on them):
+//! - [`Runtime::reserve`] claims an instance's [`Endpoint`] before its record is written, so a
+//!   deploy the runtime cannot host is refused leaving nothing behind; the endpoint stays the
+//!   deployment's across its restarts (start and adopt return that same endpoint) until
+//!   [`Runtime::release`].
+//! - [`Runtime::adopt`] signals nothing and says "not mine" for another runtime's reference.
+//! - [`Runtime::stop`] is idempotent and ends the whole instance (tree, container, pod).
+//! - [`Runtime::sweep`] removes only this node's instances that it does not hold.
 
 pub mod cgroup;
 #[cfg(test)]
@@ -77,8 +88,19 @@ impl fmt::Display for Endpoint {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum InstanceRef {
     /// The main process of a tree: its pid and start time (clock ticks after boot), which
-    /// together name one process, so a reused pid is never taken for the deployment's.
-    Process { pid: u32, start_time: Option<u64> },
+    /// together name one process, so a reused pid is never taken for the deployment's; and
+    /// where it listens (a port or a socket), so adoption gives the endpoint back. References
+    /// written before endpoints were recorded have neither; the manager completes them from
+    /// the record ([`InstanceRef::with_endpoint`]).
+    Process {
+        pid: u32,
+        start_time: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(value_type = Option<String>)]
+        socket: Option<PathBuf>,
+    },
 }
 
 impl InstanceRef {
@@ -95,6 +117,55 @@ impl InstanceRef {
             InstanceRef::Process { pid, .. } => Some(*pid),
         }
     }
+
+    /// Fills in where a process listens when the reference does not say (one written by a
+    /// release that did not record it): from the record's port, else the bridge's socket.
+    pub fn with_endpoint(mut self, record_port: Option<u16>, socket: PathBuf) -> InstanceRef {
+        match &mut self {
+            InstanceRef::Process {
+                port: p @ None,
+                socket: s @ None,
+                ..
+            } => match record_port {
+                Some(port) => *p = Some(port),
+                None => *s = Some(socket),
+            },
+            InstanceRef::Process { .. } => {}
+        }
+        self
+    }
+}
+
+impl Endpoint {
+    /// The TCP port, for an endpoint that has one (what the record's `port` shows).
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            Endpoint::Tcp { port, .. } => Some(*port),
+            Endpoint::Unix(_) => None,
+        }
+    }
+}
+
+/// How an instance is to listen, as the launch asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// On a TCP port the runtime chooses where it needs host ports (from the configured range
+    /// for processes). The runtime substitutes `{port}` in the command, its arguments and the
+    /// environment, and sets `env` (when named) to the port.
+    Port {
+        env: Option<String>,
+        /// The port to take again when it is free: the record's, after Switchboard restarted.
+        prefer: Option<u16>,
+    },
+    /// On this Unix socket, which the launched command is told about (the stdio bridge).
+    Socket(PathBuf),
+}
+
+/// A started instance: how to find it again and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    pub instance: InstanceRef,
+    pub endpoint: Endpoint,
 }
 
 /// What `ps` prints in its INSTANCE column.
@@ -136,16 +207,46 @@ impl fmt::Display for ExitInfo {
     }
 }
 
-/// Everything a runtime needs to start one deployment. Placeholders are already substituted.
+/// Everything a runtime needs to start one deployment: what to run (a command today; an image
+/// joins it with the container runtime) and how it listens. `{port}` in `program`, `args` and
+/// `env` values is the runtime's to substitute, since the runtime picks the port.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
     pub deployment_id: Uuid,
     pub program: String,
     pub args: Vec<String>,
-    /// Added to (and overriding) the environment Switchboard inherited.
+    /// Added to (and overriding) the environment Switchboard inherited, in order (a later
+    /// entry wins).
     pub env: Vec<(String, String)>,
+    /// Added after `env`, never substituted, never logged.
+    pub secret_env: Vec<(String, String)>,
     pub working_dir: Option<PathBuf>,
     pub stop: StopMode,
+    pub listen: Listen,
+}
+
+impl LaunchSpec {
+    /// The launch with `{port}` replaced in the command, its arguments and `env` values, and
+    /// the port variable (if the listen names one) put first, so the tool's own env can still
+    /// override it. For runtimes that choose the port.
+    pub fn with_port(mut self, port: u16) -> LaunchSpec {
+        let p = port.to_string();
+        let subst = |s: &mut String| {
+            if s.contains("{port}") {
+                *s = s.replace("{port}", &p);
+            }
+        };
+        subst(&mut self.program);
+        self.args.iter_mut().for_each(subst);
+        self.env.iter_mut().for_each(|(_, v)| subst(v));
+        if let Listen::Port {
+            env: Some(name), ..
+        } = &self.listen
+        {
+            self.env.insert(0, (name.clone(), p.clone()));
+        }
+        self
+    }
 }
 
 /// Who gets the SIGTERM that starts a stop.
@@ -167,15 +268,6 @@ pub struct ProcessId {
     pub pid: u32,
     /// `None` where /proc could not be read (the process already gone).
     pub start_time: Option<u64>,
-}
-
-impl From<ProcessId> for InstanceRef {
-    fn from(p: ProcessId) -> InstanceRef {
-        InstanceRef::Process {
-            pid: p.pid,
-            start_time: p.start_time,
-        }
-    }
 }
 
 impl ProcessId {
@@ -240,18 +332,28 @@ pub enum RuntimeError {
     Tree(#[source] std::io::Error),
     #[error("no instance {0} in this runtime")]
     UnknownInstance(Uuid),
+    #[error(transparent)]
+    PortsExhausted(#[from] crate::ports::PortsExhausted),
 }
 
 pub trait Runtime: Send + Sync + 'static {
     fn kind(&self) -> RuntimeKind;
-    /// Starts the instance and returns the reference that finds it again, once it exists.
-    /// Starting an id again (a restart) replaces the ended instance.
-    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<InstanceRef, RuntimeError>>;
+    /// Claims where deployment `id` will listen, before anything runs or is recorded (a host
+    /// port from the range, or the named socket). Returns the same endpoint while the claim
+    /// holds; [`Runtime::release`] ends it.
+    fn reserve(&self, id: Uuid, listen: &Listen) -> Result<Endpoint, RuntimeError>;
+    /// Gives up what `reserve` (or `adopt`) claimed for `id`, once the deployment has ended
+    /// for good. Idempotent.
+    fn release(&self, id: Uuid);
+    /// Starts the instance (reserving its endpoint first if that was not done) and returns
+    /// the reference that finds it again and the endpoint it serves on, once it exists.
+    /// Starting an id again (a restart) replaces the ended instance on the same endpoint.
+    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Started, RuntimeError>>;
     /// Takes charge of an instance an earlier Switchboard process started, if `instance` still
     /// names that deployment's (for a process: same pid and start time, and in its cgroup
-    /// where there are cgroups). Returns false, having signalled nothing, when it does not, or
-    /// when the reference is another runtime's.
-    fn adopt(&self, id: Uuid, instance: &InstanceRef, stop: StopMode) -> bool;
+    /// where there are cgroups), and claims its endpoint, which it returns. Returns `None`,
+    /// having signalled nothing, when it does not, or when the reference is another runtime's.
+    fn adopt(&self, id: Uuid, instance: &InstanceRef, stop: StopMode) -> Option<Endpoint>;
     /// Resolves when the instance's main process exits (at once if it already has).
     fn wait(&self, id: Uuid) -> BoxFuture<'_, Result<ExitInfo, RuntimeError>>;
     /// Stops the whole tree: SIGTERM to every process, SIGKILL to what is left after `grace`.
@@ -276,4 +378,93 @@ pub trait Runtime: Send + Sync + 'static {
     fn sweep(&self) -> BoxFuture<'_, Vec<Uuid>>;
     /// Where the deployment's output goes, for lines Switchboard adds (package installs).
     fn log_file(&self, id: Uuid) -> Option<PathBuf>;
+    /// Host ports held and the size of the range, for a runtime that allocates them.
+    fn host_ports(&self) -> Option<PortUse> {
+        None
+    }
+}
+
+/// How much of the port range is taken (the `ports_in_use` / `ports_free` metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortUse {
+    pub in_use: usize,
+    pub total: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(listen: Listen) -> LaunchSpec {
+        LaunchSpec {
+            deployment_id: Uuid::new_v4(),
+            program: "server-{port}".into(),
+            args: vec!["--port={port}".into()],
+            env: vec![("PORT".into(), "from-the-tool".into())],
+            secret_env: vec![("TOKEN".into(), "a{port}b".into())],
+            working_dir: None,
+            stop: StopMode::Tree,
+            listen,
+        }
+    }
+
+    #[test]
+    fn the_port_is_substituted_and_its_variable_comes_before_the_tools_env() {
+        let l = launch(Listen::Port {
+            env: Some("PORT".into()),
+            prefer: None,
+        })
+        .with_port(7301);
+        assert_eq!(l.program, "server-7301");
+        assert_eq!(l.args, ["--port=7301"]);
+        // Ours first, the tool's own after it (the later one wins in the environment).
+        assert_eq!(
+            l.env,
+            [
+                ("PORT".to_owned(), "7301".to_owned()),
+                ("PORT".to_owned(), "from-the-tool".to_owned())
+            ]
+        );
+        // Secrets are passed as given.
+        assert_eq!(l.secret_env[0].1, "a{port}b");
+        let unnamed = launch(Listen::Port {
+            env: None,
+            prefer: None,
+        })
+        .with_port(7301);
+        assert_eq!(unnamed.env.len(), 1);
+    }
+
+    #[test]
+    fn a_reference_without_an_endpoint_is_completed_from_the_record() {
+        let old: InstanceRef =
+            serde_json::from_str(r#"{"kind":"process","pid":7,"start_time":9}"#).expect("parses");
+        let sock = PathBuf::from("/data/run/x.sock");
+        let with_port = old.clone().with_endpoint(Some(8101), sock.clone());
+        assert!(matches!(
+            with_port,
+            InstanceRef::Process {
+                port: Some(8101),
+                socket: None,
+                ..
+            }
+        ));
+        let stdio = old.with_endpoint(None, sock.clone());
+        assert!(
+            matches!(stdio, InstanceRef::Process { port: None, socket: Some(ref s), .. } if *s == sock)
+        );
+        // One that says where it listens keeps it.
+        let new = with_port.with_endpoint(Some(1), sock);
+        assert!(matches!(
+            new,
+            InstanceRef::Process {
+                port: Some(8101),
+                ..
+            }
+        ));
+        assert_eq!(
+            serde_json::to_string(&new).expect("serializes"),
+            r#"{"kind":"process","pid":7,"start_time":9,"port":8101}"#
+        );
+    }
 }

@@ -24,9 +24,11 @@ use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{process::Command, sync::watch};
 use uuid::Uuid;
 
+use crate::ports::PortAllocator;
+
 use super::{
-    ExitInfo, InstanceRef, LaunchSpec, LogStream, ProcessId, Runtime, RuntimeError, RuntimeKind,
-    StopMode, Usage,
+    Endpoint, ExitInfo, InstanceRef, LaunchSpec, Listen, LogStream, ProcessId, Runtime,
+    RuntimeError, RuntimeKind, Started, StopMode, Usage,
     cgroup::{self, CgroupRoot},
     launch::SHIM_ARG,
 };
@@ -116,16 +118,56 @@ impl Instance {
 pub struct ProcessRuntime {
     tracking: TreeTracking,
     logs_dir: PathBuf,
-    instances: Mutex<HashMap<Uuid, Arc<Instance>>>,
+    /// Host ports for instances that listen on one; the range is the config's `port_range`.
+    ports: PortAllocator,
+    state: Mutex<State>,
 }
 
+#[derive(Default)]
+struct State {
+    /// Instances started or adopted, until stopped.
+    instances: HashMap<Uuid, Arc<Instance>>,
+    /// Where each deployment listens, from its reservation to its release (across restarts).
+    endpoints: HashMap<Uuid, Endpoint>,
+}
+
+/// Processes listen on the loopback interface; only the proxy and probes reach them.
+const HOST: &str = "127.0.0.1";
+
 impl ProcessRuntime {
-    pub fn new(tracking: TreeTracking, logs_dir: PathBuf) -> ProcessRuntime {
+    pub fn new(tracking: TreeTracking, logs_dir: PathBuf, ports: PortAllocator) -> ProcessRuntime {
         ProcessRuntime {
             tracking,
             logs_dir,
-            instances: Mutex::new(HashMap::new()),
+            ports,
+            state: Mutex::new(State::default()),
         }
+    }
+
+    pub fn ports(&self) -> &PortAllocator {
+        &self.ports
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every update is a single insert or remove, so a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records `endpoint` for `id` unless one is already there; returns the one that holds.
+    /// A port claimed for nothing (a racing reservation won) goes back to the allocator.
+    fn hold(&self, id: Uuid, endpoint: Endpoint) -> Endpoint {
+        let held = self
+            .state()
+            .endpoints
+            .entry(id)
+            .or_insert_with(|| endpoint.clone())
+            .clone();
+        if held != endpoint
+            && let Some(p) = endpoint.port()
+        {
+            self.ports.release(p);
+        }
+        held
     }
 
     pub fn tracking(&self) -> &TreeTracking {
@@ -136,12 +178,8 @@ impl ProcessRuntime {
         self.logs_dir.join(format!("{id}.log"))
     }
 
-    fn instances(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<Instance>>> {
-        self.instances.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn get(&self, id: Uuid) -> Option<Arc<Instance>> {
-        self.instances().get(&id).cloned()
+        self.state().instances.get(&id).cloned()
     }
 
     /// Called once when Switchboard exits, after its deployments were stopped or left running:
@@ -234,7 +272,7 @@ impl ProcessRuntime {
             TreeTracking::ProcessGroup => (Command::new(&spec.program), None),
         };
         cmd.args(&spec.args)
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .envs(spec.env.iter().chain(&spec.secret_env).map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(stderr))
@@ -243,7 +281,12 @@ impl ProcessRuntime {
             .process_group(0)
             .kill_on_drop(false);
         for k in SCRUBBED_ENV {
-            if !spec.env.iter().any(|(name, _)| name == k) {
+            if !spec
+                .env
+                .iter()
+                .chain(&spec.secret_env)
+                .any(|(name, _)| name == k)
+            {
                 cmd.env_remove(k);
             }
         }
@@ -349,9 +392,41 @@ impl Runtime for ProcessRuntime {
         RuntimeKind::Process
     }
 
-    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<InstanceRef, RuntimeError>> {
+    fn reserve(&self, id: Uuid, listen: &Listen) -> Result<Endpoint, RuntimeError> {
+        if let Some(held) = self.state().endpoints.get(&id) {
+            return Ok(held.clone());
+        }
+        let endpoint = match listen {
+            Listen::Port { prefer, .. } => {
+                let port = match prefer {
+                    Some(p) if self.ports.take(*p) => *p,
+                    _ => self.ports.allocate()?,
+                };
+                Endpoint::Tcp {
+                    host: HOST.to_owned(),
+                    port,
+                }
+            }
+            Listen::Socket(path) => Endpoint::Unix(path.clone()),
+        };
+        Ok(self.hold(id, endpoint))
+    }
+
+    fn release(&self, id: Uuid) {
+        let gone = self.state().endpoints.remove(&id);
+        if let Some(p) = gone.and_then(|e| e.port()) {
+            self.ports.release(p);
+        }
+    }
+
+    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Started, RuntimeError>> {
         async move {
             let id = spec.deployment_id;
+            let endpoint = self.reserve(id, &spec.listen)?;
+            let spec = match &endpoint {
+                Endpoint::Tcp { port, .. } => spec.with_port(*port),
+                Endpoint::Unix(_) => spec,
+            };
             let (pid, cgroup_dir, mut child) = self.spawn(&spec)?;
             // Read before anything can reap the child, so it names this process.
             let process = ProcessId {
@@ -359,7 +434,7 @@ impl Runtime for ProcessRuntime {
                 start_time: super::process_start_time(pid),
             };
             let (tx, rx) = watch::channel(None);
-            self.instances().insert(
+            self.state().instances.insert(
                 id,
                 Arc::new(Instance {
                     pid,
@@ -379,23 +454,52 @@ impl Runtime for ProcessRuntime {
                 reap_tree(cgroup_dir.as_deref(), pid);
                 let _ = tx.send(Some(exit));
             });
-            Ok(process.into())
+            Ok(Started {
+                instance: InstanceRef::Process {
+                    pid: process.pid,
+                    start_time: process.start_time,
+                    port: endpoint.port(),
+                    socket: match &endpoint {
+                        Endpoint::Unix(path) => Some(path.clone()),
+                        Endpoint::Tcp { .. } => None,
+                    },
+                },
+                endpoint,
+            })
         }
         .boxed()
     }
 
-    fn adopt(&self, id: Uuid, instance: &InstanceRef, stop: StopMode) -> bool {
+    fn adopt(&self, id: Uuid, instance: &InstanceRef, stop: StopMode) -> Option<Endpoint> {
         // Every other variant is another runtime's.
         #[allow(irrefutable_let_patterns)]
-        let InstanceRef::Process { pid, start_time } = *instance else {
-            return false;
+        let InstanceRef::Process {
+            pid,
+            start_time,
+            port,
+            socket,
+        } = instance
+        else {
+            return None;
         };
-        let process = ProcessId { pid, start_time };
+        let endpoint = match (port, socket) {
+            (Some(port), _) => Endpoint::Tcp {
+                host: HOST.to_owned(),
+                port: *port,
+            },
+            (None, Some(path)) => Endpoint::Unix(path.clone()),
+            // Nothing says where it listens: it cannot be routed, so it is not adopted.
+            (None, None) => return None,
+        };
+        let process = ProcessId {
+            pid: *pid,
+            start_time: *start_time,
+        };
         // The pidfd first, then the identity check: if the check passes, the pidfd refers to
         // the process that has this start time, even if the pid is reused right after.
         let pidfd = pidfd_open(process.pid);
         if !process.is_alive() {
-            return false;
+            return None;
         }
         let cgroup_dir = match &self.tracking {
             TreeTracking::Cgroup { root, .. } => {
@@ -404,14 +508,14 @@ impl Runtime for ProcessRuntime {
                     .unwrap_or_default()
                     .contains(&process.pid)
                 {
-                    return false;
+                    return None;
                 }
                 Some(dir)
             }
             TreeTracking::ProcessGroup => None,
         };
         let (tx, rx) = watch::channel(None);
-        self.instances().insert(
+        self.state().instances.insert(
             id,
             Arc::new(Instance {
                 pid: process.pid,
@@ -426,7 +530,11 @@ impl Runtime for ProcessRuntime {
             // Not our child: its exit status went to whoever reaped it.
             let _ = tx.send(Some(ExitInfo::default()));
         });
-        true
+        // It listens there now: the port is this deployment's whatever the range says.
+        if let Some(p) = endpoint.port() {
+            self.ports.reserve(p);
+        }
+        Some(self.hold(id, endpoint))
     }
 
     fn wait(&self, id: Uuid) -> BoxFuture<'_, Result<ExitInfo, RuntimeError>> {
@@ -453,7 +561,7 @@ impl Runtime for ProcessRuntime {
                 return Ok(None);
             };
             let exit = Self::stop_instance(&inst, grace).await?;
-            self.instances().remove(&id);
+            self.state().instances.remove(&id);
             Ok(Some(exit))
         }
         .boxed()
@@ -486,6 +594,13 @@ impl Runtime for ProcessRuntime {
 
     fn log_file(&self, id: Uuid) -> Option<PathBuf> {
         Some(self.log_path(id))
+    }
+
+    fn host_ports(&self) -> Option<super::PortUse> {
+        Some(super::PortUse {
+            in_use: self.ports.in_use().len(),
+            total: self.ports.range().len(),
+        })
     }
 
     fn logs_tail(&self, id: Uuid, lines: usize) -> BoxFuture<'_, String> {

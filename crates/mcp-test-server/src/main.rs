@@ -285,7 +285,8 @@ mod probes {
             )
     }
 
-    /// What the proxy sent: method, path and query, and headers.
+    /// What the proxy sent: method, path and query, headers, and the body's size (read whole
+    /// before answering, so a proxy's body limit is hit before this answers).
     async fn headers(req: Request) -> impl IntoResponse {
         let headers: BTreeMap<String, String> = req
             .headers()
@@ -297,10 +298,16 @@ mod probes {
                 )
             })
             .collect();
+        let method = req.method().as_str().to_owned();
+        let uri = req.uri().to_string();
+        let body = axum::body::to_bytes(req.into_body(), usize::MAX)
+            .await
+            .map(|b| b.len());
         Json(serde_json::json!({
-            "method": req.method().as_str(),
-            "uri": req.uri().to_string(),
+            "method": method,
+            "uri": uri,
             "headers": headers,
+            "body_bytes": body.ok(),
         }))
     }
 
