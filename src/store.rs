@@ -492,17 +492,32 @@ impl Store {
 
     // ----- deployments -----
 
+    /// How a deploy locks its tool's row against a delete: shared, so deploys of one tool do
+    /// not wait for each other. SQLite needs none: its writers are serialized and the insert
+    /// below is one statement.
+    fn tool_share_lock(&self) -> Option<&'static str> {
+        match &self.pool {
+            Pool::Sqlite(_) => None,
+            Pool::Postgres(_) => Some("SELECT 1 FROM tools WHERE id = ? FOR SHARE"),
+            // MariaDB and MySQL both accept this spelling.
+            Pool::MySql(_) => Some("SELECT 1 FROM tools WHERE id = ? LOCK IN SHARE MODE"),
+        }
+    }
+
     /// Records a new deployment of a tool that still exists: it fails with
     /// [`StoreError::ToolGone`] when the tool was deleted, even by a delete racing this insert
-    /// (the tool's row is locked first, so [`Store::delete_tool`] waits for this deployment and
-    /// then counts it as live, or this waits for the delete and finds no tool).
+    /// (the tool's row is share-locked first, so [`Store::delete_tool`], which locks it
+    /// exclusively, waits for this deployment and then counts it as live, or this waits for
+    /// the delete and finds no tool).
     pub async fn insert_deployment(&self, d: &Deployment) -> Result<(), StoreError> {
         let res = on_pool!(self, pool, sql => async {
             let mut tx = pool.begin().await?;
-            sqlx::query(sql("UPDATE tools SET slug = slug WHERE id = ?"))
-                .bind(d.tool_id.to_string())
-                .execute(&mut *tx)
-                .await?;
+            if let Some(lock) = self.tool_share_lock() {
+                sqlx::query(sql(lock))
+                    .bind(d.tool_id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
             let inserted = sqlx::query(sql(
                 "INSERT INTO deployments (id, tool_id, tool_slug, node_id, endpoint_url, port, \
                  status, health_status, last_health_check, deployed_at, stopped_at, runtime, \
