@@ -804,6 +804,141 @@ impl Store {
     }
 }
 
+/// A client key's record (what `auth::keys` keeps): the SHA-256 digest of the key, never the
+/// key itself; its grants as written ("slug", "slug/tool", "*"), parsed by `auth`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub key_hash: [u8; 32],
+    pub grants: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub rate_limit_per_min: Option<u32>,
+    pub max_concurrent: Option<u32>,
+}
+
+#[derive(FromRow)]
+struct KeyRow {
+    id: String,
+    name: String,
+    key_hash: String,
+    grants: String,
+    created_at: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+    rate_limit_per_min: Option<i64>,
+    max_concurrent: Option<i64>,
+}
+
+macro_rules! key_columns {
+    () => {
+        "SELECT id, name, key_hash, grants, created_at, expires_at, revoked_at, \
+         rate_limit_per_min, max_concurrent"
+    };
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl TryFrom<KeyRow> for KeyRecord {
+    type Error = StoreError;
+    fn try_from(r: KeyRow) -> Result<Self, StoreError> {
+        Ok(KeyRecord {
+            id: parse_uuid(&r.id)?,
+            key_hash: unhex32(&r.key_hash)
+                .ok_or_else(|| StoreError::Corrupt(format!("key {}: bad digest", r.id)))?,
+            grants: serde_json::from_str(&r.grants)
+                .map_err(|e| StoreError::Corrupt(format!("key {}: grants: {e}", r.id)))?,
+            name: r.name,
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            revoked_at: r.revoked_at,
+            rate_limit_per_min: narrow(r.rate_limit_per_min, "rate limit")?,
+            max_concurrent: narrow(r.max_concurrent, "concurrency limit")?,
+        })
+    }
+}
+
+impl Store {
+    // ----- client keys -----
+
+    pub async fn insert_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
+        let grants =
+            serde_json::to_string(&k.grants).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        on_pool!(self, pool, sql => {
+            sqlx::query(sql(
+                "INSERT INTO client_keys (id, name, key_hash, grants, created_at, expires_at, \
+                 revoked_at, rate_limit_per_min, max_concurrent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ))
+            .bind(k.id.to_string())
+            .bind(&k.name)
+            .bind(hex(&k.key_hash))
+            .bind(grants)
+            .bind(k.created_at)
+            .bind(k.expires_at)
+            .bind(k.revoked_at)
+            .bind(k.rate_limit_per_min.map(i64::from))
+            .bind(k.max_concurrent.map(i64::from))
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Every key, revoked ones included, oldest first.
+    pub async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows: Vec<KeyRow> = on_pool!(self, pool, sql => {
+            sqlx::query_as(sql(concat!(key_columns!(), " FROM client_keys ORDER BY created_at, id")))
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter().map(KeyRecord::try_from).collect()
+    }
+
+    pub async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        let row: Option<KeyRow> = on_pool!(self, pool, sql => {
+            sqlx::query_as(sql(concat!(key_columns!(), " FROM client_keys WHERE id = ?")))
+                .bind(id.to_string())
+                .fetch_optional(pool)
+                .await?
+        });
+        row.map(KeyRecord::try_from).transpose()
+    }
+
+    /// Marks a key revoked at `at` (a key already revoked keeps its first time). The record
+    /// as it now is; `None` when there is no such key.
+    pub async fn revoke_key(
+        &self,
+        id: Uuid,
+        at: DateTime<Utc>,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        on_pool!(self, pool, sql => {
+            sqlx::query(sql(
+                "UPDATE client_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+            ))
+            .bind(at)
+            .bind(id.to_string())
+            .execute(pool)
+            .await?;
+        });
+        self.get_key(id).await
+    }
+}
+
 /// Outcome of [`Store::delete_tool`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum DeleteTool {

@@ -11,7 +11,7 @@ use common::{fresh_mysql_url, fresh_postgres_url};
 use switchboard::{
     deployment::{Deployment, DeploymentStatus, ExitInfo, HealthStatus, InstanceRef, RuntimeKind},
     registry::ToolSpec,
-    store::{DeleteTool, DeploymentFilter, Store, StoreError, now},
+    store::{DeleteTool, DeploymentFilter, KeyRecord, Store, StoreError, now},
 };
 use uuid::Uuid;
 
@@ -68,6 +68,7 @@ contract!(
     restarts_keep_the_record_until_a_stop_is_desired,
     a_round_of_health_checks_is_written_at_once,
     a_deploy_racing_a_tool_delete_never_leaves_a_live_orphan,
+    client_keys_round_trip_and_revoke_once,
 );
 
 fn spec(slug: &str) -> ToolSpec {
@@ -850,4 +851,47 @@ async fn a_deploy_racing_a_tool_delete_never_leaves_a_live_orphan(s: Store) {
             (ins, del) => panic!("round {round}: insert {ins:?}, delete {del:?}"),
         }
     }
+}
+
+async fn client_keys_round_trip_and_revoke_once(s: Store) {
+    let a = KeyRecord {
+        id: Uuid::new_v4(),
+        name: "ci runner ü".into(),
+        key_hash: [7; 32],
+        grants: vec!["*".into(), "demo/echo".into()],
+        created_at: now(),
+        expires_at: Some(now() + chrono::Duration::days(400)),
+        revoked_at: None,
+        rate_limit_per_min: Some(u32::MAX),
+        max_concurrent: Some(3),
+    };
+    let mut b = a.clone();
+    b.id = Uuid::new_v4();
+    b.key_hash = [0xfe; 32];
+    b.expires_at = None;
+    b.rate_limit_per_min = None;
+    b.max_concurrent = None;
+    b.created_at = a.created_at + chrono::Duration::seconds(1);
+    s.insert_key(&a).await.unwrap();
+    s.insert_key(&b).await.unwrap();
+    assert_eq!(s.get_key(a.id).await.unwrap(), Some(a.clone()));
+    assert_eq!(s.list_keys().await.unwrap(), vec![a.clone(), b.clone()]);
+    assert_eq!(s.get_key(Uuid::new_v4()).await.unwrap(), None);
+    // One digest, one key.
+    let mut dup = b.clone();
+    dup.id = Uuid::new_v4();
+    assert!(s.insert_key(&dup).await.is_err());
+
+    let first = now();
+    let revoked = s.revoke_key(a.id, first).await.unwrap().unwrap();
+    assert_eq!(revoked.revoked_at, Some(first));
+    // Again: the first time stays.
+    let again = s
+        .revoke_key(a.id, first + chrono::Duration::seconds(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.revoked_at, Some(first));
+    assert_eq!(s.revoke_key(Uuid::new_v4(), first).await.unwrap(), None);
+    assert_eq!(s.get_key(b.id).await.unwrap().unwrap().revoked_at, None);
 }
