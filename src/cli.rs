@@ -115,6 +115,37 @@ pub enum Command {
         #[arg(long)]
         tool: Option<String>,
     },
+    /// Manage client keys, which MCP clients send on /mcp (`Authorization: Bearer <key>`)
+    /// when `[auth] mcp = "required"`.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Make a key and print it (on stdout, alone; only this once: Switchboard keeps a digest).
+    Create {
+        /// Who or what holds the key.
+        name: String,
+        /// What it may call: a tool slug, `slug/mcp-tool`, or `*` for everything (repeat).
+        #[arg(long = "tool", required = true)]
+        tools: Vec<String>,
+        /// Seconds until the key stops working (default: never).
+        #[arg(long)]
+        expires_in: Option<u64>,
+        /// Requests per minute, in bursts of up to this many (default: no limit).
+        #[arg(long)]
+        rate_limit_per_min: Option<u32>,
+        /// Requests in flight at once, open streams included (default: no limit).
+        #[arg(long)]
+        max_concurrent: Option<u32>,
+    },
+    /// List keys (never the keys themselves), revoked ones included.
+    List,
+    /// Show one key (an id or a unique prefix of one).
+    Show { id: String },
+    /// Revoke a key: the next request with it is refused and what it has open ends.
+    Revoke { id: String },
 }
 
 /// What `deploy` and `scale` exit with; scripts can rely on it.
@@ -1234,6 +1265,7 @@ pub async fn run_client(command: Command, args: &ClientArgs) -> anyhow::Result<(
                 out.flush()?;
             }
         }
+        Command::Key(k) => run_key(&client, k, args.json).await?,
         Command::Stop { id } => {
             let id = resolve_id(&client, &id).await?;
             let (d, raw): (Deployment, _) = client
@@ -1247,6 +1279,119 @@ pub async fn run_client(command: Command, args: &ClientArgs) -> anyhow::Result<(
         }
     }
     Ok(())
+}
+
+async fn run_key(client: &Client, command: KeyCommand, json: bool) -> anyhow::Result<()> {
+    use crate::auth::keys::{ClientKey, CreatedKey};
+    match command {
+        KeyCommand::Create {
+            name,
+            tools,
+            expires_in,
+            rate_limit_per_min,
+            max_concurrent,
+        } => {
+            let body = json!({
+                "name": name,
+                "tools": tools,
+                "expires_in_s": expires_in,
+                "rate_limit_per_min": rate_limit_per_min,
+                "max_concurrent": max_concurrent,
+            });
+            let (k, raw): (CreatedKey, _) = client.post("/api/v1/keys", Some(&body)).await?;
+            if json {
+                print_json(&raw);
+            } else {
+                // The key alone on stdout (KEY=$(switchboard key create ...)); the rest for people.
+                eprintln!(
+                    "Created key {} ('{}'); it is shown only now:",
+                    k.info.id, k.info.name
+                );
+                println!("{}", k.key);
+            }
+        }
+        KeyCommand::List => {
+            let (keys, raw): (Vec<ClientKey>, _) = client.get("/api/v1/keys").await?;
+            if json {
+                print_json(&raw);
+            } else {
+                let mut t = table(&["ID", "NAME", "TOOLS", "LIMITS", "EXPIRES", "STATE"]);
+                for k in &keys {
+                    t.add_row(key_row(k));
+                }
+                println!("{t}");
+            }
+        }
+        KeyCommand::Show { id } => {
+            let id = resolve_key_id(client, &id).await?;
+            let (k, raw): (ClientKey, _) = client.get(&format!("/api/v1/keys/{id}")).await?;
+            if json {
+                print_json(&raw);
+            } else {
+                let mut t = table(&["ID", "NAME", "TOOLS", "LIMITS", "EXPIRES", "STATE"]);
+                t.add_row(key_row(&k));
+                println!("{t}");
+            }
+        }
+        KeyCommand::Revoke { id } => {
+            let id = resolve_key_id(client, &id).await?;
+            client
+                .call(reqwest::Method::DELETE, &format!("/api/v1/keys/{id}"), None)
+                .await?;
+            if !json {
+                println!("Revoked key {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn key_row(k: &crate::auth::keys::ClientKey) -> Vec<String> {
+    let limits = match (k.rate_limit_per_min, k.max_concurrent) {
+        (None, None) => "-".to_owned(),
+        (r, c) => [
+            r.map(|r| format!("{r}/min")),
+            c.map(|c| format!("{c} at once")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", "),
+    };
+    let now = Utc::now();
+    let state = match (k.revoked_at, k.expires_at) {
+        (Some(_), _) => "revoked",
+        (None, Some(e)) if e <= now => "expired",
+        _ => "active",
+    };
+    vec![
+        k.id.to_string(),
+        k.name.clone(),
+        k.tools.join(" "),
+        limits,
+        k.expires_at.map_or("never".to_owned(), |e| {
+            e.format("%Y-%m-%d %H:%M:%S").to_string()
+        }),
+        state.to_owned(),
+    ]
+}
+
+/// A key's full id from an id or a unique prefix of one.
+async fn resolve_key_id(client: &Client, id: &str) -> anyhow::Result<String> {
+    if uuid::Uuid::parse_str(id).is_ok() {
+        return Ok(id.to_owned());
+    }
+    let (keys, _): (Vec<crate::auth::keys::ClientKey>, _) = client.get("/api/v1/keys").await?;
+    let hits: Vec<String> = keys
+        .iter()
+        .map(|k| k.id.to_string())
+        .filter(|k| !id.is_empty() && k.starts_with(id))
+        .collect();
+    match hits.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("no key with id '{id}' (key_not_found)"),
+        _ => bail!("'{id}' matches {} keys: give more of the id", hits.len()),
+    }
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    log_retention::LogRetention, manager::ExitPolicy, ports::PortRange, proxy::ProxyConfig,
-    registry::ToolSpec,
+    auth::McpAuth, log_retention::LogRetention, manager::ExitPolicy, ports::PortRange,
+    proxy::ProxyConfig, registry::ToolSpec,
 };
 
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7300);
@@ -44,6 +44,13 @@ pub enum ConfigError {
          or listen on 127.0.0.1"
     )]
     TokenRequired(SocketAddr),
+    #[error(
+        "refusing to serve /mcp without authentication on {0}: a non-loopback address exposes \
+         every hosted tool to the network. Remove [auth] mcp = \"off\" (client keys are then \
+         required), listen on 127.0.0.1, or set [auth] allow_unauthenticated_mcp = true if \
+         something in front of Switchboard authenticates callers"
+    )]
+    McpAuthRequired(SocketAddr),
 }
 
 /// The file's shape.
@@ -63,7 +70,21 @@ pub struct FileConfig {
     #[serde(default)]
     pub logs: LogsSection,
     #[serde(default)]
+    pub auth: AuthSection,
+    #[serde(default)]
     pub tools: Vec<ToolSpec>,
+}
+
+/// `[auth]`: who may call `/mcp` (see [`crate::auth`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// `required` (a client key on every request) or `off`. Default: required when the
+    /// listener is not loopback, off on loopback.
+    pub mcp: Option<McpAuth>,
+    /// Lets `mcp = "off"` serve a non-loopback address (something in front authenticates).
+    #[serde(default)]
+    pub allow_unauthenticated_mcp: bool,
 }
 
 /// `[logs]`: how long ended deployments' logs are kept (see [`crate::log_retention`]).
@@ -262,6 +283,8 @@ pub struct Config {
     pub registries: crate::packages::Registries,
     /// How long ended deployments' logs are kept.
     pub log_retention: LogRetention,
+    /// Whether `/mcp` requires a client key.
+    pub mcp_auth: McpAuth,
 }
 
 /// One per CPU this process may use (tokio's own default).
@@ -419,6 +442,17 @@ impl Config {
         if !listen.ip().is_loopback() && api_token.is_none() {
             return Err(ConfigError::TokenRequired(listen));
         }
+        let mcp_auth = file.auth.mcp.unwrap_or(if listen.ip().is_loopback() {
+            McpAuth::Off
+        } else {
+            McpAuth::Required
+        });
+        if mcp_auth == McpAuth::Off
+            && !listen.ip().is_loopback()
+            && !file.auth.allow_unauthenticated_mcp
+        {
+            return Err(ConfigError::McpAuthRequired(listen));
+        }
         let tools = file
             .tools
             .into_iter()
@@ -476,6 +510,7 @@ impl Config {
             proxy: file.proxy.resolve(),
             edge,
             launcher: None,
+            mcp_auth,
         })
     }
 }
@@ -653,6 +688,40 @@ mod tests {
         .unwrap();
         assert_eq!(ok.api_token.as_deref(), Some("s3cret"));
         assert!(!format!("{:?}", ok.listen).contains("s3cret"));
+    }
+
+    #[test]
+    fn mcp_auth_is_required_off_loopback_and_off_needs_an_explicit_opt_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |listen: &str, text: &str| {
+            Config::load(Overrides {
+                config: Some(write(dir.path(), text)),
+                listen: Some(listen.parse().unwrap()),
+                api_token: Some("t".into()),
+                ..Default::default()
+            })
+        };
+        assert_eq!(load("127.0.0.1:7300", "").unwrap().mcp_auth, McpAuth::Off);
+        assert_eq!(
+            load("0.0.0.0:7300", "").unwrap().mcp_auth,
+            McpAuth::Required
+        );
+        assert_eq!(
+            load("127.0.0.1:7300", "[auth]\nmcp = \"required\"\n")
+                .unwrap()
+                .mcp_auth,
+            McpAuth::Required
+        );
+        let e = load("0.0.0.0:7300", "[auth]\nmcp = \"off\"\n").unwrap_err();
+        assert!(matches!(e, ConfigError::McpAuthRequired(_)), "{e}");
+        assert!(e.to_string().contains("allow_unauthenticated_mcp"), "{e}");
+        let opted = load(
+            "0.0.0.0:7300",
+            "[auth]\nmcp = \"off\"\nallow_unauthenticated_mcp = true\n",
+        )
+        .unwrap();
+        assert_eq!(opted.mcp_auth, McpAuth::Off);
+        assert!(load("0.0.0.0:7300", "[auth]\nmcp = \"maybe\"\n").is_err());
     }
 
     #[test]

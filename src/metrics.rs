@@ -100,6 +100,65 @@ impl UpstreamErrorKind {
     }
 }
 
+/// How the `/mcp` gate decided on a request, as `mcp_auth_decisions` counts it (the
+/// `outcome` label; never a principal, so the label set stays this small).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthOutcome {
+    Allowed,
+    /// No credential, or not a bearer one.
+    Missing,
+    /// An unknown or revoked key.
+    Invalid,
+    Expired,
+    /// A valid principal without the grant.
+    Forbidden,
+    /// 429: over the principal's rate limit.
+    RateLimited,
+    /// 429: over the principal's cap on requests in flight.
+    ConcurrencyLimited,
+}
+
+impl AuthOutcome {
+    pub const ALL: [AuthOutcome; 7] = [
+        AuthOutcome::Allowed,
+        AuthOutcome::Missing,
+        AuthOutcome::Invalid,
+        AuthOutcome::Expired,
+        AuthOutcome::Forbidden,
+        AuthOutcome::RateLimited,
+        AuthOutcome::ConcurrencyLimited,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthOutcome::Allowed => "allowed",
+            AuthOutcome::Missing => "missing",
+            AuthOutcome::Invalid => "invalid",
+            AuthOutcome::Expired => "expired",
+            AuthOutcome::Forbidden => "forbidden",
+            AuthOutcome::RateLimited => "rate_limited",
+            AuthOutcome::ConcurrencyLimited => "concurrency_limited",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+/// The gate's counters, resolved once (one per outcome).
+#[derive(Debug, Clone)]
+pub struct AuthMetrics {
+    outcomes: [Counter; 7],
+}
+
+impl AuthMetrics {
+    pub fn count(&self, outcome: AuthOutcome) {
+        self.outcomes[outcome as usize].inc();
+    }
+}
+
 /// Index into [`METHODS`].
 pub fn method_index(m: &http::Method) -> usize {
     match *m {
@@ -153,6 +212,7 @@ pub struct Metrics {
     health_checks: Family<CheckLabels, Counter>,
     health_latency: HistogramFamily<DeploymentLabels>,
     restarts: Family<DeploymentLabels, Counter>,
+    auth: Family<OutcomeLabels, Counter>,
     // Rebuilt at each scrape.
     pub in_flight: Family<DeploymentLabels, Gauge>,
     pub open_streams: Family<DeploymentLabels, Gauge>,
@@ -181,6 +241,7 @@ impl Metrics {
             health_checks: Family::default(),
             health_latency: Family::new_with_constructor(latency_histogram),
             restarts: Family::default(),
+            auth: Family::default(),
             in_flight: Family::default(),
             open_streams: Family::default(),
             deployments: Family::default(),
@@ -236,6 +297,12 @@ impl Metrics {
                 m.restarts.clone(),
             );
             r.register(
+                "mcp_auth_decisions",
+                "Requests to /mcp by the gate's decision (allowed, or why refused: missing, \
+                 invalid, expired, forbidden, rate_limited, concurrency_limited)",
+                m.auth.clone(),
+            );
+            r.register(
                 "deployments",
                 "Deployments this node runs, by tool and status",
                 m.deployments.clone(),
@@ -276,6 +343,19 @@ impl Metrics {
             );
         }
         m
+    }
+
+    /// The `/mcp` gate's counters; every outcome's series exists from the start (at 0).
+    pub fn auth(&self) -> AuthMetrics {
+        AuthMetrics {
+            outcomes: std::array::from_fn(|i| {
+                self.auth
+                    .get_or_create(&OutcomeLabels {
+                        outcome: AuthOutcome::ALL[i].label(),
+                    })
+                    .clone()
+            }),
+        }
     }
 
     /// The per-request handles of one deployment's backend.

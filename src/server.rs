@@ -18,6 +18,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 
 use crate::{
     api::{self, ApiToken, AppState},
+    auth::{Gate, Keys},
     config::{Config, EdgeLimits},
     health::Prober,
     manager::{ExitPolicy, Hosting, Manager, Reconciled},
@@ -119,7 +120,33 @@ pub async fn run(
         config.metrics.then(|| Arc::new(Metrics::new())),
         hosting,
     );
-    let proxy = Arc::new(Proxy::new(routes, config.proxy.clone()));
+    let keys = Arc::new(
+        Keys::load(manager.store().clone())
+            .await
+            .context("loading client keys")?,
+    );
+    let gate = Gate::new(
+        config.mcp_auth,
+        Arc::clone(&keys),
+        manager.metrics().map(|m| m.auth()),
+        manager.public_url().to_owned(),
+    );
+    let proxy = Arc::new(Proxy::new(routes, config.proxy.clone()).with_gate(Arc::new(gate)));
+    // Keys made or revoked through another node that shares the database.
+    let key_refresh = {
+        let keys = Arc::clone(&keys);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(crate::auth::keys::REFRESH_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if let Err(e) = keys.refresh().await {
+                    tracing::warn!(error = %e, "Reloading client keys failed; keeping those known");
+                }
+            }
+        })
+    };
 
     manager.set_exit_policy(config.exit_policy);
     manager.start_background();
@@ -151,10 +178,12 @@ pub async fn run(
     let state = AppState {
         manager: Arc::clone(&manager),
         token: config.api_token.as_deref().map(ApiToken::new),
+        keys,
     };
     let app = api::router(state);
     tracing::info!(
         auth = config.api_token.is_some(),
+        mcp_auth = ?config.mcp_auth,
         worker_threads = config.worker_threads,
         data_dir = %data_dir.display(),
         "Switchboard listening on http://{addr}"
@@ -184,6 +213,7 @@ pub async fn run(
     serve_http(listener, app, proxy, &config.edge, shutdown).await;
     tracing::info!("Shutting down");
     retention.abort();
+    key_refresh.abort();
     // New deploys are refused from here on, so autostart finishes quickly and everything it
     // started is in the manager's hands when the stop-all runs.
     manager.refuse_deploys();

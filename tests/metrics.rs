@@ -223,16 +223,7 @@ fn cycles() -> usize {
 #[tokio::test]
 async fn ended_failed_and_deleted_deployments_leave_no_series() {
     let app = TestApp::start().await;
-    let scrape = || async {
-        app.http
-            .get(format!("{}/metrics", app.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let scrape = || app.metrics_text();
     // A deployment that stays live through the test (checked hourly: none during the test,
     // so its own series do not change).
     app.add_test_tool("anchor", &[], json!({"health": {"interval_ms": 3_600_000}}))

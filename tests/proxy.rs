@@ -442,21 +442,6 @@ async fn open_streams(port: u64) -> u64 {
     v["open_streams"].as_u64().unwrap()
 }
 
-async fn first_event(
-    resp: reqwest::Response,
-) -> impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> {
-    let mut body = resp.bytes_stream();
-    let mut seen = String::new();
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while !seen.contains("event 0") {
-            seen.push_str(std::str::from_utf8(&body.next().await.unwrap().unwrap()).unwrap());
-        }
-    })
-    .await
-    .unwrap();
-    body
-}
-
 #[tokio::test]
 async fn a_client_that_goes_away_closes_the_upstream_stream() {
     let app = TestApp::start().await;
@@ -468,7 +453,7 @@ async fn a_client_that_goes_away_closes_the_upstream_stream() {
         .send()
         .await
         .unwrap();
-    let body = first_event(resp).await;
+    let body = common::first_event(resp).await;
     assert_eq!(open_streams(port).await, 1);
     drop(body);
     common::eventually(Duration::from_secs(10), || async {
@@ -494,7 +479,7 @@ async fn a_silent_stream_is_closed_after_the_idle_limit() {
         .send()
         .await
         .unwrap();
-    let mut body = first_event(resp).await;
+    let mut body = common::first_event(resp).await;
     let ended = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             match body.next().await {

@@ -10,7 +10,9 @@ use axum::{
 use serde::de::DeserializeOwned;
 
 pub use crate::http_error::{ErrorBody, ErrorDetail};
-use crate::{http_error, manager::ManagerError, registry::SpecError, store::StoreError};
+use crate::{
+    auth::keys::KeyError, http_error, manager::ManagerError, registry::SpecError, store::StoreError,
+};
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -72,6 +74,21 @@ impl From<ManagerError> for ApiError {
                 StatusCode::CONFLICT,
                 "transport_change_with_live_deployments",
             ),
+        };
+        ApiError::new(status, code, msg)
+    }
+}
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> ApiError {
+        let msg = e.to_string();
+        let (status, code) = match &e {
+            KeyError::NotFound(_) => (StatusCode::NOT_FOUND, "key_not_found"),
+            KeyError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_key_request"),
+            KeyError::Store(StoreError::Corrupt(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "store_corrupt")
+            }
+            KeyError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
         };
         ApiError::new(status, code, msg)
     }

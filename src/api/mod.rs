@@ -20,6 +20,12 @@
 //! GET    /api/v1/deployments/{id}/sessions      a stdio deployment's MCP sessions and processes
 //! GET    /api/v1/deployments/{id}/logs          output (?tail=N, ?follow=true streams new lines)
 //! GET    /api/v1/events                         status and health transitions (SSE; ?tool=SLUG)
+//! GET    /api/v1/keys                           list client keys for /mcp (never the keys)
+//! POST   /api/v1/keys                           make a client key (201; the key is shown once)
+//! GET    /api/v1/keys/{id}                      one client key
+//! DELETE /api/v1/keys/{id}                      revoke (what the key has open ends at once)
+//! GET    /.well-known/oauth-protected-resource/mcp/{slug}
+//!                                               RFC 9728 metadata of a tool's MCP endpoint (no auth)
 //! ```
 //!
 //! `/mcp/{slug}[/{rest}]` (MCP traffic, not behind the token) never reaches this router: the
@@ -49,6 +55,11 @@ use uuid::Uuid;
 
 use self::error::{ApiError, Body, ErrorBody, ErrorDetail, Query};
 use crate::{
+    auth::{
+        Keys,
+        keys::{ClientKey, CreatedKey, NewKey},
+        metadata,
+    },
     deployment::{Deployment, DeploymentStatus},
     events::Event,
     health::HealthCheckResult,
@@ -81,6 +92,7 @@ impl std::fmt::Debug for ApiToken {
 pub struct AppState {
     pub manager: Arc<Manager>,
     pub token: Option<ApiToken>,
+    pub keys: Arc<Keys>,
 }
 
 #[derive(OpenApi)]
@@ -106,6 +118,8 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(deployment_sessions))
         .routes(routes!(deployment_logs))
         .routes(routes!(events))
+        .routes(routes!(list_keys, create_key))
+        .routes(routes!(get_key, revoke_key))
         .split_for_parts();
     error::document_common_errors(&mut doc);
     let doc = Arc::new(doc);
@@ -121,6 +135,10 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", axum::routing::get(healthz))
+        .route(
+            &format!("{}/mcp/{{slug}}", metadata::WELL_KNOWN),
+            axum::routing::get(resource_metadata),
+        )
         .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -678,4 +696,66 @@ async fn events(
     });
     axum::response::sse::Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+}
+
+// ----- client keys -----
+
+#[utoipa::path(get, path = "/api/v1/keys", tag = "keys",
+    responses((status = 200, body = Vec<ClientKey>)))]
+async fn list_keys(State(s): State<AppState>) -> Result<Json<Vec<ClientKey>>, ApiError> {
+    Ok(Json(s.keys.list().await?))
+}
+
+/// The answer carries the key itself, this once; Switchboard keeps only its SHA-256 digest.
+#[utoipa::path(post, path = "/api/v1/keys", tag = "keys", request_body = NewKey,
+    responses((status = 201, body = CreatedKey),
+              (status = 422, body = ErrorBody,
+               description = "`invalid_key_request`: a field is out of range or a grant is malformed")))]
+async fn create_key(
+    State(s): State<AppState>,
+    Body(req): Body<NewKey>,
+) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
+    Ok((StatusCode::CREATED, Json(s.keys.create(req).await?)))
+}
+
+#[utoipa::path(get, path = "/api/v1/keys/{id}", tag = "keys",
+    params(("id" = String, Path)),
+    responses((status = 200, body = ClientKey), (status = 404, body = ErrorBody)))]
+async fn get_key(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ClientKey>, ApiError> {
+    Ok(Json(s.keys.get(&id).await?))
+}
+
+/// Revokes the key (idempotent): the next request with it is refused, and requests and
+/// streams it has open end now. The record stays, with `revoked_at`.
+#[utoipa::path(delete, path = "/api/v1/keys/{id}", tag = "keys",
+    params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn revoke_key(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    s.keys.revoke(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// RFC 9728 Protected Resource Metadata of a tool's MCP endpoint, which a 401 on `/mcp/{slug}`
+/// names in `WWW-Authenticate`. Public, like the 401 that points at it.
+async fn resource_metadata(
+    State(s): State<AppState>,
+    Path(slug): Path<String>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Result<Json<metadata::ResourceMetadata>, ApiError> {
+    if !crate::registry::is_valid_slug(&slug) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("'{slug}' is not a tool slug"),
+        ));
+    }
+    let base = metadata::base_url(&headers, &uri, s.manager.public_url());
+    Ok(Json(metadata::document(&base, &slug)))
 }

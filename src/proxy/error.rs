@@ -14,7 +14,11 @@ use axum::{
 };
 
 use super::sessions::MAX_SESSION_ID_LEN;
-use crate::{http_error, metrics::UpstreamErrorKind};
+use crate::{
+    auth::{AuthError, Refusal},
+    http_error,
+    metrics::UpstreamErrorKind,
+};
 
 /// Who failed (Pingora's `ErrorSource`): it decides how loudly we log and whether a backend
 /// is blamed.
@@ -28,6 +32,10 @@ pub enum Source {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    /// The `/mcp` gate refused the request: no valid credential (401, with `challenge` as
+    /// `WWW-Authenticate`), no grant (403) or over quota (429 + `Retry-After`).
+    #[error("{error}")]
+    Auth { error: AuthError, challenge: String },
     #[error("Origin {0:?} is not allowed to call MCP servers through this Switchboard")]
     OriginNotAllowed(HeaderValue),
     #[error("no tool with slug '{0}'")]
@@ -83,7 +91,8 @@ fn no_healthy_message(slug: &str, running: usize) -> String {
 impl ProxyError {
     pub fn source(&self) -> Source {
         match self {
-            ProxyError::OriginNotAllowed(_)
+            ProxyError::Auth { .. }
+            | ProxyError::OriginNotAllowed(_)
             | ProxyError::ToolNotFound(_)
             | ProxyError::InvalidSessionId
             | ProxyError::SessionNotFound
@@ -100,6 +109,11 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
+            ProxyError::Auth { error, .. } => match error.refusal() {
+                Refusal::Unauthenticated => StatusCode::UNAUTHORIZED,
+                Refusal::Forbidden => StatusCode::FORBIDDEN,
+                Refusal::OverQuota => StatusCode::TOO_MANY_REQUESTS,
+            },
             ProxyError::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
             ProxyError::ToolNotFound(_)
             | ProxyError::SessionNotFound
@@ -118,6 +132,7 @@ impl ProxyError {
     /// The stable, machine-readable code of the error body.
     pub fn code(&self) -> &'static str {
         match self {
+            ProxyError::Auth { error, .. } => error.code(),
             ProxyError::OriginNotAllowed(_) => "origin_not_allowed",
             ProxyError::ToolNotFound(_) => "tool_not_found",
             ProxyError::InvalidSessionId => "invalid_session_id",
@@ -154,10 +169,24 @@ impl ProxyError {
             tracing::debug!(code, message = %message, "Request refused");
         }
         let mut resp = http_error::response(status, code, message);
-        if let ProxyError::NoHealthyDeployment { .. } = self {
-            // Ejections last a second at first: that is when trying again makes sense.
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let h = resp.headers_mut();
+        match self {
+            ProxyError::NoHealthyDeployment { .. } => {
+                // Ejections last a second at first: that is when trying again makes sense.
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ProxyError::Auth { error, challenge } => match (&error, error.refusal()) {
+                (_, Refusal::Unauthenticated) => {
+                    if let Ok(v) = HeaderValue::from_str(&challenge) {
+                        h.insert(header::WWW_AUTHENTICATE, v);
+                    }
+                }
+                (AuthError::Quota(q), _) => {
+                    h.insert(header::RETRY_AFTER, HeaderValue::from(q.retry_after_secs()));
+                }
+                _ => {}
+            },
+            _ => {}
         }
         resp
     }

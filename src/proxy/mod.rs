@@ -38,13 +38,18 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use self::{
     error::{ProxyError, Source},
     routes::{Backend, InFlight, RouteTable},
     sessions::{Sessions, valid_session_id},
 };
-use crate::{mcp, metrics::UpstreamErrorKind};
+use crate::{
+    auth::{Admission, AuthError, Gate, quota::Slot},
+    mcp,
+    metrics::UpstreamErrorKind,
+};
 
 /// Proxy settings; see the `[proxy]` section of the config.
 #[derive(Debug, Clone)]
@@ -95,6 +100,8 @@ pub struct Proxy {
     sessions: Sessions,
     client: Client<connect::Connector, UpstreamBody>,
     config: ProxyConfig,
+    /// Who may call which tool; `None` admits everyone (as `[auth] mcp = "off"` does).
+    gate: Option<Arc<Gate>>,
 }
 
 const MCP_SESSION_ID: HeaderName = mcp::SESSION_ID;
@@ -159,7 +166,14 @@ impl Proxy {
             sessions: Sessions::new(config.max_sessions, config.session_idle),
             client,
             config,
+            gate: None,
         }
+    }
+
+    /// Puts `/mcp` behind `gate`: every request is authenticated and admitted before routing.
+    pub fn with_gate(mut self, gate: Arc<Gate>) -> Proxy {
+        self.gate = Some(gate);
+        self
     }
 
     pub fn sessions(&self) -> &Sessions {
@@ -248,6 +262,17 @@ impl Proxy {
             }
         }
 
+        // Before the tool is looked up: without a credential, nothing about the tools shows.
+        let admission = match &self.gate {
+            None => None,
+            Some(gate) => gate
+                .admit(&parts.headers, slug)
+                .map_err(|error| ProxyError::Auth {
+                    challenge: gate.challenge(&parts.headers, &uri, slug),
+                    error,
+                })?,
+        };
+
         let Some(tool) = self.routes.get(slug) else {
             return Err(ProxyError::ToolNotFound(slug.to_owned()));
         };
@@ -306,7 +331,7 @@ impl Proxy {
             return Err(ProxyError::StdioSubPath(slug.to_owned()));
         }
         *chosen = Some(backend.deployment);
-        self.forward(parts, body, slug, rest, session, backend, client)
+        self.forward(parts, body, slug, rest, session, backend, client, admission)
             .await
     }
 
@@ -320,6 +345,7 @@ impl Proxy {
         session: Option<String>,
         backend: Arc<Backend>,
         client: Option<SocketAddr>,
+        admission: Option<Admission>,
     ) -> Result<Response, ProxyError> {
         if let Some(len) = parts
             .headers
@@ -352,8 +378,14 @@ impl Proxy {
             })
             .map(|a| a.ip());
         let original_host = parts.headers.remove(header::HOST);
+        // Kept (a reference count) for the 401 should the credential be revoked mid-request.
+        let host_seen = original_host.clone();
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
+        if admission.is_some() {
+            // The credential is Switchboard's, not the server's: it never leaves here.
+            h.remove(header::AUTHORIZATION);
+        }
         if let Some(ip) = client_ip {
             let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
                 Some(prev) => format!("{prev}, {ip}"),
@@ -400,20 +432,47 @@ impl Proxy {
             }
         };
         let header_timeout = backend.call_timeout.unwrap_or(self.config.header_timeout);
-        let outcome =
-            match tokio::time::timeout(header_timeout, self.client.request(upstream_req)).await {
-                Err(_) => Err(ProxyError::UpstreamTimeout {
-                    deployment: backend.deployment,
-                    after: header_timeout,
-                    setting: if backend.call_timeout.is_some() {
-                        "the tool's call_timeout_ms"
-                    } else {
-                        "proxy.header_timeout_ms"
+        let request = tokio::time::timeout(header_timeout, self.client.request(upstream_req));
+        // A revoked credential ends the request at once, even while the server works on it.
+        let revoked = async {
+            match &admission {
+                Some(a) => a.revoked.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let answered = tokio::select! {
+            biased;
+            () = revoked => {
+                let id = admission.as_ref().map(|a| a.principal.id.clone()).unwrap_or_default();
+                return Err(ProxyError::Auth {
+                    challenge: match &self.gate {
+                        Some(g) => {
+                            let mut h = HeaderMap::new();
+                            if let Some(host) = host_seen {
+                                h.insert(header::HOST, host);
+                            }
+                            g.challenge(&h, &Uri::default(), slug)
+                        }
+                        None => String::new(),
                     },
-                }),
-                Ok(Err(e)) => Err(self.request_failed(e, &backend)),
-                Ok(Ok(r)) => Ok(r),
-            };
+                    error: AuthError::Revoked { id },
+                });
+            }
+            r = request => r,
+        };
+        let outcome = match answered {
+            Err(_) => Err(ProxyError::UpstreamTimeout {
+                deployment: backend.deployment,
+                after: header_timeout,
+                setting: if backend.call_timeout.is_some() {
+                    "the tool's call_timeout_ms"
+                } else {
+                    "proxy.header_timeout_ms"
+                },
+            }),
+            Ok(Err(e)) => Err(self.request_failed(e, &backend)),
+            Ok(Ok(r)) => Ok(r),
+        };
         let resp = match outcome {
             Err(e) => {
                 if e.source() == Source::Upstream {
@@ -470,6 +529,7 @@ impl Proxy {
         let body = Tracked {
             inner: rbody,
             _in_flight: in_flight,
+            revoked: admission.map(|a| (a.slot, Box::pin(a.revoked.cancelled_owned()))),
             idle: self
                 .config
                 .stream_idle_timeout
@@ -543,6 +603,10 @@ fn legacy_session_param(uri: &Uri) -> Option<String> {
 struct Tracked {
     inner: hyper::body::Incoming,
     _in_flight: InFlight,
+    /// The principal's in-flight slot, held as long as the body, and its revocation: a
+    /// revoked credential ends the stream (cleanly, so an SSE client reconnects and meets a
+    /// 401).
+    revoked: Option<(Slot, Pin<Box<WaitForCancellationFutureOwned>>)>,
     idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
 }
 
@@ -563,6 +627,11 @@ impl http_body::Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, StreamError>>> {
         let this = &mut *self;
+        if let Some((_, revoked)) = &mut this.revoked
+            && revoked.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(None);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 if let Some((limit, sleep)) = &mut this.idle {

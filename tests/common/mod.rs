@@ -62,6 +62,8 @@ pub struct AppOptions {
     pub exit_policy: switchboard::manager::ExitPolicy,
     pub registries: switchboard::packages::Registries,
     pub log_retention: switchboard::log_retention::LogRetention,
+    /// Whether `/mcp` requires a client key (default off, as on a loopback listener).
+    pub mcp_auth: switchboard::auth::McpAuth,
 }
 
 impl Default for AppOptions {
@@ -75,6 +77,7 @@ impl Default for AppOptions {
             exit_policy: switchboard::manager::ExitPolicy::Stop,
             registries: Default::default(),
             log_retention: Default::default(),
+            mcp_auth: switchboard::auth::McpAuth::Off,
         }
     }
 }
@@ -109,6 +112,7 @@ impl TestApp {
             proxy: opts.proxy,
             edge: opts.edge,
             launcher: Some(switchboard_bin()),
+            mcp_auth: opts.mcp_auth,
             node_id: None,
             worker_threads: 1,
             exit_policy: opts.exit_policy,
@@ -930,12 +934,26 @@ pub fn mcp_client_script() -> PathBuf {
 
 /// Runs mcp_client.py to completion; its stdout is one JSON object.
 pub async fn mcp_client(args: &[&str]) -> Value {
+    mcp_client_as(None, args).await
+}
+
+/// Runs mcp_client.py to completion, whatever its exit status; with `bearer`, its requests
+/// carry `Authorization: Bearer <bearer>` (given in the environment, not on its command line).
+pub async fn mcp_client_output(bearer: Option<&str>, args: &[&str]) -> std::process::Output {
     let mut cmd = std::process::Command::new(python());
     cmd.arg(mcp_client_script()).args(args);
-    let out = tokio::task::spawn_blocking(move || cmd.output())
+    if let Some(b) = bearer {
+        cmd.env("MCP_CLIENT_BEARER", b);
+    }
+    tokio::task::spawn_blocking(move || cmd.output())
         .await
         .unwrap()
-        .unwrap();
+        .unwrap()
+}
+
+/// [`mcp_client`] with a bearer credential.
+pub async fn mcp_client_as(bearer: Option<&str>, args: &[&str]) -> Value {
+    let out = mcp_client_output(bearer, args).await;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -960,5 +978,37 @@ impl TestApp {
             .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         resp.text().await.unwrap()
+    }
+}
+
+/// The rest of a response from the test server's `/stream` (one event at once, each next one
+/// on request), once its first event has arrived.
+pub async fn first_event(
+    resp: reqwest::Response,
+) -> impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> {
+    use futures_util::StreamExt as _;
+    let mut body = resp.bytes_stream();
+    let mut seen = String::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !seen.contains("event 0") {
+            seen.push_str(std::str::from_utf8(&body.next().await.unwrap().unwrap()).unwrap());
+        }
+    })
+    .await
+    .unwrap();
+    body
+}
+
+impl TestApp {
+    /// `GET /metrics` as text.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 }

@@ -18,6 +18,8 @@ Eras (Streamable HTTP):
           (`Client(<transport>, mode="2026-07-28")`, then `session.send_discover` + `session.adopt`.)
   auto    the SDK default: probe `server/discover`, fall back to `initialize`. The
           output's "era" says which one was used.
+With MCP_CLIENT_BEARER in the environment (not a flag: a secret stays out of `ps`), every
+request carries `Authorization: Bearer <it>`, as a client of a Switchboard with client keys does.
 `--transport sse` is the deprecated 2024-11-05 HTTP+SSE transport (`mcp.client.sse.sse_client`;
 URL of the GET stream, e.g. .../sse); it only has the legacy era.
 
@@ -145,6 +147,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import secrets
 import sys
@@ -256,11 +259,18 @@ async def _recorded_transport(url: str, log: HttpLog) -> AsyncIterator[Any]:
     """`streamable_http_client(url)` on an httpx2 client with the SDK's default timeouts plus `log`'s hooks."""
     http = httpx2.AsyncClient(
         timeout=httpx2.Timeout(30.0, read=300.0),
+        headers=_auth_headers(),
         event_hooks={"request": [log.request_hook], "response": [log.response_hook]},
     )
     async with http:
         async with streamable_http_client(url, http_client=http) as streams:
             yield streams
+
+
+def _auth_headers() -> dict[str, str]:
+    """`Authorization: Bearer $MCP_CLIENT_BEARER` when it is set."""
+    token = os.environ.get("MCP_CLIENT_BEARER")
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,7 +283,7 @@ def _make_client(opts: argparse.Namespace, log: HttpLog | None = None, **callbac
     if opts.transport == "sse":
         if opts.era not in ("legacy", "auto"):
             raise UsageError("--transport sse has only the legacy era (the 2024-11-05 HTTP+SSE transport)")
-        return Client(sse_client(opts.url, timeout=opts.timeout), mode="legacy", **common), None
+        return Client(sse_client(opts.url, headers=_auth_headers(), timeout=opts.timeout), mode="legacy", **common), None
     log = log if log is not None else HttpLog()
     server = _recorded_transport(opts.url, log)
     if opts.era == "legacy":

@@ -1,0 +1,557 @@
+//! Client keys and `/mcp` authentication with real parts: a real Switchboard, the repo's test
+//! MCP server deployed behind it, the official Python SDK client, and the CLI binary.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{AppOptions, TestApp, eventually, mcp_client_as, mcp_client_output};
+use futures_util::StreamExt as _;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use switchboard::auth::McpAuth;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// A Switchboard whose `/mcp` requires client keys, with the test server deployed as each slug.
+async fn secured(slugs: &[&str]) -> TestApp {
+    let app = TestApp::with(AppOptions {
+        mcp_auth: McpAuth::Required,
+        ..Default::default()
+    })
+    .await;
+    for slug in slugs {
+        app.add_test_tool(slug, &[], json!({})).await;
+        app.deploy_wait(slug).await;
+    }
+    app
+}
+
+/// Makes a key; returns (id, key).
+async fn make_key(app: &TestApp, body: Value) -> (String, String) {
+    let (st, v) = app.call("POST", "/api/v1/keys", Some(body)).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    (
+        v["id"].as_str().unwrap().to_owned(),
+        v["key"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Status, error code and headers of a request to `url` with an optional bearer credential.
+async fn get(url: &str, bearer: Option<&str>) -> (StatusCode, String, reqwest::header::HeaderMap) {
+    let mut req = client().get(url);
+    if let Some(b) = bearer {
+        req = req.bearer_auth(b);
+    }
+    let resp = req.send().await.unwrap();
+    let st = resp.status();
+    let h = resp.headers().clone();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    let code = v["error"]["code"].as_str().unwrap_or_default().to_owned();
+    (st, code, h)
+}
+
+#[tokio::test]
+async fn keys_are_shown_once_stored_as_digests_listed_and_revoked() {
+    let app = TestApp::start().await;
+    let (st, v) = app
+        .call(
+            "POST",
+            "/api/v1/keys",
+            Some(
+                json!({"name": "ci", "tools": ["demo", "other/echo"], "expires_in_s": 3600,
+                        "rate_limit_per_min": 60, "max_concurrent": 4}),
+            ),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let key = v["key"].as_str().unwrap().to_owned();
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("sbk_") && key.len() > 40, "{key}");
+    assert_eq!(v["tools"], json!(["demo", "other/echo"]));
+    assert_eq!(v["rate_limit_per_min"], 60);
+    assert!(v["expires_at"].is_string(), "{v}");
+
+    let (st, one) = app.call("GET", &format!("/api/v1/keys/{id}"), None).await;
+    assert_eq!(st, StatusCode::OK);
+    let (_, all) = app.call("GET", "/api/v1/keys", None).await;
+    for shown in [&one, &all] {
+        let text = shown.to_string();
+        assert!(!text.contains(&key), "the key is shown only once: {text}");
+        assert!(!text.contains("hash"), "{text}");
+    }
+    assert_eq!(all.as_array().unwrap().len(), 1);
+    assert_eq!(one["name"], "ci");
+
+    // Not in the database either: only its digest.
+    let db = std::fs::read(app.db_path()).unwrap();
+    let wal = std::fs::read(app.data_dir.path().join("switchboard.db-wal")).unwrap_or_default();
+    for bytes in [&db, &wal] {
+        assert!(
+            !bytes.windows(key.len()).any(|w| w == key.as_bytes()),
+            "the key itself is in the database file"
+        );
+    }
+
+    let (st, _) = app
+        .call("DELETE", &format!("/api/v1/keys/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, _) = app
+        .call("DELETE", &format!("/api/v1/keys/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "revoking again changes nothing");
+    let (_, one) = app.call("GET", &format!("/api/v1/keys/{id}"), None).await;
+    assert!(one["revoked_at"].is_string(), "{one}");
+    for path in [
+        "/api/v1/keys/nope",
+        "/api/v1/keys/6f1c1f43-2a39-4f52-9a4c-9d0a4e0b2b71",
+    ] {
+        let (st, v) = app.call("GET", path, None).await;
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("key_not_found"))
+        );
+        let (st, _) = app.call("DELETE", path, None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+    }
+}
+
+#[tokio::test]
+async fn bad_key_requests_are_422_naming_the_field() {
+    let app = TestApp::start().await;
+    for (body, field) in [
+        (json!({"name": "x", "tools": []}), "tools"),
+        (json!({"name": "x", "tools": ["Not A Slug"]}), "tools"),
+        (json!({"name": "x", "tools": ["a/"]}), "tools"),
+        (json!({"name": " ", "tools": ["*"]}), "name"),
+        (
+            json!({"name": "x", "tools": ["*"], "expires_in_s": 0}),
+            "expires_in_s",
+        ),
+        (
+            json!({"name": "x", "tools": ["*"], "expires_in_s": u64::MAX}),
+            "expires_in_s",
+        ),
+        (
+            json!({"name": "x", "tools": ["*"], "rate_limit_per_min": 0}),
+            "rate_limit_per_min",
+        ),
+        (
+            json!({"name": "x", "tools": ["*"], "max_concurrent": 0}),
+            "max_concurrent",
+        ),
+    ] {
+        let (st, v) = app.call("POST", "/api/v1/keys", Some(body.clone())).await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {v}");
+        assert_eq!(v["error"]["code"], "invalid_key_request", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().starts_with(field),
+            "{v}"
+        );
+    }
+    let (st, v) = app
+        .call(
+            "POST",
+            "/api/v1/keys",
+            Some(json!({"name": "x", "tools": ["*"], "extra": 1})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let (_, all) = app.call("GET", "/api/v1/keys", None).await;
+    assert_eq!(all, json!([]), "nothing was made");
+}
+
+#[tokio::test]
+async fn without_a_valid_key_mcp_is_401_pointing_at_metadata_that_answers() {
+    let app = TestApp::with(AppOptions {
+        mcp_auth: McpAuth::Required,
+        token: Some("api-token".into()),
+        ..Default::default()
+    })
+    .await;
+    app.add_test_tool("t", &[], json!({})).await;
+    app.deploy_wait("t").await;
+    let url = format!("{}/mcp/t", app.url);
+
+    let (st, code, h) = get(&url, None).await;
+    assert_eq!(
+        (st, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+    let challenge = h["www-authenticate"].to_str().unwrap();
+    let prm = format!("{}/.well-known/oauth-protected-resource/mcp/t", app.url);
+    assert_eq!(challenge, format!("Bearer resource_metadata=\"{prm}\""));
+
+    // The metadata answers, without any credential, naming the tool's URL as reached.
+    let resp = client().get(&prm).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let doc: Value = resp.json().await.unwrap();
+    assert_eq!(doc["resource"], url);
+    assert_eq!(doc["bearer_methods_supported"], json!(["header"]));
+    assert!(doc.get("authorization_servers").is_none(), "{doc}");
+    let other: Value = client()
+        .get(&prm)
+        .header("host", "mcp.example.com:9")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(other["resource"], "http://mcp.example.com:9/mcp/t");
+
+    // Unknown keys, other schemes, and the management API's token: 401 with the same pointer.
+    for auth in [
+        "Bearer sbk_not-a-key",
+        "Basic dXNlcjpwdw==",
+        "Bearer api-token",
+        "Bearer",
+    ] {
+        let resp = client()
+            .get(&url)
+            .header("authorization", auth)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{auth}");
+        assert!(
+            resp.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains(&prm)
+        );
+        let v: Value = resp.json().await.unwrap();
+        assert!(v["error"]["message"].is_string(), "{v}");
+    }
+    // Before anything about the tools shows: an unknown slug is 401 too.
+    let (st, _, _) = get(&format!("{}/mcp/nope", app.url), None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn an_expired_key_is_401() {
+    let app = secured(&["t"]).await;
+    let (_, key) = make_key(
+        &app,
+        json!({"name": "short", "tools": ["t"], "expires_in_s": 1}),
+    )
+    .await;
+    let url = format!("{}/mcp/t/headers", app.url);
+    eventually(Duration::from_secs(30), || async {
+        let (st, code, h) = get(&url, Some(&key)).await;
+        st == StatusCode::UNAUTHORIZED
+            && code == "key_expired"
+            && h.contains_key("www-authenticate")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_key_granted_one_tool_gets_403_on_another() {
+    let app = secured(&["a", "b"]).await;
+    let (_, key) = make_key(&app, json!({"name": "only-a", "tools": ["a"]})).await;
+    let (st, _, _) = get(&format!("{}/mcp/a/headers", app.url), Some(&key)).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, code, h) = get(&format!("{}/mcp/b/headers", app.url), Some(&key)).await;
+    assert_eq!((st, code.as_str()), (StatusCode::FORBIDDEN, "forbidden"));
+    assert!(!h.contains_key("www-authenticate"));
+
+    // `*` reaches both; a single-MCP-tool grant is not enforced yet, so it admits nothing.
+    let (_, all) = make_key(&app, json!({"name": "all", "tools": ["*"]})).await;
+    for slug in ["a", "b"] {
+        let (st, _, _) = get(&format!("{}/mcp/{slug}/headers", app.url), Some(&all)).await;
+        assert_eq!(st, StatusCode::OK, "{slug}");
+    }
+    let (_, one) = make_key(&app, json!({"name": "echo-only", "tools": ["a/echo"]})).await;
+    let (st, code, _) = get(&format!("{}/mcp/a/headers", app.url), Some(&one)).await;
+    assert_eq!(
+        (st, code.as_str()),
+        (StatusCode::FORBIDDEN, "mcp_tool_grants_not_enforced")
+    );
+}
+
+#[tokio::test]
+async fn the_python_sdk_lists_and_calls_tools_with_a_key_and_fails_without() {
+    let app = secured(&["t"]).await;
+    let (_, key) = make_key(&app, json!({"name": "sdk", "tools": ["t"]})).await;
+    let url = format!("{}/mcp/t", app.url);
+    for era in ["legacy", "modern"] {
+        let listed = mcp_client_as(Some(&key), &["--url", &url, "--era", era, "list-tools"]).await;
+        assert!(
+            listed["tools"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t == "echo"),
+            "{listed}"
+        );
+        let called = mcp_client_as(
+            Some(&key),
+            &[
+                "--url",
+                &url,
+                "--era",
+                era,
+                "call-tool",
+                "echo",
+                "--args",
+                r#"{"text":"hi"}"#,
+            ],
+        )
+        .await;
+        assert!(called["result"].to_string().contains("hi"), "{called}");
+    }
+    // Without the key the SDK fails (it reports only "an error response"): the gate counted
+    // its request as one without a credential.
+    assert_eq!(auth_decisions(&app, "missing").await, 0);
+    let out = mcp_client_output(None, &["--url", &url, "list-tools"]).await;
+    assert!(!out.status.success());
+    assert!(auth_decisions(&app, "missing").await >= 1);
+}
+
+/// `switchboard_mcp_auth_decisions_total{outcome=...}` now.
+async fn auth_decisions(app: &TestApp, outcome: &str) -> u64 {
+    let metrics = app.metrics_text().await;
+    let prefix = format!("switchboard_mcp_auth_decisions_total{{outcome=\"{outcome}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix}in {metrics}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_key_does_not_reach_the_server() {
+    let app = secured(&["h"]).await;
+    let (_, key) = make_key(&app, json!({"name": "h", "tools": ["h"]})).await;
+    let seen: Value = client()
+        .get(format!("{}/mcp/h/headers", app.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let headers = seen["headers"].as_object().unwrap();
+    assert!(headers.contains_key("x-request-id"), "{seen}");
+    assert!(!headers.contains_key("authorization"), "{seen}");
+    assert!(!seen.to_string().contains(&key), "{seen}");
+}
+
+/// Opens the test server's SSE stream (`/stream`, one event now, the next on request) and
+/// waits for its first event.
+async fn open_stream(
+    url: &str,
+    key: &str,
+) -> impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + use<> {
+    let resp = client().get(url).bearer_auth(key).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    common::first_event(resp).await
+}
+
+#[tokio::test]
+async fn revoking_a_key_ends_its_open_stream_and_refuses_the_next_request() {
+    let app = secured(&["t"]).await;
+    let (id, key) = make_key(&app, json!({"name": "rev", "tools": ["t"]})).await;
+    let (_, other) = make_key(&app, json!({"name": "stays", "tools": ["t"]})).await;
+    let stream_url = format!("{}/mcp/t/stream?n=5", app.url);
+    let mut revoked_stream = open_stream(&stream_url, &key).await;
+    let mut kept_stream = open_stream(&stream_url, &other).await;
+
+    let (st, _) = app
+        .call("DELETE", &format!("/api/v1/keys/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    // The stream ends (the server would have sent nothing more until asked).
+    let end = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(chunk) = revoked_stream.next().await {
+            if chunk.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the revoked key's stream is still open");
+    let (st, code, _) = get(&format!("{}/mcp/t/headers", app.url), Some(&key)).await;
+    assert_eq!(
+        (st, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "invalid_key")
+    );
+
+    // Another key's stream is untouched: it still gets the next event when asked.
+    let next = client()
+        .post(format!("{}/mcp/t/stream/next", app.url))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(next.status(), StatusCode::OK);
+    let more = tokio::time::timeout(Duration::from_secs(20), kept_stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        std::str::from_utf8(&more).unwrap().contains("event 1"),
+        "{more:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_burst_beyond_the_rate_limit_is_429_with_retry_after() {
+    let app = secured(&["t"]).await;
+    // Two a minute: a third request within 30 s of the first two is over the limit.
+    let (_, key) = make_key(
+        &app,
+        json!({"name": "slow", "tools": ["t"], "rate_limit_per_min": 2}),
+    )
+    .await;
+    let url = format!("{}/mcp/t/headers", app.url);
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..3 {
+        let (st, code, h) = get(&url, Some(&key)).await;
+        statuses.push(st);
+        if st == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(code, "rate_limited");
+            retry_after = Some(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap());
+        }
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    assert!((1..=30).contains(&retry_after.unwrap()), "{retry_after:?}");
+    // Another key has a budget of its own.
+    let (_, fresh) = make_key(
+        &app,
+        json!({"name": "other", "tools": ["t"], "rate_limit_per_min": 2}),
+    )
+    .await;
+    assert_eq!(get(&url, Some(&fresh)).await.0, StatusCode::OK);
+
+    assert_eq!(auth_decisions(&app, "rate_limited").await, 1);
+    assert_eq!(auth_decisions(&app, "allowed").await, 3);
+    let metrics = app.metrics_text().await;
+    assert!(
+        !metrics.contains(&key) && !metrics.contains("principal"),
+        "no per-key labels"
+    );
+}
+
+#[tokio::test]
+async fn max_concurrent_counts_held_open_requests() {
+    let app = secured(&["t"]).await;
+    let (_, key) = make_key(
+        &app,
+        json!({"name": "two", "tools": ["t"], "max_concurrent": 2}),
+    )
+    .await;
+    let stream_url = format!("{}/mcp/t/stream?n=5", app.url);
+    let first = open_stream(&stream_url, &key).await;
+    let _second = open_stream(&stream_url, &key).await;
+    let url = format!("{}/mcp/t/headers", app.url);
+    let (st, code, h) = get(&url, Some(&key)).await;
+    assert_eq!(
+        (st, code.as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "too_many_requests_in_flight")
+    );
+    assert_eq!(h["retry-after"], "1");
+    // A slot frees when a stream ends.
+    drop(first);
+    eventually(Duration::from_secs(20), || async {
+        get(&url, Some(&key)).await.0 == StatusCode::OK
+    })
+    .await;
+}
+
+#[test]
+fn a_public_listener_with_mcp_auth_off_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sb.toml");
+    std::fs::write(&config, "[auth]\nmcp = \"off\"\n").unwrap();
+    let out = std::process::Command::new(common::switchboard_bin())
+        .args(["serve", "--listen", "0.0.0.0:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("SWITCHBOARD_TOKEN", "api-token")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("allow_unauthenticated_mcp"), "{err}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "it stopped before touching anything"
+    );
+}
+
+#[tokio::test]
+async fn the_cli_creates_lists_and_revokes_keys() {
+    let app = TestApp::start().await;
+    let cli = |args: &[&str]| {
+        std::process::Command::new(common::switchboard_bin())
+            .args(args)
+            .env("SWITCHBOARD_URL", &app.url)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&[
+        "key",
+        "create",
+        "laptop",
+        "--tool",
+        "demo",
+        "--rate-limit-per-min",
+        "5",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(
+        key.starts_with("sbk_") && !key.contains(' '),
+        "the key alone on stdout: {key}"
+    );
+    let (_, keys) = app.call("GET", "/api/v1/keys", None).await;
+    let id = keys[0]["id"].as_str().unwrap().to_owned();
+
+    let out = cli(&["key", "list"]);
+    let listed = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        listed.contains("laptop") && listed.contains("5/min") && listed.contains("active"),
+        "{listed}"
+    );
+    assert!(!listed.contains(&key));
+
+    let out = cli(&["key", "revoke", &id[..8]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, one) = app.call("GET", &format!("/api/v1/keys/{id}"), None).await;
+    assert!(one["revoked_at"].is_string());
+
+    let out = cli(&["key", "revoke", "ffffffff"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no key"));
+    let out = cli(&["key", "create", "bad", "--tool", "Not A Slug"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid_key_request"));
+    let out = cli(&["key", "create", "no-tools"]);
+    assert_eq!(out.status.code(), Some(2), "usage error");
+}
