@@ -313,6 +313,52 @@ async fn the_python_sdk_lists_and_calls_tools_with_a_key_and_fails_without() {
     assert!(auth_decisions(&app, "missing").await >= 1);
 }
 
+/// tests/npm/sdk_client.mjs (the TypeScript SDK client) on Node from tests/npm: its JSON
+/// output and whether it succeeded.
+async fn ts_sdk_client(bearer: Option<&str>, url: &str, tool: &str, args: &str) -> (bool, Value) {
+    let npm = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/npm");
+    let node = npm.join("node_modules/.bin/node");
+    assert!(
+        node.exists() && npm.join("node_modules/@modelcontextprotocol/sdk").exists(),
+        "Node and the TypeScript SDK are missing: install them with `npm ci --prefix tests/npm` \
+         (scripts/test does this)"
+    );
+    let mut cmd = std::process::Command::new(node);
+    cmd.arg(npm.join("sdk_client.mjs")).args([url, tool, args]);
+    if let Some(b) = bearer {
+        cmd.env("MCP_CLIENT_BEARER", b);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "sdk_client.mjs printed no JSON ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), v)
+}
+
+#[tokio::test]
+async fn the_typescript_sdk_lists_and_calls_tools_with_a_key_and_gets_401_without() {
+    let app = secured(&["t"]).await;
+    let (_, key) = make_key(&app, json!({"name": "ts", "tools": ["t"]})).await;
+    let url = format!("{}/mcp/t", app.url);
+    let (ok, v) = ts_sdk_client(Some(&key), &url, "echo", r#"{"text":"from ts"}"#).await;
+    assert!(ok, "{v}");
+    assert!(
+        v["tools"].as_array().unwrap().iter().any(|t| t == "echo"),
+        "{v}"
+    );
+    assert!(v["result"].to_string().contains("from ts"), "{v}");
+    let (ok, v) = ts_sdk_client(None, &url, "echo", r#"{"text":"x"}"#).await;
+    assert!(!ok);
+    assert!(v.to_string().contains("401"), "{v}");
+}
+
 /// `switchboard_mcp_auth_decisions_total{outcome=...}` now.
 async fn auth_decisions(app: &TestApp, outcome: &str) -> u64 {
     let metrics = app.metrics_text().await;
