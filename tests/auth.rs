@@ -313,6 +313,40 @@ async fn the_python_sdk_lists_and_calls_tools_with_a_key_and_fails_without() {
     assert!(auth_decisions(&app, "missing").await >= 1);
 }
 
+/// The legacy HTTP+SSE transport: the GET stream and the POSTs to the `endpoint` URL it names
+/// (rewritten under /mcp/<slug>/) each pass the gate with the key.
+#[tokio::test]
+async fn the_legacy_sse_transport_works_with_a_key() {
+    let app = TestApp::with(AppOptions {
+        mcp_auth: McpAuth::Required,
+        ..Default::default()
+    })
+    .await;
+    app.deploy_everything("old", "sse", "/sse").await;
+    let (_, key) = make_key(&app, json!({"name": "sse", "tools": ["old"]})).await;
+    let url = format!("{}/mcp/old", app.url);
+    let args = [
+        "--url",
+        &url,
+        "--transport",
+        "sse",
+        "call-tool",
+        "echo",
+        "--args",
+        r#"{"message":"over sse"}"#,
+    ];
+    let called = mcp_client_as(Some(&key), &args).await;
+    assert!(
+        called["result"].to_string().contains("over sse"),
+        "{called}"
+    );
+    let denied = auth_decisions(&app, "missing").await;
+    let out = mcp_client_output(None, &args).await;
+    assert!(!out.status.success());
+    assert!(auth_decisions(&app, "missing").await > denied);
+    app.stop().await;
+}
+
 /// tests/npm/sdk_client.mjs (the TypeScript SDK client) on Node from tests/npm: its JSON
 /// output and whether it succeeded.
 async fn ts_sdk_client(bearer: Option<&str>, url: &str, tool: &str, args: &str) -> (bool, Value) {

@@ -12,7 +12,7 @@
 //! [`Keys::refresh`] (every [`REFRESH_EVERY`]).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -177,10 +177,18 @@ impl LiveKey {
 struct Index {
     by_bucket: HashMap<u64, Vec<Arc<LiveKey>>>,
     by_id: HashMap<Uuid, Arc<LiveKey>>,
+    /// Keys revoked through this node: a refresh that read the store before the revocation
+    /// must not bring them back.
+    revoked: HashSet<Uuid>,
 }
 
 impl Index {
+    /// Adds a key unless it is indexed already (a refresh may have found it first) or was
+    /// revoked here.
     fn insert(&mut self, id: Uuid, k: Arc<LiveKey>) {
+        if self.by_id.contains_key(&id) || self.revoked.contains(&id) {
+            return;
+        }
         self.by_bucket
             .entry(bucket(&k.digest))
             .or_default()
@@ -189,6 +197,7 @@ impl Index {
     }
 
     fn remove(&mut self, id: Uuid) -> Option<Arc<LiveKey>> {
+        self.revoked.insert(id);
         let k = self.by_id.remove(&id)?;
         let b = bucket(&k.digest);
         if let Some(v) = self.by_bucket.get_mut(&b) {
@@ -231,14 +240,14 @@ impl Keys {
         {
             let mut index = self.index();
             for r in &records {
-                let known = index.by_id.contains_key(&r.id);
+                let known = index.by_id.contains_key(&r.id) || index.revoked.contains(&r.id);
                 match (known, r.revoked_at.is_some()) {
                     (false, false) => match LiveKey::from_record(r) {
                         Ok(k) => index.insert(r.id, Arc::new(k)),
                         Err(e) => tracing::warn!(key = %r.id, error = %e, "Key skipped"),
                     },
-                    (true, true) => ended.extend(index.remove(r.id)),
-                    _ => {}
+                    (_, true) => ended.extend(index.remove(r.id)),
+                    (true, false) => {}
                 }
             }
         }
@@ -356,6 +365,44 @@ impl Keys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(key: &str) -> KeyRecord {
+        KeyRecord {
+            id: Uuid::new_v4(),
+            name: "k".into(),
+            key_hash: digest(key),
+            grants: vec!["*".into()],
+            created_at: crate::store::now(),
+            expires_at: None,
+            revoked_at: None,
+            rate_limit_per_min: None,
+            max_concurrent: None,
+        }
+    }
+
+    fn find(index: &Index, key: &str) -> bool {
+        let d = digest(key);
+        index
+            .by_bucket
+            .get(&bucket(&d))
+            .is_some_and(|v| v.iter().any(|k| bool::from(k.digest.ct_eq(&d))))
+    }
+
+    /// A refresh and a create may both index one new key, and a refresh that read the store
+    /// before a revocation may offer the key again: neither may leave a revoked key findable.
+    #[test]
+    fn a_key_indexed_twice_or_offered_after_revocation_stays_revoked() {
+        let r = record("sbk_a");
+        let mut index = Index::default();
+        index.insert(r.id, Arc::new(LiveKey::from_record(&r).unwrap()));
+        index.insert(r.id, Arc::new(LiveKey::from_record(&r).unwrap()));
+        assert!(find(&index, "sbk_a"));
+        assert!(index.remove(r.id).is_some());
+        assert!(!find(&index, "sbk_a"));
+        index.insert(r.id, Arc::new(LiveKey::from_record(&r).unwrap()));
+        assert!(!find(&index, "sbk_a"), "a revoked key came back");
+        assert!(index.by_bucket.is_empty() && index.by_id.is_empty());
+    }
 
     #[test]
     fn keys_are_prefixed_random_and_hashed() {
