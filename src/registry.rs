@@ -159,6 +159,12 @@ pub struct ToolSpec {
     /// takes only JSON may wait for a tool call; SSE streams have no total limit either way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call_timeout_ms: Option<u64>,
+    /// Send the client's `Authorization` header on to the server even when Switchboard
+    /// authenticated the request with it (`[auth] mcp = "required"`). Off by default: a client
+    /// key is Switchboard's credential, not the server's. (With auth off, the header always
+    /// passes.) Deployments started before a change keep the value they started with.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forward_credentials: bool,
     /// Time between SIGTERM and SIGKILL when stopping.
     #[serde(default = "default_stop_grace_period_ms")]
     pub stop_grace_period_ms: u64,

@@ -406,22 +406,46 @@ async fn auth_decisions(app: &TestApp, outcome: &str) -> u64 {
 }
 
 #[tokio::test]
-async fn the_key_does_not_reach_the_server() {
+async fn the_key_reaches_the_server_only_for_a_tool_that_asks_for_it() {
     let app = secured(&["h"]).await;
-    let (_, key) = make_key(&app, json!({"name": "h", "tools": ["h"]})).await;
-    let seen: Value = client()
-        .get(format!("{}/mcp/h/headers", app.url))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    app.add_test_tool("fwd", &[], json!({"forward_credentials": true}))
+        .await;
+    app.deploy_wait("fwd").await;
+    let (_, key) = make_key(&app, json!({"name": "h", "tools": ["h", "fwd"]})).await;
+    let seen_by = |slug: &'static str| {
+        let (url, key) = (format!("{}/mcp/{slug}/headers", app.url), key.clone());
+        async move {
+            let v: Value = client()
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v
+        }
+    };
+    let seen = seen_by("h").await;
     let headers = seen["headers"].as_object().unwrap();
     assert!(headers.contains_key("x-request-id"), "{seen}");
     assert!(!headers.contains_key("authorization"), "{seen}");
     assert!(!seen.to_string().contains(&key), "{seen}");
+
+    let seen = seen_by("fwd").await;
+    assert_eq!(
+        seen["headers"]["authorization"],
+        format!("Bearer {key}"),
+        "{seen}"
+    );
+    let (_, tool) = app.call("GET", "/api/v1/tools/fwd", None).await;
+    assert_eq!(tool["forward_credentials"], true, "{tool}");
+    let (_, tool) = app.call("GET", "/api/v1/tools/h", None).await;
+    assert!(
+        tool.get("forward_credentials").is_none(),
+        "off is the default: {tool}"
+    );
 }
 
 /// Opens the test server's SSE stream (`/stream`, one event now, the next on request) and
@@ -481,6 +505,34 @@ async fn revoking_a_key_ends_its_open_stream_and_refuses_the_next_request() {
         std::str::from_utf8(&more).unwrap().contains("event 1"),
         "{more:?}"
     );
+}
+
+#[tokio::test]
+async fn revoking_a_key_ends_a_request_still_waiting_for_its_answer() {
+    let app = secured(&["t"]).await;
+    let (id, key) = make_key(&app, json!({"name": "slow", "tools": ["t"]})).await;
+    let allowed_before = auth_decisions(&app, "allowed").await;
+    // The test server answers /slow after a minute; the test ends long before.
+    let (url, k) = (format!("{}/mcp/t/slow?ms=60000", app.url), key.clone());
+    let slow = tokio::spawn(async move { get(&url, Some(&k)).await });
+    // Admitted (counted) before it is revoked, so the revocation meets it in flight.
+    eventually(Duration::from_secs(20), || async {
+        auth_decisions(&app, "allowed").await > allowed_before
+    })
+    .await;
+    let (st, _) = app
+        .call("DELETE", &format!("/api/v1/keys/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, code, h) = tokio::time::timeout(Duration::from_secs(20), slow)
+        .await
+        .expect("the request outlived its key's revocation")
+        .unwrap();
+    assert_eq!(
+        (st, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "key_revoked")
+    );
+    assert!(h.contains_key("www-authenticate"));
 }
 
 #[tokio::test]

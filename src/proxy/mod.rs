@@ -382,8 +382,9 @@ impl Proxy {
         let host_seen = original_host.clone();
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
-        if admission.is_some() {
-            // The credential is Switchboard's, not the server's: it never leaves here.
+        if admission.is_some() && !backend.forward_credentials {
+            // The credential is Switchboard's, not the server's: it leaves here only for a
+            // tool that asked for it.
             h.remove(header::AUTHORIZATION);
         }
         if let Some(ip) = client_ip {

@@ -41,6 +41,9 @@ pub struct Backend {
     /// The tool's `call_timeout_ms`: how long to wait for response headers instead of the
     /// proxy's `header_timeout`.
     pub call_timeout: Option<Duration>,
+    /// The tool's `forward_credentials`: the client's `Authorization` reaches the server even
+    /// when Switchboard authenticated the request with it.
+    pub forward_credentials: bool,
 }
 
 /// Consecutive failures (connect errors, timeouts, 5xx) that take a backend out of balancing.
@@ -133,7 +136,13 @@ impl Backend {
             breaker: Breaker::default(),
             metrics: None,
             call_timeout: None,
+            forward_credentials: false,
         })
+    }
+
+    pub fn with_forward_credentials(mut self, forward: bool) -> Backend {
+        self.forward_credentials = forward;
+        self
     }
 
     pub fn with_call_timeout(mut self, timeout: Option<Duration>) -> Backend {
