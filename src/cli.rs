@@ -296,6 +296,7 @@ impl ServeArgs {
             api_token_file: self.api_token_file,
             database_url: self.database_url,
             worker_threads: self.worker_threads.map(usize::from),
+            secret_key: std::env::var(crate::secrets::KEY_ENV).ok(),
             on_exit: self.on_exit.map(|p| match p {
                 OnExit::Stop => crate::manager::ExitPolicy::Stop,
                 OnExit::Keep => crate::manager::ExitPolicy::Keep,

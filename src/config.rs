@@ -1,8 +1,8 @@
 //! Configuration: an optional TOML file, overridden by command-line flags and environment
 //! variables (clap's `env`), with defaults for everything.
 //!
-//! Relative paths in the file (`data_dir`, `api_token_file`, a tool's `command` when it contains
-//! a `/`, and `working_dir`) are resolved against the file's own directory, so a config works
+//! Relative paths in the file (`data_dir`, `api_token_file`, `secrets.key_file`, a tool's
+//! `command` when it contains a `/`, and `working_dir`) are resolved against the file's own directory, so a config works
 //! the same from any current directory.
 
 use std::{
@@ -14,8 +14,13 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    auth::McpAuth, log_retention::LogRetention, manager::ExitPolicy, ports::PortRange,
-    proxy::ProxyConfig, registry::ToolSpec,
+    auth::McpAuth,
+    log_retention::LogRetention,
+    manager::ExitPolicy,
+    ports::PortRange,
+    proxy::ProxyConfig,
+    registry::ToolSpec,
+    secrets::{KEY_ENV, KeyError, KeySource, SecretKey},
 };
 
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7300);
@@ -51,6 +56,8 @@ pub enum ConfigError {
          something in front of Switchboard authenticates callers"
     )]
     McpAuthRequired(SocketAddr),
+    #[error(transparent)]
+    SecretKey(#[from] KeyError),
 }
 
 /// The file's shape.
@@ -72,6 +79,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub auth: AuthSection,
     #[serde(default)]
+    pub secrets: SecretsSection,
+    #[serde(default)]
     pub tools: Vec<ToolSpec>,
 }
 
@@ -85,6 +94,16 @@ pub struct AuthSection {
     /// Lets `mcp = "off"` serve a non-loopback address (something in front authenticates).
     #[serde(default)]
     pub allow_unauthenticated_mcp: bool,
+}
+
+/// `[secrets]`: the key that encrypts tools' `secret_env` values in the store.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsSection {
+    /// A file holding the key (base64 of 32 bytes), kept by the operator; Switchboard never
+    /// creates it. Default: `secret.key` in the data directory, created at first start.
+    /// `SWITCHBOARD_SECRET_KEY` wins over both.
+    pub key_file: Option<PathBuf>,
 }
 
 /// `[logs]`: how long ended deployments' logs are kept (see [`crate::log_retention`]).
@@ -251,6 +270,8 @@ pub struct Overrides {
     pub database_url: Option<String>,
     pub worker_threads: Option<usize>,
     pub on_exit: Option<ExitPolicy>,
+    /// The secret key's base64 text, from the environment only (a flag would show in `ps`).
+    pub secret_key: Option<String>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -285,6 +306,8 @@ pub struct Config {
     pub log_retention: LogRetention,
     /// Whether `/mcp` requires a client key.
     pub mcp_auth: McpAuth,
+    /// Where the key for `secret_env` values at rest comes from.
+    pub secret_key: KeySource,
 }
 
 /// One per CPU this process may use (tokio's own default).
@@ -486,6 +509,14 @@ impl Config {
         {
             return Err(ConfigError::NodeId(n.clone()));
         }
+        let secret_key = match (
+            o.secret_key.filter(|k| !k.trim().is_empty()),
+            &file.secrets.key_file,
+        ) {
+            (Some(k), _) => KeySource::Env(SecretKey::from_base64(&k, KEY_ENV)?),
+            (None, Some(f)) => KeySource::File(resolve(&base, f)),
+            (None, None) => KeySource::DataDir,
+        };
         let worker_threads = o
             .worker_threads
             .or(file.server.worker_threads)
@@ -511,6 +542,7 @@ impl Config {
             edge,
             launcher: None,
             mcp_auth,
+            secret_key,
         })
     }
 }
@@ -722,6 +754,32 @@ mod tests {
         .unwrap();
         assert_eq!(opted.mcp_auth, McpAuth::Off);
         assert!(load("0.0.0.0:7300", "[auth]\nmcp = \"maybe\"\n").is_err());
+    }
+
+    #[test]
+    fn the_secret_key_comes_from_the_environment_then_the_file_then_the_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "[secrets]\nkey_file = \"keys/sb.key\"\n");
+        let load = |config: Option<PathBuf>, secret_key: Option<&str>| {
+            Config::load(Overrides {
+                config,
+                secret_key: secret_key.map(str::to_owned),
+                ..Overrides::default()
+            })
+        };
+        let key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+        let from_env = load(Some(p.clone()), Some(key)).unwrap();
+        assert!(matches!(from_env.secret_key, KeySource::Env(k) if k.origin() == KEY_ENV));
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        assert!(
+            matches!(load(Some(p), None).unwrap().secret_key, KeySource::File(f) if f == base.join("keys/sb.key"))
+        );
+        assert!(matches!(
+            load(None, None).unwrap().secret_key,
+            KeySource::DataDir
+        ));
+        let e = load(None, Some("hunter2")).unwrap_err().to_string();
+        assert!(e.contains(KEY_ENV) && !e.contains("hunter2"), "{e}");
     }
 
     #[test]

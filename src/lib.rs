@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod registry;
 pub mod restart;
 pub mod runtime;
+pub mod secrets;
 pub mod server;
 pub mod signal;
 pub mod stdio;

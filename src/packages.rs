@@ -740,6 +740,7 @@ async fn npm_registry(packages_dir: &Path) -> String {
     let out = Command::new("npm")
         .args(["config", "get", "registry"])
         .env("npm_config_cache", packages_dir.join(".npm-cache"))
+        .env_remove(crate::secrets::KEY_ENV)
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -970,7 +971,9 @@ async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true);
+        .kill_on_drop(true)
+        // Installers run packages' own scripts: the key to every tool's secrets stays here.
+        .env_remove(crate::secrets::KEY_ENV);
     let program = cmd.as_std().get_program().to_string_lossy().into_owned();
     let mut child = match cmd.spawn() {
         Ok(child) => child,
@@ -1029,6 +1032,15 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn installers_never_see_the_secret_key() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo \"${SWITCHBOARD_SECRET_KEY:-unset}\""])
+            .env(crate::secrets::KEY_ENV, "the-key");
+        let out = run(cmd, PYTHON_MISSING, &|_| {}).await.unwrap();
+        assert_eq!(out.lines, ["unset"]);
+    }
 
     fn parse(command: &str) -> Package {
         match Package::parse(command) {

@@ -139,6 +139,13 @@ pub struct ToolSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schema(value_type = BTreeMap<String, String>)]
     pub secret_env: BTreeMap<String, String>,
+    /// `secret_env` values the store holds but this Switchboard's key cannot decrypt (the key
+    /// changed or was lost), as stored: set only by the store when it reads the tool. They
+    /// are kept as they are through updates (the API shows them as `********`, and sending
+    /// that back keeps them), never given to a process, and a tool that has any cannot be
+    /// deployed ([`ToolSpec::check_secrets`]) until the key is restored or new values set.
+    #[serde(skip)]
+    pub unreadable_secret_env: BTreeMap<String, String>,
     /// Working directory of the server process; Switchboard's own when absent.
     #[serde(default)]
     #[schema(value_type = Option<String>)]
@@ -340,6 +347,12 @@ impl ToolSpec {
                     format!("the value of '{k}' contains a NUL byte"),
                 ));
             }
+        }
+        for k in self
+            .secret_env
+            .keys()
+            .chain(self.unreadable_secret_env.keys())
+        {
             if self.env.contains_key(k) {
                 return Err(invalid(
                     "secret_env",
@@ -503,24 +516,64 @@ pub enum ApplyOutcome {
 pub const REDACTED: &str = "********";
 
 impl ToolSpec {
-    /// The spec as the API shows it: secret values replaced by [`REDACTED`].
+    /// The spec as the API shows it: secret values replaced by [`REDACTED`] (those it cannot
+    /// decrypt too: they exist, and an update that sends the marker back keeps them).
     pub fn redacted(mut self) -> ToolSpec {
+        for k in std::mem::take(&mut self.unreadable_secret_env).into_keys() {
+            self.secret_env.insert(k, String::new());
+        }
         for v in self.secret_env.values_mut() {
             *v = REDACTED.to_owned();
         }
         self
     }
 
-    /// For an update: a secret sent back as [`REDACTED`] keeps its value from `stored`.
+    /// For an update: a secret sent back as [`REDACTED`] keeps its value from `stored`, even
+    /// one this Switchboard cannot decrypt (it stays as stored, unreadable).
     pub fn keep_secrets_from(&mut self, stored: &ToolSpec) {
+        let mut unreadable = Vec::new();
         for (k, v) in self.secret_env.iter_mut() {
-            if v == REDACTED
-                && let Some(old) = stored.secret_env.get(k)
-            {
+            if v != REDACTED {
+                continue;
+            }
+            if let Some(old) = stored.secret_env.get(k) {
                 v.clone_from(old);
+            } else if let Some(sealed) = stored.unreadable_secret_env.get(k) {
+                unreadable.push((k.clone(), sealed.clone()));
             }
         }
+        for (k, sealed) in unreadable {
+            self.secret_env.remove(&k);
+            self.unreadable_secret_env.insert(k, sealed);
+        }
     }
+
+    /// Refuses to start a tool with secrets this Switchboard cannot decrypt: it would run
+    /// without them (or with garbage in their place).
+    pub fn check_secrets(&self) -> Result<(), UnreadableSecrets> {
+        if self.unreadable_secret_env.is_empty() {
+            return Ok(());
+        }
+        Err(UnreadableSecrets {
+            slug: self.slug.clone(),
+            names: self.unreadable_secret_env.keys().cloned().collect(),
+        })
+    }
+}
+
+/// A tool whose stored secrets do not decrypt with this Switchboard's key cannot be started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "tool '{slug}' cannot be started: its secret_env {names} cannot be decrypted with this \
+     Switchboard's secret key (it was stored with another key, which was lost or replaced). \
+     Restore the key it was stored with (the data directory's secret.key, or \
+     SWITCHBOARD_SECRET_KEY) and restart Switchboard, or set new values: `switchboard tool \
+     update {slug} --secret-env NAME` takes NAME's value from the command's environment",
+    names = names.join(", ")
+)]
+pub struct UnreadableSecrets {
+    pub slug: String,
+    pub names: Vec<String>,
 }
 
 /// A registered tool.

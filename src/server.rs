@@ -26,6 +26,7 @@ use crate::{
     ports::PortAllocator,
     proxy::{Proxy, routes::RouteTable},
     runtime::process::{ProcessRuntime, TreeTracking},
+    secrets::SecretKey,
     store::{Store, redact_url},
 };
 
@@ -60,6 +61,35 @@ fn lock_data_dir(data_dir: &Path) -> anyhow::Result<Flock<std::fs::File>> {
     })
 }
 
+/// Encrypts what an earlier release stored in plain text, and names every tool whose secrets
+/// this key cannot decrypt. Those tools stay registered and their running deployments keep
+/// running (they have their environment), but they cannot be deployed or restarted until the
+/// key is restored or new values set: refusing to start would take every other tool down
+/// with them, and leave no API through which to set new values.
+async fn check_secrets(store: &Store) -> anyhow::Result<()> {
+    let found = store
+        .seal_plain_secrets()
+        .await
+        .context("encrypting the secret_env values stored in plain text")?;
+    if found.sealed > 0 {
+        tracing::info!(
+            values = found.sealed,
+            "Encrypted the secret_env values an earlier release stored in plain text"
+        );
+    }
+    for (slug, vars) in &found.unreadable {
+        for (name, why) in vars {
+            tracing::error!(
+                tool = %slug,
+                variable = %name,
+                "A secret_env value cannot be decrypted: {why}. The tool cannot be deployed or \
+                 restarted until the key it was stored with is restored or a new value is set"
+            );
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -73,10 +103,21 @@ pub async fn run(
         Some(n) => n.clone(),
         None => node_id(data_dir)?,
     };
-    let store = Store::connect(&config.database_url)
+    let key = SecretKey::load(&config.secret_key, data_dir)?;
+    if key.created {
+        tracing::info!(
+            path = %key.key.origin(),
+            "Created the secret key that encrypts tools' secret_env values: back it up \
+             apart from the database (without it they cannot be decrypted)"
+        );
+    } else {
+        tracing::info!(from = %key.key.origin(), "Secret key loaded");
+    }
+    let store = Store::connect(&config.database_url, key.key)
         .await
         .with_context(|| format!("opening the store at {}", redact_url(&config.database_url)))?;
     tracing::info!(backend = store.backend(), url = %redact_url(&config.database_url), "Store ready");
+    check_secrets(&store).await?;
 
     let shim = match &config.launcher {
         Some(p) => p.clone(),

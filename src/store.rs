@@ -14,6 +14,10 @@
 //!   the transition, and only that caller releases what the transition frees (the port).
 //! - At most one live (STARTING/RUNNING) deployment holds a given port: a unique partial index
 //!   enforces it even if the in-memory allocator were wrong.
+//! - A tool's `secret_env` values are written encrypted ([`crate::secrets`]) and decrypted
+//!   when the tool is read, so nothing above this module handles ciphertext and no plain
+//!   secret reaches the database. A value that does not decrypt is handed up as unreadable
+//!   (`ToolSpec::unreadable_secret_env`) and written back as it was.
 
 use std::{borrow::Cow, path::Path, str::FromStr, time::Duration};
 
@@ -31,6 +35,7 @@ use crate::{
         Deployment, DeploymentStatus, Desired, ExitInfo, HealthStatus, InstanceRef, RuntimeKind,
     },
     registry::{Tool, ToolSpec},
+    secrets::{OpenError, SealError, SecretKey},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +47,8 @@ pub enum StoreError {
     ToolGone(String),
     #[error("stored record is unreadable: {0}")]
     Corrupt(String),
+    #[error(transparent)]
+    Seal(#[from] SealError),
     #[error("the database is unavailable or failed: {0}")]
     Database(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
@@ -93,6 +100,8 @@ enum Pool {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: Pool,
+    /// Encrypts `secret_env` values on their way in, decrypts them on their way out.
+    key: SecretKey,
 }
 
 /// How long a request waits for a database connection before the store reports itself
@@ -168,18 +177,22 @@ struct ToolRow {
     updated_at: DateTime<Utc>,
 }
 
-impl TryFrom<ToolRow> for Tool {
-    type Error = StoreError;
-    fn try_from(row: ToolRow) -> Result<Self, StoreError> {
-        Ok(Tool {
-            id: parse_uuid(&row.id)?,
-            spec: serde_json::from_str(&row.spec)
-                .map_err(|e| StoreError::Corrupt(format!("tool {}: {e}", row.id)))?,
-            created_at: row.created_at,
-            updated_at: row.updated_at,
-            url: None,
-        })
-    }
+/// A tool as read, with what its secrets were like in the row.
+struct LoadedTool {
+    tool: Tool,
+    /// Values stored in plain text (by a release before encryption), now in `tool` as read.
+    plain: usize,
+    /// Values that did not decrypt, by name, and why.
+    unreadable: Vec<(String, OpenError)>,
+}
+
+/// What [`Store::seal_plain_secrets`] found at start.
+#[derive(Debug, Default)]
+pub struct SecretsAtStart {
+    /// Plain-text values an earlier release stored, encrypted now.
+    pub sealed: usize,
+    /// Tools whose values do not decrypt with this key: slug, and each variable with why.
+    pub unreadable: Vec<(String, Vec<(String, OpenError)>)>,
 }
 
 #[derive(FromRow)]
@@ -266,12 +279,13 @@ impl TryFrom<DeploymentRow> for Deployment {
 impl Store {
     /// Connects to the database a URL names (`sqlite://PATH`, `postgres://...`, `mysql://...`)
     /// and applies migrations.
-    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+    /// `key` encrypts and decrypts the tools' `secret_env` values.
+    pub async fn connect(url: &str, key: SecretKey) -> Result<Store, StoreError> {
         if let Some(path) = url
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
         {
-            return Self::open_sqlite(Path::new(path)).await;
+            return Self::open_sqlite(Path::new(path), key).await;
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = PgPoolOptions::new()
@@ -285,6 +299,7 @@ impl Store {
                 .map_err(migrate_error)?;
             return Ok(Store {
                 pool: Pool::Postgres(pool),
+                key,
             });
         }
         if url.starts_with("mysql://") || url.starts_with("mariadb://") {
@@ -300,6 +315,7 @@ impl Store {
                 .map_err(migrate_error)?;
             return Ok(Store {
                 pool: Pool::MySql(pool),
+                key,
             });
         }
         Err(StoreError::UnsupportedUrl(redact_url(url)))
@@ -315,7 +331,7 @@ impl Store {
     }
 
     /// Opens (creating if needed) the SQLite database at `path` and applies migrations.
-    pub async fn open_sqlite(path: &Path) -> Result<Store, StoreError> {
+    pub async fn open_sqlite(path: &Path, key: SecretKey) -> Result<Store, StoreError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -324,6 +340,9 @@ impl Store {
             // rare enough that the extra fsync is noise.
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
+            // Deleted and overwritten content is zeroed, not left in free space: a secret
+            // that was replaced (a plain-text one encrypted at start) leaves no copy behind.
+            .pragma("secure_delete", "ON")
             .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
@@ -335,6 +354,7 @@ impl Store {
             .map_err(migrate_error)?;
         Ok(Store {
             pool: Pool::Sqlite(pool),
+            key,
         })
     }
 
@@ -366,6 +386,109 @@ impl Store {
 
     // ----- tools -----
 
+    /// The spec as stored: JSON, with each `secret_env` value encrypted for this tool and
+    /// variable, and the unreadable ones as they were.
+    fn spec_json(&self, tool: Uuid, spec: &ToolSpec) -> Result<String, StoreError> {
+        let mut stored = spec.clone();
+        for (name, value) in &mut stored.secret_env {
+            *value = self.key.seal(tool, name, value)?;
+        }
+        stored
+            .secret_env
+            .extend(std::mem::take(&mut stored.unreadable_secret_env));
+        serde_json::to_string(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// A row as a tool, its secrets decrypted. A plain-text value (an earlier release's) is
+    /// taken as it is; one that does not decrypt is set aside as unreadable, never handed up
+    /// as a value.
+    fn load_tool(&self, row: ToolRow) -> Result<LoadedTool, StoreError> {
+        let id = parse_uuid(&row.id)?;
+        let mut spec: ToolSpec = serde_json::from_str(&row.spec)
+            .map_err(|e| StoreError::Corrupt(format!("tool {}: {e}", row.id)))?;
+        let (mut plain, mut unreadable) = (0, Vec::new());
+        for (name, stored) in std::mem::take(&mut spec.secret_env) {
+            if !crate::secrets::is_sealed(&stored) {
+                plain += 1;
+                spec.secret_env.insert(name, stored);
+                continue;
+            }
+            match self.key.open(id, &name, &stored) {
+                Ok(value) => {
+                    spec.secret_env.insert(name, value);
+                }
+                Err(e) => {
+                    unreadable.push((name.clone(), e));
+                    spec.unreadable_secret_env.insert(name, stored);
+                }
+            }
+        }
+        Ok(LoadedTool {
+            tool: Tool {
+                id,
+                spec,
+                created_at: row.created_at,
+                updated_at: row.updated_at,
+                url: None,
+            },
+            plain,
+            unreadable,
+        })
+    }
+
+    fn tool_from_row(&self, row: ToolRow) -> Result<Tool, StoreError> {
+        self.load_tool(row).map(|l| l.tool)
+    }
+
+    /// Encrypts the `secret_env` values an earlier release stored in plain text (once: a
+    /// second run finds none), and reports the tools whose values do not decrypt with this
+    /// key. Run at start, before anything reads the tools. Each tool is rewritten only if
+    /// its row is still the one read, so a node of the earlier release writing meanwhile
+    /// loses nothing (its value is sealed at the next start).
+    pub async fn seal_plain_secrets(&self) -> Result<SecretsAtStart, StoreError> {
+        let rows: Vec<ToolRow> = on_pool!(self, pool, sql => {
+            sqlx::query_as(sql("SELECT id, spec, created_at, updated_at FROM tools ORDER BY slug"))
+                .fetch_all(pool)
+                .await?
+        });
+        let mut found = SecretsAtStart::default();
+        for row in rows {
+            let old_json = row.spec.clone();
+            let loaded = self.load_tool(row)?;
+            let slug = loaded.tool.spec.slug.clone();
+            if !loaded.unreadable.is_empty() {
+                found.unreadable.push((slug, loaded.unreadable));
+            }
+            if loaded.plain == 0 {
+                continue;
+            }
+            let new_json = self.spec_json(loaded.tool.id, &loaded.tool.spec)?;
+            let updated = on_pool!(self, pool, sql => {
+                sqlx::query(sql("UPDATE tools SET spec = ? WHERE id = ? AND spec = ?"))
+                    .bind(new_json)
+                    .bind(loaded.tool.id.to_string())
+                    .bind(old_json)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            });
+            if updated == 1 {
+                found.sealed += loaded.plain;
+            }
+        }
+        if found.sealed > 0
+            && let Pool::Sqlite(pool) = &self.pool
+        {
+            // The plain text may survive in pages an earlier release freed (it did not zero
+            // them) and in the WAL's older frames: rebuild the file, then empty the WAL.
+            sqlx::query("VACUUM").execute(pool).await?;
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(pool)
+                .await?;
+        }
+        Ok(found)
+    }
+
     pub async fn insert_tool(&self, spec: &ToolSpec) -> Result<Tool, StoreError> {
         let now = now();
         let tool = Tool {
@@ -375,8 +498,7 @@ impl Store {
             updated_at: now,
             url: None,
         };
-        let spec_json =
-            serde_json::to_string(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let spec_json = self.spec_json(tool.id, spec)?;
         let res = on_pool!(self, pool, sql => {
             sqlx::query(sql(
                 "INSERT INTO tools (id, slug, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
@@ -402,27 +524,34 @@ impl Store {
 
     /// Replaces the spec of the tool with this slug; `None` when there is none.
     pub async fn update_tool(&self, spec: &ToolSpec) -> Result<Option<Tool>, StoreError> {
-        let spec_json =
-            serde_json::to_string(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        // UPDATE then SELECT in one transaction: MySQL has no UPDATE ... RETURNING.
+        // The id first (secrets are encrypted for it), then UPDATE and SELECT, in one
+        // transaction: MySQL has no UPDATE ... RETURNING.
         let row: Option<ToolRow> = on_pool!(self, pool, sql => {
             let mut tx = pool.begin().await?;
-            sqlx::query(sql("UPDATE tools SET spec = ?, updated_at = ? WHERE slug = ?"))
+            let id: Option<String> = sqlx::query_scalar(sql("SELECT id FROM tools WHERE slug = ?"))
+                .bind(&spec.slug)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(id) = id else {
+                return Ok(None);
+            };
+            let spec_json = self.spec_json(parse_uuid(&id)?, spec)?;
+            sqlx::query(sql("UPDATE tools SET spec = ?, updated_at = ? WHERE id = ?"))
                 .bind(spec_json)
                 .bind(now())
-                .bind(&spec.slug)
+                .bind(&id)
                 .execute(&mut *tx)
                 .await?;
             let row = sqlx::query_as(sql(
-                "SELECT id, spec, created_at, updated_at FROM tools WHERE slug = ?",
+                "SELECT id, spec, created_at, updated_at FROM tools WHERE id = ?",
             ))
-            .bind(&spec.slug)
+            .bind(&id)
             .fetch_optional(&mut *tx)
             .await?;
             tx.commit().await?;
             row
         });
-        row.map(Tool::try_from).transpose()
+        row.map(|r| self.tool_from_row(r)).transpose()
     }
 
     pub async fn get_tool(&self, slug: &str) -> Result<Option<Tool>, StoreError> {
@@ -432,7 +561,7 @@ impl Store {
                 .fetch_optional(pool)
                 .await?
         });
-        row.map(Tool::try_from).transpose()
+        row.map(|r| self.tool_from_row(r)).transpose()
     }
 
     pub async fn list_tools(&self) -> Result<Vec<Tool>, StoreError> {
@@ -441,7 +570,7 @@ impl Store {
                 .fetch_all(pool)
                 .await?
         });
-        rows.into_iter().map(Tool::try_from).collect()
+        rows.into_iter().map(|r| self.tool_from_row(r)).collect()
     }
 
     /// Deletes the tool, unless it has live deployments; its ended deployments' records stay,

@@ -396,6 +396,110 @@ fn a_live_deployment_of_the_previous_release_is_adopted_after_the_upgrade() {
     assert_adopted_and_stoppable(&sb, &id, &tree);
 }
 
+/// Whether the SQLite database or its WAL holds these bytes anywhere (free space included).
+fn database_holds(data_dir: &Path, needle: &str) -> bool {
+    ["switchboard.db", "switchboard.db-wal"].iter().any(|f| {
+        std::fs::read(data_dir.join(f))
+            .unwrap_or_default()
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    })
+}
+
+/// Upgrades lose nothing, secrets included, and leave none in plain text: the previous
+/// release's own binary stores a `secret_env` value (in plain text, which the test checks so
+/// that it proves something); the new binary, its key from SWITCHBOARD_SECRET_KEY, encrypts
+/// it at its first start (a count in the log, never the value), writes no key file, and the
+/// deployed server gets the value but not the key. A start with another key names the tool
+/// and variable, and a deploy of the tool fails saying why.
+#[test]
+fn plain_text_secrets_of_the_previous_release_are_encrypted_at_the_upgrade() {
+    const SECRET: &str = "sk-upgrade-0a1b2c3d4e5f6a7b";
+    // 32 bytes of 9 and of 10, in base64.
+    const KEY: &str = "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=";
+    const OTHER_KEY: &str = "CgoKCgoKCgoKCgoKCgoKCgoKCgoKCgoKCgoKCgoKCgo=";
+    let old = previous_release_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sb = Serve::start_bin(&old, dir.path(), &[], &[]);
+    // The value comes from the CLI's environment, never its command line.
+    let server = test_server_bin();
+    let add = [
+        "tool",
+        "add",
+        "vault",
+        "--secret-env",
+        "API_KEY",
+        "--",
+        server.to_str().unwrap(),
+        "--port",
+        "{port}",
+    ];
+    let (ok, out, err) = sb.cli_env(&add, &[("API_KEY", SECRET)]);
+    assert!(ok, "{out}\n{err}");
+    sb.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(sb.wait().success());
+    assert!(
+        database_holds(dir.path(), SECRET),
+        "the previous release should have stored the value in plain text"
+    );
+
+    let mut sb = Serve::start_env(dir.path(), &[], &[("SWITCHBOARD_SECRET_KEY", KEY)]);
+    assert!(
+        !database_holds(dir.path(), SECRET),
+        "the plain value survived the upgrade"
+    );
+    assert!(
+        !dir.path().join("secret.key").exists(),
+        "a key from the environment means no key file"
+    );
+    let d = sb.json(&["deploy", "vault", "--wait"])["deployments"][0].clone();
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let pid = d["instance"]["pid"].as_u64().unwrap();
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let env: Vec<String> = env
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    assert!(env.contains(&format!("API_KEY={SECRET}")), "{env:?}");
+    assert!(
+        !env.iter().any(|v| v.starts_with("SWITCHBOARD_SECRET_KEY=")),
+        "the server inherited the key: {env:?}"
+    );
+    sb.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(sb.wait().success());
+    let log = sb.all_log();
+    assert!(
+        log.contains("Encrypted the secret_env values an earlier release stored in plain text")
+            && log.contains("values=1"),
+        "{log}"
+    );
+    assert!(!log.contains(SECRET) && !log.contains(KEY), "{log}");
+
+    let mut sb = Serve::start_env(dir.path(), &[], &[("SWITCHBOARD_SECRET_KEY", OTHER_KEY)]);
+    let (ok, out, err) = sb.cli(&["deploy", "vault", "--wait"]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("'vault'") && err.contains("API_KEY") && err.contains("cannot be decrypted"),
+        "{err}"
+    );
+    sb.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(sb.wait().success());
+    let log = sb.all_log();
+    let named = log
+        .lines()
+        .find(|l| l.contains("secret_env value cannot be decrypted"))
+        .unwrap_or_else(|| panic!("start-up named no tool: {log}"));
+    assert!(
+        named.contains("vault") && named.contains("API_KEY"),
+        "{named}"
+    );
+    assert!(
+        !log.contains("Encrypted the secret_env values"),
+        "nothing was left to encrypt: {log}"
+    );
+    assert!(!log.contains(SECRET) && !log.contains(OTHER_KEY), "{log}");
+}
+
 #[test]
 fn what_died_while_switchboard_was_down_is_restarted_and_its_leftovers_killed() {
     let dir = tempfile::tempdir().unwrap();

@@ -11,6 +11,7 @@ use common::{fresh_mysql_url, fresh_postgres_url};
 use switchboard::{
     deployment::{Deployment, DeploymentStatus, ExitInfo, HealthStatus, InstanceRef, RuntimeKind},
     registry::ToolSpec,
+    secrets::SecretKey,
     store::{DeleteTool, DeploymentFilter, KeyRecord, Store, StoreError, now},
 };
 use uuid::Uuid;
@@ -21,21 +22,38 @@ enum Scratch {
     Server,
 }
 
+/// A key of 32 bytes of `b`: tests that need two keys take two bytes.
+fn key(b: u8) -> SecretKey {
+    use base64::Engine as _;
+    SecretKey::from_base64(
+        &base64::engine::general_purpose::STANDARD.encode([b; 32]),
+        "test",
+    )
+    .unwrap()
+}
+
 async fn sqlite() -> (Store, Scratch) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
-        .await
-        .unwrap();
+    let store = Store::connect(
+        &format!("sqlite://{}", dir.path().join("t.db").display()),
+        key(7),
+    )
+    .await
+    .unwrap();
     (store, Scratch::Sqlite(dir))
 }
 
 async fn postgres() -> (Store, Scratch) {
-    let store = Store::connect(&fresh_postgres_url().await).await.unwrap();
+    let store = Store::connect(&fresh_postgres_url().await, key(7))
+        .await
+        .unwrap();
     (store, Scratch::Server)
 }
 
 async fn mysql() -> (Store, Scratch) {
-    let store = Store::connect(&fresh_mysql_url().await).await.unwrap();
+    let store = Store::connect(&fresh_mysql_url().await, key(7))
+        .await
+        .unwrap();
     (store, Scratch::Server)
 }
 
@@ -495,7 +513,7 @@ async fn two_nodes_share_one_database_and_keep_to_their_own() {
 async fn a_database_newer_than_the_binary_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    drop(Store::connect(&url).await.unwrap());
+    drop(Store::connect(&url, key(7)).await.unwrap());
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
     sqlx::query(
         "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
@@ -505,14 +523,14 @@ async fn a_database_newer_than_the_binary_is_refused_clearly() {
     .await
     .unwrap();
     pool.close().await;
-    let err = Store::connect(&url).await.unwrap_err();
+    let err = Store::connect(&url, key(7)).await.unwrap_err();
     assert!(matches!(err, StoreError::NewerThanBinary(9999)), "{err}");
     assert!(err.to_string().contains("newer Switchboard"), "{err}");
 }
 
 #[tokio::test]
 async fn an_unknown_database_scheme_is_refused_without_leaking_the_password() {
-    let err = Store::connect("oracle://admin:hunter2@db/x")
+    let err = Store::connect("oracle://admin:hunter2@db/x", key(7))
         .await
         .unwrap_err();
     let msg = err.to_string();
@@ -773,7 +791,7 @@ async fn pid_columns_become_an_instance_reference(backend: common::Backend) {
         common::Backend::Postgres => previous_release!(sqlx::PgPool, "migrations/postgres"),
         common::Backend::MySql => previous_release!(sqlx::MySqlPool, "migrations/mysql"),
     }
-    let store = Store::connect(&url).await.unwrap();
+    let store = Store::connect(&url, key(7)).await.unwrap();
     let d = store.get_deployment(dep_id).await.unwrap().unwrap();
     assert_eq!(d.runtime, RuntimeKind::Process);
     assert_eq!(
@@ -895,3 +913,238 @@ async fn client_keys_round_trip_and_revoke_once(s: Store) {
     assert_eq!(s.revoke_key(Uuid::new_v4(), first).await.unwrap(), None);
     assert_eq!(s.get_key(b.id).await.unwrap().unwrap().revoked_at, None);
 }
+// ----- secrets at rest -----
+
+/// A database for a secrets test: its URL (a file in `dir` for SQLite).
+async fn scratch_url(backend: common::Backend, dir: &std::path::Path) -> String {
+    match backend.fresh_url().await {
+        Some(url) => url,
+        None => format!("sqlite://{}", dir.join("t.db").display()),
+    }
+}
+
+/// Runs one SQL statement on the database itself, beside the store (test-made text only).
+async fn raw_execute(url: &str, sql: String) {
+    use sqlx::Connection as _;
+    let sql = sqlx::AssertSqlSafe(sql);
+    if url.starts_with("sqlite") {
+        let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::query(sql).execute(&mut c).await.unwrap();
+    } else if url.starts_with("postgres") {
+        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query(sql).execute(&mut c).await.unwrap();
+    } else {
+        let mut c = sqlx::MySqlConnection::connect(url).await.unwrap();
+        sqlx::query(sql).execute(&mut c).await.unwrap();
+    }
+}
+
+/// The tool's `spec` column as stored.
+async fn raw_spec(url: &str, slug: &str) -> serde_json::Value {
+    use sqlx::Connection as _;
+    let sql = sqlx::AssertSqlSafe(format!("SELECT spec FROM tools WHERE slug = '{slug}'"));
+    let text: String = if url.starts_with("sqlite") {
+        let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
+    } else if url.starts_with("postgres") {
+        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
+    } else {
+        let mut c = sqlx::MySqlConnection::connect(url).await.unwrap();
+        sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
+    };
+    serde_json::from_str(&text).unwrap()
+}
+
+fn secret_spec(slug: &str, secrets: serde_json::Value) -> ToolSpec {
+    serde_json::from_value::<ToolSpec>(serde_json::json!(
+        {"slug": slug, "command": "server", "env": {"PLAIN": "visible"}, "secret_env": secrets}))
+    .unwrap()
+    .validate()
+    .unwrap()
+}
+
+/// Values are stored encrypted (never in plain text), read back decrypted, bound to their
+/// tool and variable (a ciphertext moved elsewhere does not decrypt), and a store opened with
+/// another key hands up no value, only the names it cannot read, and keeps them as they are
+/// through an update that sends the redacted marker back.
+async fn secrets_are_stored_encrypted_and_bound_to_their_tool(backend: common::Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = scratch_url(backend, dir.path()).await;
+    let s = Store::connect(&url, key(7)).await.unwrap();
+    let vault = s
+        .insert_tool(&secret_spec(
+            "vault",
+            serde_json::json!({"API_KEY": "sk-live-4242"}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(vault.spec.secret_env["API_KEY"], "sk-live-4242");
+    let raw = raw_spec(&url, "vault").await;
+    let sealed = raw["secret_env"]["API_KEY"].as_str().unwrap().to_owned();
+    assert!(sealed.starts_with("enc:v1:"), "{raw}");
+    assert!(!raw.to_string().contains("sk-live-4242"), "{raw}");
+    assert_eq!(raw["env"]["PLAIN"], "visible", "only secrets are encrypted");
+    let got = s.get_tool("vault").await.unwrap().unwrap();
+    assert_eq!(got.spec, vault.spec);
+    assert!(got.spec.check_secrets().is_ok());
+
+    let mut changed = got.spec.clone();
+    changed
+        .secret_env
+        .insert("API_KEY".into(), "sk-live-4343".into());
+    let updated = s.update_tool(&changed).await.unwrap().unwrap();
+    assert_eq!(updated.spec.secret_env["API_KEY"], "sk-live-4343");
+    let raw = raw_spec(&url, "vault").await;
+    assert!(!raw.to_string().contains("sk-live-4343"), "{raw}");
+    let sealed = raw["secret_env"]["API_KEY"].as_str().unwrap().to_owned();
+
+    // The same ciphertext under another tool, or another variable of its own tool, is refused.
+    s.insert_tool(&secret_spec("other", serde_json::json!({"TOKEN": "t"})))
+        .await
+        .unwrap();
+    let mut other = raw_spec(&url, "other").await;
+    other["secret_env"]["TOKEN"] = sealed.clone().into();
+    raw_execute(
+        &url,
+        format!("UPDATE tools SET spec = '{other}' WHERE slug = 'other'"),
+    )
+    .await;
+    let moved = s.get_tool("other").await.unwrap().unwrap();
+    assert!(moved.spec.secret_env.is_empty(), "{:?}", moved.spec);
+    assert_eq!(moved.spec.unreadable_secret_env["TOKEN"], sealed);
+    let e = moved.spec.check_secrets().unwrap_err().to_string();
+    assert!(e.contains("'other'") && e.contains("TOKEN"), "{e}");
+    let mut renamed = raw_spec(&url, "vault").await;
+    renamed["secret_env"] = serde_json::json!({"API_KEY_2": sealed});
+    raw_execute(
+        &url,
+        format!("UPDATE tools SET spec = '{renamed}' WHERE slug = 'vault'"),
+    )
+    .await;
+    let got = s.get_tool("vault").await.unwrap().unwrap();
+    assert!(got.spec.unreadable_secret_env.contains_key("API_KEY_2"));
+    renamed["secret_env"] = serde_json::json!({"API_KEY": sealed});
+    raw_execute(
+        &url,
+        format!("UPDATE tools SET spec = '{renamed}' WHERE slug = 'vault'"),
+    )
+    .await;
+
+    // Another key: nothing decrypts, every such value is named, and an update that sends
+    // the redacted marker back keeps the stored value, so the right key still opens it.
+    let wrong = Store::connect(&url, key(8)).await.unwrap();
+    let seen = wrong.get_tool("vault").await.unwrap().unwrap();
+    assert!(seen.spec.secret_env.is_empty(), "{:?}", seen.spec);
+    let err = seen.spec.check_secrets().unwrap_err();
+    assert_eq!(
+        (err.slug.as_str(), err.names.clone()),
+        ("vault", vec!["API_KEY".to_owned()])
+    );
+    let found = wrong.seal_plain_secrets().await.unwrap();
+    assert_eq!(found.sealed, 0);
+    let names: Vec<(&str, Vec<&str>)> = found
+        .unreadable
+        .iter()
+        .map(|(t, vars)| (t.as_str(), vars.iter().map(|v| v.0.as_str()).collect()))
+        .collect();
+    assert_eq!(
+        names,
+        [("other", vec!["TOKEN"]), ("vault", vec!["API_KEY"])]
+    );
+    let shown = seen.spec.clone().redacted();
+    assert_eq!(shown.secret_env["API_KEY"], switchboard::registry::REDACTED);
+    let mut update = shown;
+    update.description = "changed under the wrong key".into();
+    update.keep_secrets_from(&seen.spec);
+    wrong.update_tool(&update).await.unwrap().unwrap();
+    assert_eq!(
+        raw_spec(&url, "vault").await["secret_env"]["API_KEY"],
+        sealed.as_str()
+    );
+    let back = s.get_tool("vault").await.unwrap().unwrap();
+    assert_eq!(back.spec.secret_env["API_KEY"], "sk-live-4343");
+    assert_eq!(back.spec.description, "changed under the wrong key");
+}
+
+/// A database the release before encryption wrote holds `secret_env` in plain text (the
+/// rows are written here in that release's shape, straight through sqlx, so the test runs on
+/// every backend without the old binary; tests/cli.rs does the same upgrade with the old
+/// binary on SQLite): the pass at start encrypts them once, and the tools read the same.
+async fn plain_secrets_of_an_earlier_release_are_encrypted_once(backend: common::Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = scratch_url(backend, dir.path()).await;
+    let s = Store::connect(&url, key(7)).await.unwrap();
+    let t = "2026-01-02 03:04:05";
+    for (slug, secrets) in [
+        (
+            "legacy",
+            r#"{"API_KEY":"old-plain-0001","TOKEN":"old-plain-0002"}"#,
+        ),
+        ("nosecrets", "{}"),
+    ] {
+        raw_execute(
+            &url,
+            format!(
+                "INSERT INTO tools (id, slug, spec, created_at, updated_at) VALUES ('{}', \
+                 '{slug}', '{{\"slug\":\"{slug}\",\"command\":\"x\",\"secret_env\":{secrets}}}', \
+                 '{t}', '{t}')",
+                Uuid::new_v4()
+            ),
+        )
+        .await;
+    }
+    let before = s.get_tool("legacy").await.unwrap().unwrap();
+    assert_eq!(
+        before.spec.secret_env["API_KEY"], "old-plain-0001",
+        "read as it is"
+    );
+    let found = s.seal_plain_secrets().await.unwrap();
+    assert_eq!(found.sealed, 2);
+    assert!(found.unreadable.is_empty(), "{found:?}");
+    let raw = raw_spec(&url, "legacy").await;
+    assert!(!raw.to_string().contains("old-plain-"), "{raw}");
+    assert!(
+        raw["secret_env"]["TOKEN"]
+            .as_str()
+            .unwrap()
+            .starts_with("enc:v1:")
+    );
+    let after = s.get_tool("legacy").await.unwrap().unwrap();
+    assert_eq!(after.spec, before.spec);
+    assert_eq!(
+        after.updated_at, before.updated_at,
+        "not a change of the tool"
+    );
+    let again = s.seal_plain_secrets().await.unwrap();
+    assert_eq!(again.sealed, 0, "idempotent");
+    assert_eq!(raw_spec(&url, "legacy").await, raw);
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        // No copy of the plain text is left in the file or its WAL (freed space included).
+        drop(s);
+        for file in [path.to_owned(), format!("{path}-wal")] {
+            let bytes = std::fs::read(&file).unwrap_or_default();
+            assert!(
+                !bytes.windows(10).any(|w| w == b"old-plain-"),
+                "{file} still holds a plain-text secret"
+            );
+        }
+    }
+}
+
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod each_backend {
+            $(mod $name {
+                #[tokio::test] async fn sqlite() { super::super::$name(crate::common::Backend::Sqlite).await; }
+                #[tokio::test] async fn postgres() { super::super::$name(crate::common::Backend::Postgres).await; }
+                #[tokio::test] async fn mysql() { super::super::$name(crate::common::Backend::MySql).await; }
+            })*
+        }
+    };
+}
+
+on_every_backend!(
+    secrets_are_stored_encrypted_and_bound_to_their_tool,
+    plain_secrets_of_an_earlier_release_are_encrypted_once,
+);

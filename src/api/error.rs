@@ -62,6 +62,8 @@ impl From<ManagerError> for ApiError {
             M::Store(StoreError::Corrupt(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "store_corrupt")
             }
+            M::Store(StoreError::Seal(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            M::Secrets(_) => (StatusCode::CONFLICT, "secrets_unreadable"),
             M::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             M::Stop { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "stop_failed"),
             M::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),

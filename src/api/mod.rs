@@ -476,8 +476,11 @@ impl WaitParams {
 #[utoipa::path(post, path = "/api/v1/tools/{slug}/deployments", tag = "deployments",
     params(("slug" = String, Path), WaitParams),
     responses((status = 201, body = Deployment), (status = 400, body = ErrorBody),
-              (status = 404, body = ErrorBody), (status = 422, body = ErrorBody),
-              (status = 503, body = ErrorBody)))]
+              (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "`secrets_unreadable`: the \
+               tool's secret_env values do not decrypt with this Switchboard's secret key \
+               (the message names them); restore the key or set new values"),
+              (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn deploy(
     State(s): State<AppState>,
     Path(slug): Path<String>,
@@ -504,8 +507,12 @@ struct ScaleRequest {
 #[utoipa::path(post, path = "/api/v1/tools/{slug}/scale", tag = "tools",
     request_body = ScaleRequest, params(("slug" = String, Path), WaitParams),
     responses((status = 200, body = crate::manager::Scaled), (status = 400, body = ErrorBody),
-              (status = 404, body = ErrorBody), (status = 415, body = ErrorBody),
-              (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+              (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "`secrets_unreadable`: \
+               deployments are to be started and the tool's secret_env values do not \
+               decrypt with this Switchboard's secret key"),
+              (status = 415, body = ErrorBody), (status = 422, body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
 async fn scale_tool(
     State(s): State<AppState>,
     Path(slug): Path<String>,

@@ -3,10 +3,10 @@
 
 use uuid::Uuid;
 
-use super::Manager;
+use super::{Manager, supervisor::Failure};
 use crate::{
     registry::{ToolSpec, Transport},
-    runtime::{Endpoint, LaunchSpec, Listen, RuntimeError, StopMode},
+    runtime::{Endpoint, LaunchSpec, Listen, StopMode},
 };
 
 /// The process's command line and environment as the tool says, `{port}` left for the runtime
@@ -47,11 +47,13 @@ impl Manager {
     }
 
     /// Starts the deployment's instance and records which instance it is and where it listens.
+    /// Never without all of its secrets.
     pub(super) async fn spawn_process(
         &self,
         id: Uuid,
         spec: &ToolSpec,
-    ) -> Result<Endpoint, RuntimeError> {
+    ) -> Result<Endpoint, Failure> {
+        spec.check_secrets()?;
         let launch = match spec.transport {
             Transport::Stdio => self.bridge_launch_spec(id, spec),
             Transport::StreamableHttp => launch_spec(id, spec, self.listen_for(id, spec, None)),

@@ -55,7 +55,7 @@ use crate::{
     metrics::Metrics,
     ports::PortsExhausted,
     proxy::routes::{Backend, RouteTable},
-    registry::{ApplyOutcome, SpecError, Tool, ToolSpec, Transport},
+    registry::{ApplyOutcome, SpecError, Tool, ToolSpec, Transport, UnreadableSecrets},
     runtime::{Endpoint, Runtime, RuntimeError},
     store::{DeleteTool, DeploymentFilter, Store, StoreError},
 };
@@ -84,6 +84,8 @@ pub enum ManagerError {
     DeploymentNotFound(String),
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error(transparent)]
+    Secrets(#[from] UnreadableSecrets),
     #[error(transparent)]
     PortsExhausted(#[from] PortsExhausted),
     #[error("the store failed: {0}")]
@@ -446,7 +448,12 @@ impl Manager {
         let mut out = Vec::new();
         for tool in self.store.list_tools().await? {
             if tool.spec.autostart {
-                out.extend(self.scale(&tool.spec.slug, None, None).await?.started);
+                match self.scale(&tool.spec.slug, None, None).await {
+                    Ok(s) => out.extend(s.started),
+                    // One tool's lost key must not keep the others down (start-up named it).
+                    Err(ManagerError::Secrets(e)) => tracing::error!("Not autostarted: {e}"),
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(out)
@@ -587,6 +594,7 @@ impl Manager {
             return Err(ManagerError::ShuttingDown);
         }
         let spec = &tool.spec;
+        spec.check_secrets()?;
         let id = Uuid::new_v4();
         if spec.transport == Transport::Stdio
             && self.socket_path(id).as_os_str().len() > MAX_SOCKET_PATH

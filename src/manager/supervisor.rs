@@ -14,7 +14,7 @@ use crate::{
     events::EventKind,
     health::{HealthCheckResult, Prober},
     proxy::routes::Backend,
-    registry::{Tool, ToolSpec},
+    registry::{Tool, ToolSpec, UnreadableSecrets},
     restart::{Backoff, Ending},
     runtime::{Endpoint, RuntimeError},
 };
@@ -83,6 +83,9 @@ pub(super) enum Failure {
     /// The tool's package could not be installed.
     #[error(transparent)]
     Install(#[from] InstallError),
+    /// Its secrets do not decrypt with this Switchboard's key: no restart can help.
+    #[error(transparent)]
+    Secrets(#[from] UnreadableSecrets),
     /// It ended, and its restart policy does not restart it.
     #[error("{0}")]
     Ended(Ending),
@@ -140,7 +143,7 @@ impl Manager {
             (Ok(tool), Start::Install) => {
                 if let Err(e) = self.spawn_process(id, &tool.spec).await {
                     tracing::warn!(deployment = %id, error = %e, "Deployment could not start");
-                    self.fail(id, None, e.into()).await;
+                    self.fail(id, None, e).await;
                     return;
                 }
                 (tool, Start::Spawned)
@@ -433,9 +436,14 @@ impl Manager {
             _ = cancel.cancelled() => return false,
             _ = tokio::time::sleep(delay) => {}
         }
-        if let Err(e) = self.spawn_process(id, spec).await {
+        match self.spawn_process(id, spec).await {
+            Ok(_) => {}
+            Err(e @ Failure::Secrets(_)) => {
+                self.fail(id, None, e).await;
+                return false;
+            }
             // Counted as an ending like any other: the loop backs off and tries again.
-            tracing::warn!(deployment = %id, error = %e, "Restart could not spawn");
+            Err(e) => tracing::warn!(deployment = %id, error = %e, "Restart could not spawn"),
         }
         true
     }

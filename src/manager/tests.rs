@@ -76,7 +76,12 @@ impl Harness {
         let clock = hold_clock();
         let dir = tempfile::tempdir().expect("a temporary directory");
         let url = format!("sqlite://{}", dir.path().join("switchboard.db").display());
-        let store = Store::connect(&url).await.expect("the store opens");
+        let key = crate::secrets::SecretKey::from_base64(
+            "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=",
+            "test",
+        )
+        .expect("a key");
+        let store = Store::connect(&url, key).await.expect("the store opens");
         let runtime = Arc::new(FakeRuntime::default());
         let health = HealthScript::new(healthy);
         let manager = manager_on(&store, &runtime, &health, dir.path());

@@ -39,7 +39,12 @@ pub const LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
 pub const LOG_KEEP: u32 = 3;
 
 /// Environment variables a server must never inherit from Switchboard.
-const SCRUBBED_ENV: &[&str] = &["SWITCHBOARD_API_TOKEN", "SWITCHBOARD_TOKEN"];
+/// (`SWITCHBOARD_SECRET_KEY` decrypts every tool's secrets: no server may hold it.)
+const SCRUBBED_ENV: &[&str] = &[
+    "SWITCHBOARD_API_TOKEN",
+    "SWITCHBOARD_TOKEN",
+    "SWITCHBOARD_SECRET_KEY",
+];
 
 /// How process trees are tracked.
 #[derive(Debug, Clone)]

@@ -64,6 +64,8 @@ pub struct AppOptions {
     pub log_retention: switchboard::log_retention::LogRetention,
     /// Whether `/mcp` requires a client key (default off, as on a loopback listener).
     pub mcp_auth: switchboard::auth::McpAuth,
+    /// Where the key for secrets at rest comes from (default: the data directory's file).
+    pub secret_key: switchboard::secrets::KeySource,
 }
 
 impl Default for AppOptions {
@@ -78,6 +80,7 @@ impl Default for AppOptions {
             registries: Default::default(),
             log_retention: Default::default(),
             mcp_auth: switchboard::auth::McpAuth::Off,
+            secret_key: Default::default(),
         }
     }
 }
@@ -119,6 +122,7 @@ impl TestApp {
             metrics: true,
             registries: opts.registries.clone(),
             log_retention: opts.log_retention,
+            secret_key: opts.secret_key,
         };
         let (tx, rx) = oneshot::channel::<()>();
         let runtime = tokio::runtime::Builder::new_multi_thread()
