@@ -340,9 +340,6 @@ impl Store {
             // rare enough that the extra fsync is noise.
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            // Deleted and overwritten content is zeroed, not left in free space: a secret
-            // that was replaced (a plain-text one encrypted at start) leaves no copy behind.
-            .pragma("secure_delete", "ON")
             .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)

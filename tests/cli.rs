@@ -396,16 +396,6 @@ fn a_live_deployment_of_the_previous_release_is_adopted_after_the_upgrade() {
     assert_adopted_and_stoppable(&sb, &id, &tree);
 }
 
-/// Whether the SQLite database or its WAL holds these bytes anywhere (free space included).
-fn database_holds(data_dir: &Path, needle: &str) -> bool {
-    ["switchboard.db", "switchboard.db-wal"].iter().any(|f| {
-        std::fs::read(data_dir.join(f))
-            .unwrap_or_default()
-            .windows(needle.len())
-            .any(|w| w == needle.as_bytes())
-    })
-}
-
 /// Upgrades lose nothing, secrets included, and leave none in plain text: the previous
 /// release's own binary stores a `secret_env` value (in plain text, which the test checks so
 /// that it proves something); the new binary, its key from SWITCHBOARD_SECRET_KEY, encrypts
@@ -439,13 +429,13 @@ fn plain_text_secrets_of_the_previous_release_are_encrypted_at_the_upgrade() {
     sb.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(sb.wait().success());
     assert!(
-        database_holds(dir.path(), SECRET),
+        common::database_holds(dir.path(), SECRET),
         "the previous release should have stored the value in plain text"
     );
 
     let mut sb = Serve::start_env(dir.path(), &[], &[("SWITCHBOARD_SECRET_KEY", KEY)]);
     assert!(
-        !database_holds(dir.path(), SECRET),
+        !common::database_holds(dir.path(), SECRET),
         "the plain value survived the upgrade"
     );
     assert!(
@@ -455,15 +445,11 @@ fn plain_text_secrets_of_the_previous_release_are_encrypted_at_the_upgrade() {
     let d = sb.json(&["deploy", "vault", "--wait"])["deployments"][0].clone();
     assert_eq!(d["status"], "RUNNING", "{d}");
     let pid = d["instance"]["pid"].as_u64().unwrap();
-    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    let env: Vec<String> = env
-        .split(|b| *b == 0)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-        .collect();
+    let env = common::process_environ(pid);
     assert!(env.contains(&format!("API_KEY={SECRET}")), "{env:?}");
     assert!(
         !env.iter().any(|v| v.starts_with("SWITCHBOARD_SECRET_KEY=")),
-        "the server inherited the key: {env:?}"
+        "the server inherited the key"
     );
     sb.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(sb.wait().success());

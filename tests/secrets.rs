@@ -10,30 +10,12 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt as _;
 
-use common::{AppOptions, TestApp, whoami};
+use common::{AppOptions, TestApp, database_holds, process_environ as environ, whoami};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use switchboard::secrets::{KeySource, SecretKey};
 
 const SECRET: &str = "sk-test-5f1e2d3c4b5a69788796";
-
-/// The environment of a live process, from /proc.
-fn environ(pid: u64) -> Vec<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    raw.split(|b| *b == 0)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-        .collect()
-}
-
-/// Whether the SQLite database or its WAL holds these bytes anywhere (free space included).
-fn database_holds(data_dir: &std::path::Path, needle: &str) -> bool {
-    ["switchboard.db", "switchboard.db-wal"].iter().any(|f| {
-        std::fs::read(data_dir.join(f))
-            .unwrap_or_default()
-            .windows(needle.len())
-            .any(|w| w == needle.as_bytes())
-    })
-}
 
 /// A key given as `SWITCHBOARD_SECRET_KEY` would give it.
 fn env_key(byte: u8) -> KeySource {

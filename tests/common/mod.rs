@@ -426,6 +426,26 @@ pub fn read_pids(path: &std::path::Path) -> Vec<u32> {
         .collect()
 }
 
+/// The environment of a live process, from /proc: `NAME=value` strings.
+pub fn process_environ(pid: u64) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    raw.split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+/// Whether the data directory's SQLite database or its WAL holds these bytes anywhere (free
+/// space included).
+pub fn database_holds(data_dir: &std::path::Path, needle: &str) -> bool {
+    ["switchboard.db", "switchboard.db-wal"].iter().any(|f| {
+        std::fs::read(data_dir.join(f))
+            .unwrap_or_default()
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    })
+}
+
 /// A real MCP tool call (modern era, plain JSON-RPC over HTTP) to the test server's `whoami`.
 pub async fn whoami(endpoint: &str) -> Value {
     let body = serde_json::json!({
