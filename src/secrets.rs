@@ -146,32 +146,24 @@ impl SecretKey {
     /// [`create_key_file`]) when absent; `created` then says so, so the caller can tell the
     /// operator to back it up.
     pub fn load(source: &KeySource, data_dir: &Path) -> Result<Loaded, KeyError> {
-        match source {
-            KeySource::Env(key) => Ok(Loaded {
-                key: key.clone(),
-                created: false,
-            }),
-            KeySource::File(path) => match read_key_file(path)? {
-                Some(key) => Ok(Loaded {
-                    key,
+        let (path, create) = match source {
+            KeySource::Env(key) => {
+                return Ok(Loaded {
+                    key: key.clone(),
                     created: false,
-                }),
-                None => Err(KeyError::Missing(path.clone())),
-            },
-            KeySource::DataDir => {
-                let path = data_dir.join(KEY_FILE);
-                if let Some(key) = read_key_file(&path)? {
-                    return Ok(Loaded {
-                        key,
-                        created: false,
-                    });
-                }
-                create_key_file(&path)?;
-                match read_key_file(&path)? {
-                    Some(key) => Ok(Loaded { key, created: true }),
-                    None => Err(KeyError::Missing(path)),
-                }
+                });
             }
+            KeySource::File(path) => (path.clone(), false),
+            KeySource::DataDir => (data_dir.join(KEY_FILE), true),
+        };
+        let mut created = false;
+        if create && !path.exists() {
+            create_key_file(&path)?;
+            created = true;
+        }
+        match read_key_file(&path)? {
+            Some(key) => Ok(Loaded { key, created }),
+            None => Err(KeyError::Missing(path)),
         }
     }
 

@@ -24,6 +24,19 @@ fn env_key(byte: u8) -> KeySource {
     KeySource::Env(SecretKey::from_base64(&text, "SWITCHBOARD_SECRET_KEY").unwrap())
 }
 
+/// Switchboard on this data directory, its key from the environment and not the one in the
+/// directory's key file.
+async fn start_with_another_key(dir: tempfile::TempDir) -> TestApp {
+    TestApp::start_in(
+        dir,
+        AppOptions {
+            secret_key: env_key(8),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 async fn add_vault(app: &TestApp) -> Value {
     app.add_test_tool("vault", &[], json!({"secret_env": {"API_KEY": SECRET}}))
         .await
@@ -96,14 +109,7 @@ async fn with_another_key_a_tool_is_refused_by_name_and_nothing_is_lost() {
         .await;
     let dir = app.stop().await;
 
-    let app = TestApp::start_in(
-        dir,
-        AppOptions {
-            secret_key: env_key(8),
-            ..Default::default()
-        },
-    )
-    .await;
+    let app = start_with_another_key(dir).await;
     let (st, e) = deploy_status(&app, "vault").await;
     assert_eq!(st, StatusCode::CONFLICT, "{e}");
     assert_eq!(e["error"]["code"], "secrets_unreadable", "{e}");
@@ -154,14 +160,7 @@ async fn an_adopted_deployment_is_not_restarted_without_its_secrets() {
     let pid = server_pid(&d).await;
     let dir = app.crash().await;
 
-    let app = TestApp::start_in(
-        dir,
-        AppOptions {
-            secret_key: env_key(8),
-            ..Default::default()
-        },
-    )
-    .await;
+    let app = start_with_another_key(dir).await;
     let rec = app.deployment(&id).await;
     assert_eq!(rec["status"], "RUNNING", "adopted: {rec}");
     assert_eq!(rec["instance"]["pid"].as_u64(), Some(pid), "{rec}");
