@@ -486,6 +486,65 @@ fn plain_text_secrets_of_the_previous_release_are_encrypted_at_the_upgrade() {
     assert!(!log.contains(SECRET) && !log.contains(OTHER_KEY), "{log}");
 }
 
+/// `[secrets] key_file` names a key the operator keeps: Switchboard uses it and writes no key
+/// of its own, and refuses to start when it is missing (a new key could not decrypt what the
+/// old one stored), as it does for a malformed SWITCHBOARD_SECRET_KEY, without quoting it.
+#[test]
+fn a_configured_key_file_is_used_never_created_and_a_bad_key_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let key_file = dir.path().join("keys").join("sb.key");
+    let config = dir.path().join("sb.toml");
+    std::fs::write(&config, "[secrets]\nkey_file = \"keys/sb.key\"\n").unwrap();
+    let serve = |env: &[(&str, &str)]| {
+        Command::new(switchboard_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let out = serve(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{} ([secrets] key_file) does not exist",
+            key_file.display()
+        )),
+        "{err}"
+    );
+    assert!(!key_file.exists() && !data.join("secret.key").exists());
+
+    let out = serve(&[("SWITCHBOARD_SECRET_KEY", "not-a-key-at-all")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SWITCHBOARD_SECRET_KEY is not a secret key") && !err.contains("not-a-key"),
+        "{err}"
+    );
+
+    std::fs::create_dir_all(key_file.parent().unwrap()).unwrap();
+    std::fs::write(&key_file, "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=\n").unwrap();
+    // Readable by others (as written here): it is used, with a warning to chmod it.
+    let mut sb = Serve::start(&data, &["--config", config.to_str().unwrap()]);
+    sb.ok(&["tool", "list"]);
+    sb.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(sb.wait().success());
+    let log = sb.all_log();
+    assert!(
+        log.contains(&format!("Secret key loaded from={}", key_file.display())),
+        "{log}"
+    );
+    assert!(
+        log.contains("can be read by other users: chmod 600 it"),
+        "{log}"
+    );
+    assert!(!data.join("secret.key").exists(), "a key file of its own");
+}
+
 #[test]
 fn what_died_while_switchboard_was_down_is_restarted_and_its_leftovers_killed() {
     let dir = tempfile::tempdir().unwrap();
