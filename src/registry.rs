@@ -172,6 +172,11 @@ pub struct ToolSpec {
     /// passes.) Deployments started before a change keep the value they started with.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forward_credentials: bool,
+    /// The MCP tools of this server that clients may see and call (`tools/list` is filtered,
+    /// a `tools/call` of another is refused by the proxy), whoever the caller and whether or
+    /// not `/mcp` requires keys. Absent: every tool the server has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expose_tools: Option<Vec<String>>,
     /// Time between SIGTERM and SIGKILL when stopping.
     #[serde(default = "default_stop_grace_period_ms")]
     pub stop_grace_period_ms: u64,
@@ -381,6 +386,20 @@ impl ToolSpec {
                     self.endpoint_path
                 ),
             ));
+        }
+        if let Some(names) = &self.expose_tools {
+            if names.is_empty() {
+                return Err(invalid(
+                    "expose_tools",
+                    "must name at least one MCP tool (omit it to expose every tool)",
+                ));
+            }
+            if let Some(bad) = names.iter().find(|n| !crate::mcp::is_valid_tool_name(n)) {
+                return Err(invalid(
+                    "expose_tools",
+                    format!("'{bad}' is not an MCP tool name (1-128 of A-Z a-z 0-9 _ - .)"),
+                ));
+            }
         }
         if !(100..=MAX_STARTUP_TIMEOUT_MS).contains(&self.startup_timeout_ms) {
             return Err(invalid(

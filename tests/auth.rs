@@ -260,18 +260,209 @@ async fn a_key_granted_one_tool_gets_403_on_another() {
     assert_eq!((st, code.as_str()), (StatusCode::FORBIDDEN, "forbidden"));
     assert!(!h.contains_key("www-authenticate"));
 
-    // `*` reaches both; a single-MCP-tool grant is not enforced yet, so it admits nothing.
+    // `*` reaches both; a single-MCP-tool grant admits its slug only.
     let (_, all) = make_key(&app, json!({"name": "all", "tools": ["*"]})).await;
     for slug in ["a", "b"] {
         let (st, _, _) = get(&format!("{}/mcp/{slug}/headers", app.url), Some(&all)).await;
         assert_eq!(st, StatusCode::OK, "{slug}");
     }
     let (_, one) = make_key(&app, json!({"name": "echo-only", "tools": ["a/echo"]})).await;
-    let (st, code, _) = get(&format!("{}/mcp/a/headers", app.url), Some(&one)).await;
-    assert_eq!(
-        (st, code.as_str()),
-        (StatusCode::FORBIDDEN, "mcp_tool_grants_not_enforced")
+    let (st, _, _) = get(&format!("{}/mcp/a/headers", app.url), Some(&one)).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, code, _) = get(&format!("{}/mcp/b/headers", app.url), Some(&one)).await;
+    assert_eq!((st, code.as_str()), (StatusCode::FORBIDDEN, "forbidden"));
+}
+
+/// POSTs the proxy sent to tool `slug`'s deployments so far (the SDK's GET stream opens in
+/// the background, so GETs are not counted).
+async fn proxied(app: &TestApp, slug: &str) -> u64 {
+    let prefix = format!("switchboard_proxy_requests_total{{tool=\"{slug}\"");
+    app.metrics_text()
+        .await
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains("method=\"POST\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The official Python SDK's `call-tool`, expected to fail; returns its stderr.
+async fn refused_call(bearer: Option<&str>, url: &str, era: &str, tool: &str) -> String {
+    let out = mcp_client_output(
+        bearer,
+        &[
+            "--url",
+            url,
+            "--era",
+            era,
+            "call-tool",
+            tool,
+            "--args",
+            r#"{"ms":1}"#,
+        ],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "{tool} was called: {}",
+        String::from_utf8_lossy(&out.stdout)
     );
+    stderr
+}
+
+#[tokio::test]
+async fn a_key_granted_one_mcp_tool_lists_and_calls_only_it_in_both_eras() {
+    let app = secured(&["t"]).await;
+    let (_, key) = make_key(&app, json!({"name": "echo-only", "tools": ["t/echo"]})).await;
+    let (_, whole) = make_key(&app, json!({"name": "whole", "tools": ["t"]})).await;
+    let url = format!("{}/mcp/t", app.url);
+    for era in ["legacy", "modern"] {
+        let listed = mcp_client_as(Some(&key), &["--url", &url, "--era", era, "list-tools"]).await;
+        assert_eq!(listed["tools"], json!(["echo"]), "{era}: {listed}");
+        // The whole-slug key sees them all (the server has more than echo).
+        let all = mcp_client_as(Some(&whole), &["--url", &url, "--era", era, "list-tools"]).await;
+        let all = all["tools"].as_array().unwrap();
+        assert!(
+            all.len() > 1 && all.contains(&json!("sleep")),
+            "{era}: {all:?}"
+        );
+
+        let called = mcp_client_as(
+            Some(&key),
+            &[
+                "--url",
+                &url,
+                "--era",
+                era,
+                "call-tool",
+                "echo",
+                "--args",
+                r#"{"text":"hi"}"#,
+            ],
+        )
+        .await;
+        assert!(called["result"].to_string().contains("hi"), "{called}");
+        let stderr = refused_call(Some(&key), &url, era, "sleep").await;
+        assert!(stderr.contains("lacks access"), "{era}: {stderr}");
+    }
+    app.stop().await;
+}
+
+/// The raw exchange: an SSE tools/list (with the server's priming event before the response)
+/// is rewritten, and a tools/call of another tool is a JSON-RPC error with the request's id.
+#[tokio::test]
+async fn a_filtered_tools_list_over_sse_and_a_refused_call_are_json_rpc() {
+    let app = secured(&["t"]).await;
+    let (_, key) = make_key(
+        &app,
+        json!({"name": "echo-only", "tools": ["t/echo", "x/sleep"]}),
+    )
+    .await;
+    let url = format!("{}/mcp/t", app.url);
+    let auth = format!("Bearer {key}");
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "t", "version": "0"}}});
+    let (st, h, _) = common::mcp_rpc(&url, &init, &[("authorization", &auth)]).await;
+    assert_eq!(st, StatusCode::OK);
+    let sid = h["mcp-session-id"].to_str().unwrap().to_owned();
+    let session = [
+        ("authorization", auth.as_str()),
+        ("mcp-session-id", sid.as_str()),
+        ("mcp-protocol-version", "2025-11-25"),
+    ];
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    common::mcp_rpc(&url, &note, &session).await;
+
+    let list = json!({"jsonrpc": "2.0", "id": "L", "method": "tools/list"});
+    let mut req = client()
+        .post(&url)
+        .json(&list)
+        .header("accept", "application/json, text/event-stream");
+    for (k, v) in session {
+        req = req.header(k, v);
+    }
+    let resp = req.send().await.unwrap();
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"),
+        "{:?}",
+        resp.headers()
+    );
+    let text = resp.text().await.unwrap();
+    let events = switchboard::mcp::sse::Parser::new().feed(text.as_bytes());
+    assert!(
+        events.len() >= 2,
+        "the server's priming event and the response: {text}"
+    );
+    let msgs = common::sse_messages(&text);
+    let listed = msgs.iter().find(|m| m["id"] == "L").unwrap();
+    let names: Vec<&Value> = listed["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["name"])
+        .collect();
+    assert_eq!(names, [&json!("echo")], "{text}");
+
+    let call = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": {"name": "whoami", "arguments": {}}});
+    let before = proxied(&app, "t").await;
+    let (st, _, msg) = common::mcp_rpc(&url, &call, &session).await;
+    let msg = msg.unwrap();
+    assert_eq!(st, StatusCode::OK);
+    // Answered by Switchboard: the server never saw it.
+    assert_eq!(proxied(&app, "t").await, before);
+    assert_eq!(msg["id"], 9);
+    assert_eq!(msg["error"]["code"], -32602, "{msg}");
+    assert!(
+        msg["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("lacks access"),
+        "{msg}"
+    );
+    app.stop().await;
+}
+
+/// `expose_tools` applies to everyone, with auth off too; bad values are 422 naming the field.
+#[tokio::test]
+async fn expose_tools_hides_the_other_tools_from_everyone() {
+    let app = TestApp::start().await;
+    for bad in [json!([]), json!(["ok", "no spaces"])] {
+        let (st, v) = app
+            .call(
+                "POST",
+                "/api/v1/tools",
+                Some(json!({"slug": "bad", "command": "x", "expose_tools": bad})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("expose_tools"),
+            "{v}"
+        );
+    }
+    let tool = app
+        .add_test_tool("x", &[], json!({"expose_tools": ["echo", "whoami"]}))
+        .await;
+    assert_eq!(tool["expose_tools"], json!(["echo", "whoami"]), "{tool}");
+    app.deploy_wait("x").await;
+    let url = format!("{}/mcp/x", app.url);
+    for era in ["legacy", "modern"] {
+        let listed = mcp_client_as(None, &["--url", &url, "--era", era, "list-tools"]).await;
+        let mut names: Vec<String> = serde_json::from_value(listed["tools"].clone()).unwrap();
+        names.sort();
+        assert_eq!(names, ["echo", "whoami"], "{era}");
+        let stderr = refused_call(None, &url, era, "sleep").await;
+        assert!(stderr.contains("not available"), "{era}: {stderr}");
+    }
+    app.stop().await;
 }
 
 #[tokio::test]

@@ -36,18 +36,6 @@ pub enum AuthError {
     Revoked { id: String },
     #[error("key {principal} has no grant on tool '{slug}'")]
     Forbidden { principal: String, slug: String },
-    /// Per-MCP-tool grants need the proxy to filter `tools/list` and refuse `tools/call`
-    /// (issue 15, point 4); until it does, they admit nothing rather than the whole tool.
-    #[error(
-        "key {principal} is granted only some MCP tools of '{slug}' ({tools}); this Switchboard \
-         does not enforce per-MCP-tool grants yet, so only a whole-tool grant ('{slug}') admits \
-         requests"
-    )]
-    McpToolsOnly {
-        principal: String,
-        slug: String,
-        tools: String,
-    },
     #[error("{0}")]
     Quota(QuotaError),
 }
@@ -71,7 +59,7 @@ impl AuthError {
             | AuthError::InvalidKey
             | AuthError::Expired { .. }
             | AuthError::Revoked { .. } => Refusal::Unauthenticated,
-            AuthError::Forbidden { .. } | AuthError::McpToolsOnly { .. } => Refusal::Forbidden,
+            AuthError::Forbidden { .. } => Refusal::Forbidden,
             AuthError::Quota(_) => Refusal::OverQuota,
         }
     }
@@ -83,7 +71,6 @@ impl AuthError {
             AuthError::Expired { .. } => "key_expired",
             AuthError::Revoked { .. } => "key_revoked",
             AuthError::Forbidden { .. } => "forbidden",
-            AuthError::McpToolsOnly { .. } => "mcp_tool_grants_not_enforced",
             AuthError::Quota(QuotaError::Rate { .. }) => "rate_limited",
             AuthError::Quota(QuotaError::Concurrency { .. }) => "too_many_requests_in_flight",
         }
@@ -94,7 +81,7 @@ impl AuthError {
             AuthError::Missing | AuthError::NotBearer => AuthOutcome::Missing,
             AuthError::InvalidKey | AuthError::Revoked { .. } => AuthOutcome::Invalid,
             AuthError::Expired { .. } => AuthOutcome::Expired,
-            AuthError::Forbidden { .. } | AuthError::McpToolsOnly { .. } => AuthOutcome::Forbidden,
+            AuthError::Forbidden { .. } => AuthOutcome::Forbidden,
             AuthError::Quota(QuotaError::Rate { .. }) => AuthOutcome::RateLimited,
             AuthError::Quota(QuotaError::Concurrency { .. }) => AuthOutcome::ConcurrencyLimited,
         }
@@ -179,21 +166,13 @@ impl Gate {
                 id: principal.id.clone(),
             });
         }
-        match principal.grants.access(slug) {
-            Access::Whole => {}
-            Access::None => {
-                return Err(AuthError::Forbidden {
-                    principal: principal.id.clone(),
-                    slug: slug.to_owned(),
-                });
-            }
-            Access::Only(tools) => {
-                return Err(AuthError::McpToolsOnly {
-                    principal: principal.id.clone(),
-                    slug: slug.to_owned(),
-                    tools: tools.join(", "),
-                });
-            }
+        // Per-MCP-tool grants admit the request; the proxy filters what it may see and call
+        // (`proxy::filter`).
+        if principal.grants.access(slug) == Access::None {
+            return Err(AuthError::Forbidden {
+                principal: principal.id.clone(),
+                slug: slug.to_owned(),
+            });
         }
         let slot = key.quota.admit().map_err(AuthError::Quota)?;
         Ok(Admission {

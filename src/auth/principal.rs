@@ -7,7 +7,7 @@
 
 use std::{fmt, str::FromStr};
 
-use crate::registry::is_valid_slug;
+use crate::{mcp::is_valid_tool_name, registry::is_valid_slug};
 
 /// How a principal proved who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,15 +52,7 @@ impl FromStr for Grant {
         }
         match s.split_once('/') {
             None if is_valid_slug(s) => Ok(Grant::Tool(s.to_owned())),
-            // MCP tool names are 1-128 of A-Z a-z 0-9 _ - . (the spec's rule for names).
-            Some((slug, name))
-                if is_valid_slug(slug)
-                    && !name.is_empty()
-                    && name.len() <= 128
-                    && name
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) =>
-            {
+            Some((slug, name)) if is_valid_slug(slug) && is_valid_tool_name(name) => {
                 Ok(Grant::McpTool {
                     slug: slug.to_owned(),
                     name: name.to_owned(),

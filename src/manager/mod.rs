@@ -708,7 +708,8 @@ impl Manager {
         let backend = Backend::new(id, endpoint.clone(), path)
             .map_err(|e| ManagerError::Internal(format!("bad upstream address: {e}")))?
             .with_call_timeout(spec.call_timeout_ms.map(Duration::from_millis))
-            .with_forward_credentials(spec.forward_credentials);
+            .with_forward_credentials(spec.forward_credentials)
+            .with_expose_tools(spec.expose_tools.as_deref());
         Ok(match &self.metrics {
             Some(m) => backend.with_metrics(m.backend(&spec.slug, &id.to_string())),
             None => backend,

@@ -11,6 +11,8 @@ pub mod code {
     pub const PARSE_ERROR: i64 = -32700;
     pub const INVALID_REQUEST: i64 = -32600;
     pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// Also what servers answer a `tools/call` of an unknown tool with.
+    pub const INVALID_PARAMS: i64 = -32602;
     pub const INTERNAL_ERROR: i64 = -32603;
     /// The SDKs' generic server error, which they answer "Bad Request" with (a missing session
     /// header, a GET without a session).

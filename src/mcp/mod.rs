@@ -66,6 +66,15 @@ impl Era {
     }
 }
 
+/// The spec's rule for an MCP tool name: 1-128 of `A-Z a-z 0-9 _ - .`.
+pub fn is_valid_tool_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+}
+
 /// The `_meta` a 2026-07-28 request carries, from a client named `client_name`.
 pub fn modern_meta(client_name: &str) -> Value {
     json!({

@@ -57,6 +57,14 @@ pub enum ProxyError {
     InvalidPath(http::Error),
     #[error("request body is larger than the limit of {0} bytes")]
     BodyTooLarge(u64),
+    /// The request body could not be read whole (the client went away or sent a broken body)
+    /// where a tool filter needed to read it.
+    #[error("could not read the request body: {0}")]
+    RequestBodyFailed(String),
+    /// A `tools/call` of a tool the caller may not call, on a transport whose answers come on
+    /// another stream (2024-11-05 HTTP+SSE), so it cannot be a JSON-RPC error here.
+    #[error("{0}")]
+    ToolNotAllowed(String),
     /// No backend to send to: none running (`running == 0`), or all ejected by their breakers.
     #[error("{}", no_healthy_message(.slug, *.running))]
     NoHealthyDeployment { slug: String, running: usize },
@@ -99,7 +107,9 @@ impl ProxyError {
             | ProxyError::DeploymentNotServing { .. }
             | ProxyError::StdioSubPath(_)
             | ProxyError::InvalidPath(_)
-            | ProxyError::BodyTooLarge(_) => Source::Client,
+            | ProxyError::BodyTooLarge(_)
+            | ProxyError::RequestBodyFailed(_)
+            | ProxyError::ToolNotAllowed(_) => Source::Client,
             ProxyError::NoHealthyDeployment { .. }
             | ProxyError::UpstreamUnavailable { .. }
             | ProxyError::UpstreamTimeout { .. }
@@ -114,12 +124,16 @@ impl ProxyError {
                 Refusal::Forbidden => StatusCode::FORBIDDEN,
                 Refusal::OverQuota => StatusCode::TOO_MANY_REQUESTS,
             },
-            ProxyError::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
+            ProxyError::OriginNotAllowed(_) | ProxyError::ToolNotAllowed(_) => {
+                StatusCode::FORBIDDEN
+            }
             ProxyError::ToolNotFound(_)
             | ProxyError::SessionNotFound
             | ProxyError::DeploymentNotServing { .. }
             | ProxyError::StdioSubPath(_) => StatusCode::NOT_FOUND,
-            ProxyError::InvalidSessionId | ProxyError::InvalidPath(_) => StatusCode::BAD_REQUEST,
+            ProxyError::InvalidSessionId
+            | ProxyError::InvalidPath(_)
+            | ProxyError::RequestBodyFailed(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoHealthyDeployment { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnavailable { .. } | ProxyError::UpstreamFailed { .. } => {
@@ -141,6 +155,8 @@ impl ProxyError {
             ProxyError::StdioSubPath(_) => "not_found",
             ProxyError::InvalidPath(_) => "invalid_path",
             ProxyError::BodyTooLarge(_) => "body_too_large",
+            ProxyError::RequestBodyFailed(_) => "request_body_unreadable",
+            ProxyError::ToolNotAllowed(_) => "tool_not_allowed",
             ProxyError::NoHealthyDeployment { .. } => "no_healthy_deployment",
             ProxyError::UpstreamUnavailable { .. } => "upstream_unavailable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",

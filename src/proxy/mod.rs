@@ -12,6 +12,7 @@
 
 pub mod connect;
 pub mod error;
+pub mod filter;
 pub mod routes;
 pub mod sessions;
 pub mod sse;
@@ -33,7 +34,7 @@ use axum::{
 };
 use bytes::Bytes;
 use http_body::Frame;
-use http_body_util::Limited;
+use http_body_util::{BodyExt as _, Limited};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
@@ -42,11 +43,12 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use self::{
     error::{ProxyError, Source},
+    filter::{Matcher, ToolFilter, ToolsListFilter, Verdict},
     routes::{Backend, InFlight, RouteTable},
     sessions::{Sessions, valid_session_id},
 };
 use crate::{
-    auth::{Admission, AuthError, Gate, quota::Slot},
+    auth::{Admission, AuthError, Gate, principal::Access, quota::Slot},
     mcp,
     metrics::UpstreamErrorKind,
 };
@@ -357,6 +359,42 @@ impl Proxy {
             return Err(ProxyError::BodyTooLarge(self.config.max_body_bytes));
         }
 
+        // Only a caller limited to some MCP tools, or a tool exposing only some, has its
+        // bodies read; everyone else's stream through untouched.
+        let filter = ToolFilter::new(
+            admission
+                .as_ref()
+                .map_or(Access::Whole, |a| a.principal.grants.access(slug)),
+            backend.expose_tools.as_ref(),
+            admission.as_ref().map(|a| a.principal.id.as_str()),
+        )
+        .map(Arc::new);
+        let mut body = body;
+        let mut list_ids = Vec::new();
+        if let Some(f) = &filter
+            && parts.method == Method::POST
+        {
+            let bytes = self.read_body(body).await?;
+            match f.inspect(&bytes) {
+                Verdict::Forward { list_ids: ids } => list_ids = ids,
+                Verdict::Refuse { answer, .. } => {
+                    // The 2024-11-05 transport answers on its GET stream, not this POST.
+                    if !parts.headers.contains_key(MCP_SESSION_ID)
+                        && legacy_session_param(&parts.uri).is_some()
+                    {
+                        let message = answer
+                            .pointer("/error/message")
+                            .or_else(|| answer.pointer("/0/error/message"))
+                            .and_then(serde_json::Value::as_str)
+                            .unwrap_or("this MCP tool may not be called");
+                        return Err(ProxyError::ToolNotAllowed(message.to_owned()));
+                    }
+                    return Ok(json_answer(&answer));
+                }
+            }
+            body = Body::from(bytes);
+        }
+
         let path = rest.unwrap_or(&backend.endpoint_path);
         let pq = match parts.uri.query() {
             Some(q) => format!("{path}?{q}"),
@@ -548,7 +586,38 @@ impl Proxy {
         } else {
             Body::new(body)
         };
+        let is_json = rparts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let matcher = match &filter {
+            Some(_) if method == Method::GET && is_sse => Some(Matcher::AnyToolsList),
+            Some(_) if !list_ids.is_empty() && (is_sse || is_json) => Some(Matcher::Ids(list_ids)),
+            _ => None,
+        };
+        let body = match (filter, matcher) {
+            (Some(f), Some(m)) => {
+                rparts.headers.remove(header::CONTENT_LENGTH);
+                Body::new(ToolsListFilter::new(body, f, m, is_sse))
+            }
+            _ => body,
+        };
         Ok(Response::from_parts(rparts, body))
+    }
+
+    /// Reads a request body whole (a tool filter needs to see it), within `max_body_bytes`.
+    async fn read_body(&self, body: Body) -> Result<Bytes, ProxyError> {
+        match Limited::new(body, self.config.max_body_bytes as usize)
+            .collect()
+            .await
+        {
+            Ok(b) => Ok(b.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(ProxyError::BodyTooLarge(self.config.max_body_bytes))
+            }
+            Err(e) => Err(ProxyError::RequestBodyFailed(e.to_string())),
+        }
     }
 
     fn record_failure(&self, backend: &Backend) {
@@ -587,6 +656,16 @@ impl Proxy {
             }
         }
     }
+}
+
+/// A JSON-RPC message the proxy answers itself, as a server answers a POST with JSON.
+fn json_answer(msg: &serde_json::Value) -> Response {
+    let mut resp = Response::new(Body::from(msg.to_string()));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 /// The legacy HTTP+SSE transport carries its session in the POST URL's `sessionId` parameter.

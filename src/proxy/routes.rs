@@ -44,6 +44,8 @@ pub struct Backend {
     /// The tool's `forward_credentials`: the client's `Authorization` reaches the server even
     /// when Switchboard authenticated the request with it.
     pub forward_credentials: bool,
+    /// The tool's `expose_tools`: the only MCP tools any client sees and may call.
+    pub expose_tools: Option<Arc<[String]>>,
 }
 
 /// Consecutive failures (connect errors, timeouts, 5xx) that take a backend out of balancing.
@@ -137,11 +139,17 @@ impl Backend {
             metrics: None,
             call_timeout: None,
             forward_credentials: false,
+            expose_tools: None,
         })
     }
 
     pub fn with_forward_credentials(mut self, forward: bool) -> Backend {
         self.forward_credentials = forward;
+        self
+    }
+
+    pub fn with_expose_tools(mut self, names: Option<&[String]>) -> Backend {
+        self.expose_tools = names.map(Arc::from);
         self
     }
 
