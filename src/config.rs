@@ -81,6 +81,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub secrets: SecretsSection,
     #[serde(default)]
+    pub docker: DockerSection,
+    #[serde(default)]
     pub tools: Vec<ToolSpec>,
 }
 
@@ -104,6 +106,35 @@ pub struct SecretsSection {
     /// creates it. Default: `secret.key` in the data directory, created at first start.
     /// `SWITCHBOARD_SECRET_KEY` wins over both.
     pub key_file: Option<PathBuf>,
+}
+
+/// `[docker]`: the Docker engine that runs `runtime = "docker"` tools.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerSection {
+    /// Offer the Docker runtime (default true). Switchboard starts without a reachable engine
+    /// either way; a docker tool's deploy is then refused with `runtime_unavailable`.
+    pub enabled: Option<bool>,
+    /// The engine's socket (`unix:///var/run/docker.sock`); default: `DOCKER_HOST`, else
+    /// that socket.
+    pub host: Option<String>,
+}
+
+/// The Docker runtime's settings, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerConfig {
+    pub enabled: bool,
+    /// `None`: the local defaults (`DOCKER_HOST`, else `/var/run/docker.sock`).
+    pub host: Option<String>,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            enabled: true,
+            host: None,
+        }
+    }
 }
 
 /// `[logs]`: how long ended deployments' logs are kept (see [`crate::log_retention`]).
@@ -308,6 +339,7 @@ pub struct Config {
     pub mcp_auth: McpAuth,
     /// Where the key for `secret_env` values at rest comes from.
     pub secret_key: KeySource,
+    pub docker: DockerConfig,
 }
 
 /// One per CPU this process may use (tokio's own default).
@@ -365,6 +397,10 @@ fn base_dir_of(path: &Path) -> PathBuf {
 /// package), and its `working_dir`. The server never sees a path that would depend on its own
 /// working directory.
 pub fn resolve_tool_paths(t: &mut ToolSpec, base: &Path) {
+    // A container's command and working directory are paths inside its image.
+    if t.runtime == crate::runtime::RuntimeKind::Docker {
+        return;
+    }
     if t.command.contains('/') && crate::packages::Package::parse(&t.command).is_none() {
         t.command = resolve(base, Path::new(&t.command))
             .to_string_lossy()
@@ -529,6 +565,10 @@ impl Config {
             exit_policy: o.on_exit.or(file.server.on_exit).unwrap_or_default(),
             metrics: file.server.metrics.unwrap_or(true),
             log_retention: file.logs.resolve(),
+            docker: DockerConfig {
+                enabled: file.docker.enabled.unwrap_or(true),
+                host: file.docker.host.filter(|h| !h.trim().is_empty()),
+            },
             registries: crate::packages::Registries {
                 npm: file.packages.npm_registry,
                 pypi_index: file.packages.pypi_index,
@@ -555,6 +595,15 @@ mod tests {
         let p = dir.join("sb.toml");
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    /// The config a file holding `text` in `dir` loads to.
+    fn load_text(dir: &Path, text: &str) -> Config {
+        Config::load(Overrides {
+            config: Some(write(dir, text)),
+            ..Default::default()
+        })
+        .unwrap()
     }
 
     /// README's first command runs this file: it must stay valid.
@@ -604,6 +653,29 @@ mod tests {
     }
 
     #[test]
+    fn the_docker_section_configures_the_engine_and_leaves_container_paths_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| load_text(dir.path(), text);
+        assert_eq!(load("").docker, DockerConfig::default());
+        let c = load(
+            r#"
+            [docker]
+            enabled = false
+            host = "unix:///run/other.sock"
+            [[tools]]
+            slug = "boxed"
+            runtime = "docker"
+            image = "srv:1"
+            command = "bin/server"
+            "#,
+        );
+        assert!(!c.docker.enabled);
+        assert_eq!(c.docker.host.as_deref(), Some("unix:///run/other.sock"));
+        // A path inside the image, not the config file's directory.
+        assert_eq!(c.tools[0].command, "bin/server");
+    }
+
+    #[test]
     fn a_leading_parent_directory_is_resolved_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let sub = dir.path().join("examples");
@@ -627,14 +699,7 @@ mod tests {
     #[test]
     fn logs_retention_comes_from_the_file_with_defaults() {
         let dir = tempfile::tempdir().unwrap();
-        let load = |text: &str| {
-            Config::load(Overrides {
-                config: Some(write(dir.path(), text)),
-                ..Default::default()
-            })
-            .unwrap()
-            .log_retention
-        };
+        let load = |text: &str| load_text(dir.path(), text).log_retention;
         assert_eq!(load(""), LogRetention::default());
         assert_eq!(
             LogRetention::default().max_age,

@@ -11,6 +11,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::runtime::{
+    RuntimeKind,
+    container::{DockerSecurity, Network, Pull},
+};
+
 /// How Switchboard talks to the tool's MCP server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -124,9 +129,12 @@ pub struct ToolSpec {
     pub name: String,
     #[serde(default)]
     pub description: String,
-    /// Program to run. A bare name is looked up in `PATH`.
+    /// Program to run. A bare name is looked up in `PATH`. For `runtime = "docker"`: the
+    /// container's entrypoint, a path or name inside the image (empty: the image's own).
+    #[serde(default)]
     pub command: String,
-    /// Arguments; `{port}` is replaced by the deployment's port.
+    /// Arguments; `{port}` is replaced by the deployment's port. For `runtime = "docker"`: the
+    /// container's command (empty: the image's own, when `command` is empty too).
     #[serde(default)]
     pub args: Vec<String>,
     /// Extra environment; `{port}` in a value is replaced by the deployment's port.
@@ -195,6 +203,33 @@ pub struct ToolSpec {
     /// How a `stdio` tool's processes serve clients.
     #[serde(default)]
     pub stdio: StdioSpec,
+    /// What runs the server: `process` (the default), a process tree on this host, or
+    /// `docker`, a container of `image` (Streamable HTTP servers only, for now).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub runtime: RuntimeKind,
+    /// The container image (`NAME:TAG`): required for `runtime = "docker"`, refused otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Whether a missing image may be pulled (docker): `never` (the default; a missing image
+    /// fails the deployment at once, naming it) or `missing`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub pull: Pull,
+    /// The network the container joins (docker): `bridge` (the default; the server's port is
+    /// published on 127.0.0.1 only, so the server must listen on 0.0.0.0 inside), or `host`.
+    /// `none` leaves an HTTP server unreachable and is refused.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub network: Network,
+    /// The user the container runs as (docker), `uid[:gid]` or a name its image knows;
+    /// default `65534:65534` (nobody), never the image's own (often root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The container's secure defaults (docker), each on unless turned off here.
+    #[serde(default, skip_serializing_if = "DockerSecurity::is_default")]
+    pub docker: DockerSecurity,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// A `stdio` tool's hosting settings (see ARCHITECTURE.md, `stdio`).
@@ -289,6 +324,73 @@ fn valid_env_name(name: &str) -> bool {
 }
 
 impl ToolSpec {
+    /// The runtime's fields: a container's only with `runtime = "docker"`, which needs an
+    /// image and (in this release) serves Streamable HTTP from a command in its image.
+    fn validate_runtime(&mut self) -> Result<(), SpecError> {
+        if self.runtime == RuntimeKind::Process {
+            let container_only = [
+                ("image", self.image.is_some()),
+                ("pull", self.pull != Pull::default()),
+                ("network", self.network != Network::default()),
+                ("user", self.user.is_some()),
+                ("docker", !self.docker.is_default()),
+            ];
+            if let Some((field, _)) = container_only.iter().find(|(_, set)| *set) {
+                return Err(invalid(
+                    field,
+                    "is a container setting: it needs runtime = \"docker\"",
+                ));
+            }
+            return Ok(());
+        }
+        let image = self.image.as_deref().unwrap_or_default();
+        if image.trim().is_empty() {
+            return Err(invalid(
+                "image",
+                "runtime = \"docker\" needs an image (such as \"ghcr.io/org/server:1.2\")",
+            ));
+        }
+        if image.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            return Err(invalid(
+                "image",
+                format!("'{image}' is not an image reference (it contains whitespace)"),
+            ));
+        }
+        if self.transport == Transport::Stdio {
+            return Err(invalid(
+                "transport",
+                "stdio servers in containers are not supported yet: use runtime = \"process\" \
+                 for a stdio tool, or serve Streamable HTTP from the container",
+            ));
+        }
+        if crate::packages::Package::parse(&self.command).is_some() {
+            return Err(invalid(
+                "command",
+                "npx:/uvx: packages in containers are not supported yet: build an image with \
+                 the package installed, or use runtime = \"process\"",
+            ));
+        }
+        if self.network == Network::None {
+            return Err(invalid(
+                "network",
+                "a Streamable HTTP server with network = \"none\" could not be reached: use \
+                 \"bridge\" (its port is published on 127.0.0.1 only) or \"host\"",
+            ));
+        }
+        if let Some(user) = &self.user
+            && (user.trim().is_empty() || user.contains(|c: char| c.is_whitespace() || c == '\0'))
+        {
+            return Err(invalid(
+                "user",
+                format!("'{user}' is not a user: give uid[:gid] or a name the image knows"),
+            ));
+        }
+        if self.command.trim().is_empty() {
+            self.command.clear();
+        }
+        Ok(())
+    }
+
     /// Checks every rule and fills defaults that depend on other fields.
     pub fn validate(mut self) -> Result<ToolSpec, SpecError> {
         if !is_valid_slug(&self.slug) {
@@ -303,7 +405,8 @@ impl ToolSpec {
         if self.name.trim().is_empty() {
             self.name = self.slug.clone();
         }
-        if self.command.trim().is_empty() {
+        self.validate_runtime()?;
+        if self.command.trim().is_empty() && self.runtime == RuntimeKind::Process {
             return Err(invalid("command", "must not be empty"));
         }
         if self.command.contains('\0') || self.args.iter().any(|a| a.contains('\0')) {
@@ -315,7 +418,17 @@ impl ToolSpec {
             && !self.command.starts_with('/')
             && crate::packages::Package::parse(&self.command).is_none()
         {
-            return Err(invalid("command", relative_path_advice(&self.command)));
+            return Err(invalid(
+                "command",
+                match self.runtime {
+                    RuntimeKind::Process => relative_path_advice(&self.command),
+                    RuntimeKind::Docker => format!(
+                        "'{}' is a relative path: give the absolute path inside the image, or \
+                         a bare name its PATH has",
+                        self.command
+                    ),
+                },
+            ));
         }
         if let Some(w) = &self.working_dir
             && w.is_relative()
@@ -742,5 +855,86 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("carrier-pigeon"), "{err}");
+    }
+
+    fn from(v: serde_json::Value) -> Result<ToolSpec, SpecError> {
+        serde_json::from_value::<ToolSpec>(v).unwrap().validate()
+    }
+
+    #[test]
+    fn a_docker_tool_needs_an_image_and_may_leave_the_command_to_it() {
+        let ok =
+            from(serde_json::json!({"slug": "d", "runtime": "docker", "image": "srv:1"})).unwrap();
+        assert_eq!(ok.runtime, RuntimeKind::Docker);
+        assert_eq!(ok.command, "");
+        let err = from(serde_json::json!({"slug": "d", "runtime": "docker"})).unwrap_err();
+        assert!(err.to_string().starts_with("image:"), "{err}");
+        let err = from(serde_json::json!({"slug": "d", "runtime": "docker", "image": "a b"}))
+            .unwrap_err();
+        assert!(err.to_string().starts_with("image:"), "{err}");
+        let err = from(
+            serde_json::json!({"slug": "d", "runtime": "docker", "image": "srv:1",
+            "command": "bin/server"}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("inside the image"), "{err}");
+        // A process still needs its command.
+        let err = from(serde_json::json!({"slug": "p"})).unwrap_err();
+        assert!(err.to_string().starts_with("command:"), "{err}");
+    }
+
+    #[test]
+    fn container_settings_are_refused_for_a_process() {
+        for (field, value) in [
+            ("image", serde_json::json!("srv:1")),
+            ("pull", serde_json::json!("missing")),
+            ("network", serde_json::json!("host")),
+            ("user", serde_json::json!("1000")),
+            ("docker", serde_json::json!({"init": false})),
+        ] {
+            let err =
+                from(serde_json::json!({"slug": "p", "command": "x", field: value})).unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!("{field}:"))
+                    && err.to_string().contains("runtime = \"docker\""),
+                "{field}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn what_containers_do_not_run_yet_is_refused_saying_so() {
+        let docker = |extra: serde_json::Value| {
+            let mut v = serde_json::json!({"slug": "d", "runtime": "docker", "image": "srv:1"});
+            if let (serde_json::Value::Object(v), serde_json::Value::Object(e)) = (&mut v, extra) {
+                v.extend(e);
+            }
+            from(v).unwrap_err().to_string()
+        };
+        let stdio = docker(serde_json::json!({"transport": "stdio"}));
+        assert!(
+            stdio.starts_with("transport:") && stdio.contains("not supported yet"),
+            "{stdio}"
+        );
+        let npx = docker(serde_json::json!({"command": "npx:some-server"}));
+        assert!(
+            npx.starts_with("command:") && npx.contains("not supported yet"),
+            "{npx}"
+        );
+        let none = docker(serde_json::json!({"network": "none"}));
+        assert!(none.starts_with("network:"), "{none}");
+        let user = docker(serde_json::json!({"user": " "}));
+        assert!(user.starts_with("user:"), "{user}");
+    }
+
+    #[test]
+    fn a_process_tool_serializes_as_before() {
+        let json = serde_json::to_value(spec("p").validate().unwrap()).unwrap();
+        for field in ["runtime", "image", "pull", "network", "user", "docker"] {
+            assert!(
+                json.get(field).is_none(),
+                "{field} shown for a process: {json}"
+            );
+        }
     }
 }

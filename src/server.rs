@@ -25,7 +25,11 @@ use crate::{
     metrics::Metrics,
     ports::PortAllocator,
     proxy::{Proxy, routes::RouteTable},
-    runtime::process::{ProcessRuntime, TreeTracking},
+    runtime::{
+        Runtimes,
+        docker::DockerRuntime,
+        process::{ProcessRuntime, TreeTracking},
+    },
     secrets::SecretKey,
     store::{Store, redact_url},
 };
@@ -146,15 +150,25 @@ pub async fn run(
             }
         ),
     };
+    // One allocator for every runtime: a host port is never handed out twice.
+    let ports = Arc::new(PortAllocator::new(config.port_range.clone()));
     let runtime = Arc::new(ProcessRuntime::new(
         tracking,
         data_dir.join("logs"),
-        PortAllocator::new(config.port_range.clone()),
+        Arc::clone(&ports),
     ));
+    let mut runtimes = Runtimes::new(runtime.clone());
+    if config.docker.enabled {
+        runtimes = runtimes.with(Arc::new(DockerRuntime::new(
+            node.clone(),
+            config.docker.host.clone(),
+            ports,
+        )));
+    }
     let routes = Arc::new(RouteTable::new());
     let manager = Manager::new(
         store,
-        runtime.clone(),
+        runtimes,
         Prober::new(),
         Arc::clone(&routes),
         node.clone(),

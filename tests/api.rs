@@ -482,3 +482,80 @@ async fn a_deleted_tools_deployments_stay_readable() {
     assert_error(st, &b, StatusCode::NOT_FOUND, "tool_not_found");
     app.stop().await;
 }
+
+/// A docker tool's deploy, with the engine unreachable or the runtime disabled, is refused
+/// with a documented 503 that says why, leaving no record; process tools deploy as ever.
+#[tokio::test]
+async fn a_docker_deploy_without_an_engine_is_a_documented_503() {
+    for (docker, why) in [
+        (
+            switchboard::config::DockerConfig {
+                enabled: true,
+                host: Some("unix:///nonexistent/docker.sock".into()),
+            },
+            "dockerd",
+        ),
+        (
+            switchboard::config::DockerConfig {
+                enabled: false,
+                host: None,
+            },
+            "disabled",
+        ),
+    ] {
+        let app = TestApp::with(AppOptions {
+            docker,
+            ..Default::default()
+        })
+        .await;
+        app.add_tool(json!({"slug": "boxed", "runtime": "docker", "image": "srv:1"}))
+            .await;
+        let (st, b) = app
+            .call("POST", "/api/v1/tools/boxed/deployments?wait=true", None)
+            .await;
+        assert_error(
+            st,
+            &b,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "runtime_unavailable",
+        );
+        let msg = b["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("docker") && msg.contains(why), "{msg}");
+        let (_, list) = app.call("GET", "/api/v1/deployments", None).await;
+        assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+        app.add_test_tool("plain", &[], json!({})).await;
+        let d = app.deploy_wait("plain").await;
+        assert_eq!(d["status"], "RUNNING", "{d}");
+        app.stop_deployment(d["id"].as_str().unwrap()).await;
+        let (_, doc) = app.call("GET", "/api/v1/openapi.json", None).await;
+        let deploy = &doc["paths"]["/api/v1/tools/{slug}/deployments"]["post"]["responses"]["503"];
+        assert!(
+            deploy["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("runtime_unavailable")),
+            "{deploy}"
+        );
+        app.stop().await;
+    }
+}
+
+/// A tool's runtime cannot change under live deployments (they were started, and are
+/// restarted and adopted, by the runtime their records name).
+#[tokio::test]
+async fn a_runtime_change_under_live_deployments_is_a_409() {
+    let app = TestApp::start().await;
+    let tool = app.add_test_tool("moving", &[], json!({})).await;
+    let d = app.deploy_wait("moving").await;
+    let mut body = put_body(&tool);
+    body["runtime"] = "docker".into();
+    body["image"] = "srv:1".into();
+    let (st, b) = app.call("PUT", "/api/v1/tools/moving", Some(body)).await;
+    assert_error(
+        st,
+        &b,
+        StatusCode::CONFLICT,
+        "runtime_change_with_live_deployments",
+    );
+    app.stop_deployment(d["id"].as_str().unwrap()).await;
+    app.stop().await;
+}

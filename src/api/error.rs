@@ -67,6 +67,7 @@ impl From<ManagerError> for ApiError {
             M::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             M::Stop { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "stop_failed"),
             M::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            M::RuntimeUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "runtime_unavailable"),
             M::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             M::NotOwner { .. } => (StatusCode::CONFLICT, "not_owner"),
             M::NotLive { .. } => (StatusCode::CONFLICT, "not_live"),
@@ -76,6 +77,9 @@ impl From<ManagerError> for ApiError {
                 StatusCode::CONFLICT,
                 "transport_change_with_live_deployments",
             ),
+            M::RuntimeChange { .. } => {
+                (StatusCode::CONFLICT, "runtime_change_with_live_deployments")
+            }
         };
         ApiError::new(status, code, msg)
     }

@@ -317,13 +317,13 @@ async fn get_tool(
 /// The body may omit `slug`; when present it must equal the one in the path. A tool as GET
 /// shows it may be sent back as it is: the fields the server sets (`id`, `created_at`,
 /// `updated_at`, `url`) are ignored, and secrets shown as `********` keep their stored values.
-/// A new `transport` is refused (409 `transport_change_with_live_deployments`) while the tool
-/// has live deployments.
+/// A new `transport` or `runtime` is refused (409 `transport_change_with_live_deployments`,
+/// `runtime_change_with_live_deployments`) while the tool has live deployments.
 #[utoipa::path(put, path = "/api/v1/tools/{slug}", tag = "tools", request_body = ToolSpec,
     params(("slug" = String, Path)),
     responses((status = 200, body = Tool), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody,
-               description = "transport_change_with_live_deployments: stop the tool's live deployments first"),
+               description = "transport_change_with_live_deployments or runtime_change_with_live_deployments: stop the tool's live deployments first"),
               (status = 422, body = ErrorBody)))]
 async fn update_tool(
     State(s): State<AppState>,
@@ -480,7 +480,7 @@ impl WaitParams {
               (status = 409, body = ErrorBody, description = "`secrets_unreadable`: the \
                tool's secret_env values do not decrypt with this Switchboard's secret key \
                (the message names them); restore the key or set new values"),
-              (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+              (status = 422, body = ErrorBody), (status = 503, description = "`ports_exhausted` (no free port in the range), `runtime_unavailable` (the tool's runtime is disabled or its engine, such as dockerd, does not answer), `store_unavailable` or `shutting_down`", body = ErrorBody)))]
 async fn deploy(
     State(s): State<AppState>,
     Path(slug): Path<String>,
@@ -512,7 +512,7 @@ struct ScaleRequest {
                deployments are to be started and the tool's secret_env values do not \
                decrypt with this Switchboard's secret key"),
               (status = 415, body = ErrorBody), (status = 422, body = ErrorBody),
-              (status = 503, body = ErrorBody)))]
+              (status = 503, description = "`ports_exhausted` (no free port in the range), `runtime_unavailable` (the tool's runtime is disabled or its engine, such as dockerd, does not answer), `store_unavailable` or `shutting_down`", body = ErrorBody)))]
 async fn scale_tool(
     State(s): State<AppState>,
     Path(slug): Path<String>,

@@ -43,7 +43,7 @@ impl Manager {
         };
         // The progress callback cannot wait: its lines go, in order, to a task that appends
         // them to the log with async file I/O.
-        let (lines, writer) = match self.runtime.log_file(id) {
+        let (lines, writer) = match self.runtimes.of(id).log_file(id) {
             Some(path) => {
                 let (tx, rx) = mpsc::unbounded_channel();
                 (Some(tx), Some(tokio::spawn(append_lines(path, rx))))

@@ -6,7 +6,10 @@ use uuid::Uuid;
 use super::{Manager, supervisor::Failure};
 use crate::{
     registry::{ToolSpec, Transport},
-    runtime::{Endpoint, LaunchSpec, Listen, StopMode},
+    runtime::{
+        ContainerLaunch, Endpoint, LaunchSpec, Listen, RuntimeKind, StopMode,
+        container::DEFAULT_USER,
+    },
 };
 
 /// The process's command line and environment as the tool says, `{port}` left for the runtime
@@ -30,6 +33,14 @@ pub(super) fn launch_spec(id: Uuid, spec: &ToolSpec, listen: Listen) -> LaunchSp
         working_dir: spec.working_dir.clone(),
         stop: StopMode::Tree,
         listen,
+        container: (spec.runtime == RuntimeKind::Docker).then(|| ContainerLaunch {
+            image: spec.image.clone().unwrap_or_default(),
+            pull: spec.pull,
+            network: spec.network,
+            user: spec.user.clone().unwrap_or_else(|| DEFAULT_USER.to_owned()),
+            security: spec.docker.clone(),
+            tool: spec.slug.clone(),
+        }),
     }
 }
 
@@ -58,7 +69,7 @@ impl Manager {
             Transport::Stdio => self.bridge_launch_spec(id, spec),
             Transport::StreamableHttp => launch_spec(id, spec, self.listen_for(id, spec, None)),
         };
-        let started = self.runtime.start(launch).await?;
+        let started = self.runtimes.of(id).start(launch).await?;
         // The record exists and the instance runs: a failure to note it must not leave the
         // instance unsupervised (adoption after a crash then restarts it instead).
         if let Err(e) = self

@@ -56,7 +56,7 @@ use crate::{
     ports::PortsExhausted,
     proxy::routes::{Backend, RouteTable},
     registry::{ApplyOutcome, SpecError, Tool, ToolSpec, Transport, UnreadableSecrets},
-    runtime::{Endpoint, Runtime, RuntimeError},
+    runtime::{Endpoint, RuntimeError, Runtimes},
     store::{DeleteTool, DeploymentFilter, Store, StoreError},
 };
 
@@ -94,6 +94,9 @@ pub enum ManagerError {
     Stop { id: Uuid, error: RuntimeError },
     #[error("switchboard is shutting down")]
     ShuttingDown,
+    /// The tool's runtime cannot be used now (disabled, or its engine does not answer).
+    #[error("{0}")]
+    RuntimeUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
     #[error("deployment {id} runs on node '{node}'; stop it through that node's API")]
@@ -114,6 +117,16 @@ pub enum ManagerError {
         to: &'static str,
         live: usize,
     },
+    #[error(
+        "tool '{slug}' has {live} live deployment(s) running as {from}; stop them before \
+         changing its runtime to {to}"
+    )]
+    RuntimeChange {
+        slug: String,
+        from: &'static str,
+        to: &'static str,
+        live: usize,
+    },
 }
 
 impl ManagerError {
@@ -122,6 +135,7 @@ impl ManagerError {
     fn from_runtime(e: RuntimeError) -> ManagerError {
         match e {
             RuntimeError::PortsExhausted(e) => ManagerError::PortsExhausted(e),
+            e @ RuntimeError::Unavailable { .. } => ManagerError::RuntimeUnavailable(e.to_string()),
             e => ManagerError::Internal(e.to_string()),
         }
     }
@@ -145,7 +159,8 @@ struct Live {
 
 pub struct Manager {
     store: Store,
-    runtime: Arc<dyn Runtime>,
+    /// Which runtime runs each deployment (processes, containers).
+    runtimes: Runtimes,
     prober: Prober,
     routes: Arc<RouteTable>,
     live: Mutex<HashMap<Uuid, Live>>,
@@ -211,7 +226,7 @@ impl Manager {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
-        runtime: Arc<dyn Runtime>,
+        runtimes: Runtimes,
         prober: Prober,
         routes: Arc<RouteTable>,
         node_id: String,
@@ -222,7 +237,7 @@ impl Manager {
             me: me.clone(),
             node_id,
             store,
-            runtime,
+            runtimes,
             prober,
             routes,
             live: Mutex::new(HashMap::new()),
@@ -325,7 +340,9 @@ impl Manager {
                 Ok((ApplyOutcome::Created, _)) => applied.created += 1,
                 Ok((ApplyOutcome::Updated, _)) => applied.updated += 1,
                 Ok((ApplyOutcome::Unchanged, _)) => applied.unchanged += 1,
-                Err(e @ ManagerError::TransportChange { .. }) => {
+                Err(
+                    e @ (ManagerError::TransportChange { .. } | ManagerError::RuntimeChange { .. }),
+                ) => {
                     tracing::warn!(tool = %slug, "Config change refused, the stored definition stays: {e}");
                     applied.refused += 1;
                 }
@@ -383,13 +400,14 @@ impl Manager {
     }
 
     /// A live deployment was started, routed and is restarted for the transport it began
-    /// with (a port or a bridge's socket): a new transport is refused while any is live.
+    /// with (a port or a bridge's socket), by the runtime its record names: a new transport
+    /// or runtime is refused while any is live.
     async fn refuse_transport_change(
         &self,
         stored: &ToolSpec,
         new: &ToolSpec,
     ) -> Result<(), ManagerError> {
-        if stored.transport == new.transport {
+        if stored.transport == new.transport && stored.runtime == new.runtime {
             return Ok(());
         }
         let live = self
@@ -401,6 +419,14 @@ impl Manager {
             })
             .await?
             .len();
+        if live > 0 && stored.runtime != new.runtime {
+            return Err(ManagerError::RuntimeChange {
+                slug: new.slug.clone(),
+                from: stored.runtime.as_str(),
+                to: new.runtime.as_str(),
+                live,
+            });
+        }
         if live > 0 {
             return Err(ManagerError::TransportChange {
                 slug: new.slug.clone(),
@@ -606,11 +632,21 @@ impl Manager {
             )));
         }
         // Claimed before the record is written, so a deploy the runtime cannot host (no port
-        // left) is refused leaving nothing behind.
-        let endpoint = self
-            .runtime
-            .reserve(id, &self.listen_for(id, spec, None))
+        // left, no engine) is refused leaving nothing behind.
+        self.runtimes
+            .get(spec.runtime)
+            .map_err(ManagerError::from_runtime)?
+            .ready()
+            .await
             .map_err(ManagerError::from_runtime)?;
+        let endpoint = self
+            .runtimes
+            .assign(id, spec.runtime)
+            .and_then(|r| r.reserve(id, &self.listen_for(id, spec, None)))
+            .map_err(|e| {
+                self.runtimes.release(id);
+                ManagerError::from_runtime(e)
+            })?;
         let port = endpoint.port();
         let now = crate::store::now();
         let d = Deployment {
@@ -627,7 +663,7 @@ impl Manager {
             last_health_check: None,
             deployed_at: now,
             stopped_at: None,
-            runtime: self.runtime.kind(),
+            runtime: spec.runtime,
             instance: None,
             exit_code: None,
             exit_signal: None,
@@ -642,12 +678,12 @@ impl Manager {
         let backend = match self.backend_for(d.id, &endpoint, spec) {
             Ok(b) => b,
             Err(e) => {
-                self.runtime.release(id);
+                self.runtimes.release(id);
                 return Err(e);
             }
         };
         if let Err(e) = self.store.insert_deployment(&d).await {
-            self.runtime.release(id);
+            self.runtimes.release(id);
             return Err(match e {
                 StoreError::ToolGone(slug) => ManagerError::ToolNotFound(slug),
                 e => e.into(),
@@ -751,7 +787,11 @@ impl Manager {
         tail: usize,
         follow: bool,
     ) -> Result<crate::runtime::LogStream, ManagerError> {
-        self.get_deployment(id).await?;
+        let d = self.get_deployment(id).await?;
+        let runtime = self
+            .runtimes
+            .get(d.runtime)
+            .map_err(ManagerError::from_runtime)?;
         let until = follow.then(|| {
             let this = Arc::clone(self);
             async move {
@@ -762,7 +802,7 @@ impl Manager {
             }
             .boxed()
         });
-        Ok(self.runtime.logs(id, tail, until))
+        Ok(runtime.logs(id, tail, until))
     }
 
     /// Runs a health check of a live deployment now (outside its schedule).
@@ -800,7 +840,7 @@ impl Manager {
             let live = self.live().remove(&id);
             if let Some(live) = live {
                 self.routes.remove_backend(&live.slug, id);
-                self.runtime.release(id);
+                self.runtimes.release(id);
                 if let Some(m) = &self.metrics {
                     m.forget_deployment(&live.slug, &id.to_string());
                 }
@@ -869,7 +909,8 @@ impl Manager {
         self.store.set_desired(id, Desired::Stopped).await?;
         let exit = match self.take_over(id).await {
             Some(grace) => self
-                .runtime
+                .runtimes
+                .of(id)
                 .stop(id, grace)
                 .await
                 .map_err(|error| ManagerError::Stop { id, error })?,
@@ -956,7 +997,7 @@ impl Manager {
             if policy == ExitPolicy::Keep {
                 return;
             }
-            let exit = match self.runtime.stop(id, grace).await {
+            let exit = match self.runtimes.of(id).stop(id, grace).await {
                 Ok(exit) => exit,
                 Err(e) => {
                     tracing::error!(deployment = %id, error = %e, "Could not stop deployment");

@@ -50,21 +50,26 @@ impl Manager {
                 _ if d.desired == Desired::Stopped => Plan::Close("stopped"),
                 None => Plan::Close("tool gone"),
                 Some(tool) => {
-                    let ours = match &d.instance {
-                        // Adoption only registers the instance with the runtime (and claims
-                        // its endpoint); it signals nothing.
-                        Some(instance) => self.runtime.adopt(
-                            d.id,
-                            &instance
-                                .clone()
-                                .with_endpoint(d.port, self.socket_path(d.id)),
-                            if tool.spec.transport == Transport::Stdio {
-                                StopMode::MainFirst
-                            } else {
-                                StopMode::Tree
-                            },
-                        ),
-                        None => None,
+                    // Adoption only registers the instance with the runtime its record names
+                    // (and claims its endpoint); it signals nothing. A runtime that is
+                    // unavailable adopts nothing: the restart then says why.
+                    let ours = match (&d.instance, self.runtimes.assign(d.id, d.runtime)) {
+                        (Some(instance), Ok(runtime)) => {
+                            runtime
+                                .adopt(
+                                    d.id,
+                                    &instance
+                                        .clone()
+                                        .with_endpoint(d.port, self.socket_path(d.id)),
+                                    if tool.spec.transport == Transport::Stdio {
+                                        StopMode::MainFirst
+                                    } else {
+                                        StopMode::Tree
+                                    },
+                                )
+                                .await
+                        }
+                        _ => None,
                     };
                     if let Some(endpoint) = ours {
                         Plan::Adopt(tool.clone(), endpoint)
@@ -76,7 +81,10 @@ impl Manager {
             plans.push((d, plan));
         }
         // 2. Act.
-        let killed = self.runtime.sweep().await;
+        let mut killed = Vec::new();
+        for runtime in self.runtimes.all() {
+            killed.extend(runtime.sweep().await);
+        }
         let mut done = Reconciled::default();
         for (d, plan) in plans {
             match plan {
@@ -90,7 +98,7 @@ impl Manager {
                         )
                     };
                     if self.store.mark_ended(d.id, status, None, msg).await? {
-                        self.runtime.release(d.id);
+                        self.runtimes.release(d.id);
                     }
                     self.publish(
                         EventKind::Status,
@@ -134,7 +142,7 @@ impl Manager {
     /// free port), rather than leave it live with nobody watching it.
     async fn unsupervisable(&self, id: Uuid, e: &ManagerError) -> Result<(), ManagerError> {
         tracing::error!(deployment = %id, error = %e, "Cannot supervise a deployment found at start");
-        self.runtime.release(id);
+        self.runtimes.release(id);
         self.store
             .mark_ended(id, DeploymentStatus::Failed, None, Some(&e.to_string()))
             .await?;
@@ -152,8 +160,9 @@ impl Manager {
         let endpoint = match &adopted {
             Some(e) => e.clone(),
             None => self
-                .runtime
-                .reserve(d.id, &self.listen_for(d.id, &tool.spec, d.port))
+                .runtimes
+                .assign(d.id, d.runtime)
+                .and_then(|r| r.reserve(d.id, &self.listen_for(d.id, &tool.spec, d.port)))
                 .map_err(ManagerError::from_runtime)?,
         };
         let backend = self.backend_for(d.id, &endpoint, &tool.spec)?;

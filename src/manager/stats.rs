@@ -24,7 +24,7 @@ impl Manager {
                     status: status.as_str(),
                 })
                 .inc();
-            if let Some(usage) = self.runtime.usage(*id).await {
+            if let Some(usage) = self.runtimes.of(*id).usage(*id).await {
                 let labels = crate::metrics::DeploymentLabels {
                     tool: slug.clone(),
                     deployment: id.to_string(),
@@ -47,7 +47,7 @@ impl Manager {
                 .get_or_create(&labels)
                 .set(i64::from(b.open_streams()));
         }
-        if let Some(ports) = self.runtime.host_ports() {
+        if let Some(ports) = self.runtimes.host_ports() {
             m.ports_in_use.set(i64::try_from(ports.in_use).unwrap_or(0));
             m.ports_free
                 .set(i64::try_from(ports.total.saturating_sub(ports.in_use)).unwrap_or(0));
@@ -66,7 +66,7 @@ impl Manager {
                 status: d.status,
             });
         }
-        let usage = self.runtime.usage(id).await.unwrap_or_default();
+        let usage = self.runtimes.of(id).usage(id).await.unwrap_or_default();
         let backend = self
             .routes
             .all_backends()

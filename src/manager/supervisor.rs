@@ -211,7 +211,7 @@ impl Manager {
             }
             tracing::warn!(deployment = %id, tool = %spec.slug, reason = %ending, "Deployment ended; restarting per its policy");
             // The server's last words usually say why (a missing file, a bad flag).
-            let last_line = self.runtime.logs_tail(id, 1).await;
+            let last_line = self.runtimes.of(id).logs_tail(id, 1).await;
             let last_line = Some(last_line.trim().to_owned()).filter(|l| !l.is_empty());
             pending_restart = Some(RestartCause::Ended { ending, last_line });
         }
@@ -228,7 +228,8 @@ impl Manager {
         backend: &Arc<Backend>,
         already_running: bool,
     ) -> (Ending, bool) {
-        let exit = self.runtime.wait(id);
+        let runtime = self.runtimes.of(id);
+        let exit = runtime.wait(id);
         tokio::pin!(exit);
         if !already_running {
             let startup = Duration::from_millis(spec.startup_timeout_ms);
@@ -400,7 +401,7 @@ impl Manager {
             self.routes.remove_backend(&l.slug, id);
             l.health = HealthStatus::Unknown;
         }
-        if let Err(e) = self.runtime.stop(id, Duration::ZERO).await {
+        if let Err(e) = self.runtimes.of(id).stop(id, Duration::ZERO).await {
             tracing::error!(deployment = %id, error = %e, "Could not clean up before a restart");
         }
         let why = why.to_string();
@@ -495,7 +496,7 @@ impl Manager {
                 Some(l) => self.routes.remove_backend(&l.slug, id),
             }
         }
-        let tail = self.runtime.logs_tail(id, LOG_LINES_IN_ERROR).await;
+        let tail = self.runtimes.of(id).logs_tail(id, LOG_LINES_IN_ERROR).await;
         let msg = if tail.trim().is_empty() {
             reason.to_string()
         } else {
@@ -507,7 +508,7 @@ impl Manager {
         })
         .await;
         // Whatever is left of the tree goes now; the record already says FAILED.
-        if let Err(e) = self.runtime.stop(id, Duration::ZERO).await {
+        if let Err(e) = self.runtimes.of(id).stop(id, Duration::ZERO).await {
             tracing::error!(deployment = %id, error = %e, "Could not clean up failed deployment");
         }
     }

@@ -191,7 +191,7 @@ fn manager_on(
 ) -> Arc<Manager> {
     Manager::new(
         store.clone(),
-        Arc::clone(runtime) as Arc<dyn Runtime>,
+        crate::runtime::Runtimes::new(Arc::clone(runtime) as Arc<dyn Runtime>),
         Prober::scripted(health.clone()),
         Arc::new(RouteTable::new()),
         "test-node".to_owned(),

@@ -134,20 +134,30 @@ impl Runtime for FakeRuntime {
         Box::pin(async move { Ok(Started { instance, endpoint }) })
     }
 
-    fn adopt(&self, id: Uuid, instance: &InstanceRef, _stop: StopMode) -> Option<Endpoint> {
-        let mut state = self.state();
-        if !state.adoptable.contains(&id) {
-            return None;
-        }
-        state
-            .instances
-            .entry(id)
-            .or_insert_with(|| watch::Sender::new(None));
-        let InstanceRef::Process { port, .. } = instance;
-        Some(endpoint(&Listen::Port {
-            env: None,
-            prefer: *port,
-        }))
+    fn adopt(
+        &self,
+        id: Uuid,
+        instance: &InstanceRef,
+        _stop: StopMode,
+    ) -> BoxFuture<'_, Option<Endpoint>> {
+        let adopted = (|| {
+            let InstanceRef::Process { port, .. } = instance else {
+                return None;
+            };
+            let mut state = self.state();
+            if !state.adoptable.contains(&id) {
+                return None;
+            }
+            state
+                .instances
+                .entry(id)
+                .or_insert_with(|| watch::Sender::new(None));
+            Some(endpoint(&Listen::Port {
+                env: None,
+                prefer: *port,
+            }))
+        })();
+        Box::pin(std::future::ready(adopted))
     }
 
     fn wait(&self, id: Uuid) -> BoxFuture<'_, Result<ExitInfo, RuntimeError>> {

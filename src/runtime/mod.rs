@@ -1,8 +1,10 @@
 //! Running deployments: the boundary between the manager and whatever executes a server.
 //!
 //! [`Runtime`] is deliberately small (start, wait, stop, inspect, and the log tail the manager
-//! quotes when a start fails) because a Docker and a Kubernetes runtime will implement it too.
-//! Only the process runtime exists today ([`process::ProcessRuntime`]).
+//! quotes when a start fails) because every runtime implements it: processes
+//! ([`process::ProcessRuntime`]) and Docker containers ([`docker::DockerRuntime`]); a
+//! Kubernetes runtime would too. [`Runtimes`] holds the runtimes of a node and says which one
+//! runs each deployment.
 //!
 //! Boundary: a runtime knows nothing about the store or MCP. It runs what [`LaunchSpec`] says,
 //! owns what its instances listen on (a process runtime allocates host ports from the
@@ -20,10 +22,17 @@
 //! - [`Runtime::sweep`] removes only this node's instances that it does not hold.
 
 pub mod cgroup;
+pub mod container;
+pub mod dispatch;
+pub mod docker;
+pub mod endpoints;
 #[cfg(test)]
 pub mod fake;
 pub mod launch;
 pub mod process;
+
+pub use container::ContainerLaunch;
+pub use dispatch::Runtimes;
 
 use std::{fmt, path::PathBuf, time::Duration};
 
@@ -40,12 +49,15 @@ pub enum RuntimeKind {
     /// A process tree on this host ([`process::ProcessRuntime`]).
     #[default]
     Process,
+    /// A Docker container ([`docker::DockerRuntime`]).
+    Docker,
 }
 
 impl RuntimeKind {
     pub fn as_str(self) -> &'static str {
         match self {
             RuntimeKind::Process => "process",
+            RuntimeKind::Docker => "docker",
         }
     }
 }
@@ -55,6 +67,7 @@ impl std::str::FromStr for RuntimeKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "process" => Ok(RuntimeKind::Process),
+            "docker" => Ok(RuntimeKind::Docker),
             other => Err(format!("unknown runtime '{other}'")),
         }
     }
@@ -82,8 +95,7 @@ impl fmt::Display for Endpoint {
 /// What a runtime needs to find one of its instances again after a Switchboard crash: stored
 /// with the deployment record (as JSON) and handed back to [`Runtime::adopt`]. The manager and
 /// the store never look inside; each runtime reads only its own variant and treats any other
-/// as "not mine". A container runtime adds `Container { id }`, a Kubernetes one
-/// `Pod { namespace, name, uid }`.
+/// as "not mine". A Kubernetes runtime would add `Pod { namespace, name, uid }`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum InstanceRef {
@@ -101,6 +113,9 @@ pub enum InstanceRef {
         #[schema(value_type = Option<String>)]
         socket: Option<PathBuf>,
     },
+    /// A Docker container: its id (the engine's, which a re-created container never reuses)
+    /// and the host port it publishes (on 127.0.0.1).
+    Container { id: String, port: u16 },
 }
 
 impl InstanceRef {
@@ -108,6 +123,7 @@ impl InstanceRef {
     pub fn runtime(&self) -> RuntimeKind {
         match self {
             InstanceRef::Process { .. } => RuntimeKind::Process,
+            InstanceRef::Container { .. } => RuntimeKind::Docker,
         }
     }
 
@@ -115,6 +131,7 @@ impl InstanceRef {
     pub fn pid(&self) -> Option<u32> {
         match self {
             InstanceRef::Process { pid, .. } => Some(*pid),
+            InstanceRef::Container { .. } => None,
         }
     }
 
@@ -130,7 +147,7 @@ impl InstanceRef {
                 Some(port) => *p = Some(port),
                 None => *s = Some(socket),
             },
-            InstanceRef::Process { .. } => {}
+            InstanceRef::Process { .. } | InstanceRef::Container { .. } => {}
         }
         self
     }
@@ -173,8 +190,21 @@ impl fmt::Display for InstanceRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             InstanceRef::Process { pid, .. } => write!(f, "pid {pid}"),
+            // Docker's short form of the id, as `docker ps` shows it.
+            InstanceRef::Container { id, .. } => {
+                write!(f, "container {}", id.get(..12).unwrap_or(id))
+            }
         }
     }
+}
+
+/// The exit an instance's exit watch publishes, once it does (unknown if the watch is dropped
+/// without one).
+pub async fn exit_from(mut rx: tokio::sync::watch::Receiver<Option<ExitInfo>>) -> ExitInfo {
+    rx.wait_for(|e| e.is_some())
+        .await
+        .map(|e| e.unwrap_or_default())
+        .unwrap_or_default()
 }
 
 /// How a process ended.
@@ -207,8 +237,8 @@ impl fmt::Display for ExitInfo {
     }
 }
 
-/// Everything a runtime needs to start one deployment: what to run (a command today; an image
-/// joins it with the container runtime) and how it listens. `{port}` in `program`, `args` and
+/// Everything a runtime needs to start one deployment: what to run (a command, and for a
+/// container its image and settings) and how it listens. `{port}` in `program`, `args` and
 /// `env` values is the runtime's to substitute, since the runtime picks the port.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
@@ -223,6 +253,10 @@ pub struct LaunchSpec {
     pub working_dir: Option<PathBuf>,
     pub stop: StopMode,
     pub listen: Listen,
+    /// The image and container settings, for the Docker runtime (which refuses a launch
+    /// without them; the process runtime ignores them). There, an empty `program` keeps the
+    /// image's entrypoint and empty `args` its command.
+    pub container: Option<ContainerLaunch>,
 }
 
 impl LaunchSpec {
@@ -334,10 +368,33 @@ pub enum RuntimeError {
     UnknownInstance(Uuid),
     #[error(transparent)]
     PortsExhausted(#[from] crate::ports::PortsExhausted),
+    /// The runtime cannot be used now (disabled, or its engine does not answer).
+    #[error("the {runtime} runtime is unavailable: {reason}")]
+    Unavailable {
+        runtime: &'static str,
+        reason: String,
+    },
+    /// The image is not on this host and the tool does not allow pulling it.
+    #[error(
+        "image '{0}' is not present on this host and the tool's pull policy is \"never\": \
+         build or load it (docker build / docker load), or set pull = \"missing\""
+    )]
+    ImageMissing(String),
+    /// The container engine refused or failed a request.
+    #[error("docker: {0}")]
+    Engine(String),
+    /// What the launch asks for is something this runtime does not do.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 pub trait Runtime: Send + Sync + 'static {
     fn kind(&self) -> RuntimeKind;
+    /// Whether the runtime can start instances now (an engine answers); a deploy asks first,
+    /// so one it cannot host is refused before anything is recorded.
+    fn ready(&self) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        futures_util::FutureExt::boxed(async { Ok(()) })
+    }
     /// Claims where deployment `id` will listen, before anything runs or is recorded (a host
     /// port from the range, or the named socket). Returns the same endpoint while the claim
     /// holds; [`Runtime::release`] ends it.
@@ -353,7 +410,12 @@ pub trait Runtime: Send + Sync + 'static {
     /// names that deployment's (for a process: same pid and start time, and in its cgroup
     /// where there are cgroups), and claims its endpoint, which it returns. Returns `None`,
     /// having signalled nothing, when it does not, or when the reference is another runtime's.
-    fn adopt(&self, id: Uuid, instance: &InstanceRef, stop: StopMode) -> Option<Endpoint>;
+    fn adopt(
+        &self,
+        id: Uuid,
+        instance: &InstanceRef,
+        stop: StopMode,
+    ) -> BoxFuture<'_, Option<Endpoint>>;
     /// Resolves when the instance's main process exits (at once if it already has).
     fn wait(&self, id: Uuid) -> BoxFuture<'_, Result<ExitInfo, RuntimeError>>;
     /// Stops the whole tree: SIGTERM to every process, SIGKILL to what is left after `grace`.
@@ -405,6 +467,7 @@ mod tests {
             working_dir: None,
             stop: StopMode::Tree,
             listen,
+            container: None,
         }
     }
 

@@ -30,6 +30,7 @@ use super::{
     Endpoint, ExitInfo, InstanceRef, LaunchSpec, Listen, LogStream, ProcessId, Runtime,
     RuntimeError, RuntimeKind, Started, StopMode, Usage,
     cgroup::{self, CgroupRoot},
+    endpoints::Endpoints,
     launch::SHIM_ARG,
 };
 
@@ -124,7 +125,9 @@ pub struct ProcessRuntime {
     tracking: TreeTracking,
     logs_dir: PathBuf,
     /// Host ports for instances that listen on one; the range is the config's `port_range`.
-    ports: PortAllocator,
+    /// Where each deployment listens, from its reservation to its release (across
+    /// restarts); host ports from the allocator every runtime shares.
+    endpoints: Endpoints,
     state: Mutex<State>,
 }
 
@@ -132,47 +135,32 @@ pub struct ProcessRuntime {
 struct State {
     /// Instances started or adopted, until stopped.
     instances: HashMap<Uuid, Arc<Instance>>,
-    /// Where each deployment listens, from its reservation to its release (across restarts).
-    endpoints: HashMap<Uuid, Endpoint>,
 }
 
 /// Processes listen on the loopback interface; only the proxy and probes reach them.
 const HOST: &str = "127.0.0.1";
 
 impl ProcessRuntime {
-    pub fn new(tracking: TreeTracking, logs_dir: PathBuf, ports: PortAllocator) -> ProcessRuntime {
+    pub fn new(
+        tracking: TreeTracking,
+        logs_dir: PathBuf,
+        ports: Arc<PortAllocator>,
+    ) -> ProcessRuntime {
         ProcessRuntime {
             tracking,
             logs_dir,
-            ports,
+            endpoints: Endpoints::new(ports),
             state: Mutex::new(State::default()),
         }
     }
 
     pub fn ports(&self) -> &PortAllocator {
-        &self.ports
+        self.endpoints.ports()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // Every update is a single insert or remove, so a poisoned lock is still consistent.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records `endpoint` for `id` unless one is already there; returns the one that holds.
-    /// A port claimed for nothing (a racing reservation won) goes back to the allocator.
-    fn hold(&self, id: Uuid, endpoint: Endpoint) -> Endpoint {
-        let held = self
-            .state()
-            .endpoints
-            .entry(id)
-            .or_insert_with(|| endpoint.clone())
-            .clone();
-        if held != endpoint
-            && let Some(p) = endpoint.port()
-        {
-            self.ports.release(p);
-        }
-        held
     }
 
     pub fn tracking(&self) -> &TreeTracking {
@@ -392,92 +380,10 @@ async fn wait_gone(inst: &Instance) {
     }
 }
 
-impl Runtime for ProcessRuntime {
-    fn kind(&self) -> RuntimeKind {
-        RuntimeKind::Process
-    }
-
-    fn reserve(&self, id: Uuid, listen: &Listen) -> Result<Endpoint, RuntimeError> {
-        if let Some(held) = self.state().endpoints.get(&id) {
-            return Ok(held.clone());
-        }
-        let endpoint = match listen {
-            Listen::Port { prefer, .. } => {
-                let port = match prefer {
-                    Some(p) if self.ports.take(*p) => *p,
-                    _ => self.ports.allocate()?,
-                };
-                Endpoint::Tcp {
-                    host: HOST.to_owned(),
-                    port,
-                }
-            }
-            Listen::Socket(path) => Endpoint::Unix(path.clone()),
-        };
-        Ok(self.hold(id, endpoint))
-    }
-
-    fn release(&self, id: Uuid) {
-        let gone = self.state().endpoints.remove(&id);
-        if let Some(p) = gone.and_then(|e| e.port()) {
-            self.ports.release(p);
-        }
-    }
-
-    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Started, RuntimeError>> {
-        async move {
-            let id = spec.deployment_id;
-            let endpoint = self.reserve(id, &spec.listen)?;
-            let spec = match &endpoint {
-                Endpoint::Tcp { port, .. } => spec.with_port(*port),
-                Endpoint::Unix(_) => spec,
-            };
-            let (pid, cgroup_dir, mut child) = self.spawn(&spec)?;
-            // Read before anything can reap the child, so it names this process.
-            let process = ProcessId {
-                pid,
-                start_time: super::process_start_time(pid),
-            };
-            let (tx, rx) = watch::channel(None);
-            self.state().instances.insert(
-                id,
-                Arc::new(Instance {
-                    pid,
-                    cgroup: cgroup_dir.clone(),
-                    stop: spec.stop,
-                    exit: rx,
-                }),
-            );
-            tokio::spawn(async move {
-                let exit = match child.wait().await {
-                    Ok(status) => ExitInfo::from(status),
-                    Err(e) => {
-                        tracing::error!(deployment = %id, error = %e, "Lost track of process");
-                        ExitInfo::default()
-                    }
-                };
-                reap_tree(cgroup_dir.as_deref(), pid);
-                let _ = tx.send(Some(exit));
-            });
-            Ok(Started {
-                instance: InstanceRef::Process {
-                    pid: process.pid,
-                    start_time: process.start_time,
-                    port: endpoint.port(),
-                    socket: match &endpoint {
-                        Endpoint::Unix(path) => Some(path.clone()),
-                        Endpoint::Tcp { .. } => None,
-                    },
-                },
-                endpoint,
-            })
-        }
-        .boxed()
-    }
-
-    fn adopt(&self, id: Uuid, instance: &InstanceRef, stop: StopMode) -> Option<Endpoint> {
+impl ProcessRuntime {
+    /// [`Runtime::adopt`], which reads only /proc and the cgroup, so nothing waits.
+    fn adopt_now(&self, id: Uuid, instance: &InstanceRef, stop: StopMode) -> Option<Endpoint> {
         // Every other variant is another runtime's.
-        #[allow(irrefutable_let_patterns)]
         let InstanceRef::Process {
             pid,
             start_time,
@@ -535,23 +441,88 @@ impl Runtime for ProcessRuntime {
             // Not our child: its exit status went to whoever reaped it.
             let _ = tx.send(Some(ExitInfo::default()));
         });
-        // It listens there now: the port is this deployment's whatever the range says.
-        if let Some(p) = endpoint.port() {
-            self.ports.reserve(p);
+        Some(self.endpoints.adopted(id, endpoint))
+    }
+}
+
+impl Runtime for ProcessRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Process
+    }
+
+    fn reserve(&self, id: Uuid, listen: &Listen) -> Result<Endpoint, RuntimeError> {
+        self.endpoints.reserve(id, listen, HOST)
+    }
+
+    fn release(&self, id: Uuid) {
+        self.endpoints.release(id);
+    }
+
+    fn start(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Started, RuntimeError>> {
+        async move {
+            let id = spec.deployment_id;
+            let endpoint = self.reserve(id, &spec.listen)?;
+            let spec = match &endpoint {
+                Endpoint::Tcp { port, .. } => spec.with_port(*port),
+                Endpoint::Unix(_) => spec,
+            };
+            let (pid, cgroup_dir, mut child) = self.spawn(&spec)?;
+            // Read before anything can reap the child, so it names this process.
+            let process = ProcessId {
+                pid,
+                start_time: super::process_start_time(pid),
+            };
+            let (tx, rx) = watch::channel(None);
+            self.state().instances.insert(
+                id,
+                Arc::new(Instance {
+                    pid,
+                    cgroup: cgroup_dir.clone(),
+                    stop: spec.stop,
+                    exit: rx,
+                }),
+            );
+            tokio::spawn(async move {
+                let exit = match child.wait().await {
+                    Ok(status) => ExitInfo::from(status),
+                    Err(e) => {
+                        tracing::error!(deployment = %id, error = %e, "Lost track of process");
+                        ExitInfo::default()
+                    }
+                };
+                reap_tree(cgroup_dir.as_deref(), pid);
+                let _ = tx.send(Some(exit));
+            });
+            Ok(Started {
+                instance: InstanceRef::Process {
+                    pid: process.pid,
+                    start_time: process.start_time,
+                    port: endpoint.port(),
+                    socket: match &endpoint {
+                        Endpoint::Unix(path) => Some(path.clone()),
+                        Endpoint::Tcp { .. } => None,
+                    },
+                },
+                endpoint,
+            })
         }
-        Some(self.hold(id, endpoint))
+        .boxed()
+    }
+
+    fn adopt(
+        &self,
+        id: Uuid,
+        instance: &InstanceRef,
+        stop: StopMode,
+    ) -> BoxFuture<'_, Option<Endpoint>> {
+        // Nothing here waits: /proc and the cgroup are read at once.
+        futures_util::future::ready(self.adopt_now(id, instance, stop)).boxed()
     }
 
     fn wait(&self, id: Uuid) -> BoxFuture<'_, Result<ExitInfo, RuntimeError>> {
         async move {
             let inst = self.get(id).ok_or(RuntimeError::UnknownInstance(id))?;
-            let mut rx = inst.exit.clone();
-            let exit = rx
-                .wait_for(|e| e.is_some())
-                .await
-                .map(|e| e.unwrap_or_default())
-                .unwrap_or_default();
-            Ok(exit)
+            Ok(super::exit_from(inst.exit.clone()).await)
         }
         .boxed()
     }
@@ -602,10 +573,7 @@ impl Runtime for ProcessRuntime {
     }
 
     fn host_ports(&self) -> Option<super::PortUse> {
-        Some(super::PortUse {
-            in_use: self.ports.in_use().len(),
-            total: self.ports.range().len(),
-        })
+        Some(self.endpoints.port_use())
     }
 
     fn logs_tail(&self, id: Uuid, lines: usize) -> BoxFuture<'_, String> {

@@ -66,6 +66,7 @@ pub struct AppOptions {
     pub mcp_auth: switchboard::auth::McpAuth,
     /// Where the key for secrets at rest comes from (default: the data directory's file).
     pub secret_key: switchboard::secrets::KeySource,
+    pub docker: switchboard::config::DockerConfig,
 }
 
 impl Default for AppOptions {
@@ -81,6 +82,7 @@ impl Default for AppOptions {
             log_retention: Default::default(),
             mcp_auth: switchboard::auth::McpAuth::Off,
             secret_key: Default::default(),
+            docker: Default::default(),
         }
     }
 }
@@ -123,6 +125,7 @@ impl TestApp {
             registries: opts.registries.clone(),
             log_retention: opts.log_retention,
             secret_key: opts.secret_key,
+            docker: opts.docker.clone(),
         };
         let (tx, rx) = oneshot::channel::<()>();
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -7,7 +7,7 @@
 
 use std::{
     io::Write as _,
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
     sync::{
         Arc,
@@ -35,6 +35,10 @@ struct Args {
     /// Port for Streamable HTTP (Switchboard sets PORT).
     #[arg(long, env = "PORT", default_value_t = 8000)]
     port: u16,
+    /// Address to listen on (a container's server listens on 0.0.0.0 to be reached through
+    /// its published port).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
     /// MCP endpoint path.
     #[arg(long, default_value = "/mcp")]
     path: String,
@@ -439,7 +443,7 @@ async fn main() -> anyhow::Result<()> {
         return served;
     }
 
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));
+    let addr = SocketAddr::from((args.host, args.port));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;

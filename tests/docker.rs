@@ -1,0 +1,312 @@
+//! Tools run as Docker containers (`runtime = "docker"`), against a real dockerd and the repo's
+//! test server built into an image `FROM scratch` (nothing is pulled). `scripts/with-docker`
+//! starts dockerd when none answers and builds the image (SWITCHBOARD_TEST_IMAGE); scripts/test
+//! runs the suite through it. Only this file needs dockerd.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::{AppOptions, TestApp};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// The test server's image, or a failure saying how to get one (no silent skip).
+fn image() -> String {
+    let tag = std::env::var("SWITCHBOARD_TEST_IMAGE").unwrap_or_default();
+    assert!(
+        !tag.is_empty(),
+        "SWITCHBOARD_TEST_IMAGE is not set: run these tests through scripts/with-docker \
+         (`scripts/with-docker cargo nextest run --test docker`), which starts dockerd \
+         (installing docker.io if missing) and builds the test server's image"
+    );
+    tag
+}
+
+/// `docker ARGS...`, which must succeed; its stdout.
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run docker ({e}): install docker.io and run through scripts/with-docker")
+        });
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn inspect(container: &str) -> Value {
+    let v: Value = serde_json::from_str(&docker(&["inspect", container])).unwrap();
+    v[0].clone()
+}
+
+/// Whether a container exists (in any state).
+fn exists(container: &str) -> bool {
+    Command::new("docker")
+        .args(["inspect", container])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// A container a test made itself, removed when the test ends however it ends.
+struct Own(String);
+
+impl Drop for Own {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
+    }
+}
+
+/// A tool running the test server's image; it listens on 0.0.0.0 inside (PORT is set to the
+/// published port).
+async fn add_docker_tool(app: &TestApp, slug: &str, extra_args: &[&str], extra: Value) -> Value {
+    let mut args = vec!["--host", "0.0.0.0"];
+    args.extend_from_slice(extra_args);
+    let mut body = json!({
+        "slug": slug,
+        "runtime": "docker",
+        "image": image(),
+        "args": args,
+        "startup_timeout_ms": 20000,
+        "stop_grace_period_ms": 2000,
+    });
+    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+        b.extend(e);
+    }
+    app.add_tool(body).await
+}
+
+fn container_of(d: &Value) -> String {
+    assert_eq!(d["instance"]["kind"], "container", "{d}");
+    d["instance"]["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn python_client_lists_and_calls_tools_in_a_container() {
+    let app = TestApp::start().await;
+    add_docker_tool(&app, "dock", &[], json!({})).await;
+    let d = app.deploy_wait("dock").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    assert_eq!(d["runtime"], "docker", "{d}");
+    let container = container_of(&d);
+    let url = format!("{}/mcp/dock", app.url);
+    let listed = common::mcp_client(&["--url", &url, "list-tools"]).await;
+    let names: Vec<&str> = listed["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"echo"), "{listed}");
+    let called = common::mcp_client(&[
+        "--url",
+        &url,
+        "call-tool",
+        "echo",
+        "--args",
+        r#"{"text":"from a container"}"#,
+    ])
+    .await;
+    assert_eq!(
+        called["result"]["content"][0]["text"], "from a container",
+        "{called}"
+    );
+    // Its resource use is the engine's stats: the server and the init process.
+    let (st, stats) = app
+        .call(
+            "GET",
+            &format!("/api/v1/deployments/{}/stats", d["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{stats}");
+    assert!(
+        stats["resident_memory_bytes"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    assert!(stats["processes"].as_u64().unwrap() >= 1, "{stats}");
+    assert!(stats["requests_total"].as_u64().unwrap() >= 2, "{stats}");
+    // Its output is the engine's log, served by the API like a process's.
+    let logs = app.logs(d["id"].as_str().unwrap(), 50).await;
+    assert!(logs.contains("mcp-test-server: listening"), "{logs}");
+    let stopped = app.stop_deployment(d["id"].as_str().unwrap()).await;
+    assert_eq!(stopped["status"], "STOPPED", "{stopped}");
+    assert!(!exists(&container), "the stopped container was not removed");
+}
+
+#[tokio::test]
+async fn containers_run_with_the_secure_defaults_and_no_secret_outside_their_env() {
+    let app = TestApp::start().await;
+    add_docker_tool(
+        &app,
+        "locked",
+        &[],
+        json!({"secret_env": {"API_TOKEN": "s3cret-value"}}),
+    )
+    .await;
+    let d = app.deploy_wait("locked").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let container = container_of(&d);
+    let c = inspect(&container);
+    let host = &c["HostConfig"];
+    assert_eq!(host["CapDrop"], json!(["ALL"]), "{host}");
+    assert_eq!(host["ReadonlyRootfs"], true, "{host}");
+    assert_eq!(host["Init"], true, "{host}");
+    assert_eq!(host["SecurityOpt"], json!(["no-new-privileges"]), "{host}");
+    assert!(host["Tmpfs"].get("/tmp").is_some(), "{host}");
+    let port = d["port"].as_u64().unwrap();
+    let bindings = &host["PortBindings"][format!("{port}/tcp")];
+    assert_eq!(bindings[0]["HostIp"], "127.0.0.1", "{host}");
+    assert_eq!(bindings[0]["HostPort"], port.to_string(), "{host}");
+    let user = c["Config"]["User"].as_str().unwrap();
+    assert!(
+        !user.is_empty() && !user.starts_with("0") && !user.starts_with("root"),
+        "runs as {user:?}"
+    );
+    // The secret is in the environment, and nowhere else the engine shows.
+    let env = c["Config"]["Env"].to_string();
+    assert!(env.contains("API_TOKEN=s3cret-value"), "{env}");
+    let elsewhere = json!([
+        c["Name"],
+        c["Config"]["Labels"],
+        c["Config"]["Cmd"],
+        c["Config"]["Entrypoint"],
+        c["Args"]
+    ]);
+    assert!(!elsewhere.to_string().contains("s3cret"), "{elsewhere}");
+    assert_eq!(
+        c["Config"]["Labels"]["switchboard.deployment"], d["id"],
+        "{}",
+        c["Config"]["Labels"]
+    );
+    app.stop_deployment(d["id"].as_str().unwrap()).await;
+}
+
+#[tokio::test]
+async fn a_missing_image_fails_fast_naming_it_when_pulling_is_not_allowed() {
+    let app = TestApp::start().await;
+    let missing = "switchboard-test-absent:never-built";
+    app.add_tool(json!({
+        "slug": "absent", "runtime": "docker", "image": missing,
+        "restart": {"max_start_failures": 1},
+    }))
+    .await;
+    let (st, d) = app
+        .call("POST", "/api/v1/tools/absent/deployments?wait=true", None)
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{d}");
+    let d = app.wait_status(d["id"].as_str().unwrap(), "FAILED").await;
+    let error = d["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(missing) && error.contains("never"),
+        "the error does not name the image and the pull policy: {d}"
+    );
+}
+
+#[tokio::test]
+async fn a_stop_kills_a_server_that_ignores_sigterm_after_the_grace_period() {
+    let app = TestApp::start().await;
+    add_docker_tool(
+        &app,
+        "stubborn",
+        &["--ignore-sigterm"],
+        json!({"stop_grace_period_ms": 1000}),
+    )
+    .await;
+    let d = app.deploy_wait("stubborn").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let container = container_of(&d);
+    let stopped = app.stop_deployment(d["id"].as_str().unwrap()).await;
+    assert_eq!(stopped["status"], "STOPPED", "{stopped}");
+    // SIGTERM did nothing; SIGKILL ended it.
+    assert_eq!(stopped["exit_signal"], 9, "{stopped}");
+    assert!(!exists(&container), "the stopped container was not removed");
+}
+
+#[tokio::test]
+async fn a_container_removed_behind_switchboards_back_is_restarted() {
+    let app = TestApp::start().await;
+    add_docker_tool(&app, "fragile", &[], json!({})).await;
+    let d = app.deploy_wait("fragile").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let first = container_of(&d);
+    docker(&["rm", "-f", &first]);
+    let again = app
+        .wait_record(&id, "RUNNING in a new container", |r| {
+            r["status"] == "RUNNING" && r["instance"]["id"].as_str().is_some_and(|c| c != first)
+        })
+        .await;
+    assert_eq!(again["restart_count"], 1, "{again}");
+    assert_eq!(
+        again["port"], d["port"],
+        "the restart changed the port: {again}"
+    );
+    let url = format!("{}/mcp/fragile", app.url);
+    let listed = common::mcp_client(&["--url", &url, "list-tools"]).await;
+    assert!(
+        listed["tools"].as_array().is_some_and(|t| !t.is_empty()),
+        "{listed}"
+    );
+    app.stop_deployment(&id).await;
+}
+
+#[tokio::test]
+async fn after_a_crash_containers_are_adopted_and_orphans_of_this_node_swept_but_no_other() {
+    let app = TestApp::with(AppOptions::default()).await;
+    add_docker_tool(&app, "kept", &[], json!({})).await;
+    let d = app.deploy_wait("kept").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let container = container_of(&d);
+    let node = d["node_id"].as_str().unwrap().to_owned();
+    let dir = app.crash().await;
+
+    // While it is down: an orphan of this node (a deployment no record knows) and a
+    // container that is not Switchboard's at all.
+    let orphan_id = uuid::Uuid::new_v4().to_string();
+    let orphan = Own(docker(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--label",
+        &format!("switchboard.node={node}"),
+        "--label",
+        &format!("switchboard.deployment={orphan_id}"),
+        &image(),
+    ]));
+    let foreign = Own(docker(&["run", "-d", "--network", "none", &image()]));
+
+    let app = TestApp::start_in(dir, AppOptions::default()).await;
+    let adopted = app.wait_status(&id, "RUNNING").await;
+    assert_eq!(container_of(&adopted), container, "not adopted: {adopted}");
+    assert_eq!(
+        adopted["restart_count"], 0,
+        "restarted instead of adopted: {adopted}"
+    );
+    assert_eq!(
+        inspect(&container)["State"]["Running"],
+        true,
+        "the adopted container is not running"
+    );
+    let url = format!("{}/mcp/kept", app.url);
+    let listed = common::mcp_client(&["--url", &url, "list-tools"]).await;
+    assert!(
+        listed["tools"].as_array().is_some_and(|t| !t.is_empty()),
+        "{listed}"
+    );
+    assert!(!exists(&orphan.0), "the orphan of this node was not swept");
+    assert_eq!(
+        inspect(&foreign.0)["State"]["Running"],
+        true,
+        "a container that is not Switchboard's was touched"
+    );
+    app.stop_deployment(&id).await;
+    assert!(!exists(&container));
+}
