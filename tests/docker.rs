@@ -136,9 +136,34 @@ async fn python_client_lists_and_calls_tools_in_a_container() {
     // Its output is the engine's log, served by the API like a process's.
     let logs = app.logs(d["id"].as_str().unwrap(), 50).await;
     assert!(logs.contains("mcp-test-server: listening"), "{logs}");
+    // Followed, the engine's stream: the tail at once, and the end once the deployment ends.
+    let mut follow = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!(
+            "{}/api/v1/deployments/{}/logs?tail=5&follow=true",
+            app.url,
+            d["id"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(follow.status(), StatusCode::OK);
+    let first = follow.chunk().await.unwrap().unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&first).contains("mcp-test-server"),
+        "{first:?}"
+    );
     let stopped = app.stop_deployment(d["id"].as_str().unwrap()).await;
     assert_eq!(stopped["status"], "STOPPED", "{stopped}");
     assert!(!exists(&container), "the stopped container was not removed");
+    // A follow that never ends would hang here: bounded, so a hang fails instead.
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while follow.chunk().await.unwrap().is_some() {}
+    })
+    .await
+    .expect("the followed logs did not end with the deployment");
 }
 
 #[tokio::test]
