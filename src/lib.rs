@@ -1,6 +1,7 @@
 //! Switchboard: an MCP server manager. See ARCHITECTURE.md for the code map.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;

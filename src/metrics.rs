@@ -213,6 +213,7 @@ pub struct Metrics {
     health_latency: HistogramFamily<DeploymentLabels>,
     restarts: Family<DeploymentLabels, Counter>,
     auth: Family<OutcomeLabels, Counter>,
+    audit_dropped: Counter,
     // Rebuilt at each scrape.
     pub in_flight: Family<DeploymentLabels, Gauge>,
     pub open_streams: Family<DeploymentLabels, Gauge>,
@@ -242,6 +243,7 @@ impl Metrics {
             health_latency: Family::new_with_constructor(latency_histogram),
             restarts: Family::default(),
             auth: Family::default(),
+            audit_dropped: Counter::default(),
             in_flight: Family::default(),
             open_streams: Family::default(),
             deployments: Family::default(),
@@ -303,6 +305,11 @@ impl Metrics {
                 m.auth.clone(),
             );
             r.register(
+                "audit_dropped",
+                "Audit records lost because the audit writer was behind (its queue full)",
+                m.audit_dropped.clone(),
+            );
+            r.register(
                 "deployments",
                 "Deployments this node runs, by tool and status",
                 m.deployments.clone(),
@@ -346,6 +353,11 @@ impl Metrics {
     }
 
     /// The `/mcp` gate's counters; every outcome's series exists from the start (at 0).
+    /// The counter of audit records dropped because the writer's queue was full.
+    pub fn audit_dropped(&self) -> Counter {
+        self.audit_dropped.clone()
+    }
+
     pub fn auth(&self) -> AuthMetrics {
         AuthMetrics {
             outcomes: std::array::from_fn(|i| {

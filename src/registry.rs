@@ -185,6 +185,10 @@ pub struct ToolSpec {
     /// not `/mcp` requires keys. Absent: every tool the server has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expose_tools: Option<Vec<String>>,
+    /// Record `tools/call` argument values in the audit trail. Off by default: arguments may
+    /// carry personal data or secrets.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit_arguments: bool,
     /// Time between SIGTERM and SIGKILL when stopping.
     #[serde(default = "default_stop_grace_period_ms")]
     pub stop_grace_period_ms: u64,

@@ -18,6 +18,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 
 use crate::{
     api::{self, ApiToken, AppState},
+    audit::Audit,
     auth::{Gate, Keys},
     config::{Config, EdgeLimits},
     health::Prober,
@@ -186,7 +187,23 @@ pub async fn run(
         manager.metrics().map(|m| m.auth()),
         manager.public_url().to_owned(),
     );
-    let proxy = Arc::new(Proxy::new(routes, config.proxy.clone()).with_gate(Arc::new(gate)));
+    let audit = Arc::new(
+        Audit::start(
+            data_dir.join("audit"),
+            manager.metrics().map(|m| m.audit_dropped()),
+        )
+        .with_context(|| {
+            format!(
+                "opening the audit trail in {}",
+                data_dir.join("audit").display()
+            )
+        })?,
+    );
+    let proxy = Arc::new(
+        Proxy::new(routes, config.proxy.clone())
+            .with_gate(Arc::new(gate))
+            .with_audit(Arc::clone(&audit)),
+    );
     // Keys made or revoked through another node that shares the database.
     let key_refresh = {
         let keys = Arc::clone(&keys);
@@ -234,6 +251,7 @@ pub async fn run(
         manager: Arc::clone(&manager),
         token: config.api_token.as_deref().map(ApiToken::new),
         keys,
+        audit,
     };
     let app = api::router(state);
     tracing::info!(

@@ -878,3 +878,157 @@ async fn the_cli_creates_lists_and_revokes_keys() {
     let out = cli(&["key", "create", "no-tools"]);
     assert_eq!(out.status.code(), Some(2), "usage error");
 }
+
+/// The audit trail, read back through `GET /api/v1/audit` until `pred` holds.
+async fn audit_until(app: &TestApp, query: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (st, v) = app
+            .call("GET", &format!("/api/v1/audit{query}"), None)
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let records = v.as_array().unwrap().clone();
+        if pred(&records) {
+            return records;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the audit trail never showed what was expected: {records:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn audit_records_match_the_calls_made_without_argument_values() {
+    let app = secured(&["t"]).await;
+    let (id, key) = make_key(&app, json!({"name": "echo-only", "tools": ["t/echo"]})).await;
+    let url = format!("{}/mcp/t", app.url);
+    let secret = "argument-value-4711";
+    let echo_args = format!(r#"{{"text":"{secret}"}}"#);
+    for era in ["legacy", "modern"] {
+        let called = mcp_client_as(
+            Some(&key),
+            &[
+                "--url",
+                &url,
+                "--era",
+                era,
+                "call-tool",
+                "echo",
+                "--args",
+                &echo_args,
+            ],
+        )
+        .await;
+        assert!(called["result"].to_string().contains(secret), "{called}");
+        refused_call(Some(&key), &url, era, "sleep").await;
+    }
+    // Without a key: denied, and nobody to name.
+    let (st, _, _) = get(&format!("{url}/headers"), None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+
+    let calls = |rs: &[Value]| -> Vec<(String, String)> {
+        rs.iter()
+            .filter(|r| r["method"] == "tools/call")
+            .map(|r| {
+                (
+                    r["mcp_tool"].as_str().unwrap_or("-").to_owned(),
+                    r["outcome"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let mine = audit_until(&app, &format!("?principal={id}&tool=t"), |rs| {
+        calls(rs).len() >= 4
+    })
+    .await;
+    let mut seen = calls(&mine);
+    seen.sort();
+    let want = [
+        ("echo", "allowed"),
+        ("echo", "allowed"),
+        ("sleep", "denied"),
+        ("sleep", "denied"),
+    ];
+    assert_eq!(
+        seen,
+        want.map(|(a, b)| (a.to_owned(), b.to_owned())),
+        "{mine:#?}"
+    );
+    for r in &mine {
+        assert_eq!(r["principal"], id.as_str());
+        assert_eq!(r["tool"], "t");
+        assert!(r["duration_ms"].as_f64().unwrap() >= 0.0);
+        assert!(r.get("arguments").is_none(), "{r}");
+    }
+    // The legacy client's handshake is there too, under its methods.
+    assert!(
+        mine.iter().any(|r| r["method"] == "initialize"),
+        "{mine:#?}"
+    );
+    let anonymous = audit_until(&app, "?tool=t", |rs| rs.iter().any(|r| r["status"] == 401)).await;
+    let refused = anonymous.iter().find(|r| r["status"] == 401).unwrap();
+    assert_eq!(refused["outcome"], "denied");
+    assert!(refused.get("principal").is_none(), "{refused}");
+
+    // Argument values are in neither the API's answer nor the file.
+    let (_, all) = app.call("GET", "/api/v1/audit?limit=10000", None).await;
+    assert!(!all.to_string().contains(secret));
+    let dir = app.db_path().parent().unwrap().join("audit");
+    let file = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    assert!(file.lines().count() >= mine.len(), "{file}");
+    assert!(!file.contains(secret), "{file}");
+
+    // since and limit.
+    let later = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let (st, v) = app
+        .call("GET", &format!("/api/v1/audit?since={later}"), None)
+        .await;
+    assert_eq!((st, v), (StatusCode::OK, json!([])));
+    let (st, v) = app.call("GET", "/api/v1/audit?limit=1", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    for bad in ["?limit=0", "?since=yesterday", "?nope=1"] {
+        let (st, v) = app.call("GET", &format!("/api/v1/audit{bad}"), None).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}: {v}");
+        assert!(v["error"]["code"].is_string(), "{bad}: {v}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_tool_with_audit_arguments_has_its_call_arguments_recorded() {
+    let app = TestApp::start().await;
+    app.add_test_tool("a", &[], json!({"audit_arguments": true}))
+        .await;
+    app.deploy_wait("a").await;
+    let url = format!("{}/mcp/a", app.url);
+    for era in ["legacy", "modern"] {
+        mcp_client_as(
+            None,
+            &[
+                "--url",
+                &url,
+                "--era",
+                era,
+                "call-tool",
+                "echo",
+                "--args",
+                r#"{"text":"kept"}"#,
+            ],
+        )
+        .await;
+    }
+    let records = audit_until(&app, "?tool=a", |rs| {
+        rs.iter().filter(|r| r["method"] == "tools/call").count() >= 2
+    })
+    .await;
+    for r in records.iter().filter(|r| r["method"] == "tools/call") {
+        assert_eq!(r["arguments"], json!({"text": "kept"}), "{r}");
+        assert_eq!(r["outcome"], "allowed");
+        assert!(r.get("principal").is_none(), "auth is off: {r}");
+    }
+    app.stop().await;
+}

@@ -24,6 +24,7 @@
 //! POST   /api/v1/keys                           make a client key (201; the key is shown once)
 //! GET    /api/v1/keys/{id}                      one client key
 //! DELETE /api/v1/keys/{id}                      revoke (what the key has open ends at once)
+//! GET    /api/v1/audit                          the /mcp audit trail (?principal=&tool=&since=&limit=)
 //! GET    /.well-known/oauth-protected-resource/mcp/{slug}
 //!                                               RFC 9728 metadata of a tool's MCP endpoint (no auth)
 //! ```
@@ -93,6 +94,7 @@ pub struct AppState {
     pub manager: Arc<Manager>,
     pub token: Option<ApiToken>,
     pub keys: Arc<Keys>,
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 #[derive(OpenApi)]
@@ -120,6 +122,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(events))
         .routes(routes!(list_keys, create_key))
         .routes(routes!(get_key, revoke_key))
+        .routes(routes!(audit_trail))
         .split_for_parts();
     error::document_common_errors(&mut doc);
     let doc = Arc::new(doc);
@@ -746,6 +749,54 @@ async fn revoke_key(
 ) -> Result<StatusCode, ApiError> {
     s.keys.revoke(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+// ----- audit trail -----
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    /// Only requests of this principal (a key id).
+    principal: Option<String>,
+    /// Only requests to this tool (slug).
+    tool: Option<String>,
+    /// Only requests at or after this time (RFC 3339, e.g. `2026-12-04T13:00:00Z`).
+    #[param(value_type = Option<String>, format = DateTime)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// At most this many, the newest (1-10000, default 100); returned oldest first.
+    limit: Option<u32>,
+}
+
+/// The `/mcp` audit trail: one record per MCP request, newest `limit` that match, oldest
+/// first. Records are written off the request path, so the last moment's may not show yet.
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditParams),
+    responses((status = 200, body = Vec<crate::audit::Record>), (status = 400, body = ErrorBody)))]
+async fn audit_trail(
+    State(s): State<AppState>,
+    Query(p): Query<AuditParams>,
+) -> Result<Json<Vec<crate::audit::Record>>, ApiError> {
+    let limit = p.limit.unwrap_or(100);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "limit must be between 1 and 10000",
+        ));
+    }
+    let filter = crate::audit::Filter {
+        principal: p.principal,
+        tool: p.tool,
+        since: p.since,
+        limit: limit as usize,
+    };
+    s.audit.query(filter).await.map(Json).map_err(|e| {
+        tracing::error!(error = %e, "Reading the audit trail failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "audit_unreadable",
+            e.to_string(),
+        )
+    })
 }
 
 /// RFC 9728 Protected Resource Metadata of a tool's MCP endpoint, which a 401 on `/mcp/{slug}`

@@ -745,7 +745,8 @@ impl Manager {
             .map_err(|e| ManagerError::Internal(format!("bad upstream address: {e}")))?
             .with_call_timeout(spec.call_timeout_ms.map(Duration::from_millis))
             .with_forward_credentials(spec.forward_credentials)
-            .with_expose_tools(spec.expose_tools.as_deref());
+            .with_expose_tools(spec.expose_tools.as_deref())
+            .with_audit_arguments(spec.audit_arguments);
         Ok(match &self.metrics {
             Some(m) => backend.with_metrics(m.backend(&spec.slug, &id.to_string())),
             None => backend,

@@ -30,6 +30,9 @@ pub const SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
 pub const PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
 /// 2026-07-28's routing header: the JSON-RPC method of the body.
 pub const METHOD: HeaderName = HeaderName::from_static("mcp-method");
+/// 2026-07-28's routing header: `params.name` of a `tools/call` (and `prompts/get`, or the
+/// `uri` of `resources/read`).
+pub const NAME: HeaderName = HeaderName::from_static("mcp-name");
 
 /// The `_meta` keys of a 2026-07-28 request and of a `server/discover` result.
 pub mod meta {

@@ -107,10 +107,11 @@ impl ToolFilter {
         }
     }
 
-    /// Reads a POST body. A body that is not JSON is refused (a parse error) rather than
-    /// forwarded: what this filter cannot read, it cannot vouch for.
-    pub fn inspect(&self, body: &[u8]) -> Verdict {
-        let Ok(msg) = serde_json::from_slice::<Value>(body) else {
+    /// Judges a POST body, parsed (`None`: it is not JSON). A body that is not JSON is refused
+    /// (a parse error) rather than forwarded: what this filter cannot read, it cannot vouch
+    /// for.
+    pub fn inspect(&self, body: Option<&Value>) -> Verdict {
+        let Some(msg) = body else {
             return Verdict::Refuse {
                 answer: jsonrpc::error_response(
                     Value::Null,
@@ -121,7 +122,7 @@ impl ToolFilter {
                 denied: String::new(),
             };
         };
-        let messages = match &msg {
+        let messages = match msg {
             Value::Array(items) => items.iter().collect::<Vec<_>>(),
             one => vec![one],
         };
@@ -440,15 +441,14 @@ mod tests {
     fn calls_of_other_tools_are_refused_and_lists_are_noted() {
         let f = only(&["echo"], None);
         let call = |name: &str| {
-            serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
-                "params": {"name": name, "arguments": {"text": "secret"}}}))
-            .unwrap()
+            json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                "params": {"name": name, "arguments": {"text": "secret"}}})
         };
         assert_eq!(
-            f.inspect(&call("echo")),
+            f.inspect(Some(&call("echo"))),
             Verdict::Forward { list_ids: vec![] }
         );
-        let Verdict::Refuse { answer, denied } = f.inspect(&call("sleep")) else {
+        let Verdict::Refuse { answer, denied } = f.inspect(Some(&call("sleep"))) else {
             panic!("sleep was let through");
         };
         assert_eq!(denied, "sleep");
@@ -461,27 +461,26 @@ mod tests {
                 .contains("lacks access"),
             "{answer}"
         );
-        let list = br#"{"jsonrpc":"2.0","id":"l","method":"tools/list"}"#;
+        let list = json!({"jsonrpc": "2.0", "id": "l", "method": "tools/list"});
         assert_eq!(
-            f.inspect(list),
+            f.inspect(Some(&list)),
             Verdict::Forward {
                 list_ids: vec![json!("l")]
             }
         );
         // Not JSON: refused, not forwarded unread.
-        assert!(matches!(f.inspect(b"{nope"), Verdict::Refuse { .. }));
+        assert!(matches!(f.inspect(None), Verdict::Refuse { .. }));
     }
 
     #[test]
     fn a_batch_with_a_refused_call_is_answered_whole() {
         let f = only(&["echo"], None);
-        let batch = serde_json::to_vec(&json!([
+        let batch = json!([
             {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
             {"jsonrpc": "2.0", "method": "notifications/initialized"},
             {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "sleep"}},
-        ]))
-        .unwrap();
-        let Verdict::Refuse { answer, .. } = f.inspect(&batch) else {
+        ]);
+        let Verdict::Refuse { answer, .. } = f.inspect(Some(&batch)) else {
             panic!("batch forwarded");
         };
         let ids: Vec<&Value> = answer

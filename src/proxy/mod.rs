@@ -48,6 +48,7 @@ use self::{
     sessions::{Sessions, valid_session_id},
 };
 use crate::{
+    audit::{self, Audit},
     auth::{Admission, AuthError, Gate, principal::Access, quota::Slot},
     mcp,
     metrics::UpstreamErrorKind,
@@ -104,6 +105,8 @@ pub struct Proxy {
     config: ProxyConfig,
     /// Who may call which tool; `None` admits everyone (as `[auth] mcp = "off"` does).
     gate: Option<Arc<Gate>>,
+    /// Where each request is recorded; `None`: nowhere.
+    audit: Option<Arc<Audit>>,
 }
 
 const MCP_SESSION_ID: HeaderName = mcp::SESSION_ID;
@@ -169,12 +172,19 @@ impl Proxy {
             client,
             config,
             gate: None,
+            audit: None,
         }
     }
 
     /// Puts `/mcp` behind `gate`: every request is authenticated and admitted before routing.
     pub fn with_gate(mut self, gate: Arc<Gate>) -> Proxy {
         self.gate = Some(gate);
+        self
+    }
+
+    /// Records every request in `audit`.
+    pub fn with_audit(mut self, audit: Arc<Audit>) -> Proxy {
+        self.audit = Some(audit);
         self
     }
 
@@ -191,13 +201,13 @@ impl Proxy {
             || !tracing::enabled!(target: "switchboard::access", tracing::Level::INFO)
             || (rate < 1.0 && fastrand::f64() >= rate)
         {
-            return self.route(req, client, &mut None).await;
+            return self.route(req, client, &mut Seen::default()).await;
         }
         let started = std::time::Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let mut deployment = None;
-        let resp = self.route(req, client, &mut deployment).await;
+        let mut seen = Seen::default();
+        let resp = self.route(req, client, &mut seen).await;
         tracing::info!(
             target: "switchboard::access",
             request_id = resp
@@ -207,7 +217,10 @@ impl Proxy {
                 .unwrap_or("-"),
             %method,
             path,
-            deployment = deployment.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
+            deployment = seen
+                .deployment
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "-".into()),
             status = resp.status().as_u16(),
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
             "proxied"
@@ -216,33 +229,70 @@ impl Proxy {
     }
 
     /// The one place a [`ProxyError`] becomes the client's answer.
-    async fn route(
-        &self,
-        req: Request,
-        client: Option<SocketAddr>,
-        chosen: &mut Option<uuid::Uuid>,
-    ) -> Response {
-        self.try_route(req, client, chosen)
-            .await
-            .unwrap_or_else(ProxyError::into_response)
+    async fn route(&self, req: Request, client: Option<SocketAddr>, seen: &mut Seen) -> Response {
+        let Some(audit) = &self.audit else {
+            return self
+                .try_route(req, client, seen)
+                .await
+                .unwrap_or_else(ProxyError::into_response);
+        };
+        let started = std::time::Instant::now();
+        let time = chrono::Utc::now();
+        let http_method = req.method().to_string();
+        let tool = slug_of(req.uri().path()).to_owned();
+        let mut upstream_failed = false;
+        let resp = match self.try_route(req, client, seen).await {
+            Ok(r) => r,
+            Err(e) => {
+                match &e {
+                    ProxyError::Auth { error, .. } => {
+                        seen.denied = true;
+                        if seen.principal.is_none() {
+                            seen.principal = refused_principal(error).map(str::to_owned);
+                        }
+                    }
+                    ProxyError::ToolNotAllowed(_) => seen.denied = true,
+                    e => upstream_failed = e.source() == Source::Upstream,
+                }
+                e.into_response()
+            }
+        };
+        let outcome = if seen.denied {
+            audit::Outcome::Denied
+        } else if upstream_failed || resp.status().is_server_error() {
+            audit::Outcome::UpstreamError
+        } else {
+            audit::Outcome::Allowed
+        };
+        audit.record(audit::Record {
+            time,
+            principal: seen.principal.take(),
+            tool,
+            http_method,
+            method: seen.method.take(),
+            mcp_tool: seen.mcp_tool.take(),
+            outcome,
+            status: resp.status().as_u16(),
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            arguments: seen.arguments.take(),
+        });
+        resp
     }
 
     async fn try_route(
         &self,
         req: Request,
         client: Option<SocketAddr>,
-        chosen: &mut Option<uuid::Uuid>,
+        seen: &mut Seen,
     ) -> Result<Response, ProxyError> {
         let (parts, body) = req.into_parts();
         // A cheap (reference-counted) copy, so the slug and rest can borrow from it while
         // `parts` is rewritten for the upstream.
         let uri = parts.uri.clone();
         let path = uri.path();
-        let after = &path["/mcp/".len().min(path.len())..];
-        let (slug, mut rest) = match after.find('/') {
-            Some(i) => (&after[..i], Some(&after[i..])),
-            None => (after, None),
-        };
+        let slug = slug_of(path);
+        let tail = &path[("/mcp/".len() + slug.len()).min(path.len())..];
+        let mut rest = (!tail.is_empty()).then_some(tail);
         // `/mcp/{slug}/@{deployment}[/{rest}]`: one deployment's own address, through the
         // proxy (its record's `endpoint_url`).
         let mut pinned = None;
@@ -332,9 +382,14 @@ impl Proxy {
             // Switchboard's own and must not be reachable by MCP clients.
             return Err(ProxyError::StdioSubPath(slug.to_owned()));
         }
-        *chosen = Some(backend.deployment);
-        self.forward(parts, body, slug, rest, session, backend, client, admission)
-            .await
+        seen.deployment = Some(backend.deployment);
+        if self.audit.is_some() {
+            seen.principal = admission.as_ref().map(|a| a.principal.id.clone());
+        }
+        self.forward(
+            parts, body, slug, rest, session, backend, client, admission, seen,
+        )
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -348,6 +403,7 @@ impl Proxy {
         backend: Arc<Backend>,
         client: Option<SocketAddr>,
         admission: Option<Admission>,
+        seen: &mut Seen,
     ) -> Result<Response, ProxyError> {
         if let Some(len) = parts
             .headers
@@ -371,13 +427,40 @@ impl Proxy {
         .map(Arc::new);
         let mut body = body;
         let mut list_ids = Vec::new();
-        if let Some(f) = &filter
-            && parts.method == Method::POST
-        {
+        let is_post = parts.method == Method::POST;
+        let audit = self.audit.is_some();
+        // The audit trail takes a modern request's method and tool from its routing headers
+        // (which the server checks against the body) and reads the body only without them.
+        let audit_body = audit
+            && is_post
+            && (backend.audit_arguments || !parts.headers.contains_key(mcp::METHOD));
+        if audit && is_post && !audit_body {
+            let header = |n: &HeaderName| {
+                parts
+                    .headers
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            seen.method = header(&mcp::METHOD);
+            if seen.method.as_deref() == Some("tools/call") {
+                seen.mcp_tool = header(&mcp::NAME);
+            }
+        }
+        if is_post && (filter.is_some() || audit_body) {
             let bytes = self.read_body(body).await?;
-            match f.inspect(&bytes) {
+            let msg = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
+            if audit && let Some(m) = &msg {
+                seen.note(m, backend.audit_arguments);
+            }
+            let verdict = match &filter {
+                Some(f) => f.inspect(msg.as_ref()),
+                None => Verdict::Forward { list_ids: vec![] },
+            };
+            match verdict {
                 Verdict::Forward { list_ids: ids } => list_ids = ids,
                 Verdict::Refuse { answer, .. } => {
+                    seen.denied = true;
                     // The 2024-11-05 transport answers on its GET stream, not this POST.
                     if !parts.headers.contains_key(MCP_SESSION_ID)
                         && legacy_session_param(&parts.uri).is_some()
@@ -653,6 +736,59 @@ impl Proxy {
             ProxyError::UpstreamFailed {
                 deployment: backend.deployment,
                 source: e,
+            }
+        }
+    }
+}
+
+/// The principal a refusal names, when the credential was valid enough to name one.
+fn refused_principal(e: &AuthError) -> Option<&str> {
+    match e {
+        AuthError::Forbidden { principal, .. } => Some(principal),
+        AuthError::Expired { id } | AuthError::Revoked { id } => Some(id),
+        _ => None,
+    }
+}
+
+/// The slug of a `/mcp/{slug}[/...]` path.
+fn slug_of(path: &str) -> &str {
+    let after = &path["/mcp/".len().min(path.len())..];
+    after.split('/').next().unwrap_or(after)
+}
+
+/// What the proxy learnt about a request on its way, for the access log and the audit trail.
+#[derive(Debug, Default)]
+pub struct Seen {
+    deployment: Option<uuid::Uuid>,
+    principal: Option<String>,
+    method: Option<String>,
+    mcp_tool: Option<String>,
+    arguments: Option<serde_json::Value>,
+    /// Refused by Switchboard (the gate or the tool filter).
+    denied: bool,
+}
+
+impl Seen {
+    /// Notes the JSON-RPC method (and the MCP tool of a `tools/call`, with its arguments when
+    /// the tool opts in) of a POST body.
+    fn note(&mut self, msg: &serde_json::Value, arguments: bool) {
+        if msg.is_array() {
+            self.method = Some("batch".to_owned());
+            return;
+        }
+        let Some(m) = mcp::jsonrpc::Message::parse(msg) else {
+            return;
+        };
+        self.method = m.method().map(str::to_owned);
+        if let mcp::jsonrpc::Message::Request {
+            method: "tools/call",
+            params: Some(p),
+            ..
+        } = m
+        {
+            self.mcp_tool = p.get("name").and_then(|n| n.as_str()).map(str::to_owned);
+            if arguments {
+                self.arguments = p.get("arguments").cloned();
             }
         }
     }

@@ -46,6 +46,8 @@ pub struct Backend {
     pub forward_credentials: bool,
     /// The tool's `expose_tools`: the only MCP tools any client sees and may call.
     pub expose_tools: Option<Arc<[String]>>,
+    /// The tool's `audit_arguments`: audit records carry `tools/call` arguments.
+    pub audit_arguments: bool,
 }
 
 /// Consecutive failures (connect errors, timeouts, 5xx) that take a backend out of balancing.
@@ -140,6 +142,7 @@ impl Backend {
             call_timeout: None,
             forward_credentials: false,
             expose_tools: None,
+            audit_arguments: false,
         })
     }
 
@@ -150,6 +153,11 @@ impl Backend {
 
     pub fn with_expose_tools(mut self, names: Option<&[String]>) -> Backend {
         self.expose_tools = names.map(Arc::from);
+        self
+    }
+
+    pub fn with_audit_arguments(mut self, audit: bool) -> Backend {
+        self.audit_arguments = audit;
         self
     }
 
