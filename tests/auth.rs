@@ -1032,3 +1032,86 @@ async fn a_tool_with_audit_arguments_has_its_call_arguments_recorded() {
     }
     app.stop().await;
 }
+
+/// Opens a legacy session at `url` with `key`; returns its id.
+async fn keyed_session(url: &str, key: &str) -> String {
+    let auth = format!("Bearer {key}");
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "t", "version": "0"}}});
+    let (st, h, msg) = common::mcp_rpc(url, &init, &[("authorization", &auth)]).await;
+    assert_eq!(st, StatusCode::OK, "{msg:?}");
+    let sid = h["mcp-session-id"].to_str().unwrap().to_owned();
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let (st, _, _) = common::mcp_rpc(
+        url,
+        &note,
+        &[
+            ("authorization", &auth),
+            ("mcp-session-id", &sid),
+            ("mcp-protocol-version", "2025-11-25"),
+        ],
+    )
+    .await;
+    assert!(st.is_success(), "{st}");
+    sid
+}
+
+/// `echo` in a session with a key: the status and the error code (if any).
+async fn echo_in(url: &str, key: &str, sid: &str) -> (StatusCode, Option<Value>) {
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": "mine"}}});
+    let auth = format!("Bearer {key}");
+    let (st, _, msg) = common::mcp_rpc(
+        url,
+        &call,
+        &[
+            ("authorization", &auth),
+            ("mcp-session-id", sid),
+            ("mcp-protocol-version", "2025-11-25"),
+        ],
+    )
+    .await;
+    (st, msg)
+}
+
+#[tokio::test]
+async fn a_session_id_from_one_key_is_404_for_another() {
+    let app = secured(&["t"]).await;
+    // And a stdio tool, whose bridge mints the ids.
+    let (st, v) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(
+                json!({"slug": "s", "command": common::test_server_bin(), "args": ["--stdio"],
+                "transport": "stdio", "startup_timeout_ms": 15000, "stop_grace_period_ms": 3000}),
+            ),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    app.deploy_wait("s").await;
+    let (_, a) = make_key(&app, json!({"name": "a", "tools": ["t", "s"]})).await;
+    let (_, b) = make_key(&app, json!({"name": "b", "tools": ["t", "s"]})).await;
+    for slug in ["t", "s"] {
+        let url = format!("{}/mcp/{slug}", app.url);
+        let sid = keyed_session(&url, &a).await;
+        let (st, msg) = echo_in(&url, &b, &sid).await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{slug}: {msg:?}");
+        let st = client()
+            .get(&url)
+            .bearer_auth(&b)
+            .header("accept", "text/event-stream")
+            .header("mcp-session-id", &sid)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(st, StatusCode::NOT_FOUND, "{slug}: B's GET stream");
+        // A's session is untouched by B's attempts.
+        let (st, msg) = echo_in(&url, &a, &sid).await;
+        assert_eq!(st, StatusCode::OK, "{slug}: {msg:?}");
+        assert!(msg.unwrap().to_string().contains("mine"));
+    }
+    app.stop().await;
+}

@@ -45,7 +45,7 @@ use self::{
     error::{ProxyError, Source},
     filter::{Matcher, ToolFilter, ToolsListFilter, Verdict},
     routes::{Backend, InFlight, RouteTable},
-    sessions::{Sessions, valid_session_id},
+    sessions::{Lookup, Sessions, valid_session_id},
 };
 use crate::{
     audit::{self, Audit},
@@ -337,6 +337,7 @@ impl Proxy {
             Some(v) => v.to_str().ok().map(str::to_owned),
             None => legacy_session_param(&uri),
         };
+        let principal = admission.as_ref().map(|a| a.principal.id.as_str());
         let backend = match (pinned, &session) {
             (Some(id), session) => {
                 let not_serving = || ProxyError::DeploymentNotServing {
@@ -346,26 +347,31 @@ impl Proxy {
                 let id = uuid::Uuid::parse_str(id).map_err(|_| not_serving())?;
                 let backend = tool.find(id).cloned().ok_or_else(not_serving)?;
                 // A session lives on the deployment that minted it, pinned or not.
-                if let Some(sid) = session
-                    && self.sessions.get(slug, sid).is_some_and(|d| d != id)
-                {
-                    return Err(ProxyError::SessionNotFound);
+                if let Some(sid) = session {
+                    match self.sessions.get(slug, sid, principal) {
+                        Lookup::Found(d) if d != id => return Err(ProxyError::SessionNotFound),
+                        Lookup::OtherPrincipal => return Err(ProxyError::SessionNotFound),
+                        _ => {}
+                    }
                 }
                 backend
             }
-            (None, Some(id)) => match self
-                .sessions
-                .get(slug, id)
-                .and_then(|d| tool.find(d).cloned())
-            {
-                Some(b) => b,
+            (None, Some(id)) => match self.sessions.get(slug, id, principal) {
+                Lookup::Found(d) => tool.find(d).cloned().ok_or(ProxyError::SessionNotFound)?,
                 // A stdio bridge keeps its sessions when Switchboard restarts (it is adopted)
                 // but this table does not: with one bridge, it is the only one that can own
-                // the session, and it answers 404 itself when it does not.
-                None if tool.backends.len() == 1 && tool.backends[0].is_stdio_bridge() => {
+                // the session, and it answers 404 itself when it does not. Not with client
+                // keys: who opened the session is not known, so it cannot be checked.
+                Lookup::Unknown
+                    if admission.is_none()
+                        && tool.backends.len() == 1
+                        && tool.backends[0].is_stdio_bridge() =>
+                {
                     Arc::clone(&tool.backends[0])
                 }
-                None => return Err(ProxyError::SessionNotFound),
+                Lookup::Unknown | Lookup::OtherPrincipal => {
+                    return Err(ProxyError::SessionNotFound);
+                }
             },
             (None, None) => match tool.pick() {
                 Some(b) => Arc::clone(b),
@@ -628,7 +634,12 @@ impl Proxy {
                     .and_then(|v| v.to_str().ok())
                     && valid_session_id(minted.as_bytes())
                 {
-                    self.sessions.insert(slug, minted, backend.deployment);
+                    self.sessions.insert(
+                        slug,
+                        minted,
+                        backend.deployment,
+                        admission.as_ref().map(|a| a.principal.id.as_str()),
+                    );
                 }
             }
             Some(id) => {
@@ -648,6 +659,7 @@ impl Proxy {
         if is_sse {
             in_flight.mark_stream();
         }
+        let owner = admission.as_ref().map(|a| a.principal.id.clone());
         let body = Tracked {
             inner: rbody,
             _in_flight: in_flight,
@@ -664,7 +676,7 @@ impl Proxy {
             Body::new(sse::EndpointRewrite::new(
                 body,
                 prefix,
-                Box::new(move |sid| sessions.insert(&slug, sid, dep)),
+                Box::new(move |sid| sessions.insert(&slug, sid, dep, owner.as_deref())),
             ))
         } else {
             Body::new(body)
