@@ -285,6 +285,28 @@ async fn proxied(app: &TestApp, slug: &str) -> u64 {
         .sum()
 }
 
+/// The official Python SDK calls `echo` with `text` (with `bearer` when given); asserts the
+/// reply carries the text and returns the client's output.
+async fn sdk_echo(bearer: Option<&str>, url: &str, era: &str, text: &str) -> Value {
+    let args = json!({ "text": text }).to_string();
+    let called = mcp_client_as(
+        bearer,
+        &[
+            "--url",
+            url,
+            "--era",
+            era,
+            "call-tool",
+            "echo",
+            "--args",
+            &args,
+        ],
+    )
+    .await;
+    assert!(called["result"].to_string().contains(text), "{called}");
+    called
+}
+
 /// The official Python SDK's `call-tool`, expected to fail; returns its stderr.
 async fn refused_call(bearer: Option<&str>, url: &str, era: &str, tool: &str) -> String {
     let out = mcp_client_output(
@@ -327,21 +349,7 @@ async fn a_key_granted_one_mcp_tool_lists_and_calls_only_it_in_both_eras() {
             "{era}: {all:?}"
         );
 
-        let called = mcp_client_as(
-            Some(&key),
-            &[
-                "--url",
-                &url,
-                "--era",
-                era,
-                "call-tool",
-                "echo",
-                "--args",
-                r#"{"text":"hi"}"#,
-            ],
-        )
-        .await;
-        assert!(called["result"].to_string().contains("hi"), "{called}");
+        sdk_echo(Some(&key), &url, era, "hi").await;
         let stderr = refused_call(Some(&key), &url, era, "sleep").await;
         assert!(stderr.contains("lacks access"), "{era}: {stderr}");
     }
@@ -360,19 +368,12 @@ async fn a_filtered_tools_list_over_sse_and_a_refused_call_are_json_rpc() {
     .await;
     let url = format!("{}/mcp/t", app.url);
     let auth = format!("Bearer {key}");
-    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {},
-        "clientInfo": {"name": "t", "version": "0"}}});
-    let (st, h, _) = common::mcp_rpc(&url, &init, &[("authorization", &auth)]).await;
-    assert_eq!(st, StatusCode::OK);
-    let sid = h["mcp-session-id"].to_str().unwrap().to_owned();
+    let sid = keyed_session(&url, &key).await;
     let session = [
         ("authorization", auth.as_str()),
         ("mcp-session-id", sid.as_str()),
         ("mcp-protocol-version", "2025-11-25"),
     ];
-    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-    common::mcp_rpc(&url, &note, &session).await;
 
     let list = json!({"jsonrpc": "2.0", "id": "L", "method": "tools/list"});
     let mut req = client()
@@ -480,21 +481,7 @@ async fn the_python_sdk_lists_and_calls_tools_with_a_key_and_fails_without() {
                 .any(|t| t == "echo"),
             "{listed}"
         );
-        let called = mcp_client_as(
-            Some(&key),
-            &[
-                "--url",
-                &url,
-                "--era",
-                era,
-                "call-tool",
-                "echo",
-                "--args",
-                r#"{"text":"hi"}"#,
-            ],
-        )
-        .await;
-        assert!(called["result"].to_string().contains("hi"), "{called}");
+        sdk_echo(Some(&key), &url, era, "hi").await;
     }
     // Without the key the SDK fails (it reports only "an error response"): the gate counted
     // its request as one without a credential.
@@ -905,23 +892,8 @@ async fn audit_records_match_the_calls_made_without_argument_values() {
     let (id, key) = make_key(&app, json!({"name": "echo-only", "tools": ["t/echo"]})).await;
     let url = format!("{}/mcp/t", app.url);
     let secret = "argument-value-4711";
-    let echo_args = format!(r#"{{"text":"{secret}"}}"#);
     for era in ["legacy", "modern"] {
-        let called = mcp_client_as(
-            Some(&key),
-            &[
-                "--url",
-                &url,
-                "--era",
-                era,
-                "call-tool",
-                "echo",
-                "--args",
-                &echo_args,
-            ],
-        )
-        .await;
-        assert!(called["result"].to_string().contains(secret), "{called}");
+        sdk_echo(Some(&key), &url, era, secret).await;
         refused_call(Some(&key), &url, era, "sleep").await;
     }
     // Without a key: denied, and nobody to name.
@@ -1006,20 +978,7 @@ async fn a_tool_with_audit_arguments_has_its_call_arguments_recorded() {
     app.deploy_wait("a").await;
     let url = format!("{}/mcp/a", app.url);
     for era in ["legacy", "modern"] {
-        mcp_client_as(
-            None,
-            &[
-                "--url",
-                &url,
-                "--era",
-                era,
-                "call-tool",
-                "echo",
-                "--args",
-                r#"{"text":"kept"}"#,
-            ],
-        )
-        .await;
+        sdk_echo(None, &url, era, "kept").await;
     }
     let records = audit_until(&app, "?tool=a", |rs| {
         rs.iter().filter(|r| r["method"] == "tools/call").count() >= 2
