@@ -1074,3 +1074,77 @@ async fn a_session_id_from_one_key_is_404_for_another() {
     }
     app.stop().await;
 }
+
+/// The pid of the stdio server process that answered a modern `whoami` with `key`, with extra
+/// headers.
+async fn whoami_pid(url: &str, key: &str, extra: &[(&str, &str)]) -> u64 {
+    let call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": "whoami", "arguments": {}, "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}}}});
+    let auth = format!("Bearer {key}");
+    let mut headers = vec![
+        ("authorization", auth.as_str()),
+        ("mcp-protocol-version", "2026-07-28"),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "whoami"),
+    ];
+    headers.extend_from_slice(extra);
+    let (st, _, msg) = common::mcp_rpc(url, &call, &headers).await;
+    assert_eq!(st, StatusCode::OK, "{msg:?}");
+    let msg = msg.unwrap();
+    let text = msg["result"]["content"][0]["text"].as_str().unwrap();
+    let who: Value = serde_json::from_str(text).unwrap();
+    who["pid"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn each_key_gets_stdio_processes_of_its_own_and_cannot_claim_another() {
+    let app = secured(&[]).await;
+    let (st, v) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(
+                json!({"slug": "s", "command": common::test_server_bin(), "args": ["--stdio"],
+                "transport": "stdio", "startup_timeout_ms": 15000, "stop_grace_period_ms": 3000}),
+            ),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    app.deploy_wait("s").await;
+    let (a_id, a) = make_key(&app, json!({"name": "a", "tools": ["s"]})).await;
+    let (_, b) = make_key(&app, json!({"name": "b", "tools": ["s"]})).await;
+    let url = format!("{}/mcp/s", app.url);
+    let a_pid = whoami_pid(&url, &a, &[]).await;
+    let b_pid = whoami_pid(&url, &b, &[]).await;
+    assert_ne!(a_pid, b_pid, "two keys shared a stdio process");
+    // A's next request stays on its own process (it is idle), and B cannot name itself A.
+    assert_eq!(whoami_pid(&url, &a, &[]).await, a_pid);
+    let forged = whoami_pid(&url, &b, &[("x-switchboard-principal", &a_id)]).await;
+    assert_ne!(forged, a_pid, "a client chose whose process it runs on");
+
+    // A principal's processes go once idle for the tool's stdio.session_idle_ms.
+    let (st, v) = app
+        .call(
+            "POST",
+            "/api/v1/tools",
+            Some(
+                json!({"slug": "r", "command": common::test_server_bin(), "args": ["--stdio"],
+                "transport": "stdio", "startup_timeout_ms": 15000, "stop_grace_period_ms": 3000,
+                "stdio": {"session_idle_ms": 1000}}),
+            ),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    app.deploy_wait("r").await;
+    let (_, c) = make_key(&app, json!({"name": "c", "tools": ["r"]})).await;
+    let r_url = format!("{}/mcp/r", app.url);
+    let pid = whoami_pid(&r_url, &c, &[]).await;
+    eventually(Duration::from_secs(20), || async {
+        !common::alive(pid as u32)
+    })
+    .await;
+    assert_ne!(whoami_pid(&r_url, &c, &[]).await, pid);
+    app.stop().await;
+}

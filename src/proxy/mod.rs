@@ -509,6 +509,14 @@ impl Proxy {
         let host_seen = original_host.clone();
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
+        // Only the proxy says who is calling a stdio bridge; a client cannot.
+        h.remove(&crate::stdio::PRINCIPAL);
+        if backend.is_stdio_bridge()
+            && let Some(a) = &admission
+            && let Ok(v) = HeaderValue::from_str(&a.principal.id)
+        {
+            h.insert(crate::stdio::PRINCIPAL, v);
+        }
         if admission.is_some() && !backend.forward_credentials {
             // The credential is Switchboard's, not the server's: it leaves here only for a
             // tool that asked for it.

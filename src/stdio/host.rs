@@ -92,6 +92,10 @@ struct State {
     /// Spares being started outside the lock, so concurrent opens start only what is missing.
     spares_starting: usize,
     sessions: HashMap<String, Arc<Session>>,
+    /// Modern requests' pools of each principal the proxy named (`pool` serves requests that
+    /// name none, i.e. auth off): up to `pool_size` processes each, started on demand, so no
+    /// process sees two principals' requests. Reaped with idle sessions.
+    principal_pools: HashMap<String, Vec<Arc<Child>>>,
     /// Sessions being opened (a place reserved, not yet registered), counted against the cap.
     opening: usize,
     /// When recent health children died (the window is [`DEATH_WINDOW`]).
@@ -130,6 +134,7 @@ impl State {
         }
         all.extend(self.spares.iter().cloned());
         all.extend(self.sessions.values().map(|s| Arc::clone(&s.child)));
+        all.extend(self.principal_pools.values().flatten().cloned());
         all
     }
 }
@@ -487,6 +492,50 @@ impl Host {
             .ok_or(HostError::NotReady)
     }
 
+    /// The child of `principal`'s own pool with the fewest requests in flight; a new one when
+    /// all are busy and the pool is below `pool_size` (or it has none alive). A principal
+    /// beyond `max_sessions` pools is refused.
+    pub fn principal_child(&self, principal: &str) -> Result<Arc<Child>, HostError> {
+        let pick = |s: &mut State| -> Option<Arc<Child>> {
+            let pool = s.principal_pools.get_mut(principal)?;
+            pool.retain(|c| c.alive());
+            let best = pool.iter().min_by_key(|c| c.in_flight())?;
+            (best.in_flight() == 0 || pool.len() >= self.config.pool_size.max(1))
+                .then(|| Arc::clone(best))
+        };
+        {
+            let mut s = self.state();
+            if s.stopped {
+                return Err(HostError::Stopping);
+            }
+            if !s.principal_pools.contains_key(principal)
+                && s.principal_pools.len() >= self.config.max_sessions
+            {
+                return Err(HostError::TooManySessions(self.config.max_sessions));
+            }
+            if let Some(c) = pick(&mut s) {
+                return Ok(c);
+            }
+        }
+        let fresh = self.spawn(IdMode::Shared)?;
+        let mut placed = false;
+        let mut other = None;
+        self.commit(&fresh, |s| {
+            let pool = s.principal_pools.entry(principal.to_owned()).or_default();
+            if pool.len() < self.config.pool_size.max(1) {
+                pool.push(Arc::clone(&fresh));
+                placed = true;
+            } else {
+                other = pick(s);
+            }
+        });
+        if placed {
+            return Ok(fresh);
+        }
+        self.discard(fresh);
+        other.ok_or(HostError::Stopping)
+    }
+
     /// A child for a new legacy session: a spare if one is ready, else a new one; spares are
     /// then started for the sessions after this one. The place under the cap is reserved
     /// here (see [`SessionSlot`]) and becomes the session in `register`.
@@ -618,6 +667,27 @@ impl Host {
             tracing::info!(session = %s.id, "Closing an idle MCP session");
             self.discard(Arc::clone(&s.child));
         }
+        // A principal's pool goes when none of its processes has had a request for the idle
+        // time; its next request starts a new one.
+        let idle_pools: Vec<Arc<Child>> = {
+            let mut s = self.state();
+            let gone: Vec<String> = s
+                .principal_pools
+                .iter()
+                .filter(|(_, pool)| {
+                    pool.iter()
+                        .all(|c| c.idle_for() >= idle && c.in_flight() == 0)
+                })
+                .map(|(p, _)| p.clone())
+                .collect();
+            gone.iter()
+                .filter_map(|p| s.principal_pools.remove(p))
+                .flatten()
+                .collect()
+        };
+        for c in idle_pools {
+            self.discard(c);
+        }
         stale.len()
     }
 
@@ -639,6 +709,7 @@ impl Host {
             let all = s.children();
             s.sessions.clear();
             s.pool.clear();
+            s.principal_pools.clear();
             s.health = None;
             s.spares.clear();
             all

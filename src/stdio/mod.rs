@@ -286,6 +286,10 @@ pub async fn serve(
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
 const SESSION: http::HeaderName = mcp::SESSION_ID;
+/// The principal a request comes from, set by Switchboard's proxy on requests to a bridge
+/// (and removed from every request a client sends), so the bridge keeps principals' modern
+/// requests on separate processes.
+pub const PRINCIPAL: http::HeaderName = http::HeaderName::from_static("x-switchboard-principal");
 
 fn jsonrpc_error(status: StatusCode, code: i64, message: impl Into<String>) -> Response {
     let body =
@@ -482,7 +486,10 @@ async fn post(State(host): State<Arc<Host>>, headers: HeaderMap, body: Bytes) ->
             );
             return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
         }
-        let child = match host.pool_child() {
+        // The proxy names the principal (and removes the header from what clients send):
+        // each gets processes of its own.
+        let principal = headers.get(PRINCIPAL).and_then(|v| v.to_str().ok());
+        let child = match principal.map_or_else(|| host.pool_child(), |p| host.principal_child(p)) {
             Ok(c) => c,
             Err(e) => {
                 return jsonrpc_error(
