@@ -992,6 +992,17 @@ async fn a_tool_with_audit_arguments_has_its_call_arguments_recorded() {
     app.stop().await;
 }
 
+/// Registers the test server as stdio tool `slug` (with `extra` settings) and deploys it.
+async fn deploy_stdio_test_server(app: &TestApp, slug: &str, extra: Value) {
+    let mut spec = json!({"slug": slug, "command": common::test_server_bin(), "args": ["--stdio"],
+        "transport": "stdio", "startup_timeout_ms": 15000, "stop_grace_period_ms": 3000});
+    if let (Value::Object(s), Value::Object(e)) = (&mut spec, extra) {
+        s.extend(e);
+    }
+    app.add_tool(spec).await;
+    app.deploy_wait(slug).await;
+}
+
 /// Opens a legacy session at `url` with `key`; returns its id.
 async fn keyed_session(url: &str, key: &str) -> String {
     let auth = format!("Bearer {key}");
@@ -1038,18 +1049,7 @@ async fn echo_in(url: &str, key: &str, sid: &str) -> (StatusCode, Option<Value>)
 async fn a_session_id_from_one_key_is_404_for_another() {
     let app = secured(&["t"]).await;
     // And a stdio tool, whose bridge mints the ids.
-    let (st, v) = app
-        .call(
-            "POST",
-            "/api/v1/tools",
-            Some(
-                json!({"slug": "s", "command": common::test_server_bin(), "args": ["--stdio"],
-                "transport": "stdio", "startup_timeout_ms": 15000, "stop_grace_period_ms": 3000}),
-            ),
-        )
-        .await;
-    assert_eq!(st, StatusCode::CREATED, "{v}");
-    app.deploy_wait("s").await;
+    deploy_stdio_test_server(&app, "s", json!({})).await;
     let (_, a) = make_key(&app, json!({"name": "a", "tools": ["t", "s"]})).await;
     let (_, b) = make_key(&app, json!({"name": "b", "tools": ["t", "s"]})).await;
     for slug in ["t", "s"] {
@@ -1101,18 +1101,7 @@ async fn whoami_pid(url: &str, key: &str, extra: &[(&str, &str)]) -> u64 {
 #[tokio::test]
 async fn each_key_gets_stdio_processes_of_its_own_and_cannot_claim_another() {
     let app = secured(&[]).await;
-    let (st, v) = app
-        .call(
-            "POST",
-            "/api/v1/tools",
-            Some(
-                json!({"slug": "s", "command": common::test_server_bin(), "args": ["--stdio"],
-                "transport": "stdio", "startup_timeout_ms": 15000, "stop_grace_period_ms": 3000}),
-            ),
-        )
-        .await;
-    assert_eq!(st, StatusCode::CREATED, "{v}");
-    app.deploy_wait("s").await;
+    deploy_stdio_test_server(&app, "s", json!({})).await;
     let (a_id, a) = make_key(&app, json!({"name": "a", "tools": ["s"]})).await;
     let (_, b) = make_key(&app, json!({"name": "b", "tools": ["s"]})).await;
     let url = format!("{}/mcp/s", app.url);
@@ -1125,19 +1114,7 @@ async fn each_key_gets_stdio_processes_of_its_own_and_cannot_claim_another() {
     assert_ne!(forged, a_pid, "a client chose whose process it runs on");
 
     // A principal's processes go once idle for the tool's stdio.session_idle_ms.
-    let (st, v) = app
-        .call(
-            "POST",
-            "/api/v1/tools",
-            Some(
-                json!({"slug": "r", "command": common::test_server_bin(), "args": ["--stdio"],
-                "transport": "stdio", "startup_timeout_ms": 15000, "stop_grace_period_ms": 3000,
-                "stdio": {"session_idle_ms": 1000}}),
-            ),
-        )
-        .await;
-    assert_eq!(st, StatusCode::CREATED, "{v}");
-    app.deploy_wait("r").await;
+    deploy_stdio_test_server(&app, "r", json!({"stdio": {"session_idle_ms": 1000}})).await;
     let (_, c) = make_key(&app, json!({"name": "c", "tools": ["r"]})).await;
     let r_url = format!("{}/mcp/r", app.url);
     let pid = whoami_pid(&r_url, &c, &[]).await;
