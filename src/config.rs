@@ -58,6 +58,13 @@ pub enum ConfigError {
     McpAuthRequired(SocketAddr),
     #[error(transparent)]
     SecretKey(#[from] KeyError),
+    #[error(transparent)]
+    OAuth(#[from] crate::auth::oauth::OAuthConfigError),
+    #[error(
+        "[auth.oauth] names an authorization server but [auth] mcp = \"off\": remove one of the \
+         two (tokens are checked only when /mcp requires authentication)"
+    )]
+    OAuthWithAuthOff,
 }
 
 /// The file's shape.
@@ -96,6 +103,8 @@ pub struct AuthSection {
     /// Lets `mcp = "off"` serve a non-loopback address (something in front authenticates).
     #[serde(default)]
     pub allow_unauthenticated_mcp: bool,
+    /// `[auth.oauth]`: also accept access tokens from this authorization server.
+    pub oauth: Option<crate::auth::oauth::OAuthConfig>,
 }
 
 /// `[secrets]`: the key that encrypts tools' `secret_env` values in the store.
@@ -340,6 +349,8 @@ pub struct Config {
     /// Where the key for `secret_env` values at rest comes from.
     pub secret_key: KeySource,
     pub docker: DockerConfig,
+    /// `[auth.oauth]`: the authorization server whose access tokens `/mcp` accepts.
+    pub oauth: Option<crate::auth::oauth::OAuthConfig>,
 }
 
 /// One per CPU this process may use (tokio's own default).
@@ -501,11 +512,21 @@ impl Config {
         if !listen.ip().is_loopback() && api_token.is_none() {
             return Err(ConfigError::TokenRequired(listen));
         }
-        let mcp_auth = file.auth.mcp.unwrap_or(if listen.ip().is_loopback() {
-            McpAuth::Off
-        } else {
-            McpAuth::Required
-        });
+        // Naming an authorization server asks for authentication, on loopback too.
+        let mcp_auth =
+            file.auth
+                .mcp
+                .unwrap_or(if listen.ip().is_loopback() && file.auth.oauth.is_none() {
+                    McpAuth::Off
+                } else {
+                    McpAuth::Required
+                });
+        if let Some(oauth) = &file.auth.oauth {
+            oauth.validate()?;
+            if mcp_auth == McpAuth::Off {
+                return Err(ConfigError::OAuthWithAuthOff);
+            }
+        }
         if mcp_auth == McpAuth::Off
             && !listen.ip().is_loopback()
             && !file.auth.allow_unauthenticated_mcp
@@ -583,6 +604,7 @@ impl Config {
             launcher: None,
             mcp_auth,
             secret_key,
+            oauth: file.auth.oauth,
         })
     }
 }
@@ -845,6 +867,45 @@ mod tests {
         ));
         let e = load(None, Some("hunter2")).unwrap_err().to_string();
         assert!(e.contains(KEY_ENV) && !e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn an_oauth_issuer_turns_mcp_auth_on_and_must_be_https_or_loopback() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |listen: &str, text: &str| {
+            Config::load(Overrides {
+                config: Some(write(dir.path(), text)),
+                listen: Some(listen.parse().unwrap()),
+                api_token: Some("t".into()),
+                ..Default::default()
+            })
+        };
+        let c = load(
+            "127.0.0.1:7300",
+            "[auth.oauth]\nissuer = \"https://auth.example.com\"\naudience = \"a\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.mcp_auth, McpAuth::Required);
+        assert_eq!(c.oauth.unwrap().audience.as_deref(), Some("a"));
+        let e = load(
+            "127.0.0.1:7300",
+            "[auth]\nmcp = \"off\"\n[auth.oauth]\nissuer = \"https://a.example\"\n",
+        )
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::OAuthWithAuthOff), "{e}");
+        let e = load(
+            "127.0.0.1:7300",
+            "[auth.oauth]\nissuer = \"http://auth.example.com\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("must be https"), "{e}");
+        assert!(
+            load(
+                "127.0.0.1:7300",
+                "[auth.oauth]\nissuer = \"https://a\"\nx = 1\n"
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use crate::{
     api::{self, ApiToken, AppState},
     audit::Audit,
-    auth::{Gate, Keys},
+    auth::{Gate, Keys, oauth::OAuth},
     config::{Config, EdgeLimits},
     health::Prober,
     manager::{ExitPolicy, Hosting, Manager, Reconciled},
@@ -181,9 +181,25 @@ pub async fn run(
             .await
             .context("loading client keys")?,
     );
+    let oauth = match &config.oauth {
+        Some(c) => {
+            let oauth = Arc::new(OAuth::new(c.clone()).context("[auth.oauth]")?);
+            // Keys are fetched now so the first token finds them; a failure here is retried
+            // when a token needs them.
+            let first = Arc::clone(&oauth);
+            tokio::spawn(async move {
+                if let Err(e) = first.load().await {
+                    tracing::warn!(error = %e, "OAuth tokens cannot be verified yet");
+                }
+            });
+            Some(oauth)
+        }
+        None => None,
+    };
     let gate = Gate::new(
         config.mcp_auth,
         Arc::clone(&keys),
+        oauth.clone(),
         manager.metrics().map(|m| m.auth()),
         manager.public_url().to_owned(),
     );
@@ -252,6 +268,7 @@ pub async fn run(
         token: config.api_token.as_deref().map(ApiToken::new),
         keys,
         audit,
+        oauth_issuer: config.oauth.as_ref().map(|o| o.issuer.clone()),
     };
     let app = api::router(state);
     tracing::info!(

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{AppOptions, TestApp, eventually, mcp_client_as, mcp_client_output};
+use common::{AppOptions, TestApp, eventually, mcp_client_as, mcp_client_output, ts_sdk_client};
 use futures_util::StreamExt as _;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -258,7 +258,12 @@ async fn a_key_granted_one_tool_gets_403_on_another() {
     assert_eq!(st, StatusCode::OK);
     let (st, code, h) = get(&format!("{}/mcp/b/headers", app.url), Some(&key)).await;
     assert_eq!((st, code.as_str()), (StatusCode::FORBIDDEN, "forbidden"));
-    assert!(!h.contains_key("www-authenticate"));
+    // RFC 6750's answer for a good credential without the grant.
+    let challenge = h["www-authenticate"].to_str().unwrap();
+    assert!(
+        challenge.contains("error=\"insufficient_scope\", scope=\"mcp:b\""),
+        "{challenge}"
+    );
 
     // `*` reaches both; a single-MCP-tool grant admits its slug only.
     let (_, all) = make_key(&app, json!({"name": "all", "tools": ["*"]})).await;
@@ -523,35 +528,6 @@ async fn the_legacy_sse_transport_works_with_a_key() {
     assert!(!out.status.success());
     assert!(auth_decisions(&app, "missing").await > denied);
     app.stop().await;
-}
-
-/// tests/npm/sdk_client.mjs (the TypeScript SDK client) on Node from tests/npm: its JSON
-/// output and whether it succeeded.
-async fn ts_sdk_client(bearer: Option<&str>, url: &str, tool: &str, args: &str) -> (bool, Value) {
-    let npm = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/npm");
-    let node = npm.join("node_modules/.bin/node");
-    assert!(
-        node.exists() && npm.join("node_modules/@modelcontextprotocol/sdk").exists(),
-        "Node and the TypeScript SDK are missing: install them with `npm ci --prefix tests/npm` \
-         (scripts/test does this)"
-    );
-    let mut cmd = std::process::Command::new(node);
-    cmd.arg(npm.join("sdk_client.mjs")).args([url, tool, args]);
-    if let Some(b) = bearer {
-        cmd.env("MCP_CLIENT_BEARER", b);
-    }
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!(
-            "sdk_client.mjs printed no JSON ({e}): {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.success(), v)
 }
 
 #[tokio::test]

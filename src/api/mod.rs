@@ -95,6 +95,8 @@ pub struct AppState {
     pub token: Option<ApiToken>,
     pub keys: Arc<Keys>,
     pub audit: Arc<crate::audit::Audit>,
+    /// `[auth.oauth] issuer`, which the Protected Resource Metadata names.
+    pub oauth_issuer: Option<String>,
 }
 
 #[derive(OpenApi)]
@@ -815,5 +817,9 @@ async fn resource_metadata(
         ));
     }
     let base = metadata::base_url(&headers, &uri, s.manager.public_url());
-    Ok(Json(metadata::document(&base, &slug)))
+    Ok(Json(metadata::document(
+        &base,
+        &slug,
+        s.oauth_issuer.as_deref(),
+    )))
 }

@@ -148,7 +148,7 @@ pub struct LiveKey {
     digest: [u8; 32],
     pub expires_at: Option<DateTime<Utc>>,
     pub principal: Arc<Principal>,
-    pub quota: Quota,
+    pub quota: Arc<Quota>,
     /// Cancelled when the key is revoked: ends what it has open.
     pub revoked: CancellationToken,
 }
@@ -163,7 +163,7 @@ impl LiveKey {
                 kind: PrincipalKind::Key,
                 grants: Grants::parse(&r.grants)?,
             }),
-            quota: Quota::new(r.rate_limit_per_min, r.max_concurrent),
+            quota: Arc::new(Quota::new(r.rate_limit_per_min, r.max_concurrent)),
             revoked: CancellationToken::new(),
         })
     }

@@ -38,22 +38,34 @@ pub fn challenge(base: &str, slug: &str) -> String {
     format!("Bearer resource_metadata=\"{}\"", metadata_url(base, slug))
 }
 
-/// The metadata document (RFC 9728 §2). `authorization_servers` is absent until OAuth is
-/// configured: client keys are made by an operator, not obtained from an authorization server.
+/// Tool `slug`'s resource URL (RFC 8707): what the metadata names as `resource`, and the
+/// audience an access token for it carries unless `[auth.oauth] audience` says otherwise.
+pub fn resource_url(base: &str, slug: &str) -> String {
+    format!("{base}/mcp/{slug}")
+}
+
+/// The metadata document (RFC 9728 §2). `authorization_servers` is absent without
+/// `[auth.oauth]`: client keys are made by an operator, not obtained from an authorization
+/// server.
 #[derive(Debug, Serialize)]
 pub struct ResourceMetadata {
     /// The tool's MCP endpoint as the client reached it.
     pub resource: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub authorization_servers: Vec<String>,
+    /// The scope that grants this tool (`mcp:{slug}`), with `[auth.oauth]`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scopes_supported: Vec<String>,
     pub bearer_methods_supported: [&'static str; 1],
     pub resource_name: String,
 }
 
-pub fn document(base: &str, slug: &str) -> ResourceMetadata {
+/// The document of tool `slug`; `issuer` is `[auth.oauth] issuer` when configured.
+pub fn document(base: &str, slug: &str, issuer: Option<&str>) -> ResourceMetadata {
     ResourceMetadata {
-        resource: format!("{base}/mcp/{slug}"),
-        authorization_servers: Vec::new(),
+        resource: resource_url(base, slug),
+        authorization_servers: issuer.map(str::to_owned).into_iter().collect(),
+        scopes_supported: issuer.map(|_| format!("mcp:{slug}")).into_iter().collect(),
         bearer_methods_supported: ["header"],
         resource_name: format!("Switchboard tool '{slug}'"),
     }

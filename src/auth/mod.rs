@@ -1,5 +1,5 @@
-//! Who may call which tool on `/mcp`: client keys ([`keys`]), the principal they identify and
-//! its grants ([`principal`]), quotas per principal ([`quota`]), the check the proxy runs on
+//! Who may call which tool on `/mcp`: client keys ([`keys`]), OAuth access tokens from one
+//! authorization server ([`oauth`]), the principal they identify and its grants ([`principal`]), quotas per principal ([`quota`]), the check the proxy runs on
 //! every request ([`gate`]), and the Protected Resource Metadata a 401 points at
 //! ([`metadata`]).
 //!
@@ -10,6 +10,7 @@
 pub mod gate;
 pub mod keys;
 pub mod metadata;
+pub mod oauth;
 pub mod principal;
 pub mod quota;
 

@@ -1,9 +1,8 @@
 //! Who is calling and what it may call: a [`Principal`] and its [`Grants`].
 //!
-//! A client key produces a principal today; an OAuth access token will produce one the same
-//! way (its scopes `mcp:{slug}`, `mcp:{slug}/{tool}` and `mcp:*` parse with
-//! [`Grant::from_scope`] into the same grants), so everything after authentication is written
-//! once for both.
+//! A client key and an OAuth access token both produce one (a token's scopes `mcp:{slug}`,
+//! `mcp:{slug}/{tool}` and `mcp:*` parse with [`Grant::from_scope`] into the same grants as a
+//! key's), so everything after authentication is written once for both.
 
 use std::{fmt, str::FromStr};
 
@@ -14,12 +13,15 @@ use crate::{mcp::is_valid_tool_name, registry::is_valid_slug};
 pub enum PrincipalKind {
     /// A client key made with `POST /api/v1/keys`; the principal's id is the key's id.
     Key,
+    /// An OAuth access token (a JWT from `[auth.oauth] issuer`); the principal's id is the
+    /// token's subject.
+    OAuth,
 }
 
 /// An authenticated caller of `/mcp`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    /// The key's id (an OAuth subject later): what logs and records name, never a secret.
+    /// The key's id, or the token's subject: what logs and records name, never a secret.
     pub id: String,
     pub kind: PrincipalKind,
     pub grants: Grants,

@@ -2,7 +2,8 @@
 //! a cap on requests in flight, open response streams included.
 //!
 //! Each key's [`Quota`] lives in its index entry, so no shared keyed map is looked up per
-//! request and nothing is labelled by principal.
+//! request and nothing is labelled by principal. An OAuth subject's lives in a map by subject
+//! (`oauth::OAuth`), made on its first request with `[auth.oauth]`'s limits.
 
 use std::{
     sync::{Arc, Mutex},
@@ -18,7 +19,7 @@ use tokio::{
 pub enum QuotaError {
     #[error("rate limit of {per_min} requests per minute reached; retry in {retry_after:?}")]
     Rate { per_min: u32, retry_after: Duration },
-    #[error("{limit} requests of this key are already in flight (open streams count)")]
+    #[error("{limit} requests of this principal are already in flight (open streams count)")]
     Concurrency { limit: u32 },
 }
 
@@ -68,6 +69,19 @@ impl Quota {
                 .filter(|m| *m > 0)
                 .map(|m| (m, Arc::new(Semaphore::new(m as usize)))),
         }
+    }
+
+    /// Whether this quota is where a new one starts: no request in flight, no rate spent.
+    pub fn at_rest(&self) -> bool {
+        let slots_free = self
+            .slots
+            .as_ref()
+            .is_none_or(|(limit, sem)| sem.available_permits() == *limit as usize);
+        let rate_unspent = self
+            .rate
+            .as_ref()
+            .is_none_or(|r| *r.tat.lock().unwrap_or_else(|p| p.into_inner()) <= Instant::now());
+        slots_free && rate_unspent
     }
 
     /// Admits one request now, or says why not. A refused request uses up nothing.
@@ -131,6 +145,19 @@ mod tests {
         // The refused request did not count: one of the two is still there.
         q.admit().unwrap();
         assert!(matches!(q.admit(), Err(QuotaError::Rate { .. })));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quota_is_at_rest_only_with_nothing_in_flight_and_no_rate_spent() {
+        let q = Quota::new(Some(60), Some(1));
+        assert!(q.at_rest());
+        let held = q.admit().unwrap();
+        assert!(!q.at_rest());
+        drop(held);
+        // The slot is back, but a second's rate is still spent.
+        assert!(!q.at_rest());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(q.at_rest());
     }
 
     #[test]

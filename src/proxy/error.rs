@@ -123,6 +123,7 @@ impl ProxyError {
                 Refusal::Unauthenticated => StatusCode::UNAUTHORIZED,
                 Refusal::Forbidden => StatusCode::FORBIDDEN,
                 Refusal::OverQuota => StatusCode::TOO_MANY_REQUESTS,
+                Refusal::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             },
             ProxyError::OriginNotAllowed(_) | ProxyError::ToolNotAllowed(_) => {
                 StatusCode::FORBIDDEN
@@ -191,17 +192,23 @@ impl ProxyError {
                 // Ejections last a second at first: that is when trying again makes sense.
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
-            ProxyError::Auth { error, challenge } => match (&error, error.refusal()) {
-                (_, Refusal::Unauthenticated) => {
-                    if let Ok(v) = HeaderValue::from_str(&challenge) {
-                        h.insert(header::WWW_AUTHENTICATE, v);
+            ProxyError::Auth { error, challenge } => {
+                if let Some(v) = error
+                    .www_authenticate(&challenge)
+                    .and_then(|c| HeaderValue::from_str(&c).ok())
+                {
+                    h.insert(header::WWW_AUTHENTICATE, v);
+                }
+                match &error {
+                    AuthError::Quota(q) => {
+                        h.insert(header::RETRY_AFTER, HeaderValue::from(q.retry_after_secs()));
                     }
+                    _ if error.refusal() == Refusal::Unavailable => {
+                        h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                    }
+                    _ => {}
                 }
-                (AuthError::Quota(q), _) => {
-                    h.insert(header::RETRY_AFTER, HeaderValue::from(q.retry_after_secs()));
-                }
-                _ => {}
-            },
+            }
             _ => {}
         }
         resp

@@ -318,7 +318,8 @@ impl Proxy {
         let admission = match &self.gate {
             None => None,
             Some(gate) => gate
-                .admit(&parts.headers, slug)
+                .admit(&parts.headers, &uri, slug)
+                .await
                 .map_err(|error| ProxyError::Auth {
                     challenge: gate.challenge(&parts.headers, &uri, slug),
                     error,

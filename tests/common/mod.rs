@@ -67,6 +67,8 @@ pub struct AppOptions {
     /// Where the key for secrets at rest comes from (default: the data directory's file).
     pub secret_key: switchboard::secrets::KeySource,
     pub docker: switchboard::config::DockerConfig,
+    /// `[auth.oauth]` (default none).
+    pub oauth: Option<switchboard::auth::oauth::OAuthConfig>,
 }
 
 impl Default for AppOptions {
@@ -83,6 +85,7 @@ impl Default for AppOptions {
             mcp_auth: switchboard::auth::McpAuth::Off,
             secret_key: Default::default(),
             docker: Default::default(),
+            oauth: None,
         }
     }
 }
@@ -118,6 +121,7 @@ impl TestApp {
             edge: opts.edge,
             launcher: Some(switchboard_bin()),
             mcp_auth: opts.mcp_auth,
+            oauth: opts.oauth.clone(),
             node_id: None,
             worker_threads: 1,
             exit_policy: opts.exit_policy,
@@ -976,6 +980,40 @@ pub async fn mcp_client_output(bearer: Option<&str>, args: &[&str]) -> std::proc
         .await
         .unwrap()
         .unwrap()
+}
+
+/// tests/npm/sdk_client.mjs (the TypeScript SDK client) on Node from tests/npm: its JSON
+/// output and whether it succeeded.
+pub async fn ts_sdk_client(
+    bearer: Option<&str>,
+    url: &str,
+    tool: &str,
+    args: &str,
+) -> (bool, Value) {
+    let npm = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/npm");
+    let node = npm.join("node_modules/.bin/node");
+    assert!(
+        node.exists() && npm.join("node_modules/@modelcontextprotocol/sdk").exists(),
+        "Node and the TypeScript SDK are missing: install them with `npm ci --prefix tests/npm` \
+         (scripts/test does this)"
+    );
+    let mut cmd = std::process::Command::new(node);
+    cmd.arg(npm.join("sdk_client.mjs")).args([url, tool, args]);
+    if let Some(b) = bearer {
+        cmd.env("MCP_CLIENT_BEARER", b);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "sdk_client.mjs printed no JSON ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), v)
 }
 
 /// [`mcp_client`] with a bearer credential.
