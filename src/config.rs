@@ -809,17 +809,20 @@ mod tests {
         assert!(!format!("{:?}", ok.listen).contains("s3cret"));
     }
 
+    /// Loads `text` as the config file with the API token set, listening on `listen`.
+    fn load_listening(dir: &Path, listen: &str, text: &str) -> Result<Config, ConfigError> {
+        Config::load(Overrides {
+            config: Some(write(dir, text)),
+            listen: Some(listen.parse().unwrap()),
+            api_token: Some("t".into()),
+            ..Default::default()
+        })
+    }
+
     #[test]
     fn mcp_auth_is_required_off_loopback_and_off_needs_an_explicit_opt_in() {
         let dir = tempfile::tempdir().unwrap();
-        let load = |listen: &str, text: &str| {
-            Config::load(Overrides {
-                config: Some(write(dir.path(), text)),
-                listen: Some(listen.parse().unwrap()),
-                api_token: Some("t".into()),
-                ..Default::default()
-            })
-        };
+        let load = |listen: &str, text: &str| load_listening(dir.path(), listen, text);
         assert_eq!(load("127.0.0.1:7300", "").unwrap().mcp_auth, McpAuth::Off);
         assert_eq!(
             load("0.0.0.0:7300", "").unwrap().mcp_auth,
@@ -872,14 +875,7 @@ mod tests {
     #[test]
     fn an_oauth_issuer_turns_mcp_auth_on_and_must_be_https_or_loopback() {
         let dir = tempfile::tempdir().unwrap();
-        let load = |listen: &str, text: &str| {
-            Config::load(Overrides {
-                config: Some(write(dir.path(), text)),
-                listen: Some(listen.parse().unwrap()),
-                api_token: Some("t".into()),
-                ..Default::default()
-            })
-        };
+        let load = |listen: &str, text: &str| load_listening(dir.path(), listen, text);
         let c = load(
             "127.0.0.1:7300",
             "[auth.oauth]\nissuer = \"https://auth.example.com\"\naudience = \"a\"\n",

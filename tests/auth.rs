@@ -18,16 +18,11 @@ fn client() -> reqwest::Client {
 
 /// A Switchboard whose `/mcp` requires client keys, with the test server deployed as each slug.
 async fn secured(slugs: &[&str]) -> TestApp {
-    let app = TestApp::with(AppOptions {
+    let opts = AppOptions {
         mcp_auth: McpAuth::Required,
         ..Default::default()
-    })
-    .await;
-    for slug in slugs {
-        app.add_test_tool(slug, &[], json!({})).await;
-        app.deploy_wait(slug).await;
-    }
-    app
+    };
+    TestApp::with_tools(opts, slugs).await
 }
 
 /// Makes a key; returns (id, key).

@@ -135,20 +135,19 @@ impl Drop for Issuer {
     }
 }
 
-/// A Switchboard taking tokens from `issuer`, with the test server deployed as each slug.
-async fn secured(issuer: &Issuer, oauth: OAuthConfig, slugs: &[&str]) -> TestApp {
-    assert_eq!(oauth.issuer, issuer.url);
-    let app = TestApp::with(AppOptions {
+/// A running issuer and a Switchboard taking its tokens (`tweak` adjusts `[auth.oauth]`), with
+/// the test server deployed as each slug.
+async fn secured(slugs: &[&str], tweak: impl FnOnce(&mut OAuthConfig)) -> (Issuer, TestApp) {
+    let issuer = Issuer::start();
+    let mut oauth = issuer.config();
+    tweak(&mut oauth);
+    let opts = AppOptions {
         mcp_auth: McpAuth::Required,
         oauth: Some(oauth),
         ..Default::default()
-    })
-    .await;
-    for slug in slugs {
-        app.add_test_tool(slug, &[], json!({})).await;
-        app.deploy_wait(slug).await;
-    }
-    app
+    };
+    let app = TestApp::with_tools(opts, slugs).await;
+    (issuer, app)
 }
 
 /// Status, JSON body and `WWW-Authenticate` of an `initialize` with `bearer` on `url`.
@@ -199,8 +198,7 @@ fn now() -> u64 {
 
 #[tokio::test]
 async fn tokens_from_the_issuer_list_and_call_tools_with_the_python_and_typescript_sdks() {
-    let issuer = Issuer::start();
-    let app = secured(&issuer, issuer.config(), &["t"]).await;
+    let (issuer, app) = secured(&["t"], |_| {}).await;
     let url = format!("{}/mcp/t", app.url);
     // RS256 (rs-client) and ES256 (es-client) tokens, both with aud = the tool's URL.
     for client_id in ["rs-client", "es-client"] {
@@ -239,8 +237,7 @@ async fn tokens_from_the_issuer_list_and_call_tools_with_the_python_and_typescri
 
 #[tokio::test]
 async fn without_a_token_the_401_points_at_metadata_naming_the_issuer() {
-    let issuer = Issuer::start();
-    let app = secured(&issuer, issuer.config(), &["t"]).await;
+    let (issuer, app) = secured(&["t"], |_| {}).await;
     let url = format!("{}/mcp/t", app.url);
     // The SDK clients fail without a credential.
     let out = mcp_client_output(None, &["--url", &url, "list-tools"]).await;
@@ -279,8 +276,7 @@ async fn without_a_token_the_401_points_at_metadata_naming_the_issuer() {
 
 #[tokio::test]
 async fn bad_tokens_are_401_saying_what_failed() {
-    let issuer = Issuer::start();
-    let app = secured(&issuer, issuer.config(), &["t"]).await;
+    let (issuer, app) = secured(&["t"], |_| {}).await;
     let url = format!("{}/mcp/t", app.url);
     let t = now();
     let claims = |over: Value| {
@@ -363,8 +359,7 @@ async fn bad_tokens_are_401_saying_what_failed() {
 
 #[tokio::test]
 async fn a_key_rotation_at_the_issuer_is_picked_up_by_refetching_its_keys() {
-    let issuer = Issuer::start();
-    let app = secured(&issuer, issuer.config(), &["t"]).await;
+    let (issuer, app) = secured(&["t"], |_| {}).await;
     let url = format!("{}/mcp/t", app.url);
     let old = issuer.token("rs-client", &url, "mcp:t").await;
     assert_eq!(list(&url, &old).await.0, StatusCode::OK);
@@ -383,8 +378,7 @@ async fn a_key_rotation_at_the_issuer_is_picked_up_by_refetching_its_keys() {
 
 #[tokio::test]
 async fn a_flood_of_unknown_kids_refetches_the_keys_a_bounded_number_of_times() {
-    let issuer = Issuer::start();
-    let app = secured(&issuer, issuer.config(), &["t"]).await;
+    let (issuer, app) = secured(&["t"], |_| {}).await;
     let url = format!("{}/mcp/t", app.url);
     let good = issuer.token("rs-client", &url, "mcp:t").await;
     assert_eq!(list(&url, &good).await.0, StatusCode::OK);
@@ -416,10 +410,7 @@ async fn a_flood_of_unknown_kids_refetches_the_keys_a_bounded_number_of_times() 
 
 #[tokio::test]
 async fn scopes_grant_tools_like_keys_and_quotas_are_per_subject() {
-    let issuer = Issuer::start();
-    let mut config = issuer.config();
-    config.rate_limit_per_min = Some(3);
-    let app = secured(&issuer, config, &["t", "u"]).await;
+    let (issuer, app) = secured(&["t", "u"], |c| c.rate_limit_per_min = Some(3)).await;
     let t_url = format!("{}/mcp/t", app.url);
     let u_url = format!("{}/mcp/u", app.url);
     // A token for t's URL with only u's scope: 403 naming the scope that would do.
@@ -449,10 +440,10 @@ async fn scopes_grant_tools_like_keys_and_quotas_are_per_subject() {
 
 #[tokio::test]
 async fn a_configured_audience_replaces_the_resource_url() {
-    let issuer = Issuer::start();
-    let mut config = issuer.config();
-    config.audience = Some("https://switchboard.example/mcp".into());
-    let app = secured(&issuer, config, &["t"]).await;
+    let (issuer, app) = secured(&["t"], |c| {
+        c.audience = Some("https://switchboard.example/mcp".into())
+    })
+    .await;
     let url = format!("{}/mcp/t", app.url);
     let for_url = issuer.token("rs-client", &url, "mcp:t").await;
     let (st, v, _) = list(&url, &for_url).await;

@@ -100,6 +100,16 @@ impl TestApp {
         Self::start_in(data_dir, opts).await
     }
 
+    /// Starts with `opts` and the repo's test server registered and deployed as each slug.
+    pub async fn with_tools(opts: AppOptions, slugs: &[&str]) -> TestApp {
+        let app = Self::with(opts).await;
+        for slug in slugs {
+            app.add_test_tool(slug, &[], serde_json::json!({})).await;
+            app.deploy_wait(slug).await;
+        }
+        app
+    }
+
     /// Starts on an existing data directory (to test what survives a restart).
     pub async fn start_in(data_dir: tempfile::TempDir, opts: AppOptions) -> TestApp {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
