@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::runtime::{
-    RuntimeKind,
+    Limits, RuntimeKind,
     container::{DockerSecurity, Network, Pull},
 };
 
@@ -230,6 +230,11 @@ pub struct ToolSpec {
     /// The container's secure defaults (docker), each on unless turned off here.
     #[serde(default, skip_serializing_if = "DockerSecurity::is_default")]
     pub docker: DockerSecurity,
+    /// Resources a deployment may use (`{ memory = "256MiB", cpus = 0.5, pids = 128 }`, each
+    /// optional): a server killed for exceeding its memory is recorded as "out of memory" and
+    /// restarted per its policy. Enforced by the docker runtime; processes refuse them.
+    #[serde(default, skip_serializing_if = "Limits::is_none")]
+    pub limits: Limits,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -331,7 +336,16 @@ impl ToolSpec {
     /// The runtime's fields: a container's only with `runtime = "docker"`, which needs an
     /// image and (in this release) serves Streamable HTTP from a command in its image.
     fn validate_runtime(&mut self) -> Result<(), SpecError> {
+        self.limits.check().map_err(|e| invalid("limits", e))?;
         if self.runtime == RuntimeKind::Process {
+            // Never silently unlimited: the process runtime cannot enforce them yet.
+            if !self.limits.is_none() {
+                return Err(invalid(
+                    "limits",
+                    "are enforced for runtime = \"docker\" only (processes cannot be limited \
+                     yet): run the tool as a container, or remove its limits",
+                ));
+            }
             let container_only = [
                 ("image", self.image.is_some()),
                 ("pull", self.pull != Pull::default()),
@@ -934,11 +948,41 @@ mod tests {
     #[test]
     fn a_process_tool_serializes_as_before() {
         let json = serde_json::to_value(spec("p").validate().unwrap()).unwrap();
-        for field in ["runtime", "image", "pull", "network", "user", "docker"] {
+        for field in [
+            "runtime", "image", "pull", "network", "user", "docker", "limits",
+        ] {
             assert!(
                 json.get(field).is_none(),
                 "{field} shown for a process: {json}"
             );
         }
+    }
+
+    #[test]
+    fn limits_are_validated_naming_the_field_and_never_ignored_for_a_process() {
+        let docker = |limits: serde_json::Value| {
+            from(
+                serde_json::json!({"slug": "d", "runtime": "docker", "image": "srv:1",
+                "limits": limits}),
+            )
+        };
+        let ok = docker(serde_json::json!({"memory": "256MiB", "cpus": 0.5, "pids": 128})).unwrap();
+        assert_eq!(ok.limits.memory.map(|m| m.0), Some(256 << 20));
+        for bad in [
+            serde_json::json!({"memory": "1MiB"}),
+            serde_json::json!({"cpus": 0}),
+            serde_json::json!({"pids": 0}),
+        ] {
+            let err = docker(bad.clone()).unwrap_err().to_string();
+            assert!(err.starts_with("limits: "), "{bad}: {err}");
+        }
+        let process = from(serde_json::json!({"slug": "p", "command": "x",
+            "limits": {"memory": "256MiB"}}))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            process.starts_with("limits:") && process.contains("runtime = \"docker\""),
+            "{process}"
+        );
     }
 }

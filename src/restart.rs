@@ -152,10 +152,12 @@ mod tests {
         let clean = Ending::Exited(ExitInfo {
             code: Some(0),
             signal: None,
+            oom_limit: None,
         });
         let crash = Ending::Exited(ExitInfo {
             code: None,
             signal: Some(9),
+            oom_limit: None,
         });
         let hung = Ending::Unhealthy {
             failed_checks: 3,

@@ -335,3 +335,138 @@ async fn after_a_crash_containers_are_adopted_and_orphans_of_this_node_swept_but
     app.stop_deployment(&id).await;
     assert!(!exists(&container));
 }
+
+/// The value of `file` in the container's cgroup of `controller` (a cgroup v1 hierarchy, as
+/// on these hosts), found through its main process's `/proc/PID/cgroup`.
+fn cgroup_value(container: &str, controller: &str, file: &str) -> String {
+    let pid = inspect(container)["State"]["Pid"].as_u64().unwrap();
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let path = cgroups
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+            names.split(',').any(|n| n == controller).then_some(path)
+        })
+        .unwrap_or_else(|| panic!("no {controller} cgroup for pid {pid}:\n{cgroups}"));
+    let at = format!("/sys/fs/cgroup/{controller}{path}/{file}");
+    std::fs::read_to_string(&at)
+        .unwrap_or_else(|e| panic!("{at}: {e}"))
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_tools_limits_are_the_containers_in_its_host_config_and_cgroup() {
+    let app = TestApp::start().await;
+    add_docker_tool(
+        &app,
+        "limited",
+        &[],
+        json!({"limits": {"memory": "64MiB", "cpus": 0.5, "pids": 32}}),
+    )
+    .await;
+    let (st, tool) = app.call("GET", "/api/v1/tools/limited", None).await;
+    assert_eq!(st, StatusCode::OK, "{tool}");
+    assert_eq!(
+        tool["limits"],
+        json!({"memory": "64MiB", "cpus": 0.5, "pids": 32}),
+        "{tool}"
+    );
+    let d = app.deploy_wait("limited").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let container = container_of(&d);
+    let host = &inspect(&container)["HostConfig"];
+    let mib64 = 64 * 1024 * 1024;
+    assert_eq!(host["Memory"], mib64, "{host}");
+    assert_eq!(
+        host["MemorySwap"], mib64,
+        "swap must not add to the limit: {host}"
+    );
+    assert_eq!(host["NanoCpus"], 500_000_000, "{host}");
+    assert_eq!(host["PidsLimit"], 32, "{host}");
+    // What the kernel enforces.
+    assert_eq!(
+        cgroup_value(&container, "memory", "memory.limit_in_bytes"),
+        mib64.to_string()
+    );
+    assert_eq!(cgroup_value(&container, "pids", "pids.max"), "32");
+    let quota: u64 = cgroup_value(&container, "cpu", "cpu.cfs_quota_us")
+        .parse()
+        .unwrap();
+    let period: u64 = cgroup_value(&container, "cpu", "cpu.cfs_period_us")
+        .parse()
+        .unwrap();
+    assert_eq!(quota * 2, period, "not half a CPU: {quota}/{period}");
+    app.stop_deployment(d["id"].as_str().unwrap()).await;
+}
+
+#[tokio::test]
+async fn a_server_past_its_memory_limit_is_oom_killed_recorded_so_and_restarted() {
+    let app = TestApp::start().await;
+    add_docker_tool(
+        &app,
+        "hog",
+        &[],
+        json!({"limits": {"memory": "32MiB"}, "restart": {"initial_delay_ms": 100}}),
+    )
+    .await;
+    let d = app.deploy_wait("hog").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let id = d["id"].as_str().unwrap().to_owned();
+    let first = container_of(&d);
+    let mut events = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{}/api/v1/events?tool=hog", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), StatusCode::OK);
+    // The call cannot be answered: the kernel kills the server first.
+    let url = format!("{}/mcp/hog", app.url);
+    let out = common::mcp_client_output(
+        None,
+        &[
+            "--url",
+            &url,
+            "call-tool",
+            "allocate",
+            "--args",
+            r#"{"mib":256}"#,
+        ],
+    )
+    .await;
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("allocated"),
+        "the server allocated past its limit: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let again = app
+        .wait_record(&id, "RUNNING again after the OOM kill", |r| {
+            r["status"] == "RUNNING" && r["instance"]["id"].as_str().is_some_and(|c| c != first)
+        })
+        .await;
+    let last_exit = again["last_exit"].as_str().unwrap_or_default();
+    assert!(
+        last_exit.contains("out of memory: limit 32 MiB"),
+        "last_exit does not say why: {again}"
+    );
+    // The transition that ended the first container says why (bounded: a missing event
+    // fails instead of hanging).
+    let mut seen = String::new();
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while !seen.contains("out of memory: limit 32 MiB") {
+            let chunk = events
+                .chunk()
+                .await
+                .unwrap()
+                .expect("the event stream ended");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no event says why: {seen}"));
+    app.stop_deployment(&id).await;
+}

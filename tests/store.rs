@@ -219,6 +219,7 @@ async fn status_transitions_are_conditional(s: Store) {
     let exit = ExitInfo {
         code: Some(3),
         signal: None,
+        oom_limit: None,
     };
     assert!(
         s.mark_ended(d.id, DeploymentStatus::Failed, Some(exit), Some("boom"))
@@ -360,7 +361,8 @@ async fn stop_leaves_stopped_with_stopped_at(s: Store) {
             DeploymentStatus::Stopped,
             Some(ExitInfo {
                 code: None,
-                signal: Some(15)
+                signal: Some(15),
+                oom_limit: None,
             }),
             None
         )

@@ -41,6 +41,7 @@ pub(super) fn launch_spec(id: Uuid, spec: &ToolSpec, listen: Listen) -> LaunchSp
             security: spec.docker.clone(),
             tool: spec.slug.clone(),
         }),
+        limits: spec.limits,
     }
 }
 

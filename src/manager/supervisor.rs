@@ -548,6 +548,7 @@ mod tests {
         let exited = Ending::Exited(ExitInfo {
             code: Some(2),
             signal: None,
+            oom_limit: None,
         });
         assert_eq!(
             RestartCause::Ended {

@@ -26,6 +26,7 @@ use crate::{
 const CRASH: ExitInfo = ExitInfo {
     code: Some(1),
     signal: None,
+    oom_limit: None,
 };
 
 /// Keeps tokio from auto-advancing the paused clock for as long as it lives: a blocking task

@@ -42,6 +42,7 @@ use super::{
     Runtime, RuntimeError, RuntimeKind, Started, StopMode, Usage,
     container::{Network, Pull},
     endpoints::Endpoints,
+    limits::Bytes,
 };
 use crate::ports::PortAllocator;
 
@@ -90,21 +91,16 @@ impl Inner {
         self.state().instances.get(&id).cloned()
     }
 
-    /// A `die` event: the exit of the container, if it is the one a deployment runs now.
-    fn died(&self, event: &EventMessage) {
-        let Some(actor) = &event.actor else { return };
+    /// A `die` event: the instance whose container died, if a deployment runs it now, and
+    /// the exit code the event gives.
+    fn died(&self, event: &EventMessage) -> Option<(Arc<Instance>, Option<i64>)> {
+        let actor = event.actor.as_ref()?;
         let attrs = actor.attributes.as_ref();
         let label = |k: &str| attrs.and_then(|a| a.get(k));
-        let Some(id) = label(DEPLOYMENT_LABEL).and_then(|d| d.parse::<Uuid>().ok()) else {
-            return;
-        };
+        let id = label(DEPLOYMENT_LABEL).and_then(|d| d.parse::<Uuid>().ok())?;
         let code = label("exitCode").and_then(|c| c.parse::<i64>().ok());
-        if let Some(inst) = self.get(id)
-            && actor.id.as_deref() == Some(inst.container.as_str())
-        {
-            inst.exit
-                .send_if_modified(|e| e.is_none() && e.replace(exit_info(code)).is_none());
-        }
+        let inst = self.get(id)?;
+        (actor.id.as_deref() == Some(inst.container.as_str())).then_some((inst, code))
     }
 }
 
@@ -115,13 +111,35 @@ fn exit_info(code: Option<i64>) -> ExitInfo {
         Some(c @ 129..=192) => ExitInfo {
             code: None,
             signal: i32::try_from(c - 128).ok(),
+            oom_limit: None,
         },
         Some(c) => ExitInfo {
             code: i32::try_from(c).ok(),
             signal: None,
+            oom_limit: None,
         },
         None => ExitInfo::default(),
     }
+}
+
+/// How an ended container ended, as the engine inspects it (`code`: what is known without,
+/// if the container is gone): killed by the kernel for exceeding its memory limit is
+/// `State.OOMKilled` under `HostConfig.Memory`.
+async fn ended(docker: &Docker, container: &str, code: Option<i64>) -> ExitInfo {
+    let Ok(info) = docker.inspect_container(container, None).await else {
+        return exit_info(code);
+    };
+    let state = info.state.unwrap_or_default();
+    let mut exit = exit_info(state.exit_code.or(code));
+    let limit = info
+        .host_config
+        .and_then(|h| h.memory)
+        .and_then(|m| u64::try_from(m).ok())
+        .filter(|m| *m > 0);
+    if state.oom_killed == Some(true) {
+        exit.oom_limit = limit.map(Bytes);
+    }
+    exit
 }
 
 pub struct DockerRuntime {
@@ -282,6 +300,10 @@ impl DockerRuntime {
         let port_key = format!("{port}/tcp");
         let published = c.network == Network::Bridge;
         let sec = &c.security;
+        let memory = spec
+            .limits
+            .memory
+            .map(|m| i64::try_from(m.0).unwrap_or(i64::MAX));
         let host_config = HostConfig {
             init: Some(sec.init),
             cap_drop: sec.drop_capabilities.then(|| vec!["ALL".to_owned()]),
@@ -302,6 +324,11 @@ impl DockerRuntime {
                     }]),
                 )])
             }),
+            // Memory and swap alike, so a server cannot escape its limit into swap.
+            memory,
+            memory_swap: memory,
+            nano_cpus: spec.limits.nano_cpus(),
+            pids_limit: spec.limits.pids.map(i64::from),
             ..Default::default()
         };
         // An entrypoint given replaces the image's, and its command with it (as
@@ -410,9 +437,8 @@ impl DockerRuntime {
         if let Ok(again) = docker.inspect_container(container, None).await
             && again.state.as_ref().and_then(|s| s.running) != Some(true)
         {
-            let code = again.state.and_then(|s| s.exit_code);
-            inst.exit
-                .send_if_modified(|e| e.replace(exit_info(code)).is_none());
+            let exit = ended(&docker, container, None).await;
+            inst.exit.send_if_modified(|e| e.replace(exit).is_none());
         }
         Some(self.endpoints.adopted(
             id,
@@ -448,11 +474,11 @@ impl DockerRuntime {
             Err(e) if !is_status(&e, 304) && !is_status(&e, 404) => return Err(engine_error(e)),
             _ => {}
         }
-        let code = match docker.inspect_container(&inst.container, None).await {
-            Ok(info) => info.state.and_then(|s| s.exit_code),
-            Err(_) => None,
+        let seen = *inst.exit.borrow();
+        let exit = match seen {
+            Some(e) => e,
+            None => ended(&docker, &inst.container, None).await,
         };
-        let exit = (*inst.exit.borrow()).unwrap_or_else(|| exit_info(code));
         inst.exit.send_if_modified(|e| e.replace(exit).is_none());
         Self::remove(&docker, &inst.container).await?;
         self.inner.state().instances.remove(&id);
@@ -574,7 +600,12 @@ async fn watch_exits(docker: Docker, inner: Weak<Inner>, mut since: i64) {
             match event {
                 Ok(event) => {
                     since = event.time.unwrap_or(since).max(since);
-                    inner.died(&event);
+                    if let Some((inst, code)) = inner.died(&event) {
+                        drop(inner);
+                        let exit = ended(&docker, &inst.container, code).await;
+                        inst.exit
+                            .send_if_modified(|e| e.is_none() && e.replace(exit).is_none());
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "The container engine's event stream broke; resuming");

@@ -21,6 +21,7 @@ use super::{
 pub const STOPPED: ExitInfo = ExitInfo {
     code: None,
     signal: Some(15),
+    oom_limit: None,
 };
 
 #[derive(Default)]

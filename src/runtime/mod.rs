@@ -29,10 +29,12 @@ pub mod endpoints;
 #[cfg(test)]
 pub mod fake;
 pub mod launch;
+pub mod limits;
 pub mod process;
 
 pub use container::ContainerLaunch;
 pub use dispatch::Runtimes;
+pub use limits::Limits;
 
 use std::{fmt, path::PathBuf, time::Duration};
 
@@ -212,6 +214,8 @@ pub async fn exit_from(mut rx: tokio::sync::watch::Receiver<Option<ExitInfo>>) -
 pub struct ExitInfo {
     pub code: Option<i32>,
     pub signal: Option<i32>,
+    /// Killed for exceeding its memory limit (this one), as its runtime saw.
+    pub oom_limit: Option<limits::Bytes>,
 }
 
 impl From<std::process::ExitStatus> for ExitInfo {
@@ -220,12 +224,16 @@ impl From<std::process::ExitStatus> for ExitInfo {
         ExitInfo {
             code: status.code(),
             signal: status.signal(),
+            oom_limit: None,
         }
     }
 }
 
 impl fmt::Display for ExitInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(limit) = self.oom_limit {
+            return write!(f, "out of memory: limit {limit}");
+        }
         match (self.code, self.signal) {
             (Some(c), _) => write!(f, "exit status {c}"),
             (None, Some(s)) => match nix::sys::signal::Signal::try_from(s) {
@@ -257,6 +265,8 @@ pub struct LaunchSpec {
     /// without them; the process runtime ignores them). There, an empty `program` keeps the
     /// image's entrypoint and empty `args` its command.
     pub container: Option<ContainerLaunch>,
+    /// The tool's resource limits, which the runtime enforces or refuses to start without.
+    pub limits: Limits,
 }
 
 impl LaunchSpec {
@@ -457,6 +467,16 @@ pub struct PortUse {
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_exit_for_memory_says_so_with_the_limit() {
+        let oom = ExitInfo {
+            code: None,
+            signal: Some(9),
+            oom_limit: Some(limits::Bytes(256 << 20)),
+        };
+        assert_eq!(oom.to_string(), "out of memory: limit 256 MiB");
+    }
+
     fn launch(listen: Listen) -> LaunchSpec {
         LaunchSpec {
             deployment_id: Uuid::new_v4(),
@@ -468,6 +488,7 @@ mod tests {
             stop: StopMode::Tree,
             listen,
             container: None,
+            limits: Limits::default(),
         }
     }
 

@@ -100,6 +100,12 @@ struct ChatterRequest {
     bytes: usize,
 }
 
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct AllocateRequest {
+    /// MiB of memory to allocate and touch (and keep) before answering.
+    mib: usize,
+}
+
 #[derive(Debug, Clone)]
 struct TestServer {
     port: Option<u16>,
@@ -177,6 +183,19 @@ impl TestServer {
             }
         }
         format!("sent {n}")
+    }
+
+    /// Memory that stays resident (every page written), for tests of memory limits: past the
+    /// limit, the kernel kills the server before it answers.
+    #[tool(description = "Allocate and keep mib MiB of memory, then answer")]
+    fn allocate(&self, Parameters(AllocateRequest { mib }): Parameters<AllocateRequest>) -> String {
+        let mut kept = Vec::with_capacity(mib);
+        for _ in 0..mib {
+            kept.push(vec![1u8; 1 << 20]);
+        }
+        // Leaked on purpose: the memory stays the server's until it exits.
+        std::mem::forget(kept);
+        format!("allocated {mib} MiB")
     }
 
     /// A request that stays in flight as long as a test needs (to kill the server under it).
