@@ -14,6 +14,12 @@
 //! tool's resource URL as the client reached it (RFC 8707; what the Protected Resource Metadata
 //! names as `resource`). The principal is the token's `sub` (or `client_id`), and its `scope`
 //! carries the grants ([`Grant::from_scope`]).
+//!
+//! A verified token is remembered (by a digest of the token and the audience it was checked
+//! for, [`VERIFIED_TTL`] at most): a signature check costs tens of microseconds, about what the
+//! whole proxy hop costs, and a client sends the same token for its whole session. A hit still
+//! checks `exp`/`nbf` against the clock and that the token's key is still in the issuer's set,
+//! so it is accepted exactly when verifying it again would accept it.
 
 use std::{
     collections::HashMap,
@@ -28,6 +34,11 @@ use super::{
     principal::{Grant, Grants, Principal, PrincipalKind},
     quota::Quota,
 };
+
+/// How long a verified token is remembered (bounded so the cache holds few dead entries).
+pub const VERIFIED_TTL: Duration = Duration::from_secs(60);
+/// How many verified tokens are remembered.
+const VERIFIED_MAX: u64 = 10_000;
 
 /// Clock skew allowed on `exp` and `nbf`.
 pub const LEEWAY_S: u64 = 30;
@@ -170,6 +181,17 @@ struct Claims {
     client_id: Option<String>,
     #[serde(default)]
     scope: Option<String>,
+    exp: u64,
+    #[serde(default)]
+    nbf: Option<u64>,
+}
+
+/// What a verified token established, remembered for the next request that carries it.
+struct Remembered {
+    principal: Arc<Principal>,
+    kid: String,
+    exp: u64,
+    nbf: Option<u64>,
 }
 
 /// A verified token: who it names, what its scopes grant, and its quota.
@@ -230,6 +252,8 @@ pub struct OAuth {
     refetch: tokio::sync::Mutex<()>,
     refetch_budget: Quota,
     subjects: Mutex<HashMap<String, Arc<Quota>>>,
+    /// Tokens verified lately, by SHA-256 of the audience and the token.
+    verified: moka::sync::Cache<[u8; 32], Arc<Remembered>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,6 +279,10 @@ impl OAuth {
             refetch: tokio::sync::Mutex::new(()),
             refetch_budget: Quota::new(Some(REFETCHES_PER_MIN), None),
             subjects: Mutex::new(HashMap::new()),
+            verified: moka::sync::Cache::builder()
+                .max_capacity(VERIFIED_MAX)
+                .time_to_live(VERIFIED_TTL)
+                .build(),
         })
     }
 
@@ -274,6 +302,31 @@ impl OAuth {
 
     /// Verifies `token` for the tool whose resource URL is `resource`.
     pub async fn verify(&self, token: &str, resource: &str) -> Result<Verified, TokenError> {
+        let audience = self.config.audience.as_deref().unwrap_or(resource);
+        let digest = digest_of(audience, token);
+        if let Some(r) = self.verified.get(&digest) {
+            let now = unix_now();
+            if now > r.exp + LEEWAY_S {
+                self.verified.invalidate(&digest);
+                return Err(TokenError::Expired);
+            }
+            // Remembered only once valid (nbf passed), so this holds unless the clock went back.
+            if r.nbf.is_some_and(|nbf| nbf > now + LEEWAY_S) {
+                return Err(TokenError::NotYetValid);
+            }
+            // A key the issuer has withdrawn (seen at a refetch) no longer vouches for it.
+            if self.lookup(Some(&r.kid))?.is_some() {
+                return Ok(Verified {
+                    quota: self.quota_for(&r.principal.id),
+                    principal: Arc::clone(&r.principal),
+                });
+            }
+            self.verified.invalidate(&digest);
+        }
+        self.verify_uncached(token, audience).await
+    }
+
+    async fn verify_uncached(&self, token: &str, audience: &str) -> Result<Verified, TokenError> {
         // A header jsonwebtoken cannot read may still name an algorithm it does not know
         // (`none`): say so rather than "malformed".
         let header = jsonwebtoken::decode_header(token)
@@ -285,7 +338,6 @@ impl OAuth {
         if key.alg.is_some_and(|a| a != header.alg) {
             return Err(TokenError::Signature);
         }
-        let audience = self.config.audience.as_deref().unwrap_or(resource);
         let mut v = Validation::new(header.alg);
         v.leeway = LEEWAY_S;
         v.validate_nbf = true;
@@ -326,14 +378,24 @@ impl OAuth {
             .filter_map(Grant::from_scope)
             .collect();
         let quota = self.quota_for(&id);
-        Ok(Verified {
-            principal: Arc::new(Principal {
-                id,
-                kind: PrincipalKind::OAuth,
-                grants: Grants::new(grants),
-            }),
-            quota,
-        })
+        let principal = Arc::new(Principal {
+            id,
+            kind: PrincipalKind::OAuth,
+            grants: Grants::new(grants),
+        });
+        // Tokens without a kid are rare (a one-key issuer) and take the slow path each time.
+        if let Some(kid) = header.kid {
+            self.verified.insert(
+                digest_of(audience, token),
+                Arc::new(Remembered {
+                    principal: Arc::clone(&principal),
+                    kid,
+                    exp: claims.exp,
+                    nbf: claims.nbf,
+                }),
+            );
+        }
+        Ok(Verified { principal, quota })
     }
 
     fn lookup(&self, kid: Option<&str>) -> Result<Option<Arc<Key>>, TokenError> {
@@ -500,6 +562,22 @@ impl OAuth {
 
 /// The `alg` a token's header names, for the error of one Switchboard does not know (such as
 /// `none`); never more of the token than that.
+/// The verified-token cache's key: the token and the audience it was checked for.
+fn digest_of(audience: &str, token: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(audience.as_bytes());
+    h.update([0]);
+    h.update(token.as_bytes());
+    h.finalize().into()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn alg_named(token: &str) -> Option<String> {
     use base64::Engine as _;
     token
@@ -568,6 +646,58 @@ mod tests {
             c("auth.example.com").validate(),
             Err(OAuthConfigError::NotUrl(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_is_refused_once_expired_or_its_key_is_withdrawn() {
+        let oauth = OAuth::new(OAuthConfig {
+            issuer: "http://127.0.0.1:9".into(),
+            audience: None,
+            rate_limit_per_min: None,
+            max_concurrent: None,
+        })
+        .unwrap();
+        let remember = |token: &str, kid: &str, exp: u64| {
+            oauth.verified.insert(
+                digest_of("r", token),
+                Arc::new(Remembered {
+                    principal: Arc::new(Principal {
+                        id: "client".into(),
+                        kind: PrincipalKind::OAuth,
+                        grants: Grants::new(Vec::new()),
+                    }),
+                    kid: kid.into(),
+                    exp,
+                    nbf: None,
+                }),
+            )
+        };
+        let key = Arc::new(Key {
+            key: DecodingKey::from_ec_der(&[]),
+            alg: None,
+        });
+        oauth.keys().by_kid.insert("k1".into(), key);
+        remember("live", "k1", unix_now() + 300);
+        let hit = oauth.verify("live", "r").await.expect("a remembered token");
+        assert_eq!(hit.principal.id, "client");
+        // Past exp and the leeway: refused as expired, and forgotten.
+        remember("old", "k1", unix_now() - LEEWAY_S - 5);
+        assert_eq!(
+            oauth.verify("old", "r").await.err(),
+            Some(TokenError::Expired)
+        );
+        assert!(oauth.verified.get(&digest_of("r", "old")).is_none());
+        // For another audience it was never verified.
+        assert_eq!(
+            oauth.verify("live", "other").await.err(),
+            Some(TokenError::Malformed)
+        );
+        // Its key withdrawn: verified again from scratch (here: not a JWT at all).
+        oauth.keys().by_kid.clear();
+        assert_eq!(
+            oauth.verify("live", "r").await.err(),
+            Some(TokenError::Malformed)
+        );
     }
 
     #[tokio::test]
