@@ -648,15 +648,21 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn a_remembered_token_is_refused_once_expired_or_its_key_is_withdrawn() {
-        let oauth = OAuth::new(OAuthConfig {
+    /// An issuer nothing listens on: reaching for its keys fails, so a test sees what is
+    /// decided before any fetch.
+    fn unreachable_issuer(rate_limit_per_min: Option<u32>) -> OAuth {
+        OAuth::new(OAuthConfig {
             issuer: "http://127.0.0.1:9".into(),
             audience: None,
-            rate_limit_per_min: None,
+            rate_limit_per_min,
             max_concurrent: None,
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_is_refused_once_expired_or_its_key_is_withdrawn() {
+        let oauth = unreachable_issuer(None);
         let remember = |token: &str, kid: &str, exp: u64| {
             oauth.verified.insert(
                 digest_of("r", token),
@@ -706,14 +712,7 @@ mod tests {
         let b64 = |v: serde_json::Value| {
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
         };
-        // An issuer nothing listens on: reaching for keys would fail differently.
-        let oauth = OAuth::new(OAuthConfig {
-            issuer: "http://127.0.0.1:9".into(),
-            audience: None,
-            rate_limit_per_min: None,
-            max_concurrent: None,
-        })
-        .unwrap();
+        let oauth = unreachable_issuer(None);
         let claims = b64(serde_json::json!({"sub": "x", "exp": 4_000_000_000u64}));
         let none = format!("{}.{claims}.", b64(serde_json::json!({"alg": "none"})));
         let e = oauth.verify(&none, "r").await.err();
@@ -732,13 +731,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn each_subject_has_one_quota() {
-        let oauth = OAuth::new(OAuthConfig {
-            issuer: "http://127.0.0.1:9".into(),
-            audience: None,
-            rate_limit_per_min: Some(1),
-            max_concurrent: None,
-        })
-        .unwrap();
+        let oauth = unreachable_issuer(Some(1));
         let q = oauth.quota_for("alice");
         q.admit().unwrap();
         // The same subject gets the same bucket: its rate is spent.
