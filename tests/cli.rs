@@ -334,6 +334,84 @@ fn a_killed_switchboard_adopts_its_running_deployments_at_restart() {
     assert_adopted_and_stoppable(&sb, &id, &tree);
 }
 
+/// The Docker runtime across a real crash of the binary: SIGKILL leaves the container running,
+/// and the next start adopts it (the same container, no restart) rather than starting another.
+/// Needs dockerd and the test server's image: scripts/test runs the suite under
+/// scripts/with-docker, which provides both.
+#[test]
+fn a_killed_switchboard_adopts_its_running_containers_at_restart() {
+    let image = std::env::var("SWITCHBOARD_TEST_IMAGE").unwrap_or_default();
+    assert!(
+        !image.is_empty(),
+        "SWITCHBOARD_TEST_IMAGE is not set: run through scripts/with-docker (scripts/test does), \
+         which starts dockerd (installing docker.io if missing) and builds the test server's image"
+    );
+    let docker = |args: &[&str]| {
+        let out = Command::new("docker").args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("boxed.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "slug = \"boxed\"\nruntime = \"docker\"\nimage = \"{image}\"\n\
+             args = [\"--host\", \"0.0.0.0\"]\nstartup_timeout_ms = 20000\n\
+             stop_grace_period_ms = 2000\n"
+        ),
+    )
+    .unwrap();
+    let mut sb = Serve::start(dir.path(), &[]);
+    sb.ok(&["tool", "add", "--file", file.to_str().unwrap()]);
+    let d = sb.json(&["deploy", "boxed", "--wait"])["deployments"][0].clone();
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let id = d["id"].as_str().unwrap().to_owned();
+    let container = d["instance"]["id"].as_str().unwrap().to_owned();
+    // Whatever happens below, the container goes with the test.
+    struct Remove(String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
+        }
+    }
+    let _guard = Remove(container.clone());
+    let started_at = |c: &str| docker(&["inspect", "-f", "{{.State.StartedAt}}", c]);
+    let (_, first_start) = started_at(&container);
+
+    sb.signal(nix::sys::signal::Signal::SIGKILL);
+    sb.wait();
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.Running}}", &container]),
+        (true, "true".to_owned()),
+        "SIGKILL of switchboard stopped its container"
+    );
+
+    let sb = Serve::start(dir.path(), &[]);
+    let rec = record(&sb, &id);
+    assert_eq!(rec["status"], "RUNNING", "{rec}");
+    assert_eq!(rec["runtime"], "docker", "{rec}");
+    assert_eq!(
+        rec["instance"]["id"],
+        container.as_str(),
+        "not adopted: {rec}"
+    );
+    assert_eq!(rec["restart_count"], 0, "adopted, not restarted: {rec}");
+    assert_eq!(
+        started_at(&container),
+        (true, first_start),
+        "the container was restarted"
+    );
+    let stopped = sb.json(&["stop", &id]);
+    assert_eq!(stopped["status"], "STOPPED", "{stopped}");
+    assert!(
+        !docker(&["inspect", &container]).0,
+        "the adopted container outlived its stop"
+    );
+}
+
 /// `id`'s process tree (`tree`, main process first) runs on, adopted: the record is RUNNING
 /// with the same process and no restart, and a stop takes the whole tree (the setsid
 /// grandchild included), since adopted means supervised.

@@ -1,7 +1,8 @@
 //! Tools run as Docker containers (`runtime = "docker"`), against a real dockerd and the repo's
 //! test server built into an image `FROM scratch` (nothing is pulled). `scripts/with-docker`
 //! starts dockerd when none answers and builds the image (SWITCHBOARD_TEST_IMAGE); scripts/test
-//! runs the suite through it. Only this file needs dockerd.
+//! runs the suite through it. Only this file and one test of tests/cli.rs (a real SIGKILL of the
+//! binary with a container live) need dockerd.
 #![allow(clippy::unwrap_used)]
 
 mod common;
