@@ -16,6 +16,7 @@ use crate::{
     deployment::Deployment,
     ports::PortRange,
     registry::{Tool, ToolSpec},
+    runtime::{RuntimeKind, container::DEFAULT_USER},
 };
 
 #[derive(Parser, Debug)]
@@ -385,6 +386,32 @@ pub struct ToolFields {
     /// turns that off).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub autostart: Option<bool>,
+    /// Where its deployments run: host processes, or Docker containers (`--image`).
+    #[arg(long, value_parser = ["process", "docker"])]
+    pub runtime: Option<String>,
+    /// The container image (`--runtime docker`); the command after `--`, if any, overrides
+    /// the image's entrypoint.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Whether the engine may pull a missing image [default: never].
+    #[arg(long, value_parser = ["never", "missing"])]
+    pub pull: Option<String>,
+    /// The containers' network [default: bridge].
+    #[arg(long, value_parser = ["bridge", "none", "host"])]
+    pub network: Option<String>,
+    /// The user the container runs as (`UID[:GID]` or a name in the image) [default:
+    /// 65534:65534].
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Memory limit, swap included (`256MiB`; KiB, MiB, GiB or bytes).
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// CPU limit, in CPUs (`0.5` is half of one CPU's time).
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Limit on processes and threads at once.
+    #[arg(long)]
+    pub pids: Option<u32>,
     /// The command and its arguments, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -406,6 +433,14 @@ impl ToolFields {
             || self.stop_grace_period_ms.is_some()
             || self.replicas.is_some()
             || self.autostart.is_some()
+            || self.runtime.is_some()
+            || self.image.is_some()
+            || self.pull.is_some()
+            || self.network.is_some()
+            || self.user.is_some()
+            || self.memory.is_some()
+            || self.cpus.is_some()
+            || self.pids.is_some()
             || !self.command.is_empty()
     }
 
@@ -466,6 +501,31 @@ impl ToolFields {
         }
         if let Some(v) = self.autostart {
             spec.autostart = v;
+        }
+        if let Some(v) = self.runtime {
+            spec.runtime = serde_json::from_value(json!(v))?;
+        }
+        if let Some(v) = self.image {
+            spec.image = Some(v);
+        }
+        if let Some(v) = self.pull {
+            spec.pull = serde_json::from_value(json!(v))?;
+        }
+        if let Some(v) = self.network {
+            spec.network = serde_json::from_value(json!(v))?;
+        }
+        if let Some(v) = self.user {
+            spec.user = Some(v);
+        }
+        if let Some(v) = self.memory {
+            spec.limits.memory =
+                Some(serde_json::from_value(json!(v)).map_err(|e| anyhow!("--memory '{v}': {e}"))?);
+        }
+        if let Some(v) = self.cpus {
+            spec.limits.cpus = Some(v);
+        }
+        if let Some(v) = self.pids {
+            spec.limits.pids = Some(v);
         }
         // Paths from the file are absolute by now; those from flags resolve here. Without a
         // working directory they stay relative, and the API refuses them saying why.
@@ -687,10 +747,14 @@ fn tools_to_add(a: ToolAddArgs) -> anyhow::Result<Vec<ToolSpec>> {
             let slug = slug.clone().ok_or_else(|| {
                 anyhow!("give the tool a slug: `switchboard tool add SLUG -- COMMAND [ARGS...]`")
             })?;
-            let Some(command) = fields.command.first() else {
-                bail!(
-                    "give the tool a command after `--`: `switchboard tool add SLUG -- COMMAND [ARGS...]`"
-                );
+            // A container may run its image's own entrypoint: no command needed.
+            let command = match fields.command.first() {
+                Some(c) => c.clone(),
+                None if fields.runtime.as_deref() == Some("docker") => String::new(),
+                None => bail!(
+                    "give the tool a command after `--`: `switchboard tool add SLUG -- COMMAND \
+                     [ARGS...]` (or `--runtime docker --image IMAGE` to run a container image)"
+                ),
             };
             vec![serde_json::from_value(
                 json!({"slug": slug, "command": command}),
@@ -826,8 +890,58 @@ fn print_tool(t: &Tool) {
         ),
         ("replicas", s.replicas.to_string()),
         ("autostart", s.autostart.to_string()),
-        ("id", t.id.to_string()),
+        ("runtime", s.runtime.as_str().to_owned()),
     ];
+    let mut rows = rows.to_vec();
+    if s.runtime == RuntimeKind::Docker {
+        let d = &s.docker;
+        let off: Vec<&str> = [
+            (d.init, "init"),
+            (d.drop_capabilities, "drop_capabilities"),
+            (d.no_new_privileges, "no_new_privileges"),
+            (d.read_only_rootfs, "read_only_rootfs"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| (!on).then_some(name))
+        .collect();
+        rows.extend([
+            ("image", s.image.clone().unwrap_or_default()),
+            ("pull", s.pull.as_str().to_owned()),
+            ("network", s.network.as_str().to_owned()),
+            (
+                "user",
+                s.user
+                    .clone()
+                    .unwrap_or_else(|| format!("{DEFAULT_USER} (default)")),
+            ),
+            (
+                "secure defaults",
+                if off.is_empty() {
+                    "all on".to_owned()
+                } else {
+                    format!("off: {}", off.join(", "))
+                },
+            ),
+        ]);
+    }
+    let l = &s.limits;
+    let limits: Vec<String> = [
+        l.memory.map(|m| format!("memory {m}")),
+        l.cpus.map(|c| format!("cpus {c}")),
+        l.pids.map(|p| format!("pids {p}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    rows.push((
+        "limits",
+        if limits.is_empty() {
+            "(none)".to_owned()
+        } else {
+            limits.join(", ")
+        },
+    ));
+    rows.push(("id", t.id.to_string()));
     for (k, v) in rows {
         println!("{k:<18} {v}");
     }

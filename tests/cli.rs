@@ -354,18 +354,24 @@ fn a_killed_switchboard_adopts_its_running_containers_at_restart() {
         )
     };
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("boxed.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "slug = \"boxed\"\nruntime = \"docker\"\nimage = \"{image}\"\n\
-             args = [\"--host\", \"0.0.0.0\"]\nstartup_timeout_ms = 20000\n\
-             stop_grace_period_ms = 2000\n"
-        ),
-    )
-    .unwrap();
     let mut sb = Serve::start(dir.path(), &[]);
-    sb.ok(&["tool", "add", "--file", file.to_str().unwrap()]);
+    sb.ok(&[
+        "tool",
+        "add",
+        "boxed",
+        "--runtime",
+        "docker",
+        "--image",
+        &image,
+        "--startup-timeout-ms",
+        "20000",
+        "--stop-grace-period-ms",
+        "2000",
+        "--",
+        "/mcp-test-server",
+        "--host",
+        "0.0.0.0",
+    ]);
     let d = sb.json(&["deploy", "boxed", "--wait"])["deployments"][0].clone();
     assert_eq!(d["status"], "RUNNING", "{d}");
     let id = d["id"].as_str().unwrap().to_owned();
@@ -410,6 +416,72 @@ fn a_killed_switchboard_adopts_its_running_containers_at_restart() {
         !docker(&["inspect", &container]).0,
         "the adopted container outlived its stop"
     );
+}
+
+/// `tool add` takes a container's fields as flags (no command needed: the image's entrypoint
+/// runs), `tool show` shows them, and a malformed limit is refused before anything is sent.
+#[test]
+fn tool_add_takes_container_fields_and_limits_as_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let sb = Serve::start(dir.path(), &[]);
+    sb.ok(&[
+        "tool",
+        "add",
+        "boxed",
+        "--runtime",
+        "docker",
+        "--image",
+        "example/server:1.2",
+        "--pull",
+        "missing",
+        "--network",
+        "host",
+        "--user",
+        "1000:1000",
+        "--memory",
+        "64MiB",
+        "--cpus",
+        "0.5",
+        "--pids",
+        "32",
+    ]);
+    let spec = sb.json(&["tool", "show", "boxed"]);
+    assert_eq!(spec["runtime"], "docker", "{spec}");
+    assert_eq!(spec["image"], "example/server:1.2", "{spec}");
+    assert_eq!(spec["command"], "", "{spec}");
+    assert_eq!(spec["pull"], "missing", "{spec}");
+    assert_eq!(spec["network"], "host", "{spec}");
+    assert_eq!(spec["user"], "1000:1000", "{spec}");
+    assert_eq!(
+        spec["limits"],
+        serde_json::json!({"memory": "64MiB", "cpus": 0.5, "pids": 32}),
+        "{spec}"
+    );
+    let text = sb.ok(&["tool", "show", "boxed"]);
+    for row in [
+        "example/server:1.2",
+        "memory 64 MiB, cpus 0.5, pids 32",
+        "all on",
+    ] {
+        assert!(text.contains(row), "`tool show` lacks {row:?}:\n{text}");
+    }
+
+    let (ok, _, err) = sb.cli(&[
+        "tool",
+        "add",
+        "bad",
+        "--runtime",
+        "docker",
+        "--image",
+        "x:1",
+        "--memory",
+        "64XB",
+    ]);
+    assert!(!ok && err.contains("--memory '64XB'"), "{err}");
+    let (ok, _, err) = sb.cli(&["tool", "add", "nocommand"]);
+    assert!(!ok && err.contains("--runtime docker --image"), "{err}");
+    let (ok, _, _) = sb.cli(&["tool", "show", "bad"]);
+    assert!(!ok, "a refused tool was registered");
 }
 
 /// `id`'s process tree (`tree`, main process first) runs on, adopted: the record is RUNNING

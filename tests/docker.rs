@@ -236,6 +236,41 @@ async fn a_missing_image_fails_fast_naming_it_when_pulling_is_not_allowed() {
     );
 }
 
+/// A server that listens on the container's own loopback never answers through the published
+/// port: the failure says so, and says what to do.
+#[tokio::test]
+async fn a_server_bound_to_the_containers_loopback_fails_saying_to_listen_on_all_addresses() {
+    let app = TestApp::start().await;
+    app.add_tool(json!({
+        "slug": "inward", "runtime": "docker", "image": image(),
+        "startup_timeout_ms": 3000,
+        "restart": {"policy": "never"},
+    }))
+    .await;
+    let (st, d) = app
+        .call("POST", "/api/v1/tools/inward/deployments?wait=true", None)
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{d}");
+    let id = d["id"].as_str().unwrap().to_owned();
+    let d = app.wait_status(&id, "FAILED").await;
+    let error = d["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("never became ready") && error.contains("listen on 0.0.0.0"),
+        "the failure does not say where the server must listen: {d}"
+    );
+    // Removed once the failure is handled (the record may say FAILED a moment before).
+    let container = d["instance"]["id"].as_str().unwrap_or_default().to_owned();
+    let mut gone = false;
+    for _ in 0..100 {
+        gone = !exists(&container);
+        if gone {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the failed deployment's container was left: {d}");
+}
+
 #[tokio::test]
 async fn a_stop_kills_a_server_that_ignores_sigterm_after_the_grace_period() {
     let app = TestApp::start().await;

@@ -16,7 +16,7 @@ use crate::{
     proxy::routes::Backend,
     registry::{Tool, ToolSpec, UnreadableSecrets},
     restart::{Backoff, Ending},
-    runtime::{Endpoint, RuntimeError},
+    runtime::{Endpoint, RuntimeError, RuntimeKind, container::Network},
 };
 
 /// Lines of a failed server's log quoted in its record's `error`.
@@ -237,7 +237,19 @@ impl Manager {
                 e = &mut exit => return (Ending::Exited(e.unwrap_or_default()), false),
                 r = self.wait_ready(target, startup) => r,
             };
-            if let Err(not_ready) = ready {
+            if let Err(mut not_ready) = ready {
+                // The mistake every first container makes: a server bound to the container's
+                // own loopback cannot be reached through the published port.
+                if let Ending::NotReady { last_probe, .. } = &mut not_ready
+                    && spec.runtime == RuntimeKind::Docker
+                    && spec.network == Network::Bridge
+                {
+                    last_probe.push_str(
+                        " (a server in a container is reached through its published port: \
+                         if it listens on 127.0.0.1 inside the container, make it listen on \
+                         0.0.0.0)",
+                    );
+                }
                 return (not_ready, false);
             }
             let recorded = self

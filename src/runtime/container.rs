@@ -15,6 +15,15 @@ pub enum Pull {
     Missing,
 }
 
+impl Pull {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pull::Never => "never",
+            Pull::Missing => "missing",
+        }
+    }
+}
+
 /// The network a tool's containers join.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(rename_all = "lowercase")]
