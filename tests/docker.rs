@@ -271,6 +271,52 @@ async fn a_server_bound_to_the_containers_loopback_fails_saying_to_listen_on_all
     assert!(gone, "the failed deployment's container was left: {d}");
 }
 
+/// Replicas of a container tool are containers of their own; a legacy session sticks to its
+/// replica, and the tool's gauges count containers like processes.
+#[tokio::test]
+async fn container_replicas_keep_session_affinity_and_show_in_metrics() {
+    let app = TestApp::with(AppOptions {
+        ports: common::port_range(6),
+        ..Default::default()
+    })
+    .await;
+    add_docker_tool(&app, "reps", &[], json!({"replicas": 2})).await;
+    let a = app.deploy_wait("reps").await;
+    let b = app.deploy_wait("reps").await;
+    assert_ne!(
+        container_of(&a),
+        container_of(&b),
+        "two replicas, one container"
+    );
+    let url = format!("{}/mcp/reps", app.url);
+    let mut used = std::collections::HashSet::new();
+    for _ in 0..12 {
+        let sid = common::legacy_session(&url).await;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..3 {
+            let who = common::whoami_in_session(&url, &sid).await.unwrap();
+            seen.insert(who["deployment"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(seen.len(), 1, "session {sid} was served by {seen:?}");
+        used.extend(seen);
+    }
+    assert_eq!(
+        used.len(),
+        2,
+        "12 sessions over 2 replicas all went to {used:?}"
+    );
+    let metrics = app.metrics_text().await;
+    assert!(
+        metrics.contains(r#"switchboard_deployments{tool="reps",status="RUNNING"} 2"#),
+        "{metrics}"
+    );
+    for d in [&a, &b] {
+        let id = d["id"].as_str().unwrap();
+        app.stop_deployment(id).await;
+        assert!(!exists(&container_of(d)));
+    }
+}
+
 #[tokio::test]
 async fn a_stop_kills_a_server_that_ignores_sigterm_after_the_grace_period() {
     let app = TestApp::start().await;
