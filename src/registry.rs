@@ -334,7 +334,8 @@ fn valid_env_name(name: &str) -> bool {
 
 impl ToolSpec {
     /// The runtime's fields: a container's only with `runtime = "docker"`, which needs an
-    /// image and (in this release) serves Streamable HTTP from a command in its image.
+    /// image and runs a command in it (in this release not an `npx:`/`uvx:` package); a stdio
+    /// tool's server processes are its containers.
     fn validate_runtime(&mut self) -> Result<(), SpecError> {
         self.limits.check().map_err(|e| invalid("limits", e))?;
         if self.runtime == RuntimeKind::Process {
@@ -374,13 +375,6 @@ impl ToolSpec {
                 format!("'{image}' is not an image reference (it contains whitespace)"),
             ));
         }
-        if self.transport == Transport::Stdio {
-            return Err(invalid(
-                "transport",
-                "stdio servers in containers are not supported yet: use runtime = \"process\" \
-                 for a stdio tool, or serve Streamable HTTP from the container",
-            ));
-        }
         if crate::packages::Package::parse(&self.command).is_some() {
             return Err(invalid(
                 "command",
@@ -388,7 +382,8 @@ impl ToolSpec {
                  the package installed, or use runtime = \"process\"",
             ));
         }
-        if self.network == Network::None {
+        // A stdio server listens nowhere: no network is a fine choice for one.
+        if self.network == Network::None && self.transport != Transport::Stdio {
             return Err(invalid(
                 "network",
                 "a Streamable HTTP server with network = \"none\" could not be reached: use \
@@ -902,6 +897,24 @@ mod tests {
     }
 
     #[test]
+    fn a_stdio_tool_runs_in_containers_even_without_a_network() {
+        let stdio = from(
+            serde_json::json!({"slug": "s", "runtime": "docker", "image": "srv:1",
+            "transport": "stdio", "args": ["--stdio"], "network": "none"}),
+        )
+        .unwrap();
+        assert_eq!(stdio.transport, Transport::Stdio);
+        assert_eq!(stdio.network, Network::None);
+        // An HTTP server without a network could not be reached: still refused.
+        let http = from(
+            serde_json::json!({"slug": "h", "runtime": "docker", "image": "srv:1",
+            "network": "none"}),
+        )
+        .unwrap_err();
+        assert!(http.to_string().starts_with("network:"), "{http}");
+    }
+
+    #[test]
     fn container_settings_are_refused_for_a_process() {
         for (field, value) in [
             ("image", serde_json::json!("srv:1")),
@@ -929,11 +942,6 @@ mod tests {
             }
             from(v).unwrap_err().to_string()
         };
-        let stdio = docker(serde_json::json!({"transport": "stdio"}));
-        assert!(
-            stdio.starts_with("transport:") && stdio.contains("not supported yet"),
-            "{stdio}"
-        );
         let npx = docker(serde_json::json!({"command": "npx:some-server"}));
         assert!(
             npx.starts_with("command:") && npx.contains("not supported yet"),

@@ -150,6 +150,7 @@ pub async fn run(
                 addr
             }
         ),
+        docker_host: config.docker.host.clone(),
     };
     // One allocator for every runtime: a host port is never handed out twice.
     let ports = Arc::new(PortAllocator::new(config.port_range.clone()));

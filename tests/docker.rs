@@ -552,3 +552,411 @@ async fn a_server_past_its_memory_limit_is_oom_killed_recorded_so_and_restarted(
     .unwrap_or_else(|_| panic!("no event says why: {seen}"));
     app.stop_deployment(&id).await;
 }
+
+/// The Node test image (Debian minbase, Node, server-everything), or a failure saying how to
+/// get one.
+fn node_image() -> String {
+    let tag = std::env::var("SWITCHBOARD_TEST_NODE_IMAGE").unwrap_or_default();
+    assert!(
+        !tag.is_empty(),
+        "SWITCHBOARD_TEST_NODE_IMAGE is not set: run these tests through scripts/with-docker, \
+         which builds the image (scripts/docker-node-image: debootstrap, the host's node and \
+         tests/npm's server-everything)"
+    );
+    tag
+}
+
+/// A stdio tool whose server processes are containers of the test server's image.
+async fn add_stdio_docker_tool(app: &TestApp, slug: &str, extra: Value) -> Value {
+    let mut body = json!({
+        "slug": slug,
+        "runtime": "docker",
+        "transport": "stdio",
+        "image": image(),
+        "args": ["--stdio"],
+        "startup_timeout_ms": 20000,
+        "stop_grace_period_ms": 3000,
+    });
+    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+        b.extend(e);
+    }
+    app.add_tool(body).await
+}
+
+/// The inspection of each server container of a deployment that still exists when inspected
+/// (a session's container goes when the session ends, which may be between the two); at least
+/// one (the health child's lives as long as its bridge).
+fn inspect_children(deployment: &str) -> Vec<Value> {
+    let found: Vec<Value> = stdio_children(deployment)
+        .iter()
+        .filter_map(|c| {
+            let out = Command::new("docker")
+                .args(["inspect", c])
+                .output()
+                .unwrap();
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            out.status.success().then(|| v[0].clone())
+        })
+        .collect();
+    assert!(!found.is_empty(), "no server container of {deployment}");
+    found
+}
+
+/// The server containers a stdio deployment's bridge runs (any state), by their labels.
+fn stdio_children(deployment: &str) -> Vec<String> {
+    docker(&[
+        "ps",
+        "-aq",
+        "--no-trunc",
+        "--filter",
+        &format!("label=switchboard.deployment={deployment}"),
+        "--filter",
+        "label=switchboard.role=stdio",
+    ])
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+async fn no_children_left(deployment: &str, why: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let left = stdio_children(deployment);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{why}: server containers left: {left:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+fn tool_names(listed: &Value) -> Vec<String> {
+    listed["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn python_client_lists_and_calls_a_stdio_server_whose_processes_are_containers() {
+    let app = TestApp::start().await;
+    add_stdio_docker_tool(
+        &app,
+        "boxed",
+        json!({"secret_env": {"API_TOKEN": "s3cret-value"}, "env": {"MODE": "plain"}}),
+    )
+    .await;
+    let d = app.deploy_wait("boxed").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    // The tool's runtime, as users read it; the instance is the bridge, a host process.
+    assert_eq!(d["runtime"], "docker", "{d}");
+    assert_eq!(d["instance"]["kind"], "process", "{d}");
+    let id = d["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/mcp/boxed", app.url);
+    for era in ["legacy", "modern"] {
+        let listed = common::mcp_client(&["--url", &url, "--era", era, "list-tools"]).await;
+        assert!(
+            tool_names(&listed).contains(&"echo".into()),
+            "{era}: {listed}"
+        );
+        let called = common::mcp_client(&[
+            "--url",
+            &url,
+            "--era",
+            era,
+            "call-tool",
+            "echo",
+            "--args",
+            r#"{"text":"from a stdio container"}"#,
+        ])
+        .await;
+        assert_eq!(
+            called["result"]["content"][0]["text"], "from a stdio container",
+            "{era}: {called}"
+        );
+    }
+
+    // Every server process is a container, labelled and locked down like a deployment's.
+    let children = stdio_children(&id);
+    let node = d["node_id"].as_str().unwrap();
+    for c in inspect_children(&id) {
+        let labels = &c["Config"]["Labels"];
+        assert_eq!(labels["switchboard.node"], node, "{labels}");
+        assert_eq!(labels["switchboard.deployment"], id.as_str(), "{labels}");
+        assert_eq!(labels["switchboard.tool"], "boxed", "{labels}");
+        assert_eq!(labels["switchboard.role"], "stdio", "{labels}");
+        let config = &c["Config"];
+        assert_eq!(config["OpenStdin"], true, "{config}");
+        assert_eq!(config["StdinOnce"], true, "{config}");
+        assert_eq!(config["Tty"], false, "{config}");
+        assert_eq!(config["Image"], image(), "{config}");
+        let host = &c["HostConfig"];
+        assert_eq!(host["AutoRemove"], true, "{host}");
+        assert_eq!(host["CapDrop"], json!(["ALL"]), "{host}");
+        assert_eq!(host["ReadonlyRootfs"], true, "{host}");
+        assert_eq!(host["Init"], true, "{host}");
+        assert_eq!(host["SecurityOpt"], json!(["no-new-privileges"]), "{host}");
+        assert!(host["Tmpfs"].get("/tmp").is_some(), "{host}");
+        // A stdio server listens nowhere: nothing is published.
+        assert!(
+            host["PortBindings"]
+                .as_object()
+                .is_none_or(|p| p.is_empty()),
+            "{host}"
+        );
+        assert_eq!(config["User"], "65534:65534", "{config}");
+        // The environment reaches the server, and the secret nowhere else.
+        let env = config["Env"].to_string();
+        assert!(
+            env.contains("API_TOKEN=s3cret-value") && env.contains("MODE=plain"),
+            "{env}"
+        );
+        let elsewhere = json!([
+            c["Name"],
+            labels,
+            config["Cmd"],
+            config["Entrypoint"],
+            c["Args"]
+        ]);
+        assert!(!elsewhere.to_string().contains("s3cret"), "{elsewhere}");
+    }
+    // Nor on the bridge's command line.
+    let bridge = d["instance"]["pid"].as_u64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{bridge}/cmdline")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains("s3cret"),
+        "the secret is on the bridge's command line"
+    );
+    // The servers' stderr is in the deployment's log.
+    let logs = app.logs(&id, 200).await;
+    assert!(logs.contains("mcp-test-server"), "{logs}");
+
+    let stopped = app.stop_deployment(&id).await;
+    assert_eq!(stopped["status"], "STOPPED", "{stopped}");
+    for child in &children {
+        assert!(
+            !exists(child),
+            "a stopped deployment's server container {child} is left"
+        );
+    }
+    no_children_left(&id, "after the stop").await;
+}
+
+#[tokio::test]
+async fn python_client_lists_and_calls_server_everything_over_stdio_in_the_node_image() {
+    let app = TestApp::start().await;
+    app.add_tool(json!({
+        "slug": "everything-boxed",
+        "runtime": "docker",
+        "transport": "stdio",
+        "image": node_image(),
+        "command": "mcp-server-everything",
+        "args": ["stdio"],
+        "network": "none",
+        "startup_timeout_ms": 30000,
+        "stop_grace_period_ms": 3000,
+    }))
+    .await;
+    let d = app.deploy_wait("everything-boxed").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let id = d["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/mcp/everything-boxed", app.url);
+    let listed = common::mcp_client(&["--url", &url, "list-tools"]).await;
+    assert!(tool_names(&listed).contains(&"echo".into()), "{listed}");
+    assert_eq!(listed["server_name"], "mcp-servers/everything", "{listed}");
+    let called = common::mcp_client(&[
+        "--url",
+        &url,
+        "call-tool",
+        "echo",
+        "--args",
+        r#"{"message":"hello from debian"}"#,
+    ])
+    .await;
+    let text = called["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(text.contains("hello from debian"), "{called}");
+    for c in inspect_children(&id) {
+        let host = &c["HostConfig"];
+        assert_eq!(host["NetworkMode"], "none", "{host}");
+    }
+    app.stop_deployment(&id).await;
+    no_children_left(&id, "after the stop").await;
+}
+
+#[tokio::test]
+async fn an_idle_sessions_server_container_is_reaped() {
+    let app = TestApp::start().await;
+    add_stdio_docker_tool(
+        &app,
+        "reaped",
+        // One process besides the session's (the health child, also the pool).
+        json!({"stdio": {"session_idle_ms": 1000, "spares": 0, "pool_size": 1}}),
+    )
+    .await;
+    let d = app.deploy_wait("reaped").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/mcp/reaped", app.url);
+    let before = stdio_children(&id);
+    let sid = common::legacy_session(&url).await;
+    assert!(common::whoami_in_session(&url, &sid).await.is_ok());
+    // The session's own container: the one that was not there before it.
+    let (st, view) = app
+        .call("GET", &format!("/api/v1/deployments/{id}/sessions"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{view}");
+    assert_eq!(view["sessions"].as_array().unwrap().len(), 1, "{view}");
+    let session_pid = view["sessions"][0]["pid"].as_u64().unwrap();
+    let ours: Vec<String> = stdio_children(&id)
+        .into_iter()
+        .filter(|c| !before.contains(c))
+        .collect();
+    assert_eq!(ours.len(), 1, "not one container for the session: {ours:?}");
+    let session_container = &ours[0];
+    // The sessions view names the container's main process on this host.
+    assert_eq!(
+        inspect(session_container)["State"]["Pid"].as_u64(),
+        Some(session_pid),
+        "{view}"
+    );
+    common::eventually(std::time::Duration::from_secs(30), || async {
+        !exists(session_container)
+    })
+    .await;
+    assert_eq!(
+        common::whoami_in_session(&url, &sid).await.unwrap_err(),
+        StatusCode::NOT_FOUND
+    );
+    // The others (the health child) live on.
+    for c in &before {
+        assert!(exists(c), "a container of no idle session went too: {c}");
+    }
+    app.stop_deployment(&id).await;
+    no_children_left(&id, "after the stop").await;
+}
+
+/// A server container of deployment `id` that its bridge did not start (as one a killed
+/// bridge left, whose server did not exit at the end of its input): its stdin is held open by
+/// the engine, so it runs until removed.
+fn leftover_of(node: &str, id: &str) -> Own {
+    Own(docker(&[
+        "run",
+        "-d",
+        "-i",
+        "--network",
+        "none",
+        "--label",
+        &format!("switchboard.node={node}"),
+        "--label",
+        &format!("switchboard.deployment={id}"),
+        "--label",
+        "switchboard.role=stdio",
+        &image(),
+        "--stdio",
+    ]))
+}
+
+#[tokio::test]
+async fn a_killed_bridges_server_containers_end_with_their_input() {
+    let app = TestApp::start().await;
+    // Not restarted (a new bridge would remove them): what ends them is their closed stdin.
+    add_stdio_docker_tool(&app, "orphaned", json!({"restart": {"policy": "never"}})).await;
+    let d = app.deploy_wait("orphaned").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/mcp/orphaned", app.url);
+    let sid = common::legacy_session(&url).await;
+    assert!(common::whoami_in_session(&url, &sid).await.is_ok());
+    let children = stdio_children(&id);
+    assert!(
+        children.len() >= 2,
+        "health and session containers: {children:?}"
+    );
+    // With the deployment's labels, but no attach connection of the bridge's.
+    let held = leftover_of(d["node_id"].as_str().unwrap(), &id);
+    let bridge = d["instance"]["pid"].as_u64().unwrap();
+    common::sigkill(i32::try_from(bridge).unwrap());
+    common::eventually(std::time::Duration::from_secs(60), || async {
+        children.iter().all(|c| !exists(c))
+    })
+    .await;
+    // Nothing removed containers by their labels: the bridge's ended by themselves.
+    assert_eq!(inspect(&held.0)["State"]["Running"], true);
+    let ended = app.wait_status(&id, "FAILED").await;
+    assert_eq!(ended["restart_count"], 0, "{ended}");
+}
+
+#[tokio::test]
+async fn a_restarted_bridge_removes_what_its_deployment_left_and_serves_again() {
+    let app = TestApp::start().await;
+    add_stdio_docker_tool(&app, "again", json!({"restart": {"initial_delay_ms": 100}})).await;
+    let d = app.deploy_wait("again").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/mcp/again", app.url);
+    let first = stdio_children(&id);
+    let left = leftover_of(d["node_id"].as_str().unwrap(), &id);
+    let bridge = d["instance"]["pid"].as_u64().unwrap();
+    common::sigkill(i32::try_from(bridge).unwrap());
+    let again = app
+        .wait_record(&id, "RUNNING with a new bridge", |r| {
+            r["status"] == "RUNNING" && r["instance"]["pid"].as_u64().is_some_and(|p| p != bridge)
+        })
+        .await;
+    assert_eq!(again["restart_count"], 1, "{again}");
+    assert!(
+        !exists(&left.0),
+        "the new bridge left its deployment's leftover running"
+    );
+    let listed = common::mcp_client(&["--url", &url, "list-tools"]).await;
+    assert!(tool_names(&listed).contains(&"echo".into()), "{listed}");
+    let now = stdio_children(&id);
+    assert!(
+        !now.is_empty() && now.iter().all(|c| !first.contains(c)),
+        "{now:?}"
+    );
+    app.stop_deployment(&id).await;
+    no_children_left(&id, "after the stop").await;
+}
+
+#[tokio::test]
+async fn after_a_crash_a_live_bridges_containers_are_kept_and_a_gone_ones_swept() {
+    let app = TestApp::with(AppOptions::default()).await;
+    add_stdio_docker_tool(&app, "kept-stdio", json!({})).await;
+    let d = app.deploy_wait("kept-stdio").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let node = d["node_id"].as_str().unwrap().to_owned();
+    let children = stdio_children(&id);
+    assert!(!children.is_empty());
+    let dir = app.crash().await;
+
+    // While it is down: a server container of a deployment no bridge runs (its stdin held
+    // open, so it does not end by itself).
+    let leftover = leftover_of(&node, &uuid::Uuid::new_v4().to_string());
+
+    let app = TestApp::start_in(dir, AppOptions::default()).await;
+    let adopted = app.wait_status(&id, "RUNNING").await;
+    assert_eq!(
+        adopted["restart_count"], 0,
+        "restarted, not adopted: {adopted}"
+    );
+    assert!(
+        !exists(&leftover.0),
+        "a gone bridge's server container was not swept"
+    );
+    for c in &children {
+        assert!(
+            exists(c),
+            "the adopted bridge's server container {c} was swept"
+        );
+    }
+    let url = format!("{}/mcp/kept-stdio", app.url);
+    let listed = common::mcp_client(&["--url", &url, "list-tools"]).await;
+    assert!(tool_names(&listed).contains(&"echo".into()), "{listed}");
+    app.stop_deployment(&id).await;
+    no_children_left(&id, "after the stop").await;
+}

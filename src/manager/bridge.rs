@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::{Manager, ManagerError, launch::launch_spec};
 use crate::{
     registry::{ToolSpec, Transport},
-    runtime::{LaunchSpec, Listen, StopMode},
+    runtime::{LaunchSpec, Listen, StopMode, container::StdioContainers},
 };
 
 /// The longest Unix socket path Linux accepts (`sun_path` is 108 bytes with its NUL).
@@ -24,9 +24,26 @@ impl Manager {
 
     /// A stdio deployment runs the bridge, which runs the server: `switchboard __stdio
     /// --socket ... -- <command> <args>`. The tool's environment reaches the server through
-    /// the bridge (never its command line, which any local user can read).
+    /// the bridge (never its command line, which any local user can read). With `runtime =
+    /// "docker"` the bridge is still a host process, and each server process a container: the
+    /// container settings and limits go to the bridge (`--container`), the environment by
+    /// name.
     pub(super) fn bridge_launch_spec(&self, id: Uuid, spec: &ToolSpec) -> LaunchSpec {
         let mut launch = launch_spec(id, spec, Listen::Socket(self.socket_path(id)));
+        let container = launch.container.take().map(|c| StdioContainers {
+            engine: self.hosting.docker_host.clone(),
+            node: self.node_id.clone(),
+            deployment: id,
+            launch: c,
+            limits: std::mem::take(&mut launch.limits),
+            working_dir: launch.working_dir.take(),
+            env: launch
+                .env
+                .iter()
+                .chain(&launch.secret_env)
+                .map(|(k, _)| k.clone())
+                .collect(),
+        });
         let replicas = u64::from(spec.replicas.max(1));
         let sessions = u64::from(spec.stdio.max_sessions).div_ceil(replicas);
         let mut command = vec![std::mem::take(&mut launch.program)];
@@ -44,6 +61,7 @@ impl Manager {
             // within it, so a probe queued behind a busy server's calls is not a failure.
             probe_ms: (spec.health.timeout_ms * 3 / 4).max(100),
             startup_ms: spec.startup_timeout_ms,
+            container,
             command,
         };
         launch.args = bridge.to_args();

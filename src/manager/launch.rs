@@ -45,6 +45,18 @@ pub(super) fn launch_spec(id: Uuid, spec: &ToolSpec, listen: Listen) -> LaunchSp
     }
 }
 
+/// The runtime that runs a deployment's instance (what dispatch assigns it to): a stdio
+/// tool's instance is its bridge, a host process on the process runtime whatever runs the
+/// server processes behind it (with `runtime = "docker"` the bridge starts them as
+/// containers); any other tool's instance runs on the tool's runtime. The record's `runtime`
+/// stays the tool's: it is what people read in `switchboard ps` and the API.
+pub(super) fn instance_runtime(runtime: RuntimeKind, transport: Transport) -> RuntimeKind {
+    match transport {
+        Transport::Stdio => RuntimeKind::Process,
+        Transport::StreamableHttp => runtime,
+    }
+}
+
 impl Manager {
     /// How a deployment of `spec` listens: a stdio server through its bridge's socket (no
     /// port from the range), any other on a port the runtime picks (`prefer`: the one it had).

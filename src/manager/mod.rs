@@ -56,7 +56,7 @@ use crate::{
     ports::PortsExhausted,
     proxy::routes::{Backend, RouteTable},
     registry::{ApplyOutcome, SpecError, Tool, ToolSpec, Transport, UnreadableSecrets},
-    runtime::{Endpoint, RuntimeError, Runtimes},
+    runtime::{Endpoint, InstanceRef, RuntimeError, Runtimes},
     store::{DeleteTool, DeploymentFilter, Store, StoreError},
 };
 
@@ -195,6 +195,9 @@ pub struct Hosting {
     /// Switchboard's own URL (`http://127.0.0.1:7300`): a stdio deployment's endpoint is
     /// `<public_url>/mcp/<slug>`.
     pub public_url: String,
+    /// The container engine's socket (`[docker] host`; `None`: the local defaults), which a
+    /// stdio bridge running its servers as containers connects to.
+    pub docker_host: Option<String>,
 }
 
 /// What [`Manager::scale`] did.
@@ -641,7 +644,7 @@ impl Manager {
             .map_err(ManagerError::from_runtime)?;
         let endpoint = self
             .runtimes
-            .assign(id, spec.runtime)
+            .assign(id, launch::instance_runtime(spec.runtime, spec.transport))
             .and_then(|r| r.reserve(id, &self.listen_for(id, spec, None)))
             .map_err(|e| {
                 self.runtimes.release(id);
@@ -789,9 +792,10 @@ impl Manager {
         follow: bool,
     ) -> Result<crate::runtime::LogStream, ManagerError> {
         let d = self.get_deployment(id).await?;
+        // The output is its instance's (a stdio bridge's log holds its servers' output too).
         let runtime = self
             .runtimes
-            .get(d.runtime)
+            .get(d.instance.as_ref().map_or(d.runtime, InstanceRef::runtime))
             .map_err(ManagerError::from_runtime)?;
         let until = follow.then(|| {
             let this = Arc::clone(self);

@@ -1,12 +1,16 @@
 //! Start-up reconciliation: this node's records and processes brought into agreement before
 //! anything is deployed.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use uuid::Uuid;
 
 use super::{
     Manager, ManagerError,
+    launch::instance_runtime,
     supervisor::{RestartCause, Start},
 };
 use crate::{
@@ -53,7 +57,8 @@ impl Manager {
                     // Adoption only registers the instance with the runtime its record names
                     // (and claims its endpoint); it signals nothing. A runtime that is
                     // unavailable adopts nothing: the restart then says why.
-                    let ours = match (&d.instance, self.runtimes.assign(d.id, d.runtime)) {
+                    let runtime = instance_runtime(d.runtime, tool.spec.transport);
+                    let ours = match (&d.instance, self.runtimes.assign(d.id, runtime)) {
                         (Some(instance), Ok(runtime)) => {
                             runtime
                                 .adopt(
@@ -82,8 +87,13 @@ impl Manager {
         }
         // 2. Act.
         let mut killed = Vec::new();
+        let adopted: HashSet<Uuid> = plans
+            .iter()
+            .filter(|(_, p)| matches!(p, Plan::Adopt(..)))
+            .map(|(d, _)| d.id)
+            .collect();
         for runtime in self.runtimes.all() {
-            killed.extend(runtime.sweep().await);
+            killed.extend(runtime.sweep(&adopted).await);
         }
         let mut done = Reconciled::default();
         for (d, plan) in plans {
@@ -161,7 +171,7 @@ impl Manager {
             Some(e) => e.clone(),
             None => self
                 .runtimes
-                .assign(d.id, d.runtime)
+                .assign(d.id, instance_runtime(d.runtime, tool.spec.transport))
                 .and_then(|r| r.reserve(d.id, &self.listen_for(d.id, &tool.spec, d.port)))
                 .map_err(ManagerError::from_runtime)?,
         };

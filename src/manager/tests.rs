@@ -203,6 +203,7 @@ fn manager_on(
             bridge: "switchboard".into(),
             socket_dir: dir.join("run"),
             public_url: "http://127.0.0.1:7300".to_owned(),
+            docker_host: None,
         },
     )
 }

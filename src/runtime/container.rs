@@ -85,7 +85,7 @@ impl DockerSecurity {
 pub const DEFAULT_USER: &str = "65534:65534";
 
 /// A container's part of a launch, from its tool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerLaunch {
     pub image: String,
     pub pull: Pull,
@@ -95,4 +95,25 @@ pub struct ContainerLaunch {
     pub security: DockerSecurity,
     /// The tool's slug, for the container's labels.
     pub tool: String,
+}
+
+/// How a stdio deployment's bridge runs each server process as a container (`runtime =
+/// "docker"` with `transport = "stdio"`): what the bridge's `--container` option carries, as
+/// JSON. Settings only: the environment travels by name, its values (secrets among them)
+/// reach the bridge through its own environment, never a command line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdioContainers {
+    /// The engine's socket (`None`: the local defaults, `DOCKER_HOST` then
+    /// `/var/run/docker.sock`).
+    pub engine: Option<String>,
+    /// The node whose label the containers carry (so its sweep knows them).
+    pub node: String,
+    pub deployment: uuid::Uuid,
+    pub launch: ContainerLaunch,
+    pub limits: super::Limits,
+    pub working_dir: Option<std::path::PathBuf>,
+    /// The variables, in order, that the bridge passes from its environment to each
+    /// container's.
+    pub env: Vec<String>,
 }

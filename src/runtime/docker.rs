@@ -6,6 +6,8 @@
 //!   ([`NODE_LABEL`], [`DEPLOYMENT_LABEL`]); adoption checks them, the sweep lists by the node
 //!   label, and nothing else is ever stopped or removed. Labels, names and command lines
 //!   never hold a secret: the tool's env and secret_env go to the container's environment.
+//!   A stdio bridge's server containers ([`crate::stdio::container`]) carry the same labels
+//!   plus [`ROLE_LABEL`]: the sweep keeps those of adopted deployments.
 //! - One container per deployment at a time, named `switchboard-<deployment id>`: a restart
 //!   removes the ended container before it creates the next, a release removes the last.
 //! - Exits are seen on one `events` subscription filtered by the node label (resumed with
@@ -17,7 +19,7 @@
 //!   tool's deploy is then refused with [`RuntimeError::Unavailable`].
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::PathBuf,
     sync::{Arc, Mutex, Weak},
     time::{Duration, SystemTime},
@@ -52,6 +54,12 @@ pub const NODE_LABEL: &str = "switchboard.node";
 pub const DEPLOYMENT_LABEL: &str = "switchboard.deployment";
 /// The tool's slug (for people reading `docker ps`).
 pub const TOOL_LABEL: &str = "switchboard.tool";
+/// What a container is to its deployment when it is not the deployment's instance:
+/// [`STDIO_ROLE`] for a stdio server process its bridge started (see [`crate::stdio`]).
+pub const ROLE_LABEL: &str = "switchboard.role";
+/// A stdio deployment's server process: the sweep keeps it while its deployment is
+/// supervised (its bridge runs), and removes it otherwise.
+pub const STDIO_ROLE: &str = "stdio";
 
 /// Published ports are bound here only; the proxy and probes reach them on loopback.
 const HOST: &str = "127.0.0.1";
@@ -106,7 +114,7 @@ impl Inner {
 
 /// Docker reports a container ended by a signal as 128 + the signal number (as shells do;
 /// with `--init` the init process reports its child so).
-fn exit_info(code: Option<i64>) -> ExitInfo {
+pub fn exit_info(code: Option<i64>) -> ExitInfo {
     match code {
         Some(c @ 129..=192) => ExitInfo {
             code: None,
@@ -142,6 +150,86 @@ async fn ended(docker: &Docker, container: &str, code: Option<i64>) -> ExitInfo 
     exit
 }
 
+/// The container the engine creates for a launch: its labels (never a secret), environment
+/// (the tool's env and secret_env), command, user, and a HostConfig with the tool's secure
+/// defaults and limits. `port`: where an HTTP server listens, published on 127.0.0.1 on the
+/// default bridge; `None` for a stdio server, which listens nowhere.
+pub fn create_body(
+    node: &str,
+    spec: &LaunchSpec,
+    c: &ContainerLaunch,
+    port: Option<u16>,
+) -> ContainerCreateBody {
+    let labels = HashMap::from([
+        (NODE_LABEL.to_owned(), node.to_owned()),
+        (DEPLOYMENT_LABEL.to_owned(), spec.deployment_id.to_string()),
+        (TOOL_LABEL.to_owned(), c.tool.clone()),
+    ]);
+    let env = spec
+        .env
+        .iter()
+        .chain(&spec.secret_env)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    // Published on the default bridge only (the host's network needs no publishing).
+    let published = port.filter(|_| c.network == Network::Bridge);
+    let port_key = published.map(|p| format!("{p}/tcp"));
+    let sec = &c.security;
+    let memory = spec
+        .limits
+        .memory
+        .map(|m| i64::try_from(m.0).unwrap_or(i64::MAX));
+    let host_config = HostConfig {
+        init: Some(sec.init),
+        cap_drop: sec.drop_capabilities.then(|| vec!["ALL".to_owned()]),
+        security_opt: sec
+            .no_new_privileges
+            .then(|| vec!["no-new-privileges".to_owned()]),
+        readonly_rootfs: Some(sec.read_only_rootfs),
+        tmpfs: sec
+            .read_only_rootfs
+            .then(|| HashMap::from([("/tmp".to_owned(), "rw,nosuid,nodev,mode=1777".to_owned())])),
+        network_mode: Some(c.network.as_str().to_owned()),
+        port_bindings: published.zip(port_key.clone()).map(|(port, key)| {
+            HashMap::from([(
+                key,
+                Some(vec![PortBinding {
+                    host_ip: Some(HOST.to_owned()),
+                    host_port: Some(port.to_string()),
+                }]),
+            )])
+        }),
+        // Memory and swap alike, so a server cannot escape its limit into swap.
+        memory,
+        memory_swap: memory,
+        nano_cpus: spec.limits.nano_cpus(),
+        pids_limit: spec.limits.pids.map(i64::from),
+        ..Default::default()
+    };
+    // An entrypoint given replaces the image's, and its command with it (as
+    // `docker run --entrypoint` does); arguments alone replace only the command.
+    let (entrypoint, cmd) = match (spec.program.is_empty(), spec.args.is_empty()) {
+        (true, true) => (None, None),
+        (true, false) => (None, Some(spec.args.clone())),
+        (false, _) => (Some(vec![spec.program.clone()]), Some(spec.args.clone())),
+    };
+    ContainerCreateBody {
+        image: Some(c.image.clone()),
+        entrypoint,
+        cmd,
+        env: Some(env),
+        user: Some(c.user.clone()),
+        working_dir: spec
+            .working_dir
+            .as_ref()
+            .map(|w| w.to_string_lossy().into_owned()),
+        labels: Some(labels),
+        exposed_ports: port_key.map(|k| vec![k]),
+        host_config: Some(host_config),
+        ..Default::default()
+    }
+}
+
 pub struct DockerRuntime {
     inner: Arc<Inner>,
     /// The engine's socket; `None`: the local defaults.
@@ -154,7 +242,16 @@ pub struct DockerRuntime {
     connecting: tokio::sync::Mutex<()>,
 }
 
-fn is_status(e: &DockerError, status: u16) -> bool {
+/// The engine at `host` (`None`: the local defaults), at the API version both speak.
+pub async fn connect(host: Option<&str>) -> Result<Docker, DockerError> {
+    let docker = match host {
+        Some(h) => Docker::connect_with_unix(h, ENGINE_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION),
+        None => Docker::connect_with_local_defaults(),
+    }?;
+    docker.negotiate_version().await
+}
+
+pub fn is_status(e: &DockerError, status: u16) -> bool {
     matches!(e, DockerError::DockerResponseServerError { status_code, .. } if *status_code == status)
 }
 
@@ -198,15 +295,7 @@ impl DockerRuntime {
         let since = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let docker = match &self.host {
-            Some(h) => {
-                Docker::connect_with_unix(h, ENGINE_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
-            }
-            None => Docker::connect_with_local_defaults(),
-        }
-        .map_err(Self::unavailable)?;
-        let docker = docker
-            .negotiate_version()
+        let docker = connect(self.host.as_deref())
             .await
             .map_err(Self::unavailable)?;
         tokio::spawn(watch_exits(
@@ -219,7 +308,7 @@ impl DockerRuntime {
 
     /// Removes a container whatever its state, and returns once it is gone (its name free
     /// again); one already gone is fine.
-    async fn remove(docker: &Docker, container: &str) -> Result<(), RuntimeError> {
+    pub async fn remove(docker: &Docker, container: &str) -> Result<(), RuntimeError> {
         match docker
             .remove_container(
                 container,
@@ -256,7 +345,7 @@ impl DockerRuntime {
     }
 
     /// The image is on the host, pulled first where the tool allows it.
-    async fn ensure_image(docker: &Docker, c: &ContainerLaunch) -> Result<(), RuntimeError> {
+    pub async fn ensure_image(docker: &Docker, c: &ContainerLaunch) -> Result<(), RuntimeError> {
         match docker.inspect_image(&c.image).await {
             Ok(_) => return Ok(()),
             Err(e) if is_status(&e, 404) => {}
@@ -278,81 +367,6 @@ impl DockerRuntime {
             step.map_err(|e| RuntimeError::Engine(format!("pulling '{}': {e}", c.image)))?;
         }
         Ok(())
-    }
-
-    fn create_body(
-        &self,
-        spec: &LaunchSpec,
-        c: &ContainerLaunch,
-        port: u16,
-    ) -> ContainerCreateBody {
-        let labels = HashMap::from([
-            (NODE_LABEL.to_owned(), self.inner.node.clone()),
-            (DEPLOYMENT_LABEL.to_owned(), spec.deployment_id.to_string()),
-            (TOOL_LABEL.to_owned(), c.tool.clone()),
-        ]);
-        let env = spec
-            .env
-            .iter()
-            .chain(&spec.secret_env)
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        let port_key = format!("{port}/tcp");
-        let published = c.network == Network::Bridge;
-        let sec = &c.security;
-        let memory = spec
-            .limits
-            .memory
-            .map(|m| i64::try_from(m.0).unwrap_or(i64::MAX));
-        let host_config = HostConfig {
-            init: Some(sec.init),
-            cap_drop: sec.drop_capabilities.then(|| vec!["ALL".to_owned()]),
-            security_opt: sec
-                .no_new_privileges
-                .then(|| vec!["no-new-privileges".to_owned()]),
-            readonly_rootfs: Some(sec.read_only_rootfs),
-            tmpfs: sec.read_only_rootfs.then(|| {
-                HashMap::from([("/tmp".to_owned(), "rw,nosuid,nodev,mode=1777".to_owned())])
-            }),
-            network_mode: Some(c.network.as_str().to_owned()),
-            port_bindings: published.then(|| {
-                HashMap::from([(
-                    port_key.clone(),
-                    Some(vec![PortBinding {
-                        host_ip: Some(HOST.to_owned()),
-                        host_port: Some(port.to_string()),
-                    }]),
-                )])
-            }),
-            // Memory and swap alike, so a server cannot escape its limit into swap.
-            memory,
-            memory_swap: memory,
-            nano_cpus: spec.limits.nano_cpus(),
-            pids_limit: spec.limits.pids.map(i64::from),
-            ..Default::default()
-        };
-        // An entrypoint given replaces the image's, and its command with it (as
-        // `docker run --entrypoint` does); arguments alone replace only the command.
-        let (entrypoint, cmd) = match (spec.program.is_empty(), spec.args.is_empty()) {
-            (true, true) => (None, None),
-            (true, false) => (None, Some(spec.args.clone())),
-            (false, _) => (Some(vec![spec.program.clone()]), Some(spec.args.clone())),
-        };
-        ContainerCreateBody {
-            image: Some(c.image.clone()),
-            entrypoint,
-            cmd,
-            env: Some(env),
-            user: Some(c.user.clone()),
-            working_dir: spec
-                .working_dir
-                .as_ref()
-                .map(|w| w.to_string_lossy().into_owned()),
-            labels: Some(labels),
-            exposed_ports: published.then(|| vec![port_key]),
-            host_config: Some(host_config),
-            ..Default::default()
-        }
     }
 
     async fn start_container(&self, spec: LaunchSpec) -> Result<Started, RuntimeError> {
@@ -380,7 +394,7 @@ impl DockerRuntime {
                         .name(&container_name(id))
                         .build(),
                 ),
-                self.create_body(&spec, &c, port),
+                create_body(&self.inner.node, &spec, &c, Some(port)),
             )
             .await
             .map_err(|e| RuntimeError::Engine(format!("creating the container: {e}")))?;
@@ -519,8 +533,9 @@ impl DockerRuntime {
     }
 
     /// Removes this node's containers that no held instance is: what an earlier Switchboard
-    /// left. Containers without this node's label are never listed, so never touched.
-    async fn sweep_orphans(&self) -> Vec<Uuid> {
+    /// left, and the stdio server containers of deployments not adopted (their bridge is
+    /// gone). Containers without this node's label are never listed, so never touched.
+    async fn sweep_orphans(&self, adopted: &HashSet<Uuid>) -> Vec<Uuid> {
         let docker = match self.docker().await {
             Ok(d) => d,
             Err(e) => {
@@ -556,11 +571,14 @@ impl DockerRuntime {
             if held {
                 continue;
             }
-            let deployment = c
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(DEPLOYMENT_LABEL))
-                .and_then(|d| d.parse::<Uuid>().ok());
+            let label = |k: &str| c.labels.as_ref().and_then(|l| l.get(k));
+            let deployment = label(DEPLOYMENT_LABEL).and_then(|d| d.parse::<Uuid>().ok());
+            // A live bridge's server: its bridge stops it.
+            if label(ROLE_LABEL).is_some_and(|r| r == STDIO_ROLE)
+                && deployment.is_some_and(|d| adopted.contains(&d))
+            {
+                continue;
+            }
             let running = c.state.as_ref().is_some_and(|s| s.to_string() == "running");
             tracing::warn!(container = %cid, deployment = ?deployment, "Removing a container this node left behind");
             if let Err(e) = Self::remove(&docker, &cid).await {
@@ -660,7 +678,9 @@ impl Runtime for DockerRuntime {
     fn reserve(&self, id: Uuid, listen: &Listen) -> Result<Endpoint, RuntimeError> {
         if let Listen::Socket(_) = listen {
             return Err(RuntimeError::Unsupported(
-                "stdio servers in containers are not supported yet".into(),
+                "a stdio deployment's instance is its bridge, a host process (its server \
+                 containers are the bridge's): the process runtime runs it"
+                    .into(),
             ));
         }
         self.endpoints.reserve(id, listen, HOST)
@@ -792,8 +812,8 @@ impl Runtime for DockerRuntime {
             .boxed()
     }
 
-    fn sweep(&self) -> BoxFuture<'_, Vec<Uuid>> {
-        self.sweep_orphans().boxed()
+    fn sweep<'a>(&'a self, adopted: &'a HashSet<Uuid>) -> BoxFuture<'a, Vec<Uuid>> {
+        self.sweep_orphans(adopted).boxed()
     }
 
     /// A container's output is the engine's; Switchboard adds no lines to it.

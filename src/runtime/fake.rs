@@ -209,7 +209,10 @@ impl Runtime for FakeRuntime {
         Box::pin(futures_util::stream::empty())
     }
 
-    fn sweep(&self) -> BoxFuture<'_, Vec<Uuid>> {
+    fn sweep<'a>(
+        &'a self,
+        _adopted: &'a std::collections::HashSet<Uuid>,
+    ) -> BoxFuture<'a, Vec<Uuid>> {
         Box::pin(async { Vec::new() })
     }
 

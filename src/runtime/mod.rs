@@ -36,7 +36,7 @@ pub use container::ContainerLaunch;
 pub use dispatch::Runtimes;
 pub use limits::Limits;
 
-use std::{fmt, path::PathBuf, time::Duration};
+use std::{collections::HashSet, fmt, path::PathBuf, time::Duration};
 
 use bytes::Bytes;
 use futures_util::{future::BoxFuture, stream::BoxStream};
@@ -446,8 +446,10 @@ pub trait Runtime: Send + Sync + 'static {
     fn logs(&self, id: Uuid, tail: usize, until: Option<BoxFuture<'static, ()>>) -> LogStream;
     /// Removes every instance of this node that this runtime does not hold (started or
     /// adopted): what an earlier Switchboard left running when it died. Called once at start,
-    /// after adoption. Returns the ids of those that were still running.
-    fn sweep(&self) -> BoxFuture<'_, Vec<Uuid>>;
+    /// after adoption, with the deployments adopted (by any runtime): what serves one of them
+    /// without being its instance (a stdio bridge's server containers) is kept. Returns the
+    /// ids of those that were still running.
+    fn sweep<'a>(&'a self, adopted: &'a HashSet<Uuid>) -> BoxFuture<'a, Vec<Uuid>>;
     /// Where the deployment's output goes, for lines Switchboard adds (package installs).
     fn log_file(&self, id: Uuid) -> Option<PathBuf>;
     /// Host ports held and the size of the range, for a runtime that allocates them.

@@ -10,7 +10,7 @@
 //! its log at start.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io::{Read as _, Seek as _, SeekFrom},
     path::{Path, PathBuf},
     process::Stdio,
@@ -564,7 +564,7 @@ impl Runtime for ProcessRuntime {
         follow_file(self.log_path(id), tail, until).boxed()
     }
 
-    fn sweep(&self) -> BoxFuture<'_, Vec<Uuid>> {
+    fn sweep<'a>(&'a self, _adopted: &'a HashSet<Uuid>) -> BoxFuture<'a, Vec<Uuid>> {
         self.sweep_orphans().boxed()
     }
 

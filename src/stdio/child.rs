@@ -1,5 +1,7 @@
 //! One stdio MCP server process and the relay around its pipes.
 //!
+//! The process is a host process with piped stdin/stdout/stderr, or a container the bridge is
+//! attached to ([`super::container`]); the relay is the same for both, over any byte streams.
 //! The child reads newline-delimited JSON-RPC on stdin and writes it on stdout. Its stderr is
 //! relayed line by line to the bridge's (the deployment log), and the last lines are kept: a
 //! server that dies says why there ("Cannot access directory /srv/shared"), and the bridge's
@@ -22,21 +24,29 @@
 
 use std::{
     collections::{HashMap, VecDeque},
+    pin::Pin,
     process::Stdio,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, OnceLock,
         atomic::{AtomicU32, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use bytes::Bytes;
+use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    process::{ChildStdin, ChildStdout, Command},
+    io::{
+        AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _,
+        BufReader,
+    },
+    process::Command,
     sync::{mpsc, watch},
 };
+
+use super::container::{Containers, Running};
+use crate::runtime::ExitInfo;
 
 /// Where messages for one HTTP stream go: raw JSON-RPC messages, one per item. Bounded (see
 /// [`STREAM_BOUND`]): a client that stops reading costs at most that much.
@@ -98,8 +108,55 @@ struct Routes {
     ended: Option<String>,
 }
 
+/// What runs the server.
+enum Kind {
+    /// A host process, signalled through its process group.
+    Process,
+    /// A container (its id once created), signalled through the engine.
+    Container(Arc<Containers>, OnceLock<String>),
+}
+
+/// The server's streams, whatever runs it.
+pub(super) struct Io {
+    pub stdin: Pin<Box<dyn AsyncWrite + Send>>,
+    pub stdout: Pin<Box<dyn AsyncRead + Send>>,
+    pub stderr: Pin<Box<dyn AsyncRead + Send>>,
+}
+
+/// How the server's end is learnt once its stdout has closed.
+enum Exit {
+    Process(tokio::process::Child),
+    Container(Running),
+}
+
+impl Exit {
+    async fn status(self) -> String {
+        match self {
+            Exit::Process(mut proc) => {
+                match tokio::time::timeout(Duration::from_secs(2), proc.wait()).await {
+                    Ok(Ok(s)) => describe(s.into()),
+                    Ok(Err(e)) => format!("could not be waited for: {e}"),
+                    Err(_) => {
+                        let _ = proc.start_kill();
+                        match proc.wait().await {
+                            Ok(s) => {
+                                format!("closed its stdout and was killed ({})", describe(s.into()))
+                            }
+                            Err(e) => format!("could not be waited for: {e}"),
+                        }
+                    }
+                }
+            }
+            Exit::Container(running) => describe(running.ended().await),
+        }
+    }
+}
+
 pub struct Child {
-    pub pid: u32,
+    /// The server's pid on this host (a container's main process); 0 until a container
+    /// started.
+    pid: AtomicU32,
+    kind: Kind,
     mode: IdMode,
     writer: Mutex<Option<mpsc::Sender<Bytes>>>,
     routes: Mutex<Routes>,
@@ -197,10 +254,62 @@ impl Child {
         else {
             return Err(std::io::Error::other("stdio pipes missing"));
         };
+        let (child, wrx, exit_tx) = Child::new(mode, Kind::Process);
+        child.pid.store(pid, Ordering::Relaxed);
+        let io = Io {
+            stdin: Box::pin(stdin),
+            stdout: Box::pin(stdout),
+            stderr: Box::pin(stderr),
+        };
+        Arc::clone(&child).relay(io, wrx, exit_tx, Exit::Process(proc));
+        Ok(child)
+    }
+
+    /// Starts a server container in the background: the child is usable at once (what is
+    /// sent waits for the container's stdin), and one that cannot be started ends with why.
+    pub fn spawn_container(containers: &Arc<Containers>, mode: IdMode) -> Arc<Child> {
+        let (child, wrx, exit_tx) = Child::new(
+            mode,
+            Kind::Container(Arc::clone(containers), OnceLock::new()),
+        );
+        let containers = Arc::clone(containers);
+        let starting = Arc::clone(&child);
+        tokio::spawn(async move {
+            match containers.start().await {
+                Ok((running, io)) => {
+                    starting.pid.store(running.pid, Ordering::Relaxed);
+                    if let Kind::Container(_, id) = &starting.kind {
+                        let _ = id.set(running.id.clone());
+                    }
+                    starting.relay(io, wrx, exit_tx, Exit::Container(running));
+                }
+                Err(e) => {
+                    let why = format!(
+                        "could not be started as a container of image '{}': {e}",
+                        containers.image()
+                    );
+                    tracing::error!("{why}");
+                    let _ = exit_tx.send(Some(why.clone()));
+                    starting.fail_all(&why);
+                }
+            }
+        });
+        child
+    }
+
+    fn new(
+        mode: IdMode,
+        kind: Kind,
+    ) -> (
+        Arc<Child>,
+        mpsc::Receiver<Bytes>,
+        watch::Sender<Option<String>>,
+    ) {
         let (wtx, wrx) = mpsc::channel(STREAM_BOUND);
         let (exit_tx, exit_rx) = watch::channel(None);
         let child = Arc::new(Child {
-            pid,
+            pid: AtomicU32::new(0),
+            kind,
             mode,
             writer: Mutex::new(Some(wtx)),
             routes: Mutex::new(Routes::default()),
@@ -211,35 +320,40 @@ impl Child {
             last_active: AtomicU64::new(0),
             last_words: Mutex::new(VecDeque::new()),
         });
-        tokio::spawn(write_loop(stdin, wrx));
+        (child, wrx, exit_tx)
+    }
+
+    /// Runs the relay over the server's streams: one writer task for stdin, one reader task
+    /// for stdout (which learns the end once stdout closes), one for stderr.
+    fn relay(
+        self: Arc<Self>,
+        io: Io,
+        wrx: mpsc::Receiver<Bytes>,
+        exit_tx: watch::Sender<Option<String>>,
+        exit: Exit,
+    ) {
+        tokio::spawn(write_loop(io.stdin, wrx));
         let relay = tokio::spawn({
-            let child = Arc::clone(&child);
-            async move { child.relay_stderr(stderr).await }
+            let child = Arc::clone(&self);
+            async move { child.relay_stderr(io.stderr).await }
         });
-        let reader = Arc::clone(&child);
         tokio::spawn(async move {
-            reader.read_loop(stdout).await;
-            // stdout closed: the process is ending (or closed it, which makes it useless).
-            let status = match tokio::time::timeout(Duration::from_secs(2), proc.wait()).await {
-                Ok(Ok(s)) => describe_exit(s),
-                Ok(Err(e)) => format!("could not be waited for: {e}"),
-                Err(_) => {
-                    let _ = proc.start_kill();
-                    match proc.wait().await {
-                        Ok(s) => format!("closed its stdout and was killed ({})", describe_exit(s)),
-                        Err(e) => format!("could not be waited for: {e}"),
-                    }
-                }
-            };
+            self.read_loop(io.stdout).await;
+            // stdout closed: the server is ending (or closed it, which makes it useless).
+            let status = exit.status().await;
             // Its last words are read before the exit is told (a descendant holding stderr
             // open must not hold that up for long).
             let _ = tokio::time::timeout(Duration::from_secs(1), relay).await;
             // Told before pending requests are failed, so whoever reads such a failure can
             // already ask how the process ended.
             let _ = exit_tx.send(Some(status.clone()));
-            reader.fail_all(&status);
+            self.fail_all(&status);
         });
-        Ok(child)
+    }
+
+    /// The server's pid on this host (0 while a container is being started).
+    pub fn pid(&self) -> u32 {
+        self.pid.load(Ordering::Relaxed)
     }
 
     fn routes(&self) -> MutexGuard<'_, Routes> {
@@ -313,7 +427,7 @@ impl Child {
 
     /// Copies stderr to the bridge's, a line at a time (one write each, so lines of different
     /// children do not interleave), keeping the last few.
-    async fn relay_stderr(&self, stderr: tokio::process::ChildStderr) {
+    async fn relay_stderr(&self, stderr: impl AsyncRead + Unpin) {
         use std::io::Write as _;
         let mut reader = BufReader::new(stderr);
         let mut line = Vec::with_capacity(1024);
@@ -383,7 +497,7 @@ impl Child {
     fn deliver(&self, sink: &Sink, msg: Bytes) {
         if let Err(mpsc::error::TrySendError::Full(_)) = sink.try_send(msg) {
             tracing::warn!(
-                pid = self.pid,
+                pid = self.pid(),
                 "A client is {STREAM_BOUND} messages behind on a request's stream; dropped one"
             );
         }
@@ -502,11 +616,11 @@ impl Child {
         if let Ok(why) = tokio::time::timeout(polite, self.wait()).await {
             return why;
         }
-        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.signal(Signal::SIGTERM);
         if let Ok(why) = tokio::time::timeout(grace, self.wait()).await {
             return why;
         }
-        self.signal(nix::sys::signal::Signal::SIGKILL);
+        self.signal(Signal::SIGKILL);
         // SIGKILL cannot be refused, but a descendant that left the group can hold stdout
         // open; the runtime's cgroup kill takes it, so this wait is bounded.
         tokio::time::timeout(Duration::from_secs(10), self.wait())
@@ -514,15 +628,26 @@ impl Child {
             .unwrap_or_else(|_| "killed (its output is still held open by a descendant)".to_owned())
     }
 
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        if let Ok(pid) = i32::try_from(self.pid) {
-            let pid = nix::unistd::Pid::from_raw(pid);
-            let _ = nix::sys::signal::killpg(pid, sig);
-            let _ = nix::sys::signal::kill(pid, sig);
+    fn signal(&self, sig: Signal) {
+        match &self.kind {
+            Kind::Process => {
+                if let Ok(pid) = i32::try_from(self.pid()) {
+                    let pid = nix::unistd::Pid::from_raw(pid);
+                    let _ = nix::sys::signal::killpg(pid, sig);
+                    let _ = nix::sys::signal::kill(pid, sig);
+                }
+            }
+            // One still being created gets no signal: its stdin is closed already (signals
+            // come after that), so it ends as soon as it starts.
+            Kind::Container(containers, id) => {
+                if let Some(id) = id.get() {
+                    containers.signal(id, sig);
+                }
+            }
         }
     }
 
-    async fn read_loop(&self, stdout: ChildStdout) {
+    async fn read_loop(&self, stdout: impl AsyncRead + Unpin) {
         let mut reader = BufReader::with_capacity(64 * 1024, stdout);
         let mut line = Vec::with_capacity(4096);
         loop {
@@ -534,7 +659,7 @@ impl Child {
             {
                 Ok(n) => n,
                 Err(e) => {
-                    tracing::warn!(pid = self.pid, error = %e, "Cannot read the MCP server's stdout");
+                    tracing::warn!(pid = self.pid(), error = %e, "Cannot read the MCP server's stdout");
                     break;
                 }
             };
@@ -543,10 +668,10 @@ impl Child {
             }
             if line.len() > MAX_LINE {
                 tracing::error!(
-                    pid = self.pid,
+                    pid = self.pid(),
                     "The MCP server wrote a line over 16 MiB; killing it"
                 );
-                self.signal(nix::sys::signal::Signal::SIGKILL);
+                self.signal(Signal::SIGKILL);
                 break;
             }
             let text = line.trim_ascii();
@@ -556,7 +681,7 @@ impl Child {
             match serde_json::from_slice::<Value>(text) {
                 Ok(msg) => self.route(msg, text),
                 Err(e) => {
-                    tracing::warn!(pid = self.pid, error = %e, line = %String::from_utf8_lossy(&text[..text.len().min(200)]), "The MCP server wrote a line that is not JSON; ignored");
+                    tracing::warn!(pid = self.pid(), error = %e, line = %String::from_utf8_lossy(&text[..text.len().min(200)]), "The MCP server wrote a line that is not JSON; ignored");
                 }
             }
         }
@@ -572,7 +697,7 @@ impl Child {
             (false, Some(id)) => {
                 let key = key_of(&id);
                 let Some(p) = routes.pending.remove(&key) else {
-                    tracing::debug!(pid = self.pid, id = %key, "A reply to no pending request; dropped");
+                    tracing::debug!(pid = self.pid(), id = %key, "A reply to no pending request; dropped");
                     return;
                 };
                 if let Some(k) = &p.progress_key {
@@ -653,7 +778,7 @@ impl Child {
                         }));
                     } else {
                         tracing::debug!(
-                            pid = self.pid,
+                            pid = self.pid(),
                             "A notification on a shared child; dropped"
                         );
                     }
@@ -676,7 +801,7 @@ impl Child {
             }
             (false, None) => {
                 tracing::warn!(
-                    pid = self.pid,
+                    pid = self.pid(),
                     "The MCP server wrote a message that is neither a request, a notification nor a response; ignored"
                 );
             }
@@ -694,7 +819,7 @@ impl Child {
                 Ok(()) => return,
                 Err(mpsc::error::TrySendError::Full(m)) => {
                     tracing::warn!(
-                        pid = self.pid,
+                        pid = self.pid(),
                         "A client stopped reading its session's stream ({STREAM_BOUND} messages behind); closed the stream"
                     );
                     routes.listener = None;
@@ -706,7 +831,7 @@ impl Child {
         if routes.backlog.len() == MAX_BACKLOG {
             routes.backlog.pop_front();
             tracing::warn!(
-                pid = self.pid,
+                pid = self.pid(),
                 "No client stream is open; dropping the oldest held server message"
             );
         }
@@ -765,9 +890,9 @@ pub fn encode(v: &Value) -> Bytes {
     Bytes::from(serde_json::to_vec(v).unwrap_or_default())
 }
 
-fn describe_exit(s: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt as _;
-    match (s.code(), s.signal()) {
+/// How a server ended, in the words the bridge's messages use.
+fn describe(e: ExitInfo) -> String {
+    match (e.code, e.signal) {
         (Some(c), _) => format!("exited with status {c}"),
         (None, Some(sig)) => match nix::sys::signal::Signal::try_from(sig) {
             Ok(name) => format!("killed by signal {sig} ({name})"),
@@ -778,7 +903,7 @@ fn describe_exit(s: std::process::ExitStatus) -> String {
 }
 
 /// Writes lines to the child's stdin, batching what is queued into one flush.
-async fn write_loop(stdin: ChildStdin, mut rx: mpsc::Receiver<Bytes>) {
+async fn write_loop(stdin: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver<Bytes>) {
     let mut out = tokio::io::BufWriter::with_capacity(64 * 1024, stdin);
     while let Some(line) = rx.recv().await {
         let mut ok = out.write_all(&line).await.is_ok() && out.write_all(b"\n").await.is_ok();
@@ -790,5 +915,7 @@ async fn write_loop(stdin: ChildStdin, mut rx: mpsc::Receiver<Bytes>) {
             break;
         }
     }
-    // Dropping stdin closes it: the server sees end of input.
+    // The server sees the end of its input: a pipe closes when dropped, but a container's
+    // attach connection is also read from, so only shutting its write half down ends it.
+    let _ = out.shutdown().await;
 }

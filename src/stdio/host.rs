@@ -26,7 +26,10 @@ use std::{
 
 use serde_json::{Value, json};
 
-use super::child::{Child, IdMode};
+use super::{
+    child::{Child, IdMode},
+    container::Containers,
+};
 
 #[derive(Debug, Clone)]
 pub struct HostConfig {
@@ -41,6 +44,9 @@ pub struct HostConfig {
     pub probe: Duration,
     /// How long a stopping child gets after its stdin closes, and again after SIGTERM.
     pub grace: Duration,
+    /// Each server process is a container of this engine and image (`runtime = "docker"`);
+    /// `None`: a host process of `program`.
+    pub containers: Option<Arc<Containers>>,
 }
 
 /// A stdio server is `Legacy` or `Modern` (HTTP+SSE is an HTTP transport).
@@ -178,6 +184,9 @@ impl Host {
 
     /// Starts a server process. Never called with the state locked.
     fn spawn(&self, mode: IdMode) -> Result<Arc<Child>, HostError> {
+        if let Some(containers) = &self.config.containers {
+            return Ok(Child::spawn_container(containers, mode));
+        }
         Child::spawn(&self.config.program, &self.config.args, mode).map_err(|source| {
             HostError::Spawn {
                 program: self.config.program.clone(),
@@ -625,7 +634,7 @@ impl Host {
         tokio::spawn(async move {
             let why = s.child.wait().await;
             if host.state().sessions.remove(&s.id).is_some() {
-                tracing::warn!(session = %s.id, pid = s.child.pid, "MCP session ended: its server process {why}");
+                tracing::warn!(session = %s.id, pid = s.child.pid(), "MCP session ended: its server process {why}");
             }
         });
         Ok(())
@@ -768,6 +777,7 @@ mod tests {
             spares: 1,
             probe: Duration::from_secs(10),
             grace: Duration::from_millis(500),
+            containers: None,
         })
     }
 

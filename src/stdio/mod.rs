@@ -9,7 +9,9 @@
 //! it; file permissions keep other local users out. It spawns the server's processes itself
 //! (see [`host`] for which client gets which child, and [`child`] for the relay), and children
 //! write their stderr through it, a line at a time, so their logs land in the deployment log,
-//! stamped (and the bridge's errors about a child can quote its last lines).
+//! stamped (and the bridge's errors about a child can quote its last lines). With `runtime =
+//! "docker"` each of those processes is a container the bridge starts and attaches to
+//! ([`container`]); the bridge itself stays a host process.
 //!
 //! HTTP surface on the socket:
 //! - `POST /mcp`: one JSON-RPC message. `initialize` without a session opens a legacy session;
@@ -28,6 +30,7 @@
 //! the grace period.
 
 pub mod child;
+pub mod container;
 pub mod host;
 
 use std::{convert::Infallible, ffi::OsString, path::PathBuf, sync::Arc, time::Duration};
@@ -47,11 +50,15 @@ use tokio::sync::mpsc;
 
 use self::{
     child::{SendError, encode},
+    container::Containers,
     host::{Era, Host, HostConfig, HostError},
 };
-use crate::mcp::{
-    self,
-    jsonrpc::{Message, code},
+use crate::{
+    mcp::{
+        self,
+        jsonrpc::{Message, code},
+    },
+    runtime::container::StdioContainers,
 };
 
 /// An HTTP client for a bridge's socket (its `/health` and `/sessions`): every connection goes
@@ -75,7 +82,7 @@ pub fn is_bridge_invocation() -> bool {
 /// The bridge's command line: built by the manager ([`to_args`](Self::to_args)) and parsed by
 /// the bridge ([`parse_command_line`](Self::parse_command_line)), never typed by people. One
 /// type for both sides, so an option cannot be written under one name and read under another.
-#[derive(Debug, Clone, PartialEq, Eq, clap::Parser)]
+#[derive(Debug, Clone, PartialEq, clap::Parser)]
 #[command(name = "switchboard __stdio")]
 pub struct BridgeArgs {
     /// Unix socket to serve Streamable HTTP on.
@@ -103,7 +110,12 @@ pub struct BridgeArgs {
     /// How long the first process may take to answer its first request.
     #[arg(long, default_value_t = 30_000)]
     pub startup_ms: u64,
-    /// The server's program and arguments.
+    /// Each server process is a container (`runtime = "docker"`): the engine, image and
+    /// container settings, as JSON. Names its environment, never a value of it.
+    #[arg(long, value_parser = parse_containers)]
+    pub container: Option<StdioContainers>,
+    /// The server's program and arguments (for a container, its entrypoint and command;
+    /// an empty program keeps the image's).
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
 }
@@ -131,8 +143,12 @@ impl BridgeArgs {
             self.probe_ms.to_string(),
             "--startup-ms".to_owned(),
             self.startup_ms.to_string(),
-            "--".to_owned(),
         ];
+        if let Some(c) = &self.container {
+            args.push("--container".to_owned());
+            args.push(serde_json::to_string(c).unwrap_or_default());
+        }
+        args.push("--".to_owned());
         args.extend(self.command.iter().cloned());
         args
     }
@@ -148,6 +164,10 @@ impl BridgeArgs {
             .filter_map(|(i, a)| (i != 1).then_some(a));
         <BridgeArgs as clap::Parser>::try_parse_from(args)
     }
+}
+
+fn parse_containers(json: &str) -> Result<StdioContainers, String> {
+    serde_json::from_str(json).map_err(|e| format!("not the bridge's container settings: {e}"))
 }
 
 /// Entry point of `switchboard __stdio`. Never returns.
@@ -194,6 +214,26 @@ pub async fn serve(
     let Some((program, rest)) = args.command.split_first() else {
         anyhow::bail!("no server command given");
     };
+    let containers = match &args.container {
+        Some(settings) => {
+            let containers = Containers::connect(settings.clone(), program, rest)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot run the MCP server's containers (image '{}')",
+                        settings.launch.image
+                    )
+                })?;
+            containers.remove_leftovers().await;
+            Some(containers)
+        }
+        None => None,
+    };
+    // What the messages call the server.
+    let server = match &containers {
+        Some(c) => format!("image {}", c.image()),
+        None => program.clone(),
+    };
     let host = Host::new(HostConfig {
         program: program.clone(),
         args: rest.to_vec(),
@@ -203,6 +243,7 @@ pub async fn serve(
         spares: args.spares,
         probe: Duration::from_millis(args.probe_ms.max(1)),
         grace: Duration::from_millis(args.grace_ms),
+        containers,
     });
     // A socket left by a process that is gone (the bridge is the only one to bind it).
     let _ = std::fs::remove_file(&args.socket);
@@ -213,7 +254,7 @@ pub async fn serve(
         std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("cannot restrict {}", args.socket.display()))?;
     }
-    tracing::info!(program = %program, socket = %args.socket.display(), "stdio bridge listening");
+    tracing::info!(server = %server, socket = %args.socket.display(), "stdio bridge listening");
 
     // The first process: its era decides how requests are served. A server that cannot even
     // answer its first request fails the deployment's start (the supervisor restarts it).
@@ -226,7 +267,7 @@ pub async fn serve(
         Err(e) => {
             host.stop_all().await;
             let _ = std::fs::remove_file(&args.socket);
-            return Err(e.context(format!("MCP server '{program}' failed to start")));
+            return Err(e.context(format!("MCP server '{server}' failed to start")));
         }
     };
     tracing::info!(era = ?era, "MCP server answered; serving");
@@ -734,7 +775,7 @@ async fn sessions(State(host): State<Arc<Host>>) -> Response {
         .into_iter()
         .map(|s| SessionInfo {
             id: s.id.clone(),
-            pid: s.child.pid,
+            pid: s.child.pid(),
             created_at: s.created,
             in_flight: s.child.in_flight(),
             stream_open: s.child.has_listener(),
@@ -749,7 +790,7 @@ async fn sessions(State(host): State<Arc<Host>>) -> Response {
             .children()
             .iter()
             .filter(|c| c.alive())
-            .map(|c| c.pid)
+            .map(|c| c.pid())
             .collect(),
     };
     (StatusCode::OK, axum::Json(body)).into_response()
@@ -770,6 +811,7 @@ mod tests {
             grace_ms: 567,
             probe_ms: 890,
             startup_ms: 4_321,
+            container: None,
             // A server argument that looks like a bridge option stays the server's.
             command: vec![
                 "node".into(),
