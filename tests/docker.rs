@@ -633,15 +633,6 @@ async fn no_children_left(deployment: &str, why: &str) {
     }
 }
 
-fn tool_names(listed: &Value) -> Vec<String> {
-    listed["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[tokio::test]
 async fn python_client_lists_and_calls_a_stdio_server_whose_processes_are_containers() {
     let app = TestApp::start().await;
@@ -661,7 +652,7 @@ async fn python_client_lists_and_calls_a_stdio_server_whose_processes_are_contai
     for era in ["legacy", "modern"] {
         let listed = common::mcp_client(&["--url", &url, "--era", era, "list-tools"]).await;
         assert!(
-            tool_names(&listed).contains(&"echo".into()),
+            common::tool_names(&listed).contains(&"echo".into()),
             "{era}: {listed}"
         );
         let called = common::mcp_client(&[
@@ -767,7 +758,10 @@ async fn python_client_lists_and_calls_server_everything_over_stdio_in_the_node_
     let id = d["id"].as_str().unwrap().to_owned();
     let url = format!("{}/mcp/everything-boxed", app.url);
     let listed = common::mcp_client(&["--url", &url, "list-tools"]).await;
-    assert!(tool_names(&listed).contains(&"echo".into()), "{listed}");
+    assert!(
+        common::tool_names(&listed).contains(&"echo".into()),
+        "{listed}"
+    );
     assert_eq!(listed["server_name"], "mcp-servers/everything", "{listed}");
     let called = common::mcp_client(&[
         "--url",
@@ -913,7 +907,10 @@ async fn a_restarted_bridge_removes_what_its_deployment_left_and_serves_again() 
         "the new bridge left its deployment's leftover running"
     );
     let listed = common::mcp_client(&["--url", &url, "list-tools"]).await;
-    assert!(tool_names(&listed).contains(&"echo".into()), "{listed}");
+    assert!(
+        common::tool_names(&listed).contains(&"echo".into()),
+        "{listed}"
+    );
     let now = stdio_children(&id);
     assert!(
         !now.is_empty() && now.iter().all(|c| !first.contains(c)),
@@ -956,7 +953,10 @@ async fn after_a_crash_a_live_bridges_containers_are_kept_and_a_gone_ones_swept(
     }
     let url = format!("{}/mcp/kept-stdio", app.url);
     let listed = common::mcp_client(&["--url", &url, "list-tools"]).await;
-    assert!(tool_names(&listed).contains(&"echo".into()), "{listed}");
+    assert!(
+        common::tool_names(&listed).contains(&"echo".into()),
+        "{listed}"
+    );
     app.stop_deployment(&id).await;
     no_children_left(&id, "after the stop").await;
 }

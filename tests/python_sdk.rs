@@ -4,21 +4,12 @@
 
 mod common;
 
-use common::TestApp;
+use common::{TestApp, tool_names};
 use serde_json::{Value, json};
 
 /// Runs tests/python/mcp_client.py; its stdout is one JSON object.
 async fn client(args: &[&str]) -> Value {
     common::mcp_client(args).await
-}
-
-fn tool_names(v: &Value) -> Vec<String> {
-    v["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap().to_owned())
-        .collect()
 }
 
 #[tokio::test]

@@ -251,6 +251,22 @@ pub async fn connect(host: Option<&str>) -> Result<Docker, DockerError> {
     docker.negotiate_version().await
 }
 
+/// The containers, in any state, that carry every one of `labels` (`key=value`).
+pub async fn labelled(
+    docker: &Docker,
+    labels: Vec<String>,
+) -> Result<Vec<bollard::models::ContainerSummary>, DockerError> {
+    let filters = HashMap::from([("label", labels)]);
+    docker
+        .list_containers(Some(
+            ListContainersOptionsBuilder::new()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+}
+
 pub fn is_status(e: &DockerError, status: u16) -> bool {
     matches!(e, DockerError::DockerResponseServerError { status_code, .. } if *status_code == status)
 }
@@ -543,14 +559,7 @@ impl DockerRuntime {
                 return Vec::new();
             }
         };
-        let filters = HashMap::from([("label", vec![format!("{NODE_LABEL}={}", self.inner.node)])]);
-        let listed = match docker
-            .list_containers(Some(
-                ListContainersOptionsBuilder::new()
-                    .all(true)
-                    .filters(&filters)
-                    .build(),
-            ))
+        let listed = match labelled(&docker, vec![format!("{NODE_LABEL}={}", self.inner.node)])
             .await
         {
             Ok(l) => l,

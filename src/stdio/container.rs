@@ -18,14 +18,14 @@
 //! - Environment values come from the bridge's own environment, by the names its
 //!   `--container` option lists: secrets never reach a command line.
 
-use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use bollard::{
     Docker,
     errors::Error as DockerError,
     query_parameters::{
         AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, KillContainerOptionsBuilder,
-        ListContainersOptionsBuilder, WaitContainerOptionsBuilder,
+        WaitContainerOptionsBuilder,
     },
 };
 use futures_util::StreamExt as _;
@@ -148,24 +148,12 @@ impl Containers {
     /// killed, and its servers did not exit at the end of their input). Only this node's
     /// containers with this deployment's label and the stdio role are listed.
     pub async fn remove_leftovers(&self) -> usize {
-        let filters = HashMap::from([(
-            "label",
-            vec![
-                format!("{NODE_LABEL}={}", self.config.node),
-                format!("{DEPLOYMENT_LABEL}={}", self.config.deployment),
-                format!("{ROLE_LABEL}={STDIO_ROLE}"),
-            ],
-        )]);
-        let listed = match self
-            .docker
-            .list_containers(Some(
-                ListContainersOptionsBuilder::new()
-                    .all(true)
-                    .filters(&filters)
-                    .build(),
-            ))
-            .await
-        {
+        let labels = vec![
+            format!("{NODE_LABEL}={}", self.config.node),
+            format!("{DEPLOYMENT_LABEL}={}", self.config.deployment),
+            format!("{ROLE_LABEL}={STDIO_ROLE}"),
+        ];
+        let listed = match docker::labelled(&self.docker, labels).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "Cannot list the server containers an earlier bridge left");

@@ -752,6 +752,8 @@ async fn health(State(host): State<Arc<Host>>) -> Response {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct SessionInfo {
     pub id: String,
+    /// The session's server process on this host (a container's main process, for a tool
+    /// with `runtime = "docker"`; 0 while its container is being started).
     pub pid: u32,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub in_flight: u32,

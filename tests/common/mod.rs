@@ -973,6 +973,16 @@ pub fn mcp_client_script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/mcp_client.py")
 }
 
+/// The tool names in mcp_client.py's `list-tools` output.
+pub fn tool_names(listed: &Value) -> Vec<String> {
+    listed["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// Runs mcp_client.py to completion; its stdout is one JSON object.
 pub async fn mcp_client(args: &[&str]) -> Value {
     mcp_client_as(None, args).await
