@@ -362,13 +362,41 @@ impl Drop for TestApp {
     }
 }
 
-/// Kills every process tree of the Switchboard node that used `data_dir`, and removes its
-/// cgroups.
+/// Removes every container of a Switchboard node (a test that panicked leaves its node's
+/// containers behind; scripts/with-docker would then fail the run naming them). Nothing to do
+/// where no docker CLI or engine is.
+fn remove_node_containers(node: &str) {
+    let Ok(out) = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=switchboard.node={node}"),
+        ])
+        .output()
+    else {
+        return;
+    };
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    if !ids.is_empty() {
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "-f"])
+            .args(&ids)
+            .output();
+    }
+}
+
+/// Kills every process tree and container of the Switchboard node that used `data_dir`, and
+/// removes its cgroups.
 pub fn kill_node_trees(data_dir: &std::path::Path) {
     use switchboard::runtime::cgroup::{self, CgroupRoot};
     let Ok(node) = std::fs::read_to_string(data_dir.join("node-id")) else {
         return;
     };
+    remove_node_containers(node.trim());
     let Ok(root) = CgroupRoot::detect(node.trim()) else {
         return;
     };
