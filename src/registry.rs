@@ -232,7 +232,9 @@ pub struct ToolSpec {
     pub docker: DockerSecurity,
     /// Resources a deployment may use (`{ memory = "256MiB", cpus = 0.5, pids = 128 }`, each
     /// optional): a server killed for exceeding its memory is recorded as "out of memory" and
-    /// restarted per its policy. Enforced by the docker runtime; processes refuse them.
+    /// restarted per its policy. Enforced for containers (their HostConfig) and processes
+    /// (cgroup controllers, v2 or v1; a stdio tool's bridge and servers share them); a host
+    /// that cannot enforce one refuses the deploy (409 `limits_unenforceable`).
     #[serde(default, skip_serializing_if = "Limits::is_none")]
     pub limits: Limits,
 }
@@ -339,14 +341,6 @@ impl ToolSpec {
     fn validate_runtime(&mut self) -> Result<(), SpecError> {
         self.limits.check().map_err(|e| invalid("limits", e))?;
         if self.runtime == RuntimeKind::Process {
-            // Never silently unlimited: the process runtime cannot enforce them yet.
-            if !self.limits.is_none() {
-                return Err(invalid(
-                    "limits",
-                    "are enforced for runtime = \"docker\" only (processes cannot be limited \
-                     yet): run the tool as a container, or remove its limits",
-                ));
-            }
             let container_only = [
                 ("image", self.image.is_some()),
                 ("pull", self.pull != Pull::default()),
@@ -967,7 +961,7 @@ mod tests {
     }
 
     #[test]
-    fn limits_are_validated_naming_the_field_and_never_ignored_for_a_process() {
+    fn limits_are_validated_naming_the_field_for_every_runtime() {
         let docker = |limits: serde_json::Value| {
             from(
                 serde_json::json!({"slug": "d", "runtime": "docker", "image": "srv:1",
@@ -985,12 +979,13 @@ mod tests {
             assert!(err.starts_with("limits: "), "{bad}: {err}");
         }
         let process = from(serde_json::json!({"slug": "p", "command": "x",
-            "limits": {"memory": "256MiB"}}))
+            "limits": {"memory": "256MiB", "cpus": 0.5, "pids": 128}}))
+        .unwrap();
+        assert_eq!(process.limits, ok.limits);
+        let bad = from(serde_json::json!({"slug": "p", "command": "x",
+            "limits": {"pids": 0}}))
         .unwrap_err()
         .to_string();
-        assert!(
-            process.starts_with("limits:") && process.contains("runtime = \"docker\""),
-            "{process}"
-        );
+        assert!(bad.starts_with("limits: "), "{bad}");
     }
 }

@@ -29,7 +29,7 @@ use crate::{
     runtime::{
         Runtimes,
         docker::DockerRuntime,
-        process::{ProcessRuntime, TreeTracking},
+        process::{Placement, ProcessRuntime},
     },
     secrets::SecretKey,
     store::{Store, redact_url},
@@ -128,11 +128,16 @@ pub async fn run(
         Some(p) => p.clone(),
         None => std::env::current_exe().context("locating the switchboard executable")?,
     };
-    let (tracking, warning) = TreeTracking::detect(&node, shim.clone());
+    let (placement, warning) = Placement::detect(&node, shim.clone());
     if let Some(w) = warning {
         tracing::warn!("{w}");
     }
-    tracing::info!(tracking = %tracking.describe(), node = %node, "Process runtime ready");
+    tracing::info!(
+        tracking = %placement.tracking.describe(),
+        limits = %placement.limits.describe(),
+        node = %node,
+        "Process runtime ready"
+    );
     let socket_dir = data_dir.join("run");
     std::fs::create_dir_all(&socket_dir)
         .with_context(|| format!("creating {}", socket_dir.display()))?;
@@ -155,7 +160,7 @@ pub async fn run(
     // One allocator for every runtime: a host port is never handed out twice.
     let ports = Arc::new(PortAllocator::new(config.port_range.clone()));
     let runtime = Arc::new(ProcessRuntime::new(
-        tracking,
+        placement,
         data_dir.join("logs"),
         Arc::clone(&ports),
     ));

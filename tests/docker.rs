@@ -497,59 +497,10 @@ async fn a_server_past_its_memory_limit_is_oom_killed_recorded_so_and_restarted(
     assert_eq!(d["status"], "RUNNING", "{d}");
     let id = d["id"].as_str().unwrap().to_owned();
     let first = container_of(&d);
-    let mut events = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("{}/api/v1/events?tool=hog", app.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(events.status(), StatusCode::OK);
-    // The call cannot be answered: the kernel kills the server first.
-    let url = format!("{}/mcp/hog", app.url);
-    let out = common::mcp_client_output(
-        None,
-        &[
-            "--url",
-            &url,
-            "call-tool",
-            "allocate",
-            "--args",
-            r#"{"mib":256}"#,
-        ],
-    )
-    .await;
-    assert!(
-        !String::from_utf8_lossy(&out.stdout).contains("allocated"),
-        "the server allocated past its limit: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let again = app
-        .wait_record(&id, "RUNNING again after the OOM kill", |r| {
-            r["status"] == "RUNNING" && r["instance"]["id"].as_str().is_some_and(|c| c != first)
-        })
-        .await;
-    let last_exit = again["last_exit"].as_str().unwrap_or_default();
-    assert!(
-        last_exit.contains("out of memory: limit 32 MiB"),
-        "last_exit does not say why: {again}"
-    );
-    // The transition that ended the first container says why (bounded: a missing event
-    // fails instead of hanging).
-    let mut seen = String::new();
-    tokio::time::timeout(std::time::Duration::from_secs(60), async {
-        while !seen.contains("out of memory: limit 32 MiB") {
-            let chunk = events
-                .chunk()
-                .await
-                .unwrap()
-                .expect("the event stream ended");
-            seen.push_str(&String::from_utf8_lossy(&chunk));
-        }
+    app.oom_kill_and_restart("hog", &id, "out of memory: limit 32 MiB", |r| {
+        r["instance"]["id"].as_str().is_some_and(|c| c != first)
     })
-    .await
-    .unwrap_or_else(|_| panic!("no event says why: {seen}"));
+    .await;
     app.stop_deployment(&id).await;
 }
 

@@ -69,6 +69,7 @@ impl From<ManagerError> for ApiError {
             M::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             M::RuntimeUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "runtime_unavailable"),
             M::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            M::LimitsUnenforceable(_) => (StatusCode::CONFLICT, "limits_unenforceable"),
             M::NotOwner { .. } => (StatusCode::CONFLICT, "not_owner"),
             M::NotLive { .. } => (StatusCode::CONFLICT, "not_live"),
             M::NotStdio(_) => (StatusCode::CONFLICT, "not_stdio"),

@@ -484,7 +484,9 @@ impl WaitParams {
               (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody, description = "`secrets_unreadable`: the \
                tool's secret_env values do not decrypt with this Switchboard's secret key \
-               (the message names them); restore the key or set new values"),
+               (the message names them); restore the key or set new values. \
+               `limits_unenforceable`: the tool has limits this host cannot enforce (the \
+               message names the missing cgroup controller); limits are never ignored"),
               (status = 422, body = ErrorBody), (status = 503, description = "`ports_exhausted` (no free port in the range), `runtime_unavailable` (the tool's runtime is disabled or its engine, such as dockerd, does not answer), `store_unavailable` or `shutting_down`", body = ErrorBody)))]
 async fn deploy(
     State(s): State<AppState>,
@@ -515,7 +517,9 @@ struct ScaleRequest {
               (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody, description = "`secrets_unreadable`: \
                deployments are to be started and the tool's secret_env values do not \
-               decrypt with this Switchboard's secret key"),
+               decrypt with this Switchboard's secret key. `limits_unenforceable`: the \
+               tool has limits this host cannot enforce (the message names the missing \
+               cgroup controller)"),
               (status = 415, body = ErrorBody), (status = 422, body = ErrorBody),
               (status = 503, description = "`ports_exhausted` (no free port in the range), `runtime_unavailable` (the tool's runtime is disabled or its engine, such as dockerd, does not answer), `store_unavailable` or `shutting_down`", body = ErrorBody)))]
 async fn scale_tool(

@@ -99,6 +99,9 @@ pub enum ManagerError {
     RuntimeUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The tool has limits this host cannot enforce (a cgroup controller is missing).
+    #[error("{0}")]
+    LimitsUnenforceable(String),
     #[error("deployment {id} runs on node '{node}'; stop it through that node's API")]
     NotOwner { id: Uuid, node: String },
     #[error("deployment {id} is {status}: only a live deployment can be checked")]
@@ -136,6 +139,9 @@ impl ManagerError {
         match e {
             RuntimeError::PortsExhausted(e) => ManagerError::PortsExhausted(e),
             e @ RuntimeError::Unavailable { .. } => ManagerError::RuntimeUnavailable(e.to_string()),
+            e @ RuntimeError::Limits(crate::runtime::cgroup_limits::LimitError::Missing {
+                ..
+            }) => ManagerError::LimitsUnenforceable(e.to_string()),
             e => ManagerError::Internal(e.to_string()),
         }
     }
@@ -635,12 +641,14 @@ impl Manager {
             )));
         }
         // Claimed before the record is written, so a deploy the runtime cannot host (no port
-        // left, no engine) is refused leaving nothing behind.
-        self.runtimes
+        // left, no engine, limits it cannot enforce) is refused leaving nothing behind.
+        let runtime = self
+            .runtimes
             .get(spec.runtime)
-            .map_err(ManagerError::from_runtime)?
-            .ready()
-            .await
+            .map_err(ManagerError::from_runtime)?;
+        runtime.ready().await.map_err(ManagerError::from_runtime)?;
+        runtime
+            .can_enforce(&spec.limits)
             .map_err(ManagerError::from_runtime)?;
         let endpoint = self
             .runtimes

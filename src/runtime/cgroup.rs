@@ -2,8 +2,9 @@
 //!
 //! A process group misses descendants that call `setsid()`, and re-parenting loses the tree
 //! shape once an intermediate process exits. A cgroup keeps every descendant, whatever it does,
-//! and `cgroup.kill` ends them all atomically. We need no controllers (no limits), only
-//! membership, which is why this works on hosts whose v2 hierarchy exposes no controllers.
+//! and `cgroup.kill` ends them all atomically. Tracking needs no controllers, only
+//! membership, which is why this works on hosts whose v2 hierarchy exposes no controllers
+//! (limits, which do need them, are [`super::cgroup_limits`]'s).
 //!
 //! Layout: `<our cgroup>/switchboard/<node id>/<deployment id>`. The node id keeps two
 //! Switchboard instances on one host (tests run many) out of each other's deployments.
@@ -164,6 +165,30 @@ pub fn kill_all(dir: &Path) -> io::Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(())
+}
+
+/// SIGKILLs what is left in a cgroup, waits (a second at most) for it to empty, removes it.
+pub async fn kill_and_remove(dir: &Path) -> io::Result<()> {
+    kill_all(dir)?;
+    for _ in 0..200 {
+        if procs(dir)?.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    remove(dir)
+}
+
+/// [`kill_and_remove`] for a caller outside any runtime (a test harness cleaning up).
+pub fn kill_and_remove_blocking(dir: &Path) -> io::Result<()> {
+    kill_all(dir)?;
+    for _ in 0..500 {
+        if procs(dir)?.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    remove(dir)
 }
 
 /// Removes an empty cgroup; a missing one is fine.

@@ -1,7 +1,8 @@
-//! The launch shim: `switchboard __launch <cgroup.procs> [--log PATH MAX_BYTES KEEP] --
-//! <program> <args...>`, and the log writer it starts, `switchboard __log PATH MAX_BYTES KEEP`.
+//! The launch shim: `switchboard __launch [--join CGROUP_PROCS]... [--log PATH MAX_BYTES KEEP]
+//! -- <program> <args...>`, and the log writer it starts, `switchboard __log PATH MAX_BYTES KEEP`.
 //!
-//! A child must be in its deployment's cgroup *before* it can fork, or a fast-forking server
+//! A child must be in its deployment's cgroups (the v2 one that tracks its tree, and the v1
+//! ones that hold its limits) *before* it can fork or allocate, or a fast-forking server
 //! could leave a grandchild outside. Moving it from the parent after spawn races; a `pre_exec`
 //! hook would force std off its posix_spawn fast path (fork+exec copies Switchboard's page
 //! tables, which gets slow as its memory grows). So the parent posix_spawns this shim, the shim
@@ -41,34 +42,41 @@ pub fn is_log_invocation() -> bool {
 
 fn usage() -> ! {
     eprintln!(
-        "switchboard: usage: switchboard {SHIM_ARG} CGROUP_PROCS [--log PATH MAX_BYTES KEEP] -- PROGRAM [ARGS...]"
+        "switchboard: usage: switchboard {SHIM_ARG} [--join CGROUP_PROCS]... \
+         [--log PATH MAX_BYTES KEEP] -- PROGRAM [ARGS...]"
     );
     std::process::exit(127);
 }
 
-/// Joins the cgroup and execs the server. Never returns: on failure it explains on stderr
+/// Joins the cgroups and execs the server. Never returns: on failure it explains on stderr
 /// (which is the deployment log) and exits 127, which the supervisor reports as a failed start.
 pub fn run_shim() -> ! {
     let args: Vec<OsString> = std::env::args_os().skip(2).collect();
-    let Some((procs, mut rest)) = args.split_first() else {
-        usage()
-    };
+    let mut rest = args.as_slice();
+    let mut joins = Vec::new();
     let mut log = None;
-    if rest.first().is_some_and(|a| a == "--log") {
-        let [_, path, max, keep, tail @ ..] = rest else {
-            usage()
-        };
-        log = Some((path, max, keep));
-        rest = tail;
+    loop {
+        match rest {
+            [flag, procs, tail @ ..] if flag == "--join" => {
+                joins.push(procs);
+                rest = tail;
+            }
+            [flag, path, max, keep, tail @ ..] if flag == "--log" => {
+                log = Some((path, max, keep));
+                rest = tail;
+            }
+            // The program at least must follow.
+            [dashes, _, ..] if dashes == "--" => {
+                rest = &rest[1..];
+                break;
+            }
+            _ => usage(),
+        }
     }
-    let rest = match rest.split_first() {
-        Some((dashes, rest)) if dashes == "--" && !rest.is_empty() => rest,
-        _ => usage(),
-    };
     let mut server = Command::new(&rest[0]);
     server.args(&rest[1..]);
     if let Some((path, max, keep)) = log {
-        // Started first, so it stays out of the cgroup the shim is about to join.
+        // Started first, so it stays out of the cgroups the shim is about to join.
         match start_log_writer(path, max, keep) {
             Ok(pipe) => match pipe.try_clone() {
                 Ok(dup) => {
@@ -79,12 +87,14 @@ pub fn run_shim() -> ! {
             Err(e) => eprintln!("switchboard: logging without timestamps: {e}"),
         }
     }
-    if let Err(e) = std::fs::write(procs, std::process::id().to_string()) {
-        eprintln!(
-            "switchboard: cannot join the deployment's cgroup ({}): {e}",
-            procs.to_string_lossy()
-        );
-        std::process::exit(127);
+    for procs in joins {
+        if let Err(e) = std::fs::write(procs, std::process::id().to_string()) {
+            eprintln!(
+                "switchboard: cannot join the deployment's cgroup ({}): {e}",
+                procs.to_string_lossy()
+            );
+            std::process::exit(127);
+        }
     }
     let err = server.exec();
     eprintln!(

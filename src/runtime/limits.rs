@@ -1,6 +1,7 @@
 //! A tool's resource limits (`limits = { memory = "256MiB", cpus = 0.5, pids = 128 }`), which
-//! every runtime enforces: the Docker runtime through the container's HostConfig. The
-//! registry validates them and the launch carries them to the runtime.
+//! every runtime enforces: the Docker runtime through the container's HostConfig, the process
+//! runtime through cgroup controllers ([`super::cgroup_limits`]). The registry validates them
+//! and the launch carries them to the runtime.
 
 use std::fmt;
 

@@ -22,6 +22,7 @@
 //! - [`Runtime::sweep`] removes only this node's instances that it does not hold.
 
 pub mod cgroup;
+pub mod cgroup_limits;
 pub mod container;
 pub mod dispatch;
 pub mod docker;
@@ -396,6 +397,9 @@ pub enum RuntimeError {
     /// What the launch asks for is something this runtime does not do.
     #[error("{0}")]
     Unsupported(String),
+    /// The tool's limits cannot be set up (a controller missing, a cgroup not writable).
+    #[error(transparent)]
+    Limits(#[from] cgroup_limits::LimitError),
 }
 
 pub trait Runtime: Send + Sync + 'static {
@@ -404,6 +408,12 @@ pub trait Runtime: Send + Sync + 'static {
     /// so one it cannot host is refused before anything is recorded.
     fn ready(&self) -> BoxFuture<'_, Result<(), RuntimeError>> {
         futures_util::FutureExt::boxed(async { Ok(()) })
+    }
+    /// Whether this runtime can enforce `limits` here; a deploy asks first, so a tool whose
+    /// limits would be ignored is refused before anything is recorded.
+    fn can_enforce(&self, limits: &Limits) -> Result<(), RuntimeError> {
+        let _ = limits;
+        Ok(())
     }
     /// Claims where deployment `id` will listen, before anything runs or is recorded (a host
     /// port from the range, or the named socket). Returns the same endpoint while the claim

@@ -8,6 +8,9 @@
 //! Tree tracking is a cgroup when one can be created (see [`super::cgroup`]), else the process
 //! group alone; the second misses descendants that call `setsid()`, and Switchboard says so in
 //! its log at start.
+//!
+//! A tool's limits put the deployment in limit groups too (see [`super::cgroup_limits`]),
+//! written before the launch shim joins them and removed with the tree.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -30,6 +33,7 @@ use super::{
     Endpoint, ExitInfo, InstanceRef, LaunchSpec, Listen, LogStream, ProcessId, Runtime,
     RuntimeError, RuntimeKind, Started, StopMode, Usage,
     cgroup::{self, CgroupRoot},
+    cgroup_limits::{Groups, LimitGroups},
     endpoints::Endpoints,
     launch::SHIM_ARG,
 };
@@ -50,17 +54,17 @@ const SCRUBBED_ENV: &[&str] = &[
 /// How process trees are tracked.
 #[derive(Debug, Clone)]
 pub enum TreeTracking {
-    /// One cgroup per deployment, joined through the launch shim (the given executable).
-    Cgroup { root: CgroupRoot, shim: PathBuf },
+    /// One cgroup per deployment, joined through the launch shim.
+    Cgroup(CgroupRoot),
     /// The process group only.
     ProcessGroup,
 }
 
 impl TreeTracking {
-    /// Cgroups when possible; `shim` is the switchboard executable that implements `__launch`.
-    pub fn detect(node_id: &str, shim: PathBuf) -> (TreeTracking, Option<String>) {
+    /// Cgroups when possible.
+    pub fn detect(node_id: &str) -> (TreeTracking, Option<String>) {
         match CgroupRoot::detect(node_id) {
-            Ok(root) => (TreeTracking::Cgroup { root, shim }, None),
+            Ok(root) => (TreeTracking::Cgroup(root), None),
             Err(e) => (
                 TreeTracking::ProcessGroup,
                 Some(format!(
@@ -73,15 +77,52 @@ impl TreeTracking {
 
     pub fn describe(&self) -> String {
         match self {
-            TreeTracking::Cgroup { root, .. } => format!("cgroup v2 at {}", root.base().display()),
+            TreeTracking::Cgroup(root) => format!("cgroup v2 at {}", root.base().display()),
             TreeTracking::ProcessGroup => "process groups".to_owned(),
         }
+    }
+
+    /// The node's v2 directory, where deployments' tree-tracking cgroups are.
+    pub fn cgroup_base(&self) -> Option<&Path> {
+        match self {
+            TreeTracking::Cgroup(root) => Some(root.base()),
+            TreeTracking::ProcessGroup => None,
+        }
+    }
+}
+
+/// How a deployment's processes are put where they belong before the server runs.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub tracking: TreeTracking,
+    /// Where tools' limits go (cgroup controllers, v2 or v1).
+    pub limits: LimitGroups,
+    /// The switchboard executable that implements `__launch` (the shim that joins cgroups).
+    pub shim: PathBuf,
+}
+
+impl Placement {
+    /// Tree tracking and limit controllers as this host offers them, and what the log should
+    /// warn about.
+    pub fn detect(node_id: &str, shim: PathBuf) -> (Placement, Option<String>) {
+        let (tracking, warning) = TreeTracking::detect(node_id);
+        let limits = LimitGroups::detect(node_id, tracking.cgroup_base());
+        (
+            Placement {
+                tracking,
+                limits,
+                shim,
+            },
+            warning,
+        )
     }
 }
 
 struct Instance {
     pid: u32,
     cgroup: Option<PathBuf>,
+    /// Its limit groups (v1), removed with the tree.
+    limits: Groups,
     stop: StopMode,
     exit: watch::Receiver<Option<ExitInfo>>,
 }
@@ -123,6 +164,8 @@ impl Instance {
 
 pub struct ProcessRuntime {
     tracking: TreeTracking,
+    limit_groups: LimitGroups,
+    shim: PathBuf,
     logs_dir: PathBuf,
     /// Host ports for instances that listen on one; the range is the config's `port_range`.
     /// Where each deployment listens, from its reservation to its release (across
@@ -142,12 +185,14 @@ const HOST: &str = "127.0.0.1";
 
 impl ProcessRuntime {
     pub fn new(
-        tracking: TreeTracking,
+        placement: Placement,
         logs_dir: PathBuf,
         ports: Arc<PortAllocator>,
     ) -> ProcessRuntime {
         ProcessRuntime {
-            tracking,
+            tracking: placement.tracking,
+            limit_groups: placement.limits,
+            shim: placement.shim,
             logs_dir,
             endpoints: Endpoints::new(ports),
             state: Mutex::new(State::default()),
@@ -178,15 +223,27 @@ impl ProcessRuntime {
     /// Called once when Switchboard exits, after its deployments were stopped or left running:
     /// removes the node's cgroup directory if nothing is left in it.
     pub fn close(&self) {
-        if let TreeTracking::Cgroup { root, .. } = &self.tracking {
+        if let TreeTracking::Cgroup(root) = &self.tracking {
             root.release();
         }
+        self.limit_groups.release();
     }
 
     /// Kills every deployment tree under this node that this runtime does not hold: what an
     /// earlier Switchboard process left running when it died without stopping it.
     async fn sweep_orphans(&self) -> Vec<Uuid> {
-        let TreeTracking::Cgroup { root, .. } = &self.tracking else {
+        let mut swept = self.sweep_tree_orphans().await;
+        for id in self.limit_groups.sweep(|id| self.get(id).is_some()).await {
+            if !swept.contains(&id) {
+                swept.push(id);
+            }
+        }
+        swept
+    }
+
+    /// [`Self::sweep_orphans`] in the tree-tracking cgroups.
+    async fn sweep_tree_orphans(&self) -> Vec<Uuid> {
+        let TreeTracking::Cgroup(root) = &self.tracking else {
             return Vec::new();
         };
         let mut swept = Vec::new();
@@ -195,17 +252,9 @@ impl ProcessRuntime {
                 continue;
             }
             let had_procs = !cgroup::procs(&dir).unwrap_or_default().is_empty();
-            if let Err(e) = cgroup::kill_all(&dir) {
-                tracing::warn!(deployment = %id, error = %e, "Could not kill orphaned tree");
-                continue;
+            if let Err(e) = cgroup::kill_and_remove(&dir).await {
+                tracing::warn!(deployment = %id, error = %e, "Could not remove orphaned tree");
             }
-            for _ in 0..200 {
-                if cgroup::procs(&dir).unwrap_or_default().is_empty() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let _ = cgroup::remove(&dir);
             if had_procs {
                 swept.push(id);
             }
@@ -213,15 +262,13 @@ impl ProcessRuntime {
         swept
     }
 
-    fn spawn(
-        &self,
-        spec: &LaunchSpec,
-    ) -> Result<(u32, Option<PathBuf>, tokio::process::Child), RuntimeError> {
+    fn spawn(&self, spec: &LaunchSpec) -> Result<Spawned, RuntimeError> {
         if let Some(dir) = &spec.working_dir
             && !dir.is_dir()
         {
             return Err(RuntimeError::WorkingDir(dir.clone()));
         }
+        self.limit_groups.check(&spec.limits)?;
         let log_path = self.log_path(spec.deployment_id);
         let log_err = |error| RuntimeError::Log {
             path: log_path.clone(),
@@ -246,23 +293,53 @@ impl ProcessRuntime {
         }
         let stderr = log.try_clone().map_err(log_err)?;
 
-        let (mut cmd, cgroup_dir) = match &self.tracking {
-            TreeTracking::Cgroup { root, shim } => {
-                let dir = root
-                    .create(spec.deployment_id)
-                    .map_err(RuntimeError::Tree)?;
-                let mut cmd = Command::new(shim);
-                cmd.arg(SHIM_ARG)
-                    .arg(dir.join("cgroup.procs"))
-                    .arg("--log")
+        let cgroup_dir = match &self.tracking {
+            TreeTracking::Cgroup(root) => Some(
+                root.create(spec.deployment_id)
+                    .map_err(RuntimeError::Tree)?,
+            ),
+            TreeTracking::ProcessGroup => None,
+        };
+        // Limits are written before anything joins the groups, so the server never runs
+        // without them.
+        let limits = if spec.limits.is_none() {
+            Groups::default()
+        } else {
+            match self
+                .limit_groups
+                .create(spec.deployment_id, &spec.limits, cgroup_dir.as_deref())
+            {
+                Ok(g) => g,
+                Err(e) => {
+                    if let Some(dir) = &cgroup_dir {
+                        let _ = cgroup::remove(dir);
+                    }
+                    return Err(e.into());
+                }
+            }
+        };
+        let joins: Vec<PathBuf> = cgroup_dir
+            .iter()
+            .map(|d| d.join("cgroup.procs"))
+            .chain(limits.procs_files())
+            .collect();
+        let mut cmd = if joins.is_empty() {
+            Command::new(&spec.program)
+        } else {
+            let mut cmd = Command::new(&self.shim);
+            cmd.arg(SHIM_ARG);
+            for procs in &joins {
+                cmd.arg("--join").arg(procs);
+            }
+            // The stamping log writer ends when the tree is gone, which only a cgroup sees.
+            if cgroup_dir.is_some() {
+                cmd.arg("--log")
                     .arg(&log_path)
                     .arg(LOG_MAX_BYTES.to_string())
-                    .arg(LOG_KEEP.to_string())
-                    .arg("--")
-                    .arg(&spec.program);
-                (cmd, Some(dir))
+                    .arg(LOG_KEEP.to_string());
             }
-            TreeTracking::ProcessGroup => (Command::new(&spec.program), None),
+            cmd.arg("--").arg(&spec.program);
+            cmd
         };
         cmd.args(&spec.args)
             .envs(spec.env.iter().chain(&spec.secret_env).map(|(k, v)| (k, v)))
@@ -290,6 +367,7 @@ impl ProcessRuntime {
             if let Some(dir) = &cgroup_dir {
                 let _ = cgroup::remove(dir);
             }
+            limits.remove();
             RuntimeError::Spawn {
                 program: spec.program.clone(),
                 error,
@@ -299,7 +377,12 @@ impl ProcessRuntime {
             program: spec.program.clone(),
             error: std::io::Error::other("process exited before its pid was read"),
         })?;
-        Ok((pid, cgroup_dir, child))
+        Ok(Spawned {
+            pid,
+            cgroup: cgroup_dir,
+            limits,
+            child,
+        })
     }
 
     async fn stop_instance(inst: &Instance, grace: Duration) -> Result<ExitInfo, RuntimeError> {
@@ -332,8 +415,17 @@ impl ProcessRuntime {
         if let Some(dir) = &inst.cgroup {
             let _ = cgroup::remove(dir);
         }
+        inst.limits.remove();
         Ok(inst.exit.borrow().unwrap_or_default())
     }
+}
+
+/// A process just spawned, and where it was placed.
+struct Spawned {
+    pid: u32,
+    cgroup: Option<PathBuf>,
+    limits: Groups,
+    child: tokio::process::Child,
 }
 
 /// Kills what a main process that exited left behind in its tree.
@@ -413,7 +505,7 @@ impl ProcessRuntime {
             return None;
         }
         let cgroup_dir = match &self.tracking {
-            TreeTracking::Cgroup { root, .. } => {
+            TreeTracking::Cgroup(root) => {
                 let dir = root.path(id);
                 if !cgroup::procs(&dir)
                     .unwrap_or_default()
@@ -425,21 +517,26 @@ impl ProcessRuntime {
             }
             TreeTracking::ProcessGroup => None,
         };
+        // Still in its limit groups, with their limits: only their counters are read anew.
+        let limits = self.limit_groups.existing(id, cgroup_dir.as_deref());
         let (tx, rx) = watch::channel(None);
         self.state().instances.insert(
             id,
             Arc::new(Instance {
                 pid: process.pid,
                 cgroup: cgroup_dir.clone(),
+                limits: limits.clone(),
                 stop,
                 exit: rx,
             }),
         );
         tokio::spawn(async move {
             wait_exit(process, pidfd).await;
-            reap_tree(cgroup_dir.as_deref(), process.pid);
             // Not our child: its exit status went to whoever reaped it.
-            let _ = tx.send(Some(ExitInfo::default()));
+            let mut exit = ExitInfo::default();
+            exit.oom_limit = limits.oom_limit(&exit).await;
+            reap_tree(cgroup_dir.as_deref(), process.pid);
+            let _ = tx.send(Some(exit));
         });
         Some(self.endpoints.adopted(id, endpoint))
     }
@@ -454,6 +551,10 @@ impl Runtime for ProcessRuntime {
         self.endpoints.reserve(id, listen, HOST)
     }
 
+    fn can_enforce(&self, limits: &super::Limits) -> Result<(), RuntimeError> {
+        Ok(self.limit_groups.check(limits)?)
+    }
+
     fn release(&self, id: Uuid) {
         self.endpoints.release(id);
     }
@@ -466,7 +567,12 @@ impl Runtime for ProcessRuntime {
                 Endpoint::Tcp { port, .. } => spec.with_port(*port),
                 Endpoint::Unix(_) => spec,
             };
-            let (pid, cgroup_dir, mut child) = self.spawn(&spec)?;
+            let Spawned {
+                pid,
+                cgroup: cgroup_dir,
+                limits,
+                mut child,
+            } = self.spawn(&spec)?;
             // Read before anything can reap the child, so it names this process.
             let process = ProcessId {
                 pid,
@@ -478,18 +584,21 @@ impl Runtime for ProcessRuntime {
                 Arc::new(Instance {
                     pid,
                     cgroup: cgroup_dir.clone(),
+                    limits: limits.clone(),
                     stop: spec.stop,
                     exit: rx,
                 }),
             );
             tokio::spawn(async move {
-                let exit = match child.wait().await {
+                let mut exit = match child.wait().await {
                     Ok(status) => ExitInfo::from(status),
                     Err(e) => {
                         tracing::error!(deployment = %id, error = %e, "Lost track of process");
                         ExitInfo::default()
                     }
                 };
+                // Before anything removes the memory group, whose counter says.
+                exit.oom_limit = limits.oom_limit(&exit).await;
                 reap_tree(cgroup_dir.as_deref(), pid);
                 let _ = tx.send(Some(exit));
             });
@@ -758,6 +867,55 @@ fn tail_of(f: &mut std::fs::File, len: u64, lines: usize, max_bytes: u64) -> Str
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A host with no controller for a limit: the deploy's check and the start itself both
+    /// refuse, naming it, and nothing runs (never silently unlimited).
+    #[tokio::test]
+    async fn a_limit_no_controller_can_enforce_is_refused_and_nothing_starts() {
+        let logs = tempfile::tempdir().unwrap();
+        let range = crate::ports::PortRange::new(47100, 47109).unwrap();
+        let runtime = ProcessRuntime::new(
+            Placement {
+                tracking: TreeTracking::ProcessGroup,
+                limits: LimitGroups::unavailable("no cgroup controllers on this test host"),
+                shim: PathBuf::from("/bin/false"),
+            },
+            logs.path().to_owned(),
+            Arc::new(PortAllocator::new(range)),
+        );
+        let limits = super::super::Limits {
+            memory: Some(super::super::limits::Bytes(64 << 20)),
+            ..Default::default()
+        };
+        let refusal = runtime.can_enforce(&limits).unwrap_err().to_string();
+        assert!(
+            refusal.contains("memory limit cannot be enforced")
+                && refusal.contains("no cgroup controllers"),
+            "{refusal}"
+        );
+        let id = Uuid::new_v4();
+        let spec = LaunchSpec {
+            deployment_id: id,
+            program: "/bin/sleep".into(),
+            args: vec!["600".into()],
+            env: Vec::new(),
+            secret_env: Vec::new(),
+            working_dir: None,
+            stop: StopMode::Tree,
+            listen: Listen::Port {
+                env: None,
+                prefer: None,
+            },
+            container: None,
+            limits,
+        };
+        let err = runtime.start(spec).await.unwrap_err();
+        assert!(matches!(err, RuntimeError::Limits(_)), "{err}");
+        assert!(runtime.get(id).is_none(), "an instance was recorded");
+        assert!(runtime.can_enforce(&Default::default()).is_ok());
+    }
+
     #[test]
     fn own_process_usage_is_read() {
         let (cpu, rss) = super::usage_of(&[std::process::id()]);

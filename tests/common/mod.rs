@@ -390,25 +390,20 @@ fn remove_node_containers(node: &str) {
 }
 
 /// Kills every process tree and container of the Switchboard node that used `data_dir`, and
-/// removes its cgroups.
+/// removes its cgroups (the v1 ones that held limits too).
 pub fn kill_node_trees(data_dir: &std::path::Path) {
     use switchboard::runtime::cgroup::{self, CgroupRoot};
     let Ok(node) = std::fs::read_to_string(data_dir.join("node-id")) else {
         return;
     };
     remove_node_containers(node.trim());
+    switchboard::runtime::cgroup_limits::LimitGroups::detect(node.trim(), None)
+        .remove_all_blocking();
     let Ok(root) = CgroupRoot::detect(node.trim()) else {
         return;
     };
     for (_, dir) in root.children().unwrap_or_default() {
-        let _ = cgroup::kill_all(&dir);
-        for _ in 0..500 {
-            if cgroup::procs(&dir).unwrap_or_default().is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = cgroup::remove(&dir);
+        let _ = cgroup::kill_and_remove_blocking(&dir);
     }
     let _ = std::fs::remove_dir(root.base());
 }
@@ -1124,4 +1119,87 @@ impl TestApp {
             .await
             .unwrap()
     }
+}
+
+impl TestApp {
+    /// The live event stream of one tool (`GET /api/v1/events?tool=`), from now on.
+    pub async fn tool_events(&self, slug: &str) -> reqwest::Response {
+        let events = self
+            .http
+            .get(format!("{}/api/v1/events?tool={slug}", self.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(events.status(), StatusCode::OK);
+        events
+    }
+
+    /// Has deployment `id` of tool `slug` (the repo's test server) allocate past its memory
+    /// limit and waits until it runs again (`next`: the record names the next instance). The
+    /// record's `last_exit` and the event that ended the killed instance must both say
+    /// `why` ("out of memory: limit 32 MiB"). Returns the record.
+    pub async fn oom_kill_and_restart(
+        &self,
+        slug: &str,
+        id: &str,
+        why: &str,
+        next: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let mut events = self.tool_events(slug).await;
+        self.allocate_past_limit(slug, 256).await;
+        let again = self
+            .wait_record(id, "RUNNING again after the OOM kill", |r| {
+                r["status"] == "RUNNING" && next(r)
+            })
+            .await;
+        let last_exit = again["last_exit"].as_str().unwrap_or_default();
+        assert!(
+            last_exit.contains(why),
+            "last_exit does not say why: {again}"
+        );
+        wait_event_text(&mut events, why).await;
+        again
+    }
+
+    /// Has the tool's server (the repo's test server) allocate `mib` MiB through
+    /// `/mcp/{slug}`, past its memory limit: the call is never answered, since the kernel
+    /// kills the server first.
+    pub async fn allocate_past_limit(&self, slug: &str, mib: u32) {
+        let url = format!("{}/mcp/{slug}", self.url);
+        let out = mcp_client_output(
+            None,
+            &[
+                "--url",
+                &url,
+                "call-tool",
+                "allocate",
+                "--args",
+                &format!(r#"{{"mib":{mib}}}"#),
+            ],
+        )
+        .await;
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("allocated"),
+            "the server allocated past its limit: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+/// Reads an event stream until `text` is in it (60 s at most: a missing event fails the test
+/// instead of hanging it).
+pub async fn wait_event_text(events: &mut reqwest::Response, text: &str) {
+    let mut seen = String::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !seen.contains(text) {
+            let chunk = events
+                .chunk()
+                .await
+                .unwrap()
+                .expect("the event stream ended");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no event says \"{text}\": {seen}"));
 }
