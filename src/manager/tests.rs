@@ -208,6 +208,28 @@ fn manager_on(
     )
 }
 
+/// Limits the runtime cannot enforce here refuse the deploy (409 `limits_unenforceable`,
+/// naming the controller) before anything is recorded or started: never silently unlimited.
+#[tokio::test(start_paused = true)]
+async fn limits_the_host_cannot_enforce_refuse_the_deploy_recording_nothing() {
+    let h = Harness::new(json!({"limits": {"memory": "64MiB"}}), true).await;
+    h.runtime.lack_controller("memory");
+    let err = h.manager.deploy("demo").await.expect_err("refused");
+    assert!(
+        matches!(&err, super::ManagerError::LimitsUnenforceable(m) if m.contains("memory limit")),
+        "{err}"
+    );
+    let api = crate::api::error::ApiError::from(err);
+    assert_eq!(api.status, axum::http::StatusCode::CONFLICT);
+    let recorded = h
+        .store
+        .list_deployments(&Default::default())
+        .await
+        .expect("the store answers");
+    assert!(recorded.is_empty(), "{recorded:?}");
+    assert_eq!(h.runtime.start_count(), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn restarts_wait_out_the_backoff_schedule_on_the_clock() {
     let mut h = Harness::new(

@@ -41,12 +41,19 @@ struct State {
     adoptable: HashSet<Uuid>,
     /// Instances started from now on exit at once, like a server that cannot start.
     exit_on_start: Option<ExitInfo>,
+    /// A controller this host lacks: limits are refused, as a host without it does.
+    missing_controller: Option<&'static str>,
     next_pid: u32,
 }
 
 impl FakeRuntime {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// From now on, refuses any limits as a host without `controller` does.
+    pub fn lack_controller(&self, controller: &'static str) {
+        self.state().missing_controller = Some(controller);
     }
 
     /// Makes the deployment's current instance exit.
@@ -111,6 +118,19 @@ impl Runtime for FakeRuntime {
 
     fn reserve(&self, _id: Uuid, listen: &Listen) -> Result<Endpoint, RuntimeError> {
         Ok(endpoint(listen))
+    }
+
+    fn can_enforce(&self, limits: &super::Limits) -> Result<(), RuntimeError> {
+        match self.state().missing_controller {
+            Some(controller) if !limits.is_none() => {
+                Err(super::cgroup_limits::LimitError::Missing {
+                    controller,
+                    why: "the fake host has none".into(),
+                }
+                .into())
+            }
+            _ => Ok(()),
+        }
     }
 
     fn release(&self, _id: Uuid) {}
