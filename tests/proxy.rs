@@ -210,6 +210,14 @@ async fn errors_are_precise() {
         .send()
         .await
         .unwrap();
+    // The unread rest of the body leaves the connection unusable: the client is told to drop
+    // it, so the next request (below, on the same client) does not fail on it.
+    assert_eq!(
+        resp.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "{:?}",
+        resp.headers()
+    );
     let (st, code) = error_code(resp).await;
     assert_eq!(
         (st, code.as_str()),

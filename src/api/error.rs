@@ -218,3 +218,19 @@ pub fn document_common_errors(doc: &mut utoipa::openapi::OpenApi) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host that cannot enforce a tool's limits is a conflict with the host, not a bad
+    /// request or our failure (the manager's test shows nothing is recorded or started).
+    #[test]
+    fn unenforceable_limits_are_a_409_naming_it() {
+        let api = ApiError::from(crate::manager::ManagerError::LimitsUnenforceable(
+            "memory limit: no memory controller".into(),
+        ));
+        assert_eq!(api.status, StatusCode::CONFLICT);
+        assert_eq!(api.code, "limits_unenforceable");
+    }
+}

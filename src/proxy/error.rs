@@ -209,6 +209,12 @@ impl ProxyError {
                     _ => {}
                 }
             }
+            ProxyError::BodyTooLarge(_) | ProxyError::RequestBodyFailed(_) => {
+                // The rest of the body was not read, so this connection cannot carry another
+                // request: say so, or a client's pool reuses it and its next request fails
+                // mid-flight (hyper's IncompleteMessage).
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             _ => {}
         }
         resp
