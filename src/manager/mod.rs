@@ -746,7 +746,7 @@ impl Manager {
         id: Uuid,
         endpoint: &Endpoint,
         spec: &ToolSpec,
-    ) -> Result<Backend, ManagerError> {
+    ) -> Result<Arc<Backend>, ManagerError> {
         // The bridge serves MCP at `/mcp` whatever the server's own path would be.
         let path = match endpoint {
             Endpoint::Tcp { .. } => spec.endpoint_path.clone(),
@@ -758,10 +758,10 @@ impl Manager {
             .with_forward_credentials(spec.forward_credentials)
             .with_expose_tools(spec.expose_tools.as_deref())
             .with_audit_arguments(spec.audit_arguments);
-        Ok(match &self.metrics {
+        Ok(Arc::new(match &self.metrics {
             Some(m) => backend.with_metrics(m.backend(&spec.slug, &id.to_string())),
             None => backend,
-        })
+        }))
     }
 
     fn insert_live(

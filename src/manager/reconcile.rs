@@ -14,7 +14,7 @@ use super::{
     supervisor::{RestartCause, Start},
 };
 use crate::{
-    deployment::{Deployment, DeploymentStatus, Desired},
+    deployment::{Deployment, DeploymentStatus, Desired, HealthStatus},
     events::EventKind,
     registry::{Tool, Transport},
     runtime::{Endpoint, StopMode},
@@ -177,6 +177,16 @@ impl Manager {
         };
         let backend = self.backend_for(d.id, &endpoint, &tool.spec)?;
         let (cancel, done_tx) = self.insert_live(&d, &endpoint, &tool.spec, d.status);
+        // An adopted deployment that was serving is routed before Switchboard listens: its
+        // record says RUNNING, so a request must not find no backend while its supervisor task
+        // gets going.
+        if adopted.is_some()
+            && d.status == DeploymentStatus::Running
+            && d.health_status != HealthStatus::Unhealthy
+        {
+            self.routes
+                .add_backend(&tool.spec.slug, Arc::clone(&backend));
+        }
         let this = Arc::clone(self);
         let start = if adopted.is_some() {
             Start::Adopted(d.status)

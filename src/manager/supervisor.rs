@@ -131,7 +131,7 @@ impl Manager {
         id: Uuid,
         tool: Tool,
         endpoint: Endpoint,
-        backend: Backend,
+        backend: Arc<Backend>,
         start: Start,
         cancel: CancellationToken,
     ) {
@@ -161,7 +161,6 @@ impl Manager {
         };
         let spec = &tool.spec;
         let target = self.probe_target(&endpoint, spec);
-        let backend = Arc::new(backend);
         let mut backoff = Backoff::new(&spec.restart);
         // A deployment that has never been RUNNING gets `max_start_failures` tries; one that
         // has run keeps its restart policy (a dependency may come back).

@@ -373,6 +373,12 @@ async fn a_restarted_switchboard_adopts_an_instance_that_is_still_its_own() {
             ..Default::default()
         }
     );
+    // Routed once reconciling returns (Switchboard listens then), not when its supervisor
+    // task first runs: the record says RUNNING, so a request must find it.
+    assert!(
+        h.routed(id),
+        "adopted but not routed when Switchboard listens"
+    );
     settle().await;
     assert_eq!(
         h.runtime.starts(id).len(),
