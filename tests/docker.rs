@@ -504,6 +504,43 @@ async fn a_server_past_its_memory_limit_is_oom_killed_recorded_so_and_restarted(
     app.stop_deployment(&id).await;
 }
 
+/// A stdio server container past its memory limit: the kernel kills that server (the bridge
+/// and the deployment live on), and the request it was serving is answered with why.
+#[tokio::test]
+async fn a_stdio_server_container_past_its_memory_limit_says_so_to_its_client() {
+    let app = TestApp::start().await;
+    add_stdio_docker_tool(&app, "hungry", json!({"limits": {"memory": "32MiB"}})).await;
+    let d = app.deploy_wait("hungry").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/mcp/hungry", app.url);
+    let sid = common::legacy_session(&url).await;
+    let call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": "allocate", "arguments": {"mib": 256}}});
+    let (st, _, msg) = common::mcp_rpc(
+        &url,
+        &call,
+        &[
+            ("mcp-session-id", &sid),
+            ("mcp-protocol-version", "2025-11-25"),
+        ],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{msg:?}");
+    let msg = msg.unwrap();
+    let error = msg["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("out of memory: limit 32 MiB"),
+        "the answer does not say the server ran out of memory: {msg}"
+    );
+    let after = app.deployment(&id).await;
+    assert_eq!(after["status"], "RUNNING", "{after}");
+    assert_eq!(
+        after["restart_count"], 0,
+        "the bridge was restarted: {after}"
+    );
+    app.stop_deployment(&id).await;
+}
+
 /// The Node test image (Debian minbase, Node, server-everything), or a failure saying how to
 /// get one.
 fn node_image() -> String {

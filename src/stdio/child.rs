@@ -892,6 +892,9 @@ pub fn encode(v: &Value) -> Bytes {
 
 /// How a server ended, in the words the bridge's messages use.
 fn describe(e: ExitInfo) -> String {
+    if e.oom_limit.is_some() {
+        return format!("killed by the kernel, {e}");
+    }
     match (e.code, e.signal) {
         (Some(c), _) => format!("exited with status {c}"),
         (None, Some(sig)) => match nix::sys::signal::Signal::try_from(sig) {

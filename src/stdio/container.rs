@@ -24,8 +24,8 @@ use bollard::{
     Docker,
     errors::Error as DockerError,
     query_parameters::{
-        AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, KillContainerOptionsBuilder,
-        WaitContainerOptionsBuilder,
+        AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, EventsOptionsBuilder,
+        KillContainerOptionsBuilder, WaitContainerOptionsBuilder,
     },
 };
 use futures_util::StreamExt as _;
@@ -41,6 +41,8 @@ use crate::runtime::{
 /// How long an ended server's container may take to be removed (its exit code comes with the
 /// removal) before the bridge removes it itself.
 const REMOVAL_WAIT: Duration = Duration::from_secs(10);
+/// How long after a killed server's removal its `oom` event may still be on its way.
+const OOM_EVENT_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
@@ -78,6 +80,10 @@ pub struct Running {
     pub pid: u32,
     /// Resolves with the exit code once the container is removed (`None`: unknown).
     removed: tokio::task::JoinHandle<Option<i64>>,
+    /// Resolves true if the kernel killed the server for its memory limit: the engine's `oom`
+    /// event, watched from before the start because `AutoRemove` leaves nothing to inspect.
+    oom: Option<tokio::task::JoinHandle<bool>>,
+    memory_limit: Option<u64>,
     docker: Docker,
 }
 
@@ -223,6 +229,19 @@ impl Containers {
                 }
             })
         };
+        // Only a limited container can be killed for its memory: no stream for the others.
+        let memory_limit = self.spec.limits.memory.map(|m| m.0);
+        let oom = memory_limit.map(|_| {
+            let filters = std::collections::HashMap::from([
+                ("type", vec!["container".to_owned()]),
+                ("event", vec!["oom".to_owned()]),
+                ("container", vec![id.to_owned()]),
+            ]);
+            let mut events = self
+                .docker
+                .events(Some(EventsOptionsBuilder::new().filters(&filters).build()));
+            tokio::spawn(async move { matches!(events.next().await, Some(Ok(_))) })
+        });
         // JSON-RPC lines never hold a raw control character (JSON escapes them), so the
         // engine's detach keys (Ctrl-P Ctrl-Q) cannot appear in what the bridge writes.
         let attached = self
@@ -257,6 +276,8 @@ impl Containers {
             id: id.to_owned(),
             pid,
             removed,
+            oom,
+            memory_limit,
             docker: self.docker.clone(),
         };
         let io = Io {
@@ -311,6 +332,8 @@ impl Running {
         let Running {
             id,
             mut removed,
+            oom,
+            memory_limit,
             docker,
             ..
         } = self;
@@ -324,6 +347,20 @@ impl Running {
                 None
             }
         };
-        docker::exit_info(code)
+        let mut exit = docker::exit_info(code);
+        if let Some(mut oom) = oom {
+            // The engine sends `oom` before the kill's `die`, so by the removal it was sent;
+            // a moment for the stream to deliver it, only when a kill could be one.
+            let killed = exit.signal == Some(9)
+                && matches!(
+                    tokio::time::timeout(OOM_EVENT_WAIT, &mut oom).await,
+                    Ok(Ok(true))
+                );
+            oom.abort();
+            if killed {
+                exit.oom_limit = memory_limit.map(crate::runtime::limits::Bytes);
+            }
+        }
+        exit
     }
 }
