@@ -504,6 +504,30 @@ async fn a_server_past_its_memory_limit_is_oom_killed_recorded_so_and_restarted(
     app.stop_deployment(&id).await;
 }
 
+/// A stdio deployment's stats count its server containers beside its bridge (a host process
+/// holding none of them).
+#[tokio::test]
+async fn a_stdio_deployments_stats_include_its_server_containers() {
+    let app = TestApp::start().await;
+    add_stdio_docker_tool(&app, "counted", json!({})).await;
+    let d = app.deploy_wait("counted").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let children = stdio_children(&id);
+    assert!(!children.is_empty(), "no server container: {d}");
+    let (st, stats) = app
+        .call("GET", &format!("/api/v1/deployments/{id}/stats"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{stats}");
+    // The bridge is one process; each container holds its init and its server.
+    let processes = stats["processes"].as_u64().unwrap();
+    assert!(
+        processes > 1 + children.len() as u64,
+        "{processes} processes for a bridge and {} containers: {stats}",
+        children.len()
+    );
+    app.stop_deployment(&id).await;
+}
+
 /// A stdio server container past its memory limit: the kernel kills that server (the bridge
 /// and the deployment live on), and the request it was serving is answered with why.
 #[tokio::test]

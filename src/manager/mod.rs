@@ -56,7 +56,7 @@ use crate::{
     ports::PortsExhausted,
     proxy::routes::{Backend, RouteTable},
     registry::{ApplyOutcome, SpecError, Tool, ToolSpec, Transport, UnreadableSecrets},
-    runtime::{Endpoint, InstanceRef, RuntimeError, Runtimes},
+    runtime::{Endpoint, InstanceRef, RuntimeError, RuntimeKind, Runtimes},
     store::{DeleteTool, DeploymentFilter, Store, StoreError},
 };
 
@@ -161,6 +161,9 @@ struct Live {
     /// Closed (sender dropped) once the supervisor has returned.
     supervisor_done: watch::Receiver<()>,
     health: HealthStatus,
+    /// The tool's runtime as the record says (a stdio bridge runs as a process whatever it
+    /// says; its servers are then the named runtime's).
+    runtime: RuntimeKind,
 }
 
 pub struct Manager {
@@ -785,6 +788,7 @@ impl Manager {
                 cancel: cancel.clone(),
                 supervisor_done: done_rx,
                 health: d.health_status,
+                runtime: d.runtime,
             },
         );
         (cancel, done_tx)

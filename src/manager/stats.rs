@@ -4,7 +4,10 @@
 use uuid::Uuid;
 
 use super::{Manager, ManagerError};
-use crate::{deployment::DeploymentStatus, runtime::InstanceRef};
+use crate::{
+    deployment::DeploymentStatus,
+    runtime::{InstanceRef, RuntimeKind, Usage},
+};
 
 impl Manager {
     /// Refreshes the scrape-time gauges: statuses, in-flight requests and streams, the
@@ -12,19 +15,19 @@ impl Manager {
     pub async fn refresh_metrics(&self) {
         let Some(m) = &self.metrics else { return };
         m.clear_snapshot();
-        let live: Vec<(Uuid, String, DeploymentStatus)> = self
+        let live: Vec<(Uuid, String, DeploymentStatus, RuntimeKind)> = self
             .live()
             .iter()
-            .map(|(id, l)| (*id, l.slug.clone(), l.status.borrow().0))
+            .map(|(id, l)| (*id, l.slug.clone(), l.status.borrow().0, l.runtime))
             .collect();
-        for (id, slug, status) in &live {
+        for (id, slug, status, runtime) in &live {
             m.deployments
                 .get_or_create(&crate::metrics::StatusLabels {
                     tool: slug.clone(),
                     status: status.as_str(),
                 })
                 .inc();
-            if let Some(usage) = self.runtimes.of(*id).usage(*id).await {
+            if let Some(usage) = self.usage(*id, *runtime).await {
                 let labels = crate::metrics::DeploymentLabels {
                     tool: slug.clone(),
                     deployment: id.to_string(),
@@ -57,6 +60,20 @@ impl Manager {
         m.own_memory.set(i64::try_from(rss).unwrap_or(i64::MAX));
     }
 
+    /// What a deployment uses: its instance, plus the servers another runtime runs for it (a
+    /// stdio bridge's server containers) when the record's runtime is not the instance's.
+    async fn usage(&self, id: Uuid, runtime: RuntimeKind) -> Option<Usage> {
+        let instance = self.runtimes.of(id);
+        let mut usage = instance.usage(id).await?;
+        if instance.kind() != runtime
+            && let Ok(servers) = self.runtimes.get(runtime)
+            && let Some(more) = servers.servers_usage(id).await
+        {
+            usage.add(&more);
+        }
+        Some(usage)
+    }
+
     /// A live deployment's resource use and traffic.
     pub async fn stats(&self, id: Uuid) -> Result<crate::metrics::DeploymentStats, ManagerError> {
         let d = self.get_deployment(id).await?;
@@ -66,7 +83,7 @@ impl Manager {
                 status: d.status,
             });
         }
-        let usage = self.runtimes.of(id).usage(id).await.unwrap_or_default();
+        let usage = self.usage(id, d.runtime).await.unwrap_or_default();
         let backend = self
             .routes
             .all_backends()

@@ -267,6 +267,39 @@ pub async fn labelled(
         .await
 }
 
+/// What one container uses now, as the engine's one-shot stats say (no uptime: the caller
+/// knows when it started its own).
+async fn container_usage(docker: &Docker, container: &str) -> Option<Usage> {
+    let stats = docker
+        .stats(
+            container,
+            Some(
+                StatsOptionsBuilder::new()
+                    .stream(false)
+                    .one_shot(true)
+                    .build(),
+            ),
+        )
+        .next()
+        .await?
+        .ok()?;
+    let cpu_ns = stats
+        .cpu_stats
+        .and_then(|c| c.cpu_usage)
+        .and_then(|u| u.total_usage)
+        .unwrap_or_default();
+    Some(Usage {
+        cpu_seconds: cpu_ns as f64 / 1e9,
+        memory_bytes: stats.memory_stats.and_then(|m| m.usage).unwrap_or_default(),
+        processes: stats
+            .pids_stats
+            .and_then(|p| p.current)
+            .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+        open_fds: None,
+        uptime_seconds: None,
+    })
+}
+
 pub fn is_status(e: &DockerError, status: u16) -> bool {
     matches!(e, DockerError::DockerResponseServerError { status_code, .. } if *status_code == status)
 }
@@ -518,34 +551,36 @@ impl DockerRuntime {
     async fn usage_of(&self, id: Uuid) -> Option<Usage> {
         let inst = self.inner.get(id)?;
         let docker = self.docker().await.ok()?;
-        let stats = docker
-            .stats(
-                &inst.container,
-                Some(
-                    StatsOptionsBuilder::new()
-                        .stream(false)
-                        .one_shot(true)
-                        .build(),
-                ),
-            )
-            .next()
-            .await?
-            .ok()?;
-        let cpu_ns = stats
-            .cpu_stats
-            .and_then(|c| c.cpu_usage)
-            .and_then(|u| u.total_usage)
-            .unwrap_or_default();
         Some(Usage {
-            cpu_seconds: cpu_ns as f64 / 1e9,
-            memory_bytes: stats.memory_stats.and_then(|m| m.usage).unwrap_or_default(),
-            processes: stats
-                .pids_stats
-                .and_then(|p| p.current)
-                .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
-            open_fds: None,
             uptime_seconds: inst.started.elapsed().ok().map(|d| d.as_secs_f64()),
+            ..container_usage(&docker, &inst.container).await?
         })
+    }
+
+    /// The summed use of deployment `id`'s stdio server containers (its bridge's children).
+    async fn servers_usage_of(&self, id: Uuid) -> Option<Usage> {
+        let docker = self.docker().await.ok()?;
+        let listed = labelled(
+            &docker,
+            vec![
+                format!("{NODE_LABEL}={}", self.inner.node),
+                format!("{DEPLOYMENT_LABEL}={id}"),
+                format!("{ROLE_LABEL}={STDIO_ROLE}"),
+            ],
+        )
+        .await
+        .ok()?;
+        let ids: Vec<String> = listed.into_iter().filter_map(|c| c.id).collect();
+        if ids.is_empty() {
+            return None;
+        }
+        let each =
+            futures_util::future::join_all(ids.iter().map(|c| container_usage(&docker, c))).await;
+        let mut total = Usage::default();
+        for u in each.iter().flatten() {
+            total.add(u);
+        }
+        Some(total)
     }
 
     /// Removes this node's containers that no held instance is: what an earlier Switchboard
@@ -753,6 +788,10 @@ impl Runtime for DockerRuntime {
 
     fn usage(&self, id: Uuid) -> BoxFuture<'_, Option<Usage>> {
         self.usage_of(id).boxed()
+    }
+
+    fn servers_usage(&self, id: Uuid) -> BoxFuture<'_, Option<Usage>> {
+        self.servers_usage_of(id).boxed()
     }
 
     fn logs_tail(&self, id: Uuid, lines: usize) -> BoxFuture<'_, String> {

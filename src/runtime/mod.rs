@@ -356,6 +356,19 @@ pub struct Usage {
     pub uptime_seconds: Option<f64>,
 }
 
+impl Usage {
+    /// Adds what `other` uses (helpers of the same deployment); the uptime stays this one's.
+    pub fn add(&mut self, other: &Usage) {
+        self.cpu_seconds += other.cpu_seconds;
+        self.memory_bytes = self.memory_bytes.saturating_add(other.memory_bytes);
+        self.processes = self.processes.saturating_add(other.processes);
+        self.open_fds = match (self.open_fds, other.open_fds) {
+            (Some(a), Some(b)) => Some(a.saturating_add(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
 /// An instance's output as it is read: chunks of text.
 pub type LogStream = BoxStream<'static, std::io::Result<Bytes>>;
 
@@ -448,6 +461,12 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Option<ExitInfo>, RuntimeError>>;
     /// What a running instance uses; `None` for one this runtime does not run.
     fn usage(&self, id: Uuid) -> BoxFuture<'_, Option<Usage>>;
+    /// What this runtime runs for deployment `id` without it being the deployment's instance
+    /// (a stdio bridge's server containers), summed; `None` when it runs nothing of the kind.
+    fn servers_usage(&self, id: Uuid) -> BoxFuture<'_, Option<Usage>> {
+        let _ = id;
+        futures_util::FutureExt::boxed(async { None })
+    }
     /// The last `lines` lines of the instance's output.
     fn logs_tail(&self, id: Uuid, lines: usize) -> BoxFuture<'_, String>;
     /// The deployment's output (which spans its restarts): its last `tail` lines, then, with
