@@ -504,6 +504,47 @@ async fn a_server_past_its_memory_limit_is_oom_killed_recorded_so_and_restarted(
     app.stop_deployment(&id).await;
 }
 
+/// server-everything serving Streamable HTTP from the Node image (it listens on every address
+/// of the container, on PORT): the Python SDK client lists and calls through /mcp/{slug}.
+#[tokio::test]
+async fn python_client_lists_and_calls_server_everything_over_http_in_the_node_image() {
+    let app = TestApp::start().await;
+    app.add_tool(json!({
+        "slug": "everything-http",
+        "runtime": "docker",
+        "image": node_image(),
+        "command": "mcp-server-everything",
+        "args": ["streamableHttp"],
+        "startup_timeout_ms": 30000,
+        "stop_grace_period_ms": 3000,
+    }))
+    .await;
+    let d = app.deploy_wait("everything-http").await;
+    assert_eq!(d["status"], "RUNNING", "{d}");
+    let container = container_of(&d);
+    let url = format!("{}/mcp/everything-http", app.url);
+    let listed = common::mcp_client(&["--url", &url, "list-tools"]).await;
+    assert!(
+        common::tool_names(&listed).contains(&"echo".into()),
+        "{listed}"
+    );
+    let called = common::mcp_client(&[
+        "--url",
+        &url,
+        "call-tool",
+        "echo",
+        "--args",
+        r#"{"message":"over http from debian"}"#,
+    ])
+    .await;
+    let text = called["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(text.contains("over http from debian"), "{called}");
+    app.stop_deployment(d["id"].as_str().unwrap()).await;
+    assert!(!exists(&container));
+}
+
 /// A stdio deployment's stats count its server containers beside its bridge (a host process
 /// holding none of them).
 #[tokio::test]
