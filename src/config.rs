@@ -65,6 +65,20 @@ pub enum ConfigError {
          two (tokens are checked only when /mcp requires authentication)"
     )]
     OAuthWithAuthOff,
+    #[error("{key} = {value:?} is not an image reference (such as \"node:22-bookworm-slim\")")]
+    Image { key: &'static str, value: String },
+}
+
+/// An image setting: absent, or a reference without whitespace.
+fn image_setting(key: &'static str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    match value {
+        Some(v)
+            if v.trim().is_empty() || v.contains(|c: char| c.is_whitespace() || c.is_control()) =>
+        {
+            Err(ConfigError::Image { key, value: v })
+        }
+        v => Ok(v),
+    }
 }
 
 /// The file's shape.
@@ -127,6 +141,11 @@ pub struct DockerSection {
     /// The engine's socket (`unix:///var/run/docker.sock`); default: `DOCKER_HOST`, else
     /// that socket.
     pub host: Option<String>,
+    /// The image `npx:` tools with `runtime = "docker"` are installed in and run by, unless
+    /// the tool names its own `image` (default [`crate::packages::DEFAULT_NODE_IMAGE`]).
+    pub node_image: Option<String>,
+    /// The same for `uvx:` tools (default [`crate::packages::DEFAULT_PYTHON_IMAGE`]).
+    pub python_image: Option<String>,
 }
 
 /// The Docker runtime's settings, resolved.
@@ -135,6 +154,8 @@ pub struct DockerConfig {
     pub enabled: bool,
     /// `None`: the local defaults (`DOCKER_HOST`, else `/var/run/docker.sock`).
     pub host: Option<String>,
+    /// The base images of package tools in containers.
+    pub images: crate::packages::BaseImages,
 }
 
 impl Default for DockerConfig {
@@ -142,6 +163,7 @@ impl Default for DockerConfig {
         DockerConfig {
             enabled: true,
             host: None,
+            images: crate::packages::BaseImages::default(),
         }
     }
 }
@@ -589,6 +611,12 @@ impl Config {
             docker: DockerConfig {
                 enabled: file.docker.enabled.unwrap_or(true),
                 host: file.docker.host.filter(|h| !h.trim().is_empty()),
+                images: crate::packages::BaseImages {
+                    node: image_setting("docker.node_image", file.docker.node_image)?
+                        .unwrap_or_else(|| crate::packages::DEFAULT_NODE_IMAGE.to_owned()),
+                    python: image_setting("docker.python_image", file.docker.python_image)?
+                        .unwrap_or_else(|| crate::packages::DEFAULT_PYTHON_IMAGE.to_owned()),
+                },
             },
             registries: crate::packages::Registries {
                 npm: file.packages.npm_registry,
@@ -626,6 +654,15 @@ mod tests {
             ..Default::default()
         })
         .unwrap()
+    }
+
+    fn load_text_err(dir: &Path, text: &str) -> String {
+        Config::load(Overrides {
+            config: Some(write(dir, text)),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string()
     }
 
     /// README's first command runs this file: it must stay valid.
@@ -693,8 +730,25 @@ mod tests {
         );
         assert!(!c.docker.enabled);
         assert_eq!(c.docker.host.as_deref(), Some("unix:///run/other.sock"));
+        assert_eq!(c.docker.images.node, crate::packages::DEFAULT_NODE_IMAGE);
+        assert_eq!(
+            c.docker.images.python,
+            crate::packages::DEFAULT_PYTHON_IMAGE
+        );
+
         // A path inside the image, not the config file's directory.
         assert_eq!(c.tools[0].command, "bin/server");
+        let c = load(
+            r#"
+            [docker]
+            node_image = "registry.local/node:22"
+            python_image = "registry.local/python:3.12"
+            "#,
+        );
+        assert_eq!(c.docker.images.node, "registry.local/node:22");
+        assert_eq!(c.docker.images.python, "registry.local/python:3.12");
+        let bad = load_text_err(dir.path(), "[docker]\nnode_image = \" \"");
+        assert!(bad.contains("docker.node_image"), "{bad}");
     }
 
     #[test]

@@ -47,6 +47,9 @@ use tokio::{
     process::Command,
 };
 
+mod volume;
+pub use volume::{MOUNT, PACKAGE_LABEL, Volume};
+
 /// How long one install may take (including waiting for a concurrent one) before it is
 /// abandoned. Generous: a large npm dependency tree on a slow link takes minutes, but an
 /// installer stuck on a dead connection must not hold a deployment forever.
@@ -90,6 +93,39 @@ pub struct Registries {
     pub pypi_index: Option<String>,
 }
 
+/// The images package tools in containers are installed in and run by, unless the tool names
+/// its own (`[docker] node_image`, `python_image`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseImages {
+    pub node: String,
+    pub python: String,
+}
+
+/// The official Node.js image (npm included). Like any tool image, it is pulled only where
+/// the tool says `pull = "missing"`; otherwise it must be on the host (`docker pull`).
+pub const DEFAULT_NODE_IMAGE: &str = "node:22-bookworm-slim";
+/// The official Python image (venv and pip included), pulled on the same terms.
+pub const DEFAULT_PYTHON_IMAGE: &str = "python:3.12-slim-bookworm";
+
+impl Default for BaseImages {
+    fn default() -> Self {
+        BaseImages {
+            node: DEFAULT_NODE_IMAGE.to_owned(),
+            python: DEFAULT_PYTHON_IMAGE.to_owned(),
+        }
+    }
+}
+
+impl BaseImages {
+    /// The base image for `pkg`, and the config key that sets it (for messages).
+    pub fn of(&self, pkg: &Package) -> (&str, &'static str) {
+        match pkg {
+            Package::Npm { .. } => (&self.node, "[docker] node_image"),
+            Package::PyPi { .. } => (&self.python, "[docker] python_image"),
+        }
+    }
+}
+
 /// What to execute for an installed package. The tool's own args go after `args`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Installed {
@@ -127,6 +163,14 @@ pub enum PackageError {
         tool: &'static str,
         hint: &'static str,
     },
+    #[error(
+        "the image {image} has no {tool} to install this package with: use an image that has \
+         it ([docker] node_image or python_image in the config, or the tool's image)"
+    )]
+    MissingInImage { tool: &'static str, image: String },
+    /// The container engine failed a request of a container install.
+    #[error("docker: {context}: {error}")]
+    Engine { context: String, error: String },
     #[error(
         "package {package} installed, but it has no executable to run as an MCP server \
          (found: {}); name the program in the tool's command instead",
@@ -371,65 +415,82 @@ pub async fn ensure_installed(
 ) -> Result<Installed, PackageError> {
     let kind_dir = packages_dir.join(pkg.kind_dir());
     let name = pkg.dir_name();
-    let dir = kind_dir.join(&name);
-    if let Some(installed) = cached(pkg, &dir).await {
-        progress(&format!(
-            "using cached install of {pkg} in {}",
-            dir.display()
-        ));
+    let place = Place::Host {
+        packages_dir,
+        dir: kind_dir.join(&name),
+        partial: kind_dir.join(format!(".partial-{name}")),
+        lock: kind_dir.join(format!(".lock-{name}")),
+    };
+    install_at(pkg, &place, registries, progress).await
+}
+
+/// [`ensure_installed`] for a container: `pkg` installed into a Docker volume by installers
+/// run in containers of the volume's base image (see [`Volume`]), cached like a host install
+/// (a complete volume is reused, concurrent calls install once). The program is a path
+/// inside a container that mounts the volume at [`volume::MOUNT`].
+pub async fn ensure_installed_in_volume(
+    pkg: &Package,
+    volume: &Volume,
+    registries: &Registries,
+    progress: &(dyn Fn(&str) + Send + Sync),
+) -> Result<Installed, PackageError> {
+    install_at(pkg, &Place::Volume(volume), registries, progress).await
+}
+
+/// The one install procedure, wherever it happens: reuse, lock, clear, install under the
+/// timeout, check the program, commit.
+async fn install_at(
+    pkg: &Package,
+    place: &Place<'_>,
+    registries: &Registries,
+    progress: &(dyn Fn(&str) + Send + Sync),
+) -> Result<Installed, PackageError> {
+    if let Some(installed) = place.cached(pkg).await? {
+        progress(&format!("using cached install of {pkg} in {place}"));
         return Ok(installed);
     }
 
-    tokio::fs::create_dir_all(&kind_dir)
-        .await
-        .map_err(io(format!("cannot create {}", kind_dir.display())))?;
-    let lock_path = kind_dir.join(format!(".lock-{name}"));
+    let lock_path = place.lock_path();
+    if let Some(dir) = lock_path.parent() {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(io(format!("cannot create {}", dir.display())))?;
+    }
     let _lock = tokio::time::timeout(INSTALL_TIMEOUT, lock(&lock_path, pkg, progress))
         .await
         .map_err(|_| PackageError::Timeout {
             package: pkg.to_string(),
             after: INSTALL_TIMEOUT,
         })??;
-    if let Some(installed) = cached(pkg, &dir).await {
+    if let Some(installed) = place.cached(pkg).await? {
         progress(&format!(
-            "using {pkg} just installed in {} by another deployment",
-            dir.display()
+            "using {pkg} just installed in {place} by another deployment"
         ));
         return Ok(installed);
     }
     // Under the lock, anything still here is ours to clear: a crashed install's partial
-    // directory, or an install whose files have since gone missing.
-    let partial = kind_dir.join(format!(".partial-{name}"));
-    for stale in [&partial, &dir] {
-        if tokio::fs::try_exists(stale).await.unwrap_or(false) {
-            tokio::fs::remove_dir_all(stale)
-                .await
-                .map_err(io(format!("cannot remove {}", stale.display())))?;
-        }
-    }
+    // directory or volume, or an install whose files have since gone missing.
+    place.clear().await?;
 
     let what = match pkg {
         Package::Npm { .. } => "npm",
         Package::PyPi { .. } => "PyPI",
     };
     progress(&format!(
-        "installing {what} package {} into {}",
-        pkg.spec(),
-        dir.display()
+        "installing {what} package {} into {place}",
+        pkg.spec()
     ));
     let started = Instant::now();
     let outcome = tokio::time::timeout(INSTALL_TIMEOUT, async {
-        tokio::fs::create_dir_all(&partial)
-            .await
-            .map_err(io(format!("cannot create {}", partial.display())))?;
+        place.prepare().await?;
         match pkg {
-            Package::Npm { .. } => {
-                install_npm(pkg, &partial, packages_dir, registries, progress).await
-            }
+            Package::Npm { .. } => install_npm(pkg, place, registries, progress).await,
             Package::PyPi { spec, .. } => {
-                install_pypi(pkg, spec, &partial, packages_dir, registries, progress).await
+                install_pypi(pkg, spec, place, registries, progress).await
             }
-        }
+        }?;
+        // A package without a runnable program is no use: fail now, not at every start.
+        place.built_executable(pkg).await
     })
     .await
     .unwrap_or_else(|_| {
@@ -438,22 +499,231 @@ pub async fn ensure_installed(
             after: INSTALL_TIMEOUT,
         })
     });
-    // A package without a runnable program is no use: fail now, not at every start.
-    let outcome = match outcome {
-        Ok(_) => find_executable(pkg, &partial).await,
-        Err(e) => Err(e),
+    let installed = match outcome {
+        Ok(installed) => installed,
+        Err(e) => {
+            place.discard().await;
+            return Err(e);
+        }
     };
-    if let Err(e) = outcome {
-        let _ = tokio::fs::remove_dir_all(&partial).await;
-        return Err(e);
-    }
-    let (from, to, note) = (partial.clone(), dir.clone(), pkg.to_string());
-    blocking("finishing the install", move || commit(&from, &to, &note)).await?;
+    place.commit(pkg).await?;
     progress(&format!(
         "installed {pkg} in {:.1} s",
         started.elapsed().as_secs_f64()
     ));
-    find_executable(pkg, &dir).await
+    Ok(installed)
+}
+
+/// Where an install is made and where its installers run.
+enum Place<'a> {
+    /// `dir` under the data directory, built as `partial` by installers run on the host and
+    /// renamed into place.
+    Host {
+        packages_dir: &'a Path,
+        dir: PathBuf,
+        partial: PathBuf,
+        lock: PathBuf,
+    },
+    /// A Docker volume, filled by installers run in containers.
+    Volume(&'a Volume),
+}
+
+impl fmt::Display for Place<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Place::Host { dir, .. } => write!(f, "{}", dir.display()),
+            Place::Volume(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// An installer's command line, the same wherever it runs.
+struct Cmd {
+    program: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    /// What is missing if `program` cannot be run.
+    needs: Needs,
+}
+
+/// The program an installer needs from the host or the image.
+#[derive(Debug, Clone, Copy)]
+enum Needs {
+    Npm,
+    Python,
+    /// `sync`, which a container install runs before it marks the volume complete.
+    Sync,
+}
+
+impl Needs {
+    fn program(self) -> &'static str {
+        match self {
+            Needs::Npm => "npm",
+            Needs::Python => "python3",
+            Needs::Sync => "sync",
+        }
+    }
+
+    /// The error for a host without it.
+    fn missing_on_host(self) -> PackageError {
+        match self {
+            Needs::Npm => NPM_MISSING,
+            Needs::Python => PYTHON_MISSING,
+            Needs::Sync => PackageError::MissingTool {
+                tool: "sync",
+                hint: "install coreutils",
+            },
+        }
+    }
+}
+
+impl Cmd {
+    fn new(program: impl Into<String>, needs: Needs) -> Cmd {
+        Cmd {
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            needs,
+        }
+    }
+
+    fn args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Cmd {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    fn env(mut self, key: &str, value: impl Into<String>) -> Cmd {
+        self.env.push((key.to_owned(), value.into()));
+        self
+    }
+}
+
+impl Place<'_> {
+    fn lock_path(&self) -> PathBuf {
+        match self {
+            Place::Host { lock, .. } => lock.clone(),
+            Place::Volume(v) => v.lock_path(),
+        }
+    }
+
+    /// The complete install, if there is one and it still has its program. `Err` only when
+    /// it cannot be told (an engine that fails), so a good install is never cleared for that.
+    async fn cached(&self, pkg: &Package) -> Result<Option<Installed>, PackageError> {
+        match self {
+            Place::Host { dir, .. } => {
+                if !tokio::fs::try_exists(dir.join(MARKER))
+                    .await
+                    .unwrap_or(false)
+                {
+                    return Ok(None);
+                }
+                Ok(host_executable(pkg, dir, dir).await.ok())
+            }
+            Place::Volume(v) => v.cached(pkg).await,
+        }
+    }
+
+    async fn clear(&self) -> Result<(), PackageError> {
+        match self {
+            Place::Host { dir, partial, .. } => {
+                for stale in [partial, dir] {
+                    if tokio::fs::try_exists(stale).await.unwrap_or(false) {
+                        tokio::fs::remove_dir_all(stale)
+                            .await
+                            .map_err(io(format!("cannot remove {}", stale.display())))?;
+                    }
+                }
+                Ok(())
+            }
+            Place::Volume(v) => v.clear().await,
+        }
+    }
+
+    async fn prepare(&self) -> Result<(), PackageError> {
+        match self {
+            Place::Host { partial, .. } => tokio::fs::create_dir_all(partial)
+                .await
+                .map_err(io(format!("cannot create {}", partial.display()))),
+            Place::Volume(v) => v.prepare().await,
+        }
+    }
+
+    /// Where the installers write: npm's prefix, or the venv.
+    fn install_dir(&self) -> PathBuf {
+        match self {
+            Place::Host { partial, .. } => partial.clone(),
+            Place::Volume(v) => v.dir().to_owned(),
+        }
+    }
+
+    /// The installers' download cache (`npm`, `pip`): kept in the data directory on the
+    /// host; in a container, on its tmpfs (a download is not worth a second volume).
+    fn cache_dir(&self, installer: &str) -> PathBuf {
+        match self {
+            Place::Host { packages_dir, .. } => packages_dir.join(format!(".{installer}-cache")),
+            Place::Volume(_) => PathBuf::from(format!("/tmp/.{installer}-cache")),
+        }
+    }
+
+    async fn run(
+        &self,
+        cmd: Cmd,
+        progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<Output, PackageError> {
+        match self {
+            Place::Host { .. } => run(cmd, progress).await,
+            Place::Volume(v) => v.run(cmd, progress).await,
+        }
+    }
+
+    /// What to run for the install just built (before [`Place::commit`]).
+    async fn built_executable(&self, pkg: &Package) -> Result<Installed, PackageError> {
+        match self {
+            // Checked in the partial directory, for the path it will have once renamed.
+            Place::Host { dir, partial, .. } => host_executable(pkg, partial, dir).await,
+            Place::Volume(v) => v.executable(pkg).await,
+        }
+    }
+
+    /// Removes a failed install.
+    async fn discard(&self) {
+        match self {
+            Place::Host { partial, .. } => {
+                let _ = tokio::fs::remove_dir_all(partial).await;
+            }
+            Place::Volume(v) => v.discard().await,
+        }
+    }
+
+    /// Marks the install complete (its marker written last).
+    async fn commit(&self, pkg: &Package) -> Result<(), PackageError> {
+        match self {
+            Place::Host { dir, partial, .. } => {
+                let (from, to, note) = (partial.clone(), dir.clone(), pkg.to_string());
+                blocking("finishing the install", move || commit(&from, &to, &note)).await
+            }
+            Place::Volume(v) => v.commit(pkg).await,
+        }
+    }
+
+    /// The registry npm uses when none is configured, for error messages.
+    async fn npm_registry(&self) -> String {
+        match self {
+            Place::Host { packages_dir, .. } => npm_registry(packages_dir).await,
+            Place::Volume(_) => NPM_DEFAULT_REGISTRY.to_owned(),
+        }
+    }
+
+    /// The error for an installer that cannot be run here.
+    fn missing(&self, needs: Needs) -> PackageError {
+        match self {
+            Place::Host { .. } => needs.missing_on_host(),
+            Place::Volume(v) => PackageError::MissingInImage {
+                tool: needs.program(),
+                image: v.image().to_owned(),
+            },
+        }
+    }
 }
 
 /// Runs filesystem work (syncs, manifests, directory listings) on the blocking pool, never on
@@ -470,24 +740,18 @@ async fn blocking<T: Send + 'static>(
         })?
 }
 
-/// [`executable`], which reads the install's manifest and directories, off the async threads.
-async fn find_executable(pkg: &Package, dir: &Path) -> Result<Installed, PackageError> {
-    let (pkg, dir) = (pkg.clone(), dir.to_owned());
+/// [`executable`] for an install in `dir` on the host (to be run from `root`), off the async
+/// threads.
+async fn host_executable(
+    pkg: &Package,
+    dir: &Path,
+    root: &Path,
+) -> Result<Installed, PackageError> {
+    let (pkg, dir, root) = (pkg.clone(), dir.to_owned(), root.to_owned());
     blocking("finding the installed program", move || {
-        executable(&pkg, &dir)
+        executable(&pkg, &HostFiles(&dir), &root)
     })
     .await
-}
-
-/// The install in `dir`, if it is complete and still has its program.
-async fn cached(pkg: &Package, dir: &Path) -> Option<Installed> {
-    if !tokio::fs::try_exists(dir.join(MARKER))
-        .await
-        .unwrap_or(false)
-    {
-        return None;
-    }
-    find_executable(pkg, dir).await.ok()
 }
 
 /// Takes the per-package install lock, polling so that waiting holds no thread and can be
@@ -563,12 +827,56 @@ fn commit(partial: &Path, dir: &Path, note: &str) -> Result<(), PackageError> {
     }
 }
 
-/// What to run for the package installed in `dir`.
-fn executable(pkg: &Package, dir: &Path) -> Result<Installed, PackageError> {
-    match pkg {
-        Package::Npm { name, .. } => npm_executable(pkg, name, dir),
-        Package::PyPi { name, .. } => pypi_executable(pkg, name, dir),
+/// Read access to an install's files, by path relative to its directory: the host's
+/// filesystem, or what was copied out of a volume ([`volume`]).
+trait Files {
+    /// Up to `max` bytes of the regular file at `rel`.
+    fn read(&self, rel: &Path, max: usize) -> std::io::Result<Vec<u8>>;
+    /// Whether `rel` is a regular file (following symlinks where the files are local).
+    fn is_file(&self, rel: &Path) -> bool;
+    /// The names in directory `rel`.
+    fn list(&self, rel: &Path) -> std::io::Result<Vec<String>>;
+}
+
+struct HostFiles<'a>(&'a Path);
+
+impl Files for HostFiles<'_> {
+    fn read(&self, rel: &Path, max: usize) -> std::io::Result<Vec<u8>> {
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(std::fs::File::open(self.0.join(rel))?, max as u64),
+            &mut data,
+        )?;
+        Ok(data)
     }
+
+    fn is_file(&self, rel: &Path) -> bool {
+        self.0.join(rel).is_file()
+    }
+
+    fn list(&self, rel: &Path) -> std::io::Result<Vec<String>> {
+        Ok(std::fs::read_dir(self.0.join(rel))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect())
+    }
+}
+
+/// Largest package.json read.
+const MAX_MANIFEST: usize = 1 << 20;
+/// Bytes of a script read to tell a Python script from anything else.
+const SCRIPT_HEAD: usize = 512;
+
+/// What to run for the package whose files `files` shows, installed (or to be run) at `root`.
+fn executable(pkg: &Package, files: &dyn Files, root: &Path) -> Result<Installed, PackageError> {
+    match pkg {
+        Package::Npm { name, .. } => npm_executable(pkg, name, files, root),
+        Package::PyPi { name, .. } => pypi_executable(pkg, name, files, root),
+    }
+}
+
+/// The package's own directory inside an npm prefix.
+fn npm_package_dir(name: &str) -> PathBuf {
+    Path::new("node_modules").join(name)
 }
 
 /// The package's `bin` entry, as npx picks it: a string `bin` is named after the package; in a
@@ -578,14 +886,23 @@ fn executable(pkg: &Package, dir: &Path) -> Result<Installed, PackageError> {
 /// executable, its shebang picks the interpreter (usually `node` from PATH; sometimes flags,
 /// a shell script or a native binary, which `node <script>` would break), and paths inside
 /// node_modules are relative, so the rename into place does not matter.
-fn npm_executable(pkg: &Package, name: &str, dir: &Path) -> Result<Installed, PackageError> {
-    let pkg_dir = dir.join("node_modules").join(name);
+fn npm_executable(
+    pkg: &Package,
+    name: &str,
+    files: &dyn Files,
+    root: &Path,
+) -> Result<Installed, PackageError> {
+    let pkg_dir = npm_package_dir(name);
     let manifest_path = pkg_dir.join("package.json");
-    let text = std::fs::read_to_string(&manifest_path)
-        .map_err(io(format!("cannot read {}", manifest_path.display())))?;
+    let text = files
+        .read(&manifest_path, MAX_MANIFEST)
+        .map_err(io(format!(
+            "cannot read {}",
+            root.join(&manifest_path).display()
+        )))?;
     let manifest: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| PackageError::Io {
-            context: format!("cannot parse {}", manifest_path.display()),
+        serde_json::from_slice(&text).map_err(|e| PackageError::Io {
+            context: format!("cannot parse {}", root.join(&manifest_path).display()),
             error: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         })?;
     let unscoped = name.rsplit('/').next().unwrap_or(name);
@@ -617,17 +934,28 @@ fn npm_executable(pkg: &Package, name: &str, dir: &Path) -> Result<Installed, Pa
         return Err(no_executable(vec![script.to_owned()]));
     }
     let program = pkg_dir.join(rel);
-    if !program.is_file() {
+    if !files.is_file(&program) {
         return Err(no_executable(vec![script.to_owned()]));
     }
     Ok(Installed {
-        program,
+        program: root.join(program),
         args: Vec::new(),
     })
 }
 
-/// The console script named like the package, as uvx runs it (also tried with the name
-/// normalized, `Foo.Bar` → `foo-bar`, `foo_bar`).
+/// The console scripts uvx would run for a package named `name`: the name itself, then
+/// normalized (`Foo.Bar` → `foo-bar`, `foo_bar`).
+fn pypi_script_names(name: &str) -> [String; 3] {
+    let normalized: String = name
+        .to_ascii_lowercase()
+        .split(['-', '_', '.'])
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("-");
+    [name.to_owned(), normalized.replace('-', "_"), normalized]
+}
+
+/// The console script named like the package, as uvx runs it (see [`pypi_script_names`]).
 ///
 /// A Python script is run by the venv's interpreter (`<venv>/bin/python <script>`) rather
 /// than through its shebang: the venv was built under `.partial-<dir>` and renamed, so the
@@ -635,19 +963,22 @@ fn npm_executable(pkg: &Package, name: &str, dir: &Path) -> Result<Installed, Pa
 /// when the path is longer than a shebang may be). A venv is otherwise relocatable: the
 /// interpreter finds it from its own path. A non-Python file (a binary shipped as a script)
 /// is run directly.
-fn pypi_executable(pkg: &Package, name: &str, dir: &Path) -> Result<Installed, PackageError> {
-    let bin = dir.join("bin");
-    let normalized: String = name
-        .to_ascii_lowercase()
-        .split(['-', '_', '.'])
-        .filter(|s| !s.is_empty())
-        .collect::<Vec<_>>()
-        .join("-");
-    let candidates = [name.to_owned(), normalized.replace('-', "_"), normalized];
-    let Some(script) = candidates.iter().map(|c| bin.join(c)).find(|p| p.is_file()) else {
-        let mut found: Vec<String> = std::fs::read_dir(&bin)
-            .map_err(io(format!("cannot list {}", bin.display())))?
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+fn pypi_executable(
+    pkg: &Package,
+    name: &str,
+    files: &dyn Files,
+    root: &Path,
+) -> Result<Installed, PackageError> {
+    let bin = Path::new("bin");
+    let Some(script) = pypi_script_names(name)
+        .iter()
+        .map(|c| bin.join(c))
+        .find(|p| files.is_file(p))
+    else {
+        let mut found: Vec<String> = files
+            .list(bin)
+            .map_err(io(format!("cannot list {}", root.join(bin).display())))?
+            .into_iter()
             .filter(|n| {
                 !(n.starts_with("python")
                     || n.starts_with("pip")
@@ -661,12 +992,11 @@ fn pypi_executable(pkg: &Package, name: &str, dir: &Path) -> Result<Installed, P
             candidates: found,
         });
     };
-    let mut head = [0u8; 512];
-    let n = std::fs::File::open(&script)
-        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
-        .map_err(io(format!("cannot read {}", script.display())))?;
-    let head = &head[..n];
+    let head = files
+        .read(&script, SCRIPT_HEAD)
+        .map_err(io(format!("cannot read {}", root.join(&script).display())))?;
     let is_python = head.starts_with(b"#!") && head.windows(6).any(|w| w == b"python");
+    let script = root.join(script);
     if !is_python {
         return Ok(Installed {
             program: script,
@@ -681,23 +1011,50 @@ fn pypi_executable(pkg: &Package, name: &str, dir: &Path) -> Result<Installed, P
             error: std::io::ErrorKind::InvalidData.into(),
         })?;
     Ok(Installed {
-        program: bin.join("python"),
+        program: root.join("bin").join("python"),
         args: vec![script],
     })
 }
 
-/// `npm install` into `prefix`. Retries and timeouts are short so that an unreachable
-/// registry is reported in seconds, not after npm's minutes of backoff.
+/// The registry settings as the installers' environment, not their command line (a private
+/// registry's URL may carry credentials, and any local user can read a command line).
+fn registry_env(mut cmd: Cmd, registries: &Registries) -> Cmd {
+    match cmd.needs {
+        Needs::Npm => {
+            if let Some(registry) = &registries.npm {
+                cmd = cmd.env("npm_config_registry", registry.clone());
+            }
+        }
+        Needs::Python => {
+            if let Some(index) = &registries.pypi_index {
+                cmd = cmd.env("PIP_INDEX_URL", index.clone());
+                // pip ignores an http:// index on any host but localhost unless trusted.
+                if let Ok(url) = reqwest::Url::parse(index)
+                    && url.scheme() == "http"
+                    && let Some(host) = url.host_str()
+                {
+                    cmd = cmd.env("PIP_TRUSTED_HOST", host.to_owned());
+                }
+            }
+        }
+        Needs::Sync => {}
+    }
+    cmd
+}
+
+/// `npm install` into the place's prefix. Retries and timeouts are short so that an
+/// unreachable registry is reported in seconds, not after npm's minutes of backoff.
 async fn install_npm(
     pkg: &Package,
-    prefix: &Path,
-    packages_dir: &Path,
+    place: &Place<'_>,
     registries: &Registries,
     progress: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<(), PackageError> {
-    let mut cmd = Command::new("npm");
-    cmd.arg("install")
-        .arg(arg("--prefix=", prefix)?)
+    let cmd = Cmd::new("npm", Needs::Npm)
+        .args([
+            "install".to_owned(),
+            arg("--prefix=", &place.install_dir())?,
+        ])
         .args([
             "--no-audit",
             "--no-fund",
@@ -708,18 +1065,15 @@ async fn install_npm(
             "--fetch-retry-maxtimeout=5000",
             "--fetch-timeout=60000",
         ])
-        .env("npm_config_cache", packages_dir.join(".npm-cache"));
-    if let Some(registry) = &registries.npm {
-        cmd.arg(format!("--registry={registry}"));
-    }
-    cmd.arg(pkg.spec());
-    let out = run(cmd, NPM_MISSING, progress).await?;
+        .args([pkg.spec()])
+        .env("npm_config_cache", path_str(&place.cache_dir("npm"))?);
+    let out = place.run(registry_env(cmd, registries), progress).await?;
     if out.success {
         return Ok(());
     }
     let registry = match &registries.npm {
         Some(r) => r.clone(),
-        None => npm_registry(packages_dir).await,
+        None => place.npm_registry().await,
     };
     Err(classify_npm(pkg, registry, &out.lines))
 }
@@ -808,7 +1162,7 @@ fn install_failed(pkg: &Package, lines: &[String]) -> PackageError {
     }
 }
 
-/// A venv in `dir` with the package (`spec`) pip-installed into it.
+/// A venv at the place's install directory with the package (`spec`) pip-installed into it.
 ///
 /// This is what `uvx` does, done with what these machines have (`uv` is not installed):
 /// `uv tool install`/`uv venv` + `uv pip install` could replace it later, being faster and
@@ -816,53 +1170,44 @@ fn install_failed(pkg: &Package, lines: &[String]) -> PackageError {
 async fn install_pypi(
     pkg: &Package,
     spec: &str,
-    dir: &Path,
-    packages_dir: &Path,
+    place: &Place<'_>,
     registries: &Registries,
     progress: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<(), PackageError> {
-    let mut venv = Command::new("python3");
-    venv.args(["-m", "venv"]).arg(dir);
-    let out = run(venv, PYTHON_MISSING, progress).await?;
+    let dir = place.install_dir();
+    let venv =
+        Cmd::new("python3", Needs::Python).args(["-m".to_owned(), "venv".into(), path_str(&dir)?]);
+    let out = place.run(venv, progress).await?;
     if !out.success {
         if out
             .lines
             .iter()
             .any(|l| l.contains("ensurepip") || l.contains("No module named venv"))
         {
-            return Err(PYTHON_MISSING);
+            return Err(place.missing(Needs::Python));
         }
         return Err(install_failed(pkg, &out.lines));
     }
 
     // `python -m pip`, not `bin/pip`: the pip script's shebang would break on a data
     // directory path longer than a shebang may be.
-    let mut pip = Command::new(dir.join("bin").join("python"));
-    pip.args([
-        "-m",
-        "pip",
-        "install",
-        "--disable-pip-version-check",
-        "--no-input",
-        "--progress-bar=off",
-        "--no-warn-script-location",
-        // One retry: with none, pip reports an unreachable index only as "no matching
-        // distribution" (its retry warning is the only line naming the connection error).
-        "--retries=1",
-        "--timeout=15",
-    ])
-    .env("PIP_CACHE_DIR", packages_dir.join(".pip-cache"));
-    if let Some(index) = &registries.pypi_index {
-        pip.arg(format!("--index-url={index}"));
-        if let Ok(url) = reqwest::Url::parse(index)
-            && url.scheme() == "http"
-            && let Some(host) = url.host_str()
-        {
-            pip.arg(format!("--trusted-host={host}"));
-        }
-    }
-    pip.arg(spec);
-    let out = run(pip, PYTHON_MISSING, progress).await?;
+    let pip = Cmd::new(path_str(&dir.join("bin").join("python"))?, Needs::Python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--progress-bar=off",
+            "--no-warn-script-location",
+            // One retry: with none, pip reports an unreachable index only as "no matching
+            // distribution" (its retry warning is the only line naming the connection error).
+            "--retries=1",
+            "--timeout=15",
+            spec,
+        ])
+        .env("PIP_CACHE_DIR", path_str(&place.cache_dir("pip"))?);
+    let out = place.run(registry_env(pip, registries), progress).await?;
     if out.success {
         return Ok(());
     }
@@ -932,6 +1277,12 @@ fn connection_reason(line: &str) -> String {
     line.to_owned()
 }
 
+/// `path` as an argument or variable: paths Switchboard builds are UTF-8 unless the data
+/// directory is not.
+fn path_str(path: &Path) -> Result<String, PackageError> {
+    arg("", path)
+}
+
 /// Builds `<flag><path>` as one argument, so a path is never taken for another option.
 fn arg(flag: &str, path: &Path) -> Result<String, PackageError> {
     path.to_str()
@@ -948,6 +1299,47 @@ struct Output {
     lines: Vec<String>,
 }
 
+/// An installer's output as it comes: each line forwarded to `progress` (cut at
+/// [`MAX_LINE`]), the last [`KEPT_LINES`] kept for the error.
+struct Lines<'a> {
+    progress: &'a (dyn Fn(&str) + Send + Sync),
+    kept: Mutex<VecDeque<String>>,
+}
+
+impl<'a> Lines<'a> {
+    fn new(progress: &'a (dyn Fn(&str) + Send + Sync)) -> Lines<'a> {
+        Lines {
+            progress,
+            kept: Mutex::new(VecDeque::with_capacity(KEPT_LINES)),
+        }
+    }
+
+    fn push(&self, raw: &[u8]) {
+        let mut line = String::from_utf8_lossy(raw).trim_end().to_owned();
+        if line.len() > MAX_LINE {
+            let mut end = MAX_LINE;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+        }
+        (self.progress)(&line);
+        if let Ok(mut kept) = self.kept.lock() {
+            if kept.len() == KEPT_LINES {
+                kept.pop_front();
+            }
+            kept.push_back(line);
+        }
+    }
+
+    fn finish(self, success: bool) -> Output {
+        Output {
+            success,
+            lines: self.kept.into_inner().map(Vec::from).unwrap_or_default(),
+        }
+    }
+}
+
 /// Kills an installer's whole process group (npm runs install scripts as children) if its
 /// future is dropped before the installer was reaped, e.g. at the timeout. Once it has been
 /// reaped, its pid (the group id) may be reused, so the guard is disarmed.
@@ -961,24 +1353,24 @@ impl Drop for KillGroup {
     }
 }
 
-/// Runs an installer, forwarding each output line to `progress` as it comes.
-async fn run(
-    mut cmd: Command,
-    missing: PackageError,
-    progress: &(dyn Fn(&str) + Send + Sync),
-) -> Result<Output, PackageError> {
-    cmd.stdin(Stdio::null())
+/// Runs an installer on the host, forwarding each output line to `progress` as it comes.
+async fn run(spec: Cmd, progress: &(dyn Fn(&str) + Send + Sync)) -> Result<Output, PackageError> {
+    let mut cmd = Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true)
         // Installers run packages' own scripts: the key to every tool's secrets stays here.
         .env_remove(crate::secrets::KEY_ENV);
-    let program = cmd.as_std().get_program().to_string_lossy().into_owned();
     let mut child = match cmd.spawn() {
         Ok(child) => child,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing),
-        Err(e) => return Err(io(format!("cannot run {program}"))(e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(spec.needs.missing_on_host());
+        }
+        Err(e) => return Err(io(format!("cannot run {}", spec.program))(e)),
     };
     let mut guard = KillGroup(
         child
@@ -986,28 +1378,14 @@ async fn run(
             .and_then(|id| i32::try_from(id).ok())
             .map(Pid::from_raw),
     );
-    let kept = Mutex::new(VecDeque::with_capacity(KEPT_LINES));
+    let lines = Lines::new(progress);
     let forward = |stream: Option<Box<dyn AsyncRead + Unpin + Send>>| {
-        let kept = &kept;
+        let lines = &lines;
         async move {
             let Some(stream) = stream else { return };
-            let mut lines = BufReader::new(stream).split(b'\n');
-            while let Ok(Some(raw)) = lines.next_segment().await {
-                let mut line = String::from_utf8_lossy(&raw).trim_end().to_owned();
-                if line.len() > MAX_LINE {
-                    let mut end = MAX_LINE;
-                    while !line.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    line.truncate(end);
-                }
-                progress(&line);
-                if let Ok(mut kept) = kept.lock() {
-                    if kept.len() == KEPT_LINES {
-                        kept.pop_front();
-                    }
-                    kept.push_back(line);
-                }
+            let mut split = BufReader::new(stream).split(b'\n');
+            while let Ok(Some(raw)) = split.next_segment().await {
+                lines.push(&raw);
             }
         }
     };
@@ -1021,12 +1399,8 @@ async fn run(
         .map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>);
     let (status, (), ()) = tokio::join!(child.wait(), forward(stdout), forward(stderr));
     guard.0 = None;
-    let status = status.map_err(io(format!("cannot wait for {program}")))?;
-    let lines = kept.into_inner().map(Vec::from).unwrap_or_default();
-    Ok(Output {
-        success: status.success(),
-        lines,
-    })
+    let status = status.map_err(io(format!("cannot wait for {}", spec.program)))?;
+    Ok(lines.finish(status.success()))
 }
 
 #[cfg(test)]
@@ -1035,10 +1409,10 @@ mod tests {
 
     #[tokio::test]
     async fn installers_never_see_the_secret_key() {
-        let mut cmd = Command::new("sh");
-        cmd.args(["-c", "echo \"${SWITCHBOARD_SECRET_KEY:-unset}\""])
+        let cmd = Cmd::new("sh", Needs::Python)
+            .args(["-c", "echo \"${SWITCHBOARD_SECRET_KEY:-unset}\""])
             .env(crate::secrets::KEY_ENV, "the-key");
-        let out = run(cmd, PYTHON_MISSING, &|_| {}).await.unwrap();
+        let out = run(cmd, &|_| {}).await.unwrap();
         assert_eq!(out.lines, ["unset"]);
     }
 

@@ -211,7 +211,9 @@ pub struct ToolSpec {
     /// `docker`, a container of `image` (Streamable HTTP servers only, for now).
     #[serde(default, skip_serializing_if = "is_default")]
     pub runtime: RuntimeKind,
-    /// The container image (`NAME:TAG`): required for `runtime = "docker"`, refused otherwise.
+    /// The container image (`NAME:TAG`): required for `runtime = "docker"` (except for an
+    /// `npx:`/`uvx:` package, where it is the image the package is installed in and run by,
+    /// default `[docker] node_image` / `python_image`), refused otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// Whether a missing image may be pulled (docker): `never` (the default; a missing image
@@ -237,6 +239,10 @@ pub struct ToolSpec {
     /// that cannot enforce one refuses the deploy (409 `limits_unenforceable`).
     #[serde(default, skip_serializing_if = "Limits::is_none")]
     pub limits: Limits,
+    /// Set by the manager once a `runtime = "docker"` package tool's package is installed:
+    /// the volume holding it, which its containers mount read-only. Never stored or shown.
+    #[serde(skip)]
+    pub package_volume: Option<String>,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -356,8 +362,10 @@ impl ToolSpec {
             }
             return Ok(());
         }
+        let package = crate::packages::Package::parse(&self.command).is_some();
         let image = self.image.as_deref().unwrap_or_default();
-        if image.trim().is_empty() {
+        // A package's image defaults to the configured base image.
+        if image.trim().is_empty() && !(package && self.image.is_none()) {
             return Err(invalid(
                 "image",
                 "runtime = \"docker\" needs an image (such as \"ghcr.io/org/server:1.2\")",
@@ -367,13 +375,6 @@ impl ToolSpec {
             return Err(invalid(
                 "image",
                 format!("'{image}' is not an image reference (it contains whitespace)"),
-            ));
-        }
-        if crate::packages::Package::parse(&self.command).is_some() {
-            return Err(invalid(
-                "command",
-                "npx:/uvx: packages in containers are not supported yet: build an image with \
-                 the package installed, or use runtime = \"process\"",
             ));
         }
         // A stdio server listens nowhere: no network is a fine choice for one.
@@ -928,7 +929,7 @@ mod tests {
     }
 
     #[test]
-    fn what_containers_do_not_run_yet_is_refused_saying_so() {
+    fn what_a_container_cannot_do_is_refused_saying_so() {
         let docker = |extra: serde_json::Value| {
             let mut v = serde_json::json!({"slug": "d", "runtime": "docker", "image": "srv:1"});
             if let (serde_json::Value::Object(v), serde_json::Value::Object(e)) = (&mut v, extra) {
@@ -936,15 +937,31 @@ mod tests {
             }
             from(v).unwrap_err().to_string()
         };
-        let npx = docker(serde_json::json!({"command": "npx:some-server"}));
-        assert!(
-            npx.starts_with("command:") && npx.contains("not supported yet"),
-            "{npx}"
-        );
         let none = docker(serde_json::json!({"network": "none"}));
         assert!(none.starts_with("network:"), "{none}");
         let user = docker(serde_json::json!({"user": " "}));
         assert!(user.starts_with("user:"), "{user}");
+    }
+
+    #[test]
+    fn a_package_in_a_container_needs_no_image_but_a_given_one_must_be_valid() {
+        let spec = from(serde_json::json!({"slug": "n", "runtime": "docker",
+            "command": "npx:@modelcontextprotocol/server-everything@2026.8.31"}))
+        .unwrap();
+        assert_eq!(spec.image, None, "the configured base image is used");
+        let uvx = from(serde_json::json!({"slug": "u", "runtime": "docker",
+            "command": "uvx:mcp-server-time", "image": "python:3.12-slim"}))
+        .unwrap();
+        assert_eq!(uvx.image.as_deref(), Some("python:3.12-slim"));
+        let blank = from(serde_json::json!({"slug": "b", "runtime": "docker",
+            "command": "npx:x", "image": " "}))
+        .unwrap_err();
+        assert!(blank.to_string().starts_with("image:"), "{blank}");
+        // An ordinary command still needs its image.
+        let plain = from(serde_json::json!({"slug": "p", "runtime": "docker",
+            "command": "server"}))
+        .unwrap_err();
+        assert!(plain.to_string().starts_with("image:"), "{plain}");
     }
 
     #[test]

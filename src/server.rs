@@ -145,6 +145,7 @@ pub async fn run(
     let hosting = Hosting {
         packages_dir: data_dir.join("packages"),
         registries: config.registries.clone(),
+        images: config.docker.images.clone(),
         bridge: shim.clone(),
         socket_dir,
         public_url: format!(
@@ -166,7 +167,7 @@ pub async fn run(
     ));
     let mut runtimes = Runtimes::new(runtime.clone());
     if config.docker.enabled {
-        runtimes = runtimes.with(Arc::new(DockerRuntime::new(
+        runtimes = runtimes.with_docker(Arc::new(DockerRuntime::new(
             node.clone(),
             config.docker.host.clone(),
             ports,

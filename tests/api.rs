@@ -492,6 +492,7 @@ async fn a_docker_deploy_without_an_engine_is_a_documented_503() {
             switchboard::config::DockerConfig {
                 enabled: true,
                 host: Some("unix:///nonexistent/docker.sock".into()),
+                ..Default::default()
             },
             "dockerd",
         ),
@@ -499,6 +500,7 @@ async fn a_docker_deploy_without_an_engine_is_a_documented_503() {
             switchboard::config::DockerConfig {
                 enabled: false,
                 host: None,
+                ..Default::default()
             },
             "disabled",
         ),

@@ -9,7 +9,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{AppOptions, TestApp};
+use common::{AppOptions, TestApp, docker};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -23,22 +23,6 @@ fn image() -> String {
          (installing docker.io if missing) and builds the test server's image"
     );
     tag
-}
-
-/// `docker ARGS...`, which must succeed; its stdout.
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run docker ({e}): install docker.io and run through scripts/with-docker")
-        });
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 fn inspect(container: &str) -> Value {

@@ -9,8 +9,9 @@ use uuid::Uuid;
 use super::Manager;
 use crate::{
     events::EventKind,
-    packages::{Package, PackageError},
-    registry::Tool,
+    packages::{Installed, Package, PackageError, Volume},
+    registry::{Tool, ToolSpec},
+    runtime::RuntimeKind,
 };
 
 /// Why a tool's package is not there to run.
@@ -70,13 +71,21 @@ impl Manager {
                 Some(line.to_owned()),
             );
         };
-        let installed = crate::packages::ensure_installed(
-            &pkg,
-            &self.hosting.packages_dir,
-            &self.hosting.registries,
-            &progress,
-        )
-        .await;
+        let installed = match tool.spec.runtime {
+            RuntimeKind::Process => {
+                crate::packages::ensure_installed(
+                    &pkg,
+                    &self.hosting.packages_dir,
+                    &self.hosting.registries,
+                    &progress,
+                )
+                .await
+            }
+            RuntimeKind::Docker => {
+                self.install_in_volume(&pkg, &mut tool.spec, &progress)
+                    .await
+            }
+        };
         // Every line is in the log before the server, which writes there too, starts.
         drop(lines);
         if let Some(writer) = writer {
@@ -108,6 +117,65 @@ impl Manager {
                 Err((tool, e))
             }
         }
+    }
+}
+
+impl Manager {
+    /// Installs a `runtime = "docker"` tool's package into its volume, built in the tool's
+    /// image or the configured base image (which the spec then names), with the tool's
+    /// container settings; on success the spec also names the volume, which its containers
+    /// mount.
+    async fn install_in_volume(
+        &self,
+        pkg: &Package,
+        spec: &mut ToolSpec,
+        progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<Installed, PackageError> {
+        let source = match &spec.image {
+            Some(_) => "the tool's image",
+            None => {
+                let (image, key) = self.hosting.images.of(pkg);
+                spec.image = Some(image.to_owned());
+                key
+            }
+        };
+        let container = super::launch::container_launch(spec);
+        let runtime_error = |context: String| {
+            move |e: crate::runtime::RuntimeError| PackageError::Engine {
+                context,
+                error: e.to_string(),
+            }
+        };
+        let docker = self
+            .runtimes
+            .docker()
+            .map_err(runtime_error("the docker runtime".into()))?;
+        let image_id = docker
+            .image_id(&container)
+            .await
+            .map_err(runtime_error(format!(
+                "the image to install {pkg} in ({source})"
+            )))?;
+        let volume = Volume::new(
+            docker
+                .engine()
+                .await
+                .map_err(runtime_error("the docker runtime".into()))?,
+            pkg,
+            &container,
+            &image_id,
+            docker.node(),
+            &self.hosting.packages_dir,
+        );
+        let installed = crate::packages::ensure_installed_in_volume(
+            pkg,
+            &volume,
+            &self.hosting.registries,
+            progress,
+        )
+        .await?;
+        spec.package_volume = Some(volume.name().to_owned());
+        Ok(installed)
     }
 }
 

@@ -8,7 +8,7 @@ use crate::{
     registry::{ToolSpec, Transport},
     runtime::{
         ContainerLaunch, Endpoint, LaunchSpec, Listen, RuntimeKind, StopMode,
-        container::DEFAULT_USER,
+        container::{DEFAULT_USER, VolumeMount},
     },
 };
 
@@ -33,14 +33,7 @@ pub(super) fn launch_spec(id: Uuid, spec: &ToolSpec, listen: Listen) -> LaunchSp
         working_dir: spec.working_dir.clone(),
         stop: StopMode::Tree,
         listen,
-        container: (spec.runtime == RuntimeKind::Docker).then(|| ContainerLaunch {
-            image: spec.image.clone().unwrap_or_default(),
-            pull: spec.pull,
-            network: spec.network,
-            user: spec.user.clone().unwrap_or_else(|| DEFAULT_USER.to_owned()),
-            security: spec.docker.clone(),
-            tool: spec.slug.clone(),
-        }),
+        container: (spec.runtime == RuntimeKind::Docker).then(|| container_launch(spec)),
         limits: spec.limits,
     }
 }
@@ -54,6 +47,26 @@ pub(super) fn instance_runtime(runtime: RuntimeKind, transport: Transport) -> Ru
     match transport {
         Transport::Stdio => RuntimeKind::Process,
         Transport::StreamableHttp => runtime,
+    }
+}
+
+/// A docker tool's container settings.
+pub(super) fn container_launch(spec: &ToolSpec) -> ContainerLaunch {
+    ContainerLaunch {
+        image: spec.image.clone().unwrap_or_default(),
+        pull: spec.pull,
+        network: spec.network,
+        user: spec.user.clone().unwrap_or_else(|| DEFAULT_USER.to_owned()),
+        security: spec.docker.clone(),
+        tool: spec.slug.clone(),
+        mounts: spec
+            .package_volume
+            .iter()
+            .map(|v| VolumeMount {
+                volume: v.clone(),
+                target: crate::packages::MOUNT.to_owned(),
+            })
+            .collect(),
     }
 }
 

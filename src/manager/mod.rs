@@ -197,6 +197,8 @@ pub struct Hosting {
     /// Where `npx:` / `uvx:` packages are installed (`<data dir>/packages`).
     pub packages_dir: std::path::PathBuf,
     pub registries: crate::packages::Registries,
+    /// The base images of package tools with `runtime = "docker"`.
+    pub images: crate::packages::BaseImages,
     /// The switchboard executable (the bridge is one of its modes).
     pub bridge: std::path::PathBuf,
     /// Where the bridges' sockets live (`<data dir>/run`).

@@ -200,6 +200,7 @@ fn manager_on(
         Hosting {
             packages_dir: dir.join("packages"),
             registries: Default::default(),
+            images: Default::default(),
             bridge: "switchboard".into(),
             socket_dir: dir.join("run"),
             public_url: "http://127.0.0.1:7300".to_owned(),

@@ -95,6 +95,16 @@ pub struct ContainerLaunch {
     pub security: DockerSecurity,
     /// The tool's slug, for the container's labels.
     pub tool: String,
+    /// Named volumes mounted read-only (a package tool's install).
+    pub mounts: Vec<VolumeMount>,
+}
+
+/// A named volume a container mounts read-only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    pub volume: String,
+    /// The path inside the container.
+    pub target: String,
 }
 
 /// How a stdio deployment's bridge runs each server process as a container (`runtime =

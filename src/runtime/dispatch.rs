@@ -12,12 +12,14 @@ use std::{
 
 use uuid::Uuid;
 
-use super::{PortUse, Runtime, RuntimeError, RuntimeKind};
+use super::{PortUse, Runtime, RuntimeError, RuntimeKind, docker::DockerRuntime};
 
 pub struct Runtimes {
     /// The default: what a deployment no runtime was assigned to is asked about.
     process: Arc<dyn Runtime>,
     others: HashMap<RuntimeKind, Arc<dyn Runtime>>,
+    /// The Docker runtime, also as itself: package installs use its engine.
+    docker: Option<Arc<DockerRuntime>>,
     /// The runtime of each deployment between its assignment and its release.
     owners: Mutex<HashMap<Uuid, RuntimeKind>>,
 }
@@ -29,6 +31,7 @@ impl Runtimes {
         Runtimes {
             process,
             others: HashMap::new(),
+            docker: None,
             owners: Mutex::default(),
         }
     }
@@ -36,6 +39,22 @@ impl Runtimes {
     pub fn with(mut self, runtime: Arc<dyn Runtime>) -> Runtimes {
         self.others.insert(runtime.kind(), runtime);
         self
+    }
+
+    /// Adds the Docker runtime.
+    pub fn with_docker(mut self, docker: Arc<DockerRuntime>) -> Runtimes {
+        self.docker = Some(Arc::clone(&docker));
+        self.with(docker)
+    }
+
+    /// The Docker runtime, or why there is none.
+    pub fn docker(&self) -> Result<Arc<DockerRuntime>, RuntimeError> {
+        self.docker
+            .clone()
+            .ok_or_else(|| RuntimeError::Unavailable {
+                runtime: "docker",
+                reason: "it is disabled in the config".into(),
+            })
     }
 
     fn owners(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, RuntimeKind>> {

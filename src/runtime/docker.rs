@@ -28,7 +28,7 @@ use std::{
 use bollard::{
     Docker,
     errors::Error as DockerError,
-    models::{ContainerCreateBody, EventMessage, HostConfig, PortBinding},
+    models::{ContainerCreateBody, EventMessage, HostConfig, Mount, MountType, PortBinding},
     query_parameters::{
         CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
         ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
@@ -42,7 +42,7 @@ use uuid::Uuid;
 use super::{
     ContainerLaunch, Endpoint, ExitInfo, InstanceRef, LaunchSpec, Listen, LogStream, PortUse,
     Runtime, RuntimeError, RuntimeKind, Started, StopMode, Usage,
-    container::{Network, Pull},
+    container::{DockerSecurity, Network, Pull},
     endpoints::Endpoints,
     limits::Bytes,
 };
@@ -150,6 +150,24 @@ async fn ended(docker: &Docker, container: &str, code: Option<i64>) -> ExitInfo 
     exit
 }
 
+/// The HostConfig of a tool's secure defaults: init, no capabilities, no-new-privileges, a
+/// read-only root with a tmpfs at /tmp (each as the tool leaves it on). Every container this
+/// node creates for a tool starts from it (package installers too).
+pub fn secure_host_config(sec: &DockerSecurity) -> HostConfig {
+    HostConfig {
+        init: Some(sec.init),
+        cap_drop: sec.drop_capabilities.then(|| vec!["ALL".to_owned()]),
+        security_opt: sec
+            .no_new_privileges
+            .then(|| vec!["no-new-privileges".to_owned()]),
+        readonly_rootfs: Some(sec.read_only_rootfs),
+        tmpfs: sec
+            .read_only_rootfs
+            .then(|| HashMap::from([("/tmp".to_owned(), "rw,nosuid,nodev,mode=1777".to_owned())])),
+        ..Default::default()
+    }
+}
+
 /// The container the engine creates for a launch: its labels (never a secret), environment
 /// (the tool's env and secret_env), command, user, and a HostConfig with the tool's secure
 /// defaults and limits. `port`: where an HTTP server listens, published on 127.0.0.1 on the
@@ -180,16 +198,19 @@ pub fn create_body(
         .memory
         .map(|m| i64::try_from(m.0).unwrap_or(i64::MAX));
     let host_config = HostConfig {
-        init: Some(sec.init),
-        cap_drop: sec.drop_capabilities.then(|| vec!["ALL".to_owned()]),
-        security_opt: sec
-            .no_new_privileges
-            .then(|| vec!["no-new-privileges".to_owned()]),
-        readonly_rootfs: Some(sec.read_only_rootfs),
-        tmpfs: sec
-            .read_only_rootfs
-            .then(|| HashMap::from([("/tmp".to_owned(), "rw,nosuid,nodev,mode=1777".to_owned())])),
         network_mode: Some(c.network.as_str().to_owned()),
+        mounts: (!c.mounts.is_empty()).then(|| {
+            c.mounts
+                .iter()
+                .map(|m| Mount {
+                    target: Some(m.target.clone()),
+                    source: Some(m.volume.clone()),
+                    typ: Some(MountType::VOLUME),
+                    read_only: Some(true),
+                    ..Default::default()
+                })
+                .collect()
+        }),
         port_bindings: published.zip(port_key.clone()).map(|(port, key)| {
             HashMap::from([(
                 key,
@@ -204,7 +225,7 @@ pub fn create_body(
         memory_swap: memory,
         nano_cpus: spec.limits.nano_cpus(),
         pids_limit: spec.limits.pids.map(i64::from),
-        ..Default::default()
+        ..secure_host_config(sec)
     };
     // An entrypoint given replaces the image's, and its command with it (as
     // `docker run --entrypoint` does); arguments alone replace only the command.
@@ -391,6 +412,25 @@ impl DockerRuntime {
             }
             Err(e) => Err(engine_error(e)),
         }
+    }
+
+    /// The engine, connected on first use (for work beside deployments: package installs).
+    pub async fn engine(&self) -> Result<Docker, RuntimeError> {
+        self.docker().await
+    }
+
+    /// This node's id, which labels what the runtime creates.
+    pub fn node(&self) -> &str {
+        &self.inner.node
+    }
+
+    /// The id of the launch's image, pulled first if it is not on the host and the launch
+    /// allows it.
+    pub async fn image_id(&self, c: &ContainerLaunch) -> Result<String, RuntimeError> {
+        let docker = self.docker().await?;
+        Self::ensure_image(&docker, c).await?;
+        let image = docker.inspect_image(&c.image).await.map_err(engine_error)?;
+        Ok(image.id.unwrap_or_default())
     }
 
     /// The image is on the host, pulled first where the tool allows it.

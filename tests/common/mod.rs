@@ -1203,3 +1203,19 @@ pub async fn wait_event_text(events: &mut reqwest::Response, text: &str) {
     .await
     .unwrap_or_else(|_| panic!("no event says \"{text}\": {seen}"));
 }
+
+/// `docker ARGS...`, which must succeed; its stdout.
+pub fn docker(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run docker ({e}): install docker.io and run through scripts/with-docker")
+        });
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
