@@ -1089,16 +1089,24 @@ const PYTHON_MISSING: PackageError = PackageError::MissingTool {
            python3-venv) and make sure `python3` is on Switchboard's PATH",
 };
 
+/// Installers run packages' own scripts: Switchboard's key and tokens stay out of their
+/// environment.
+fn without_our_credentials(cmd: &mut Command) {
+    for k in crate::secrets::NEVER_INHERITED {
+        cmd.env_remove(k);
+    }
+}
+
 /// The registry npm is configured with, for error messages.
 async fn npm_registry(packages_dir: &Path) -> String {
-    let out = Command::new("npm")
-        .args(["config", "get", "registry"])
+    let mut cmd = Command::new("npm");
+    cmd.args(["config", "get", "registry"])
         .env("npm_config_cache", packages_dir.join(".npm-cache"))
-        .env_remove(crate::secrets::KEY_ENV)
         .stdin(Stdio::null())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .output();
+        .kill_on_drop(true);
+    without_our_credentials(&mut cmd);
+    let out = cmd.output();
     match tokio::time::timeout(Duration::from_secs(10), out).await {
         Ok(Ok(o)) if o.status.success() && !o.stdout.trim_ascii().is_empty() => {
             String::from_utf8_lossy(o.stdout.trim_ascii()).into_owned()
@@ -1362,9 +1370,8 @@ async fn run(spec: Cmd, progress: &(dyn Fn(&str) + Send + Sync)) -> Result<Outpu
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true)
-        // Installers run packages' own scripts: the key to every tool's secrets stays here.
-        .env_remove(crate::secrets::KEY_ENV);
+        .kill_on_drop(true);
+    without_our_credentials(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -1408,12 +1415,17 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn installers_never_see_the_secret_key() {
-        let cmd = Cmd::new("sh", Needs::Python)
-            .args(["-c", "echo \"${SWITCHBOARD_SECRET_KEY:-unset}\""])
-            .env(crate::secrets::KEY_ENV, "the-key");
+    async fn installers_never_see_switchboards_key_or_tokens() {
+        let mut cmd = Cmd::new("sh", Needs::Python).args([
+            "-c",
+            "echo \"${SWITCHBOARD_SECRET_KEY:-unset} ${SWITCHBOARD_TOKEN:-unset} \
+             ${SWITCHBOARD_API_TOKEN:-unset}\"",
+        ]);
+        for k in crate::secrets::NEVER_INHERITED {
+            cmd = cmd.env(k, "leaked");
+        }
         let out = run(cmd, &|_| {}).await.unwrap();
-        assert_eq!(out.lines, ["unset"]);
+        assert_eq!(out.lines, ["unset unset unset"]);
     }
 
     fn parse(command: &str) -> Package {

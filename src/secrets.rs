@@ -31,6 +31,11 @@ use zeroize::Zeroizing;
 
 /// The environment variable that may hold the key (base64 of 32 bytes).
 pub const KEY_ENV: &str = "SWITCHBOARD_SECRET_KEY";
+
+/// Switchboard's own credentials in its environment, which no process it starts (servers,
+/// their bridges, package installers running packages' scripts) may inherit: the key decrypts
+/// every tool's secrets, the tokens open the API.
+pub const NEVER_INHERITED: &[&str] = &["SWITCHBOARD_API_TOKEN", "SWITCHBOARD_TOKEN", KEY_ENV];
 /// The key file's name in the data directory.
 pub const KEY_FILE: &str = "secret.key";
 /// What every encrypted value starts with; the version names the cipher and the associated

@@ -43,14 +43,6 @@ pub const LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
 /// ...keeping this many older files (`<id>.log.1` …).
 pub const LOG_KEEP: u32 = 3;
 
-/// Environment variables a server must never inherit from Switchboard.
-/// (`SWITCHBOARD_SECRET_KEY` decrypts every tool's secrets: no server may hold it.)
-const SCRUBBED_ENV: &[&str] = &[
-    "SWITCHBOARD_API_TOKEN",
-    "SWITCHBOARD_TOKEN",
-    "SWITCHBOARD_SECRET_KEY",
-];
-
 /// How process trees are tracked.
 #[derive(Debug, Clone)]
 pub enum TreeTracking {
@@ -350,7 +342,8 @@ impl ProcessRuntime {
             // killpg reaches the server's whole group. std keeps posix_spawn for this.
             .process_group(0)
             .kill_on_drop(false);
-        for k in SCRUBBED_ENV {
+        // Unless the tool itself gives one of these names a value of its own.
+        for k in crate::secrets::NEVER_INHERITED {
             if !spec
                 .env
                 .iter()
