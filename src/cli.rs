@@ -390,7 +390,8 @@ pub struct ToolFields {
     #[arg(long, value_parser = ["process", "docker"])]
     pub runtime: Option<String>,
     /// The container image (`--runtime docker`); the command after `--`, if any, overrides
-    /// the image's entrypoint.
+    /// the image's entrypoint. For an `npx:`/`uvx:` package, the image it is installed in and
+    /// run by [default: the config's `[docker] node_image` / `python_image`].
     #[arg(long)]
     pub image: Option<String>,
     /// Whether the engine may pull a missing image [default: never].
