@@ -324,6 +324,42 @@ async fn a_missing_package_fails_as_on_the_host_and_leaves_no_volume() {
     assert!(cleanup.list().is_empty(), "{:?}", cleanup.list());
 }
 
+/// The `[packages]` registry settings reach the installers in the container (through their
+/// environment): an unreachable one is reported as such, naming it, as on the host.
+#[tokio::test]
+async fn the_configured_registries_are_used_in_the_container() {
+    let node = format!("test-{}", uuid::Uuid::new_v4().simple());
+    let cleanup = NodeVolumes(node.clone());
+    let dir = tempfile::tempdir().unwrap();
+    // The container's own loopback: nothing listens there.
+    let registries = Registries {
+        npm: Some("http://127.0.0.1:1/".into()),
+        pypi_index: Some("http://127.0.0.1:1/simple".into()),
+    };
+    for (command, image, registry) in [
+        (EVERYTHING, node_image(), "http://127.0.0.1:1/"),
+        (TIME, python_image(), "http://127.0.0.1:1/simple"),
+    ] {
+        let volume = volume_for(command, &image, &node, dir.path()).await;
+        let (result, lines) = install(command, &volume, &registries).await;
+        let e = result.unwrap_err();
+        eprintln!("{command}: {e}");
+        let PackageError::RegistryUnreachable {
+            registry: reported, ..
+        } = &e
+        else {
+            panic!("{command}: {e:?}\n{}", lines.join("\n"));
+        };
+        assert_eq!(reported, registry);
+        let message = e.to_string();
+        assert!(
+            message.contains("Connection refused") || message.contains("ECONNREFUSED"),
+            "{message}"
+        );
+    }
+    assert!(cleanup.list().is_empty(), "{:?}", cleanup.list());
+}
+
 /// An image without the installer fails naming the image and what it lacks.
 #[tokio::test]
 async fn an_image_without_the_installer_is_named() {
