@@ -558,6 +558,13 @@ impl DockerRuntime {
         grace: Duration,
     ) -> Result<Option<ExitInfo>, RuntimeError> {
         let Some(inst) = self.inner.get(id) else {
+            // A start cancelled (a stop during it) between creating its container and noting
+            // it leaves a created container, known only by its name.
+            if let Ok(docker) = self.docker().await
+                && let Err(e) = Self::remove(&docker, &container_name(id)).await
+            {
+                tracing::warn!(deployment = %id, error = %e, "Cannot remove a container whose start was cut off");
+            }
             return Ok(None);
         };
         let docker = self
