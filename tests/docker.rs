@@ -68,6 +68,30 @@ async fn add_docker_tool(app: &TestApp, slug: &str, extra_args: &[&str], extra: 
     app.add_tool(body).await
 }
 
+/// Through `url`, the official Python SDK client (in `era`, or its default) lists the tools,
+/// `echo` among them, and calls `echo` with `args`: the answer's text must contain `said`.
+/// Returns the listing.
+async fn lists_and_echoes(url: &str, era: Option<&str>, args: &str, said: &str) -> Value {
+    let era_args: Vec<&str> = era.map(|e| vec!["--era", e]).unwrap_or_default();
+    let mut list = vec!["--url", url];
+    list.extend(&era_args);
+    list.push("list-tools");
+    let listed = common::mcp_client(&list).await;
+    assert!(
+        common::tool_names(&listed).contains(&"echo".into()),
+        "{era:?}: {listed}"
+    );
+    let mut call = vec!["--url", url];
+    call.extend(&era_args);
+    call.extend(["call-tool", "echo", "--args", args]);
+    let called = common::mcp_client(&call).await;
+    let text = called["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(text.contains(said), "{era:?}: {called}");
+    listed
+}
+
 fn container_of(d: &Value) -> String {
     assert_eq!(d["instance"]["kind"], "container", "{d}");
     d["instance"]["id"].as_str().unwrap().to_owned()
@@ -82,27 +106,13 @@ async fn python_client_lists_and_calls_tools_in_a_container() {
     assert_eq!(d["runtime"], "docker", "{d}");
     let container = container_of(&d);
     let url = format!("{}/mcp/dock", app.url);
-    let listed = common::mcp_client(&["--url", &url, "list-tools"]).await;
-    let names: Vec<&str> = listed["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
-    assert!(names.contains(&"echo"), "{listed}");
-    let called = common::mcp_client(&[
-        "--url",
+    lists_and_echoes(
         &url,
-        "call-tool",
-        "echo",
-        "--args",
+        None,
         r#"{"text":"from a container"}"#,
-    ])
+        "from a container",
+    )
     .await;
-    assert_eq!(
-        called["result"]["content"][0]["text"], "from a container",
-        "{called}"
-    );
     // Its resource use is the engine's stats: the server and the init process.
     let (st, stats) = app
         .call(
@@ -507,24 +517,8 @@ async fn python_client_lists_and_calls_server_everything_over_http_in_the_node_i
     assert_eq!(d["status"], "RUNNING", "{d}");
     let container = container_of(&d);
     let url = format!("{}/mcp/everything-http", app.url);
-    let listed = common::mcp_client(&["--url", &url, "list-tools"]).await;
-    assert!(
-        common::tool_names(&listed).contains(&"echo".into()),
-        "{listed}"
-    );
-    let called = common::mcp_client(&[
-        "--url",
-        &url,
-        "call-tool",
-        "echo",
-        "--args",
-        r#"{"message":"over http from debian"}"#,
-    ])
-    .await;
-    let text = called["result"]["content"][0]["text"]
-        .as_str()
-        .unwrap_or_default();
-    assert!(text.contains("over http from debian"), "{called}");
+    let args = r#"{"message":"over http from debian"}"#;
+    lists_and_echoes(&url, None, args, "over http from debian").await;
     app.stop_deployment(d["id"].as_str().unwrap()).await;
     assert!(!exists(&container));
 }
@@ -687,26 +681,8 @@ async fn python_client_lists_and_calls_a_stdio_server_whose_processes_are_contai
     let id = d["id"].as_str().unwrap().to_owned();
     let url = format!("{}/mcp/boxed", app.url);
     for era in ["legacy", "modern"] {
-        let listed = common::mcp_client(&["--url", &url, "--era", era, "list-tools"]).await;
-        assert!(
-            common::tool_names(&listed).contains(&"echo".into()),
-            "{era}: {listed}"
-        );
-        let called = common::mcp_client(&[
-            "--url",
-            &url,
-            "--era",
-            era,
-            "call-tool",
-            "echo",
-            "--args",
-            r#"{"text":"from a stdio container"}"#,
-        ])
-        .await;
-        assert_eq!(
-            called["result"]["content"][0]["text"], "from a stdio container",
-            "{era}: {called}"
-        );
+        let args = r#"{"text":"from a stdio container"}"#;
+        lists_and_echoes(&url, Some(era), args, "from a stdio container").await;
     }
 
     // Every server process is a container, labelled and locked down like a deployment's.
@@ -794,25 +770,9 @@ async fn python_client_lists_and_calls_server_everything_over_stdio_in_the_node_
     assert_eq!(d["status"], "RUNNING", "{d}");
     let id = d["id"].as_str().unwrap().to_owned();
     let url = format!("{}/mcp/everything-boxed", app.url);
-    let listed = common::mcp_client(&["--url", &url, "list-tools"]).await;
-    assert!(
-        common::tool_names(&listed).contains(&"echo".into()),
-        "{listed}"
-    );
+    let args = r#"{"message":"hello from debian"}"#;
+    let listed = lists_and_echoes(&url, None, args, "hello from debian").await;
     assert_eq!(listed["server_name"], "mcp-servers/everything", "{listed}");
-    let called = common::mcp_client(&[
-        "--url",
-        &url,
-        "call-tool",
-        "echo",
-        "--args",
-        r#"{"message":"hello from debian"}"#,
-    ])
-    .await;
-    let text = called["result"]["content"][0]["text"]
-        .as_str()
-        .unwrap_or_default();
-    assert!(text.contains("hello from debian"), "{called}");
     for c in inspect_children(&id) {
         let host = &c["HostConfig"];
         assert_eq!(host["NetworkMode"], "none", "{host}");
