@@ -230,6 +230,39 @@ async fn a_missing_image_fails_fast_naming_it_when_pulling_is_not_allowed() {
     );
 }
 
+/// The proxy connects to a container at its bridge address, not through the published port:
+/// with the engine's userland proxy for that port killed, /mcp still answers.
+#[tokio::test]
+async fn the_proxy_reaches_a_container_directly_not_through_the_engines_port_proxy() {
+    let app = TestApp::start().await;
+    add_docker_tool(&app, "direct", &[], json!({})).await;
+    let d = app.deploy_wait("direct").await;
+    let id = d["id"].as_str().unwrap().to_owned();
+    let port = d["port"].as_u64().unwrap().to_string();
+    let proxies: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.first().is_some_and(|a| a.ends_with(b"docker-proxy"))
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == b"-host-port" && w[1] == port.as_bytes())
+        })
+        .collect();
+    // Engines started with --userland-proxy=false publish with NAT rules: nothing to kill, and
+    // the request below must work all the same.
+    for pid in &proxies {
+        common::sigkill(*pid);
+    }
+    let url = format!("{}/mcp/direct", app.url);
+    lists_and_echoes(&url, None, r#"{"text":"no port proxy"}"#, "no port proxy").await;
+    let after = app.deployment(&id).await;
+    assert_eq!(after["restart_count"], 0, "{after}");
+    app.stop_deployment(&id).await;
+}
+
 /// A server that listens on the container's own loopback never answers through the published
 /// port: the failure says so, and says what to do.
 #[tokio::test]

@@ -513,7 +513,7 @@ async fn an_upstream_that_refuses_connections_is_a_502() {
     let port = common::free_port();
     let routes = Arc::new(RouteTable::new());
     routes.add_tool("gone");
-    routes.add_backend("gone", local_backend(port));
+    routes.add_backend("gone", local_backend(port), None);
     let proxy = Proxy::new(routes, ProxyConfig::default());
     let req = axum::http::Request::post("/mcp/gone")
         .body(axum::body::Body::empty())
@@ -559,7 +559,7 @@ async fn a_failing_replica_is_ejected_from_balancing() {
     let routes = Arc::new(RouteTable::new());
     routes.add_tool("t");
     for port in [live, dead] {
-        routes.add_backend("t", local_backend(port));
+        routes.add_backend("t", local_backend(port), None);
     }
     let proxy = Proxy::new(routes, ProxyConfig::default());
     let mut failures = 0;

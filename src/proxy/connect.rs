@@ -11,6 +11,7 @@ use std::{
     io,
     path::PathBuf,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -22,6 +23,7 @@ use hyper_util::{
 };
 use tokio::net::{TcpStream, UnixStream};
 
+use super::routes::RouteTable;
 use crate::runtime::Endpoint;
 
 /// The domain under which a socket path is carried (see the module doc).
@@ -61,11 +63,13 @@ fn socket_path(uri: &Uri) -> Option<PathBuf> {
 #[derive(Clone)]
 pub struct Connector {
     http: HttpConnector,
+    /// Where a backend's authority is dialled instead of itself ([`RouteTable::dial`]).
+    routes: Arc<RouteTable>,
 }
 
 impl Connector {
-    pub fn new(http: HttpConnector) -> Connector {
-        Connector { http }
+    pub fn new(http: HttpConnector, routes: Arc<RouteTable>) -> Connector {
+        Connector { http, routes }
     }
 }
 
@@ -96,6 +100,21 @@ impl tower::Service<Uri> for Connector {
                 Ok(Conn::Unix(TokioIo::new(stream)))
             });
         }
+        // The request keeps its authority (its Host, the pool's key); only the connection
+        // goes to the dial address.
+        let dial = uri.authority().and_then(|a| self.routes.dial(a));
+        let uri = match dial {
+            Some(addr) => match Uri::builder()
+                .scheme("http")
+                .authority(addr.to_string())
+                .path_and_query("/")
+                .build()
+            {
+                Ok(u) => u,
+                Err(e) => return Box::pin(async move { Err(e.into()) }),
+            },
+            None => uri,
+        };
         let connecting = self.http.call(uri);
         Box::pin(async move { Ok(Conn::Tcp(connecting.await?)) })
     }

@@ -165,7 +165,7 @@ impl Proxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.upstream_idle_timeout)
             .pool_max_idle_per_host(256)
-            .build(connect::Connector::new(connector));
+            .build(connect::Connector::new(connector, Arc::clone(&routes)));
         Proxy {
             routes,
             sessions: Sessions::new(config.max_sessions, config.session_idle),

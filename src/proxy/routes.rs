@@ -7,6 +7,7 @@
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
@@ -284,6 +285,10 @@ impl ToolRoutes {
 pub struct RouteTable {
     map: ArcSwap<HashMap<String, Arc<ToolRoutes>>>,
     write: Mutex<()>,
+    /// Where to connect for a routed backend's authority when that is not the authority itself
+    /// (a container reached at its own address rather than through its published port).
+    /// Read per new upstream connection, not per request.
+    dials: Mutex<HashMap<Authority, SocketAddr>>,
 }
 
 impl RouteTable {
@@ -324,7 +329,25 @@ impl RouteTable {
         });
     }
 
-    pub fn add_backend(&self, slug: &str, backend: Arc<Backend>) {
+    /// Where the connector dials for `authority`, when not at the authority itself.
+    pub fn dial(&self, authority: &Authority) -> Option<SocketAddr> {
+        self.dials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(authority)
+            .copied()
+    }
+
+    /// Routes `backend` (replacing the deployment's earlier one); `dial`: the address its
+    /// connections go to instead of its authority (the runtime's [`crate::runtime::Runtime::dial`]).
+    pub fn add_backend(&self, slug: &str, backend: Arc<Backend>, dial: Option<SocketAddr>) {
+        {
+            let mut dials = self.dials.lock().unwrap_or_else(|p| p.into_inner());
+            match dial {
+                Some(a) => dials.insert(backend.authority.clone(), a),
+                None => dials.remove(&backend.authority),
+            };
+        }
         self.update(|m| {
             let old = m.get(slug).map(|t| t.backends.clone()).unwrap_or_default();
             let mut backends: Vec<_> = old
@@ -339,6 +362,13 @@ impl RouteTable {
     pub fn remove_backend(&self, slug: &str, deployment: Uuid) {
         self.update(|m| {
             if let Some(t) = m.get(slug) {
+                // Its authority (a port) may go to another deployment next.
+                if let Some(gone) = t.backends.iter().find(|b| b.deployment == deployment) {
+                    self.dials
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&gone.authority);
+                }
                 let backends = t
                     .backends
                     .iter()
@@ -398,6 +428,30 @@ mod tests {
             now = until;
             assert!(b.admits(|| now));
         }
+    }
+
+    /// A dial address lives exactly as long as its backend's route: a port that goes to
+    /// another deployment next must not be dialled at the old container's address.
+    #[test]
+    fn a_dial_address_goes_with_its_backend() {
+        let table = RouteTable::new();
+        let endpoint = Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port: 8100,
+        };
+        let boxed =
+            Arc::new(Backend::new(Uuid::new_v4(), endpoint.clone(), "/mcp".into()).unwrap());
+        let authority = boxed.authority.clone();
+        let addr: SocketAddr = "172.17.0.2:8100".parse().unwrap();
+        table.add_backend("t", Arc::clone(&boxed), Some(addr));
+        assert_eq!(table.dial(&authority), Some(addr));
+        table.remove_backend("t", boxed.deployment);
+        assert_eq!(table.dial(&authority), None);
+        // The same port routed again without one (a process now): none is left over.
+        table.add_backend("t", Arc::clone(&boxed), Some(addr));
+        let process = Arc::new(Backend::new(Uuid::new_v4(), endpoint, "/mcp".into()).unwrap());
+        table.add_backend("u", process, None);
+        assert_eq!(table.dial(&authority), None);
     }
 
     #[test]

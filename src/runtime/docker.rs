@@ -20,6 +20,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex, Weak},
     time::{Duration, SystemTime},
@@ -76,6 +77,28 @@ struct Instance {
     container: String,
     exit: watch::Sender<Option<ExitInfo>>,
     started: SystemTime,
+    /// Its address on the default bridge with the server's port, once started, when the
+    /// engine is on this host: the proxy connects there directly rather than through the
+    /// published port (dockerd's userland proxy is one more hop per request).
+    dial: std::sync::OnceLock<SocketAddr>,
+}
+
+/// A container's address on Docker's default bridge network, with `port`.
+fn bridge_address(
+    info: &bollard::models::ContainerInspectResponse,
+    port: u16,
+) -> Option<SocketAddr> {
+    let ip = info
+        .network_settings
+        .as_ref()?
+        .networks
+        .as_ref()?
+        .get("bridge")?
+        .ip_address
+        .as_deref()?
+        .parse::<std::net::IpAddr>()
+        .ok()?;
+    Some(SocketAddr::new(ip, port))
 }
 
 #[derive(Default)]
@@ -330,6 +353,15 @@ fn engine_error(e: DockerError) -> RuntimeError {
 }
 
 impl DockerRuntime {
+    /// Whether the engine runs on this host (a Unix socket), so its bridge addresses are
+    /// reachable from here.
+    fn engine_is_local(&self) -> bool {
+        match &self.host {
+            Some(_) => true,
+            None => std::env::var("DOCKER_HOST").map_or(true, |h| h.starts_with("unix://")),
+        }
+    }
+
     pub fn new(node: String, host: Option<String>, ports: Arc<PortAllocator>) -> DockerRuntime {
         DockerRuntime {
             inner: Arc::new(Inner {
@@ -495,6 +527,7 @@ impl DockerRuntime {
                 container: created.id.clone(),
                 exit: tx,
                 started: SystemTime::now(),
+                dial: std::sync::OnceLock::new(),
             }),
         );
         if let Err(e) = docker.start_container(&created.id, None).await {
@@ -504,6 +537,14 @@ impl DockerRuntime {
                 "starting the container of image '{}': {e}",
                 c.image
             )));
+        }
+        if c.network == Network::Bridge
+            && self.engine_is_local()
+            && let Ok(info) = docker.inspect_container(&created.id, None).await
+            && let Some(addr) = bridge_address(&info, port)
+            && let Some(inst) = self.inner.get(id)
+        {
+            let _ = inst.dial.set(addr);
         }
         Ok(Started {
             instance: InstanceRef::Container {
@@ -530,10 +571,22 @@ impl DockerRuntime {
             .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
             .map_or_else(SystemTime::now, SystemTime::from);
         let (tx, _) = watch::channel(None);
+        let dial = std::sync::OnceLock::new();
+        if self.engine_is_local()
+            && info
+                .host_config
+                .as_ref()
+                .and_then(|h| h.network_mode.as_deref())
+                != Some("host")
+            && let Some(addr) = bridge_address(&info, port)
+        {
+            let _ = dial.set(addr);
+        }
         let inst = Arc::new(Instance {
             container: container.to_owned(),
             exit: tx,
             started,
+            dial,
         });
         self.inner.state().instances.insert(id, Arc::clone(&inst));
         // It may have died between the inspection and the watch: look once more.
@@ -831,6 +884,10 @@ impl Runtime for DockerRuntime {
         grace: Duration,
     ) -> BoxFuture<'_, Result<Option<ExitInfo>, RuntimeError>> {
         self.stop_container(id, grace).boxed()
+    }
+
+    fn dial(&self, id: Uuid) -> Option<SocketAddr> {
+        self.inner.get(id)?.dial.get().copied()
     }
 
     fn usage(&self, id: Uuid) -> BoxFuture<'_, Option<Usage>> {

@@ -459,6 +459,13 @@ pub trait Runtime: Send + Sync + 'static {
         id: Uuid,
         grace: Duration,
     ) -> BoxFuture<'_, Result<Option<ExitInfo>, RuntimeError>>;
+    /// Where to connect to the deployment's current instance when that is not its endpoint
+    /// (a container on a bridge network is reached at its own address, sparing the engine's
+    /// port proxy); the endpoint stays what requests are addressed to.
+    fn dial(&self, id: Uuid) -> Option<std::net::SocketAddr> {
+        let _ = id;
+        None
+    }
     /// What a running instance uses; `None` for one this runtime does not run.
     fn usage(&self, id: Uuid) -> BoxFuture<'_, Option<Usage>>;
     /// What this runtime runs for deployment `id` without it being the deployment's instance
