@@ -769,6 +769,13 @@ impl Manager {
         }))
     }
 
+    /// Routes `backend`, deployment `id`'s, under `slug`, dialled where its runtime says
+    /// (`Runtime::dial`).
+    fn route(&self, slug: &str, backend: &Arc<Backend>, id: Uuid) {
+        self.routes
+            .add_backend(slug, Arc::clone(backend), self.runtimes.of(id).dial(id));
+    }
+
     fn insert_live(
         &self,
         d: &Deployment,

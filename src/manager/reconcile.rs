@@ -184,11 +184,7 @@ impl Manager {
             && d.status == DeploymentStatus::Running
             && d.health_status != HealthStatus::Unhealthy
         {
-            self.routes.add_backend(
-                &tool.spec.slug,
-                Arc::clone(&backend),
-                self.runtimes.of(d.id).dial(d.id),
-            );
+            self.route(&tool.spec.slug, &backend, d.id);
         }
         let this = Arc::clone(self);
         let start = if adopted.is_some() {

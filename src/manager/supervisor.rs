@@ -268,11 +268,7 @@ impl Manager {
                     l.health = HealthStatus::Healthy;
                     // A fresh process: what the breaker learned about the last one is moot.
                     backend.reset_breaker();
-                    self.routes.add_backend(
-                        &l.slug,
-                        Arc::clone(backend),
-                        self.runtimes.of(id).dial(id),
-                    );
+                    self.route(&l.slug, backend, id);
                 }
             }
             self.publish(
@@ -289,11 +285,7 @@ impl Manager {
             if let Some(l) = live.get_mut(&id).filter(|l| !l.stopping) {
                 l.status.send_modify(|s| s.0 = DeploymentStatus::Running);
                 if l.health != HealthStatus::Unhealthy {
-                    self.routes.add_backend(
-                        &l.slug,
-                        Arc::clone(backend),
-                        self.runtimes.of(id).dial(id),
-                    );
+                    self.route(&l.slug, backend, id);
                 }
             }
         }
@@ -352,11 +344,7 @@ impl Manager {
                     if let Some(l) = live.get_mut(&id).filter(|l| !l.stopping) {
                         l.health = next;
                         if next == HealthStatus::Healthy {
-                            self.routes.add_backend(
-                                &l.slug,
-                                Arc::clone(backend),
-                                self.runtimes.of(id).dial(id),
-                            );
+                            self.route(&l.slug, backend, id);
                         } else {
                             self.routes.remove_backend(&l.slug, id);
                         }
